@@ -1,0 +1,158 @@
+"""The `mlexp` command line. Options come from TrainConfig; the CLI never builds a model.
+
+User errors (MlexpError, bad or unknown options) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from mlexp.config import TrainConfig, base_type, cli_name, config_fields
+from mlexp.errors import MlexpError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def config_options(func: Callable) -> Callable:
+    """Add one option per TrainConfig field. Values stay text; TrainConfig parses them."""
+    from typing import get_type_hints
+
+    hints = get_type_hints(TrainConfig)
+    for f in reversed(config_fields()):
+        choices = f.metadata.get("choices")
+        help_text = f.metadata["help"] + (f" [{'|'.join(choices)}]" if choices else "")
+        if f.default is not None:
+            help_text += f" (default: {f.default})"
+        if base_type(hints[f.name]) is bool:
+            # `--ema` alone means true; `--ema false` is accepted too (that is how MLproject passes it).
+            func = click.option(f"--{cli_name(f.name)}", f.name, is_flag=False, flag_value="true", default=None,
+                                metavar="[BOOL]", help=help_text)(func)
+        else:
+            func = click.option(f"--{cli_name(f.name)}", f.name, default=None, metavar=metavar(f, hints),
+                                help=help_text)(func)
+    return func
+
+
+def metavar(f, hints) -> str:
+    kind = base_type(hints[f.name])
+    return {int: "INT", float: "FLOAT"}.get(kind, "TEXT")
+
+
+def user_values(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The options the user actually set. Under `mlflow run` every parameter is passed, so a
+    value equal to its declared default counts as not set (presets can then fill it)."""
+    chosen = {name: value for name, value in values.items() if value is not None}
+    if ctx.find_root().obj and ctx.find_root().obj.get("from_mlproject"):
+        defaults = {f.name: f.default for f in config_fields()}
+        chosen = {name: value for name, value in chosen.items()
+                  if value != "" and value != mlproject_default(defaults.get(name))}
+    return chosen
+
+
+def mlproject_default(default: Any) -> str:
+    return "" if default is None else str(default)
+
+
+def build_config(ctx: click.Context, values: dict[str, Any]) -> TrainConfig:
+    from mlexp.recipes import config_from_user_values
+
+    return config_from_user_values(user_values(ctx, values), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("--from-mlproject", is_flag=True, hidden=True)
+@click.version_option(package_name="mlexp")
+@click.pass_context
+def cli(ctx: click.Context, from_mlproject: bool) -> None:
+    """Tracked image-classification experiments: timm backbones, Accelerate loops, MLflow.
+
+    Every run logs its effective parameters, per-batch and per-epoch metrics and its
+    checkpoints to MLflow (default store: sqlite:///mlflow.db in the current folder,
+    or $MLFLOW_TRACKING_URI).
+    """
+    ctx.obj = {"from_mlproject": from_mlproject}
+
+
+@cli.command(context_settings=CONTEXT)
+@config_options
+@click.pass_context
+def train(ctx: click.Context, **values: Any) -> None:
+    """Train one backbone and log the run to MLflow.
+
+    \b
+    Examples:
+      mlexp train --backbone resnet18 --data digits --epochs 3
+      mlexp train --backbone resnet50_scratch --data /data/flowers --img-size 128
+      mlexp train --resume RUN_ID
+      torchrun --nproc_per_node 2 -m mlexp train --backbone resnet18
+    """
+    from mlexp.train import run_training
+
+    run_training(build_config(ctx, values))
+
+
+@cli.command(context_settings=CONTEXT)
+def backbones() -> None:
+    """List the backbone catalogue: names, timm models, init, size, weight sources."""
+    from mlexp.backbones import catalogue_rows
+
+    print_table(catalogue_rows())
+
+
+@cli.command(context_settings=CONTEXT)
+def recipes() -> None:
+    """List the recipe presets usable with --recipe."""
+    from mlexp.recipes import preset_rows
+
+    print_table(preset_rows())
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    columns = list(rows[0])
+    widths = {c: max(len(str(c)), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    click.echo("  ".join(str(c).ljust(widths[c]) for c in columns))
+    click.echo("  ".join("-" * widths[c] for c in columns))
+    for row in rows:
+        click.echo("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def one_line(error: BaseException) -> str:
+    """A user error as one line (DataLoader workers wrap errors in a traceback text)."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split("MlexpError: ", 1)[-1]
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning user errors into one line and exit status 2."""
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cli.main(args=argv, prog_name="mlexp", standalone_mode=False)
+    except MlexpError as error:
+        if rank == 0:
+            print(f"mlexp: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.NoArgsIsHelp as error:  # pragma: no cover - click version dependent
+        print(error.format_message())
+        sys.exit(2)
+    except click.UsageError as error:
+        if rank == 0:
+            hint = f" (see `mlexp {error.ctx.command_path.split(' ', 1)[-1]} --help`)" if error.ctx else ""
+            print(f"mlexp: error: {' '.join(error.format_message().split())}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("mlexp: aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("mlexp: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)

@@ -1,0 +1,220 @@
+"""TrainConfig: every training option, declared once.
+
+The CLI options (`mlexp train --help`), the MLproject parameters and the MLflow params
+are all generated from the fields below, so they cannot drift apart. Each field carries
+its help text (and, where it has one, its set of choices) in its metadata.
+
+`TrainConfig.from_strings` is the single parser: it turns the text a user typed (on the
+command line or as `mlflow run -P name=value`) into typed, validated values. MLflow does
+not validate MLproject parameter types, so this is where that happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+from mlexp.errors import MlexpError
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its help text (and allowed values) attached."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run, fully described. Frozen: derive a new one with `replace`."""
+
+    # --- what to train, on what -------------------------------------------------------
+    backbone: str = option("resnet18", "Catalogue name (see `mlexp backbones`) or any timm model name.")
+    init: str = option("auto", "Weight initialisation; 'auto' takes it from the catalogue name.",
+                       ("auto", "pretrained", "scratch"))
+    weights: str | None = option(None, "Pretrained weights: a .safetensors/.pth file, runs:/RUN_ID/path or "
+                                 "models:/NAME/VERSION. Default: MLEXP_WEIGHTS_DIR or ./weights/, then timm.")
+    data: str = option("digits", "An ImageFolder path, 'digits' (built-in, offline) or 'synthetic'.")
+    val_dir: str | None = option(None, "A separate ImageFolder for validation (default: DATA/val if it "
+                                 "exists, else a split of the training data).")
+    val_split: float = option(0.2, "Fraction of the data held out for validation when there is no val dir.")
+    folds: int = option(0, "Use k-fold splits of the data instead of val-split (0 = off).")
+    fold: int = option(0, "Which fold (0-based) is the validation fold when --folds is set.")
+    img_size: int = option(32, "Square input size in pixels.")
+
+    # --- optimisation -----------------------------------------------------------------
+    epochs: int = option(3, "Number of training epochs (before scratch adjustments).")
+    batch_size: int = option(32, "Batch size per process.")
+    lr: float = option(1e-3, "Peak learning rate (before scratch adjustments).")
+    weight_decay: float = option(0.05, "Weight decay (before scratch adjustments).")
+    optimizer: str = option("adamw", "Optimizer.", ("adamw", "sgd"))
+    momentum: float = option(0.9, "SGD momentum.")
+    scheduler: str = option("cosine", "Learning-rate schedule, stepped every optimizer step.",
+                            ("cosine", "step", "none"))
+    warmup_epochs: float = option(0.0, "Linear warmup length in epochs (before scratch adjustments).")
+    step_size: int = option(10, "Step schedule: epochs between decays.")
+    gamma: float = option(0.1, "Step schedule: decay factor.")
+    grad_accum: int = option(1, "Gradient accumulation steps per optimizer step.")
+    clip_grad: float = option(0.0, "Clip gradient norm to this value (0 = off).")
+    mixed_precision: str = option("no", "Mixed precision (fp16 needs a GPU).", ("no", "bf16", "fp16"))
+
+    # --- initialisation strategy (pretrained vs scratch) -------------------------------
+    scratch_lr_mult: float = option(1.5, "Scratch init: learning-rate multiplier.")
+    scratch_epochs_mult: float = option(1.2, "Scratch init: epochs multiplier (rounded).")
+    scratch_warmup_mult: float = option(1.5, "Scratch init: warmup multiplier.")
+    scratch_wd_mult: float = option(0.8, "Scratch init: weight-decay multiplier.")
+
+    # --- fine-tuning strategy -----------------------------------------------------------
+    strategy: str = option("full", "Fine-tuning strategy.", ("full", "linear", "gradual"))
+    head: str = option("linear", "Classification head: 'mlp' is Linear-512, ReLU, Dropout 0.3, Linear.",
+                       ("linear", "mlp"))
+    linear_probe_epochs: int = option(10, "Linear probe: at most this many epochs.")
+    gradual_patience: int = option(3, "Gradual unfreezing: epochs without val-loss improvement "
+                                   "before the next phase.")
+    llrd_decay: float = option(0.9, "Full fine-tuning: layer-wise LR decay (1.0 = none).")
+
+    # --- recipe -----------------------------------------------------------------------
+    recipe: str | None = option(None, "A preset of defaults (see `mlexp recipes`); explicit options win.")
+    label_smoothing: float = option(0.0, "Label smoothing.")
+    mixup: float = option(0.0, "Mixup alpha (0 = off).")
+    cutmix: float = option(0.0, "CutMix alpha (0 = off).")
+    aa: str | None = option(None, "RandAugment policy, e.g. rand-m9-mstd0.5 (timm syntax).")
+    hflip: float = option(0.0, "Random horizontal flip probability.")
+    reprob: float = option(0.0, "Random erasing probability.")
+    ema: bool = option(False, "Keep an EMA of the weights; evaluate and checkpoint it.")
+    ema_decay: float = option(0.999, "EMA decay per optimizer step.")
+    early_stop_patience: int = option(0, "Stop when val accuracy has not improved for this many epochs "
+                                      "(0 = off).")
+    calibrate: bool = option(True, "Fit temperature scaling on the validation split after training.")
+    channels_last: bool = option(False, "Use channels_last memory format.")
+    compile: bool = option(False, "Compile the model with torch.compile.")
+
+    # --- run bookkeeping -----------------------------------------------------------------
+    seed: int = option(42, "Random seed.")
+    workers: int = option(0, "DataLoader worker processes.")
+    checkpoint_every: int = option(0, "Also keep a weights snapshot every N epochs under "
+                                   "checkpoints/epoch_NNN/ (0 = off; last/best/final are always kept).")
+    experiment: str = option("mlexp", "MLflow experiment name (ignored under `mlflow run`, "
+                             "which chooses the experiment).")
+    run_name: str | None = option(None, "MLflow run name (default: BACKBONE-INIT-STRATEGY).")
+    tracking_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                      "sqlite:///mlflow.db in the current folder).")
+    resume: str | None = option(None, "Resume this MLflow run id from its checkpoints/last/.")
+    export_weights: bool = option(False, "Also write the final weights to the weights folder, where "
+                                  "later pretrained runs of this backbone find them.")
+    dry_run: bool = option(False, "Print the effective configuration and the plan; train nothing.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- validation ------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise MlexpError naming the first bad value and what is allowed."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise MlexpError(f"--{cli_name(f.name)} must be one of {', '.join(choices)}, got {value!r}")
+        positive = ("epochs", "batch_size", "lr", "img_size", "grad_accum", "step_size",
+                    "linear_probe_epochs", "gradual_patience", "ema_decay")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise MlexpError(f"--{cli_name(name)} must be positive, got {getattr(self, name)}")
+        non_negative = ("weight_decay", "warmup_epochs", "clip_grad", "label_smoothing", "mixup", "cutmix",
+                        "hflip", "reprob", "workers", "checkpoint_every", "early_stop_patience", "folds",
+                        "momentum", "gamma")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise MlexpError(f"--{cli_name(name)} must not be negative, got {getattr(self, name)}")
+        if not 0.0 < self.val_split < 1.0:
+            raise MlexpError(f"--val-split must be between 0 and 1 (exclusive), got {self.val_split}")
+        if self.folds == 1:
+            raise MlexpError("--folds must be 0 (off) or at least 2")
+        if self.folds and not 0 <= self.fold < self.folds:
+            raise MlexpError(f"--fold must be in 0..{self.folds - 1} for --folds {self.folds}, got {self.fold}")
+        if not 0.0 < self.llrd_decay <= 1.0:
+            raise MlexpError(f"--llrd-decay must be in (0, 1], got {self.llrd_decay}")
+        for name in ("hflip", "reprob", "label_smoothing"):
+            if getattr(self, name) >= 1.0:
+                raise MlexpError(f"--{cli_name(name)} must be below 1, got {getattr(self, name)}")
+
+    # --- conversion ------------------------------------------------------------------------
+    @classmethod
+    def from_strings(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build a config from user-typed values (strings or already-typed), validating types.
+
+        Empty strings mean "not set" so that MLproject parameters can default to "".
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MlexpError(f"unknown option(s): {', '.join(unknown)}")
+        types = get_type_hints(cls)
+        typed = {name: parse_value(name, types[name], raw) for name, raw in values.items()
+                 if raw is not None and raw != ""}
+        return cls(**typed)
+
+    def to_params(self) -> dict[str, str]:
+        """Flat MLflow params: every field, as text ('' for unset)."""
+        return {f.name: "" if getattr(self, f.name) is None else str(getattr(self, f.name))
+                for f in fields(self)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def cli_name(field_name: str) -> str:
+    """`img_size` -> `img-size`: the spelling of a field on the command line."""
+    return field_name.replace("_", "-")
+
+
+def base_type(annotation: Any) -> type:
+    """The concrete type of a field annotation (`str | None` -> str)."""
+    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+def parse_value(name: str, annotation: Any, raw: Any) -> Any:
+    """Convert one user-typed value to the field's type, or raise MlexpError."""
+    kind = base_type(annotation)
+    if not isinstance(raw, str):
+        if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, kind):
+            return raw
+        raw = str(raw)
+    text = raw.strip()
+    try:
+        if kind is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        return text
+    except ValueError:
+        wanted = {bool: "true or false", int: "a whole number", float: "a number"}[kind]
+        raise MlexpError(f"--{cli_name(name)} must be {wanted}, got {raw!r}") from None
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(fields(TrainConfig))

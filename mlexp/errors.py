@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a user can make (and fix)."""
+
+
+class MlexpError(Exception):
+    """A user-caused error: bad option, missing data, unknown backbone, unreachable server.
+
+    The CLI prints its message on one line and exits with status 2, without a traceback.
+    The message says what was wrong and what to do about it.
+    """

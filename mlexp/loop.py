@@ -1,0 +1,164 @@
+"""train_one_epoch and evaluate: the only forward/backward/step code in mlexp.
+
+The loop returns plain floats and hands per-step records to a callback; it never
+imports mlflow. Per-step losses stay on the device and are reduced across processes
+every LOG_EVERY optimizer steps in one collective (a `.item()` per step would be a device
+sync point, and an all-reduce per step a collective per step).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+LOG_EVERY = 10
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step, as logged: `batch/loss`, `batch/lr`, `batch/samples_per_s`."""
+
+    epoch: int
+    batch: int  # optimizer step within the epoch, 1-based
+    step: int  # global optimizer step, 1-based
+    loss: float
+    lr: float
+    samples_per_s: float
+    timestamp: float
+
+
+@dataclass
+class EpochStats:
+    loss: float  # mean training loss per sample
+    loss_total: float  # sum of the per-step losses (seed 004's total_loss)
+    acc: float
+    steps: int
+    samples: int
+    time_s: float
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    logits: torch.Tensor = field(repr=False)  # all validation logits (gathered), on CPU
+    labels: torch.Tensor = field(repr=False)
+
+
+@dataclass
+class TrainParts:
+    """What one training step needs; built once in train.py."""
+
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
+    strategy: object  # finetune.Strategy: train_mode(), drop_frozen_grads()
+    mixup: Callable | None = None  # timm Mixup: (images, labels) -> (images, soft targets)
+    ema: object | None = None  # timm ModelEmaV3
+    clip_grad: float = 0.0
+    channels_last: bool = False
+    global_step: int = 0
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The largest group learning rate (the head's, under layer-wise decay)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[list[StepRecord]], None],
+                    description: str = "") -> EpochStats:
+    accelerator = parts.accelerator
+    parts.strategy.train_mode(parts.model)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    correct = torch.zeros((), device=accelerator.device)
+    seen = torch.zeros((), device=accelerator.device)
+    step_loss = torch.zeros((), device=accelerator.device)
+    pending: list[tuple[torch.Tensor, int, float, float, float]] = []  # loss, batch, lr, seconds, wall time
+    records: list[StepRecord] = []
+    global_batch = 0
+    epoch_start = last_step_time = time.perf_counter()
+    bar = tqdm(loader, desc=description or f"epoch {epoch}", leave=False, unit="batch",
+               disable=not accelerator.is_main_process)
+
+    def report() -> None:
+        if not pending:
+            return
+        losses = accelerator.reduce(torch.stack([p[0] for p in pending]), reduction="mean").tolist()
+        new = [StepRecord(epoch, batch, parts.global_step - len(pending) + i + 1, loss, lr,
+                          global_batch / seconds if seconds > 0 else 0.0, wall)
+               for i, (loss, (_, batch, lr, seconds, wall)) in enumerate(zip(losses, pending))]
+        pending.clear()
+        records.extend(new)
+        on_steps(new)
+        bar.set_postfix(loss=f"{new[-1].loss:.4f}", samples_per_s=f"{new[-1].samples_per_s:.0f}")
+
+    for images, labels in bar:
+        with accelerator.accumulate(parts.model):
+            targets = labels
+            if parts.mixup is not None:
+                images, targets = parts.mixup(images, labels)
+            if parts.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with accelerator.autocast():
+                logits = parts.model(images)
+                loss = parts.loss_fn(logits, targets)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                parts.strategy.drop_frozen_grads()
+                if parts.clip_grad > 0:
+                    accelerator.clip_grad_norm_(parts.model.parameters(), parts.clip_grad)
+            parts.optimizer.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+
+        batch_size = labels.shape[0]
+        loss_sum += loss.detach() * batch_size
+        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        seen += batch_size
+        step_loss += loss.detach() / accelerator.gradient_accumulation_steps
+        global_batch += batch_size * accelerator.num_processes
+        if accelerator.sync_gradients:
+            lr = current_lr(parts.optimizer)  # the lr this step used, before the schedule moves on
+            parts.scheduler.step()
+            if parts.ema is not None:
+                parts.ema.update(accelerator.unwrap_model(parts.model), step=parts.global_step)
+            parts.global_step += 1
+            now = time.perf_counter()
+            pending.append((step_loss, len(records) + len(pending) + 1, lr, now - last_step_time, time.time()))
+            step_loss = torch.zeros((), device=accelerator.device)
+            last_step_time, global_batch = now, 0
+            if len(pending) >= LOG_EVERY:
+                report()
+    report()
+    bar.close()
+
+    totals = accelerator.reduce(torch.stack([loss_sum, correct, seen]), reduction="sum").tolist()
+    return EpochStats(loss=totals[0] / max(totals[2], 1), loss_total=sum(r.loss for r in records),
+                      acc=totals[1] / max(totals[2], 1), steps=len(records), samples=int(totals[2]),
+                      time_s=time.perf_counter() - epoch_start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, accelerator: Accelerator, channels_last: bool = False) -> EvalResult:
+    """Validation loss and accuracy over the whole (gathered, de-duplicated) validation set."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = model(images)
+        logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    acc = (logits.argmax(dim=1) == labels).float().mean().item()
+    return EvalResult(loss, acc, logits, labels)

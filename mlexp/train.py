@@ -1,0 +1,413 @@
+"""run_training: one tracked training run, read top to bottom.
+
+config -> recipe (effective config) -> build (data, model, strategy, optimizer) -> loop
+-> tracker. Every run that starts and then fails ends FAILED in MLflow (KILLED on Ctrl-C
+or SIGTERM), never RUNNING.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+import mlexp
+from mlexp import checkpoint, tracking
+from mlexp.backbones import BackboneSpec, build_backbone, resolve_backbone
+from mlexp.calibration import calibrate
+from mlexp.config import TrainConfig
+from mlexp.data import build_data, check_data_source, loader_kwargs
+from mlexp.errors import MlexpError
+from mlexp.finetune import attach_head, build_strategy
+from mlexp.loop import EvalResult, TrainParts, evaluate, train_one_epoch
+from mlexp.optim import build_optimizer, build_scheduler
+from mlexp.recipes import apply_init_adjustments, format_init_comparison, format_training_plan
+from mlexp.records import History, write_csvs, write_json
+from mlexp.weights import export_weights
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    status: str
+    best_val_acc: float
+    best_epoch: int
+    effective: TrainConfig
+
+
+@dataclass
+class ResumePoint:
+    """A run to continue: its effective config and its checkpoints/last/ folder."""
+
+    run_id: str
+    config: TrainConfig
+    checkpoint_dir: Path
+
+
+def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, extra_tags: dict | None = None,
+                 track: bool = True) -> TrainResult:
+    """Train one configuration and log it to MLflow (to nothing with track=False)."""
+    tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri()
+    resume = fetch_resume_point(tracking_uri, cfg.resume) if cfg.resume else None
+    if resume:
+        effective = resume.config  # already effective: adjustments are not applied twice
+        spec = resolve_backbone(effective.backbone, effective.init)
+    else:
+        spec = resolve_backbone(cfg.backbone, cfg.init)
+        effective = apply_init_adjustments(cfg, spec)
+    if effective.dry_run:
+        print(format_init_comparison([cfg]) + "\n\n" + format_training_plan([effective]))
+        return TrainResult(None, "DRY_RUN", 0.0, 0, effective)
+    check_data_source(effective)
+    accelerator = make_accelerator(effective)
+    tracker: tracking.Tracker = tracking.NullTracker()
+    if track and accelerator.is_main_process:
+        tracker = tracking.open_run(tracking_uri, effective.experiment, effective.run_name or default_run_name(spec, effective),
+                                    resume_run_id=resume.run_id if resume else None,
+                                    parent_run_id=parent_run_id, tags=run_tags(spec, effective, extra_tags))
+    workdir = Path(tempfile.mkdtemp(prefix="mlexp-run-"))
+    try:
+        with sigterm_as_interrupt():
+            result = _train(effective, spec, accelerator, tracker, workdir, resume)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED", error="interrupted")
+        raise
+    except BaseException as error:
+        tracker.finish("FAILED", error=f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    tracker.finish("FINISHED")
+    if accelerator.is_main_process:
+        print_outcome(result, tracker, tracking_uri)
+    accelerator.end_training()
+    return result
+
+
+def _train(cfg: TrainConfig, spec: BackboneSpec, accelerator: Accelerator, tracker: tracking.Tracker,
+           workdir: Path, resume: ResumePoint | None) -> TrainResult:
+    # --- build ------------------------------------------------------------------------------
+    set_seed(cfg.seed)
+    data = build_data(cfg)
+    built = build_backbone(spec, data.num_classes, cfg.img_size, cfg.weights)
+    model = built.model
+    attach_head(model, cfg.head, data.num_classes)
+    strategy = build_strategy(model, spec.family, cfg)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(strategy.param_groups(cfg.weight_decay), cfg)
+    train_loader, val_loader = make_loaders(data, cfg, accelerator.num_processes)
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+    # Not prepared by Accelerate: its wrapper steps the schedule once per process per step.
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    parts = TrainParts(accelerator, model, optimizer, scheduler, make_loss(cfg), strategy,
+                       mixup=make_mixup(cfg, data.num_classes), clip_grad=cfg.clip_grad,
+                       channels_last=cfg.channels_last)
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+
+        parts.ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema_decay)
+    history, start_epoch = History(), 1
+    if resume:
+        history, start_epoch = restore(resume, parts)
+    else:
+        log_run_start(tracker, cfg, accelerator, built, model, data)
+
+    # --- epochs ------------------------------------------------------------------------------
+    epochs = tracker_epochs = cfg.epochs
+
+    def on_steps(records) -> None:
+        history.add_steps(records)
+        for r in records:
+            tracker.log_metrics({"batch/loss": r.loss, "batch/lr": r.lr, "batch/samples_per_s": r.samples_per_s},
+                                step=r.step)
+
+    for epoch in range(start_epoch, epochs + 1):
+        set_seed(cfg.seed + epoch, device_specific=True)  # resume is deterministic from the epoch alone
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        stats = train_one_epoch(parts, train_loader, epoch, on_steps, f"epoch {epoch}/{tracker_epochs}")
+        val = evaluate(eval_model(parts), val_loader, accelerator, cfg.channels_last)
+        row = {"epoch": epoch, "avg_loss": stats.loss, "total_loss": stats.loss_total, "train_acc": stats.acc,
+               "val_loss": val.loss, "val_acc": val.acc, "epoch_time_sec": stats.time_s,
+               "learning_rate": history.steps[-1][4] if history.steps else cfg.lr, "phase": strategy.phase,
+               "trainable_params": strategy.trainable_params(), "checkpoint_path": "checkpoints/last",
+               "timestamp": tracking_time()}
+        is_best = history.add_epoch(row)
+        tracker.log_metrics({"train/loss": stats.loss, "train/loss_total": stats.loss_total,
+                             "train/acc": stats.acc, "val/loss": val.loss, "val/acc": val.acc,
+                             "epoch/time_s": stats.time_s, "epoch/lr": row["learning_rate"],
+                             "train/phase": strategy.phase, "train/trainable_params": row["trainable_params"]},
+                            step=epoch)
+        if accelerator.is_main_process:
+            print_epoch(row, is_best)
+        strategy.on_epoch_end(epoch, val.loss)
+        stop = strategy.should_stop(epoch) or early_stop(cfg, history, epoch)
+        save_epoch_checkpoints(parts, history, epoch, is_best, tracker, workdir, cfg)
+        if stop:
+            break
+
+    # --- the end: final weights, calibration, summary ------------------------------------------
+    return finish_run(parts, cfg, spec, built, history, val_loader, tracker, workdir)
+
+
+# --- building blocks ------------------------------------------------------------------------------
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    cpu = not torch.cuda.is_available()
+    if cfg.mixed_precision == "fp16" and cpu:
+        raise MlexpError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
+    # cpu=True is what makes torchrun/accelerate launch on a CPU-only machine use DDP over gloo
+    # (MULTI_CPU); without it each process silently trains alone.
+    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+
+
+def make_loaders(data, cfg: TrainConfig, num_processes: int) -> tuple[DataLoader, DataLoader]:
+    # Drop the ragged last batch when a full one exists: mixup needs even batches and
+    # BatchNorm cannot train on a batch of one.
+    drop_last = len(data.train_set) >= cfg.batch_size * num_processes
+    train = DataLoader(data.train_set, shuffle=True, drop_last=drop_last, **loader_kwargs(cfg))
+    val = DataLoader(data.val_set, shuffle=False, **loader_kwargs(cfg))
+    if len(train) == 0:
+        raise MlexpError(f"the training set ({len(data.train_set)} images) is smaller than one batch; "
+                         "lower --batch-size")
+    return train, val
+
+
+def make_loss(cfg: TrainConfig) -> torch.nn.Module:
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()  # mixup produces (smoothed) soft targets
+    return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
+def make_mixup(cfg: TrainConfig, num_classes: int):
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                 num_classes=num_classes)
+
+
+def eval_model(parts: TrainParts) -> torch.nn.Module:
+    """The EMA weights when EMA is on (they are what gets evaluated and checkpointed)."""
+    return parts.ema.module if parts.ema is not None else parts.model
+
+
+def early_stop(cfg: TrainConfig, history: History, epoch: int) -> bool:
+    return cfg.early_stop_patience > 0 and epoch - history.best_epoch >= cfg.early_stop_patience
+
+
+def default_run_name(spec: BackboneSpec, cfg: TrainConfig) -> str:
+    return f"{spec.name}-{cfg.strategy}-s{cfg.seed}" + (f"-f{cfg.fold}" if cfg.folds else "")
+
+
+def run_tags(spec: BackboneSpec, cfg: TrainConfig, extra: dict | None) -> dict[str, str]:
+    tags = {"mlexp.backbone": spec.arch, "mlexp.init": spec.init, "mlexp.strategy": cfg.strategy,
+            "mlexp.dataset": Path(cfg.data).name if cfg.data not in ("digits", "synthetic") else cfg.data,
+            "mlexp.version": mlexp.__version__}
+    commit = git_commit()
+    if commit:
+        tags["mlexp.git_commit"] = commit
+    return {**tags, **(extra or {})}
+
+
+def git_commit() -> str | None:
+    """The commit of the mlexp checkout this code runs from, if it is one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def tracking_time() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat()
+
+
+def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, model, data) -> None:
+    """Params (effective), the distributed set-up, parameter counts, and config.json."""
+    unwrapped = accelerator.unwrap_model(model)
+    total = sum(p.numel() for p in unwrapped.parameters())
+    params = {**cfg.to_params(), "distributed_type": str(accelerator.distributed_type.value),
+              "num_processes": str(accelerator.num_processes),
+              "global_batch_size": str(cfg.batch_size * cfg.grad_accum * accelerator.num_processes),
+              "num_classes": str(data.num_classes), "weights_source": built.weights_source,
+              "weights_sha256": built.weights_sha256 or "", "weights_path": built.weights_path or ""}
+    tracker.log_params(tracking.params_to_log(params, tracking.existing_params(tracker)))
+    tracker.log_metrics({"model/params_total": total}, step=0)
+    tracker.log_artifacts(write_json(cfg.to_dict(), Path(tempfile.mkdtemp()) / "config.json").parent, "",
+                          remove_after=True)
+
+
+def state_for_resume(parts: TrainParts, history: History, epoch: int) -> dict:
+    scaler = parts.accelerator.scaler
+    return {"epoch": epoch, "global_step": parts.global_step, "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "strategy": parts.strategy.state_dict(), "history": history.to_state(), "rng": checkpoint.rng_state()}
+
+
+def save_epoch_checkpoints(parts: TrainParts, history: History, epoch: int, is_best: bool, tracker,
+                           workdir: Path, cfg: TrainConfig) -> None:
+    """checkpoints/last/ every epoch (resume), best/ on improvement, epoch_NNN/ every N epochs.
+
+    Queued behind this epoch's metrics, so a checkpoint never lands on the server before
+    the metrics it covers (see tracking.py).
+    """
+    accelerator = parts.accelerator
+    if not accelerator.is_main_process:
+        return
+    weights = accelerator.get_state_dict(parts.model)
+    ema = parts.ema.module.state_dict() if parts.ema is not None else None
+    eval_weights = ema if ema is not None else weights
+    last = checkpoint.save_training_state(workdir / f"last-{epoch}", weights,
+                                          state_for_resume(parts, history, epoch), ema)
+    if is_best:
+        best = checkpoint.save_weights(eval_weights, workdir / f"best-{epoch}" / checkpoint.WEIGHTS_FILE)
+        tracker.log_artifacts(best.parent, "checkpoints/best", remove_after=True)
+    if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+        snapshot = checkpoint.save_weights(eval_weights, workdir / f"snap-{epoch}" / checkpoint.WEIGHTS_FILE)
+        tracker.log_artifacts(snapshot.parent, f"checkpoints/epoch_{epoch:03d}", remove_after=True)
+    tracker.log_artifacts(last, "checkpoints/last", remove_after=True)
+
+
+def restore(resume: ResumePoint, parts: TrainParts) -> tuple[History, int]:
+    weights, state, ema = checkpoint.load_training_state(resume.checkpoint_dir)
+    parts.accelerator.unwrap_model(parts.model).load_state_dict(weights)
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler") and parts.accelerator.scaler is not None:
+        parts.accelerator.scaler.load_state_dict(state["scaler"])
+    if ema is not None and parts.ema is not None:
+        parts.ema.module.load_state_dict(ema)
+    parts.strategy.load_state_dict(state["strategy"])
+    parts.global_step = state["global_step"]
+    checkpoint.restore_rng_state(state["rng"])
+    if parts.accelerator.is_main_process:
+        print(f"mlexp: resuming run {resume.run_id} after epoch {state['epoch']} (step {state['global_step']})")
+    return History.from_state(state["history"]), state["epoch"] + 1
+
+
+def fetch_resume_point(tracking_uri: str, run_id: str) -> ResumePoint:
+    """Download the run's effective config and checkpoints/last/ (every process reads its own copy)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    tracking.check_reachable(tracking_uri)
+    client = tracking.client_for(tracking_uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise MlexpError(f"cannot resume: no MLflow run {run_id!r} at {tracking_uri}; check the run id "
+                         "(mlflow ui shows it) and --tracking-uri") from None
+    target = Path(tempfile.mkdtemp(prefix="mlexp-resume-"))
+    try:
+        config_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.json",
+                                                          dst_path=str(target), tracking_uri=tracking_uri)
+        last = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last",
+                                                   dst_path=str(target), tracking_uri=tracking_uri)
+    except (MlflowException, OSError) as error:
+        raise MlexpError(f"cannot resume run {run_id}: it has no config.json or checkpoints/last/ "
+                         f"({str(error).splitlines()[0][:160]}); it may have died before its first epoch ended") from None
+    import json
+
+    config = TrainConfig.from_dict(json.loads(Path(config_path).read_text()))
+    return ResumePoint(run_id, config.replace(resume=None), Path(last))
+
+
+def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, history: History, val_loader,
+               tracker, workdir: Path) -> TrainResult:
+    accelerator = parts.accelerator
+    final_model = eval_model(parts)
+    calibration = {}
+    if cfg.calibrate:
+        final_eval: EvalResult = evaluate(final_model, val_loader, accelerator, cfg.channels_last)
+        calibration = calibrate(final_eval.logits, final_eval.labels)
+    if accelerator.is_main_process:
+        weights = (final_model.state_dict() if parts.ema is not None
+                   else accelerator.get_state_dict(parts.model))
+        final = checkpoint.save_weights(weights, workdir / "final" / checkpoint.WEIGHTS_FILE)
+        if cfg.export_weights:
+            print(f"mlexp: exported weights to {export_weights(final, spec)}")
+        last_epoch = history.epochs[-1]["epoch"] if history.epochs else 0
+        unwrapped = accelerator.unwrap_model(parts.model)
+        total_time = sum(row["epoch_time_sec"] for row in history.epochs)
+        tracker.log_metrics({"best/val_acc": history.best_val_acc, "best/epoch": history.best_epoch,
+                             "time/total_s": total_time,
+                             "model/params_trainable": parts.strategy.trainable_params(), **calibration},
+                            step=last_epoch)
+        info = {"backbone": spec.name, "arch": spec.arch, "timm_model": spec.timm_name, "init": spec.init,
+                "status": "FINISHED", "config": cfg.to_dict(),
+                "params": {"total": sum(p.numel() for p in unwrapped.parameters()),
+                           "trainable": parts.strategy.trainable_params()},
+                "weights": {"source": built.weights_source, "path": built.weights_path,
+                            "sha256": built.weights_sha256},
+                "best_epoch": history.best_epoch, "best_val_acc": history.best_val_acc,
+                "epoch_losses": [row["avg_loss"] for row in history.epochs],
+                "epoch_val_acc": [row["val_acc"] for row in history.epochs],
+                "epoch_times": [row["epoch_time_sec"] for row in history.epochs],
+                "total_time_s": total_time, "calibration": calibration,
+                "artifacts": {"config": "config.json", "last": "checkpoints/last/",
+                              "best": "checkpoints/best/model.safetensors",
+                              "final": "checkpoints/final/model.safetensors",
+                              "epoch_metrics": "metrics/epoch_metrics.csv",
+                              "batch_metrics": "metrics/batch_metrics.csv"}}
+        write_json(info, workdir / "summary" / "training_info.json")
+        write_csvs(history, workdir / "metrics")
+        for name in ("final", "summary", "metrics"):
+            tracker.log_artifacts(workdir / name, "checkpoints/final" if name == "final" else name)
+        tracker.flush()
+    return TrainResult(tracker.run_id, "FINISHED", history.best_val_acc, history.best_epoch, cfg)
+
+
+# --- what the user sees ------------------------------------------------------------------------
+def print_epoch(row: dict, is_best: bool) -> None:
+    print(f"epoch {row['epoch']:>3}  train loss {row['avg_loss']:.4f} acc {row['train_acc']:.3f}  "
+          f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  {row['epoch_time_sec']:.1f}s"
+          + ("  (best)" if is_best else ""), flush=True)
+
+
+def print_outcome(result: TrainResult, tracker, tracking_uri: str) -> None:
+    if tracker.run_id is None:
+        return
+    print(f"\nmlexp: run {tracker.run_id} FINISHED: best val acc {result.best_val_acc:.4f} at epoch "
+          f"{result.best_epoch}\n  logged: params, tags, per-batch and per-epoch metrics, config.json, "
+          f"checkpoints/{{last,best,final}}, summary/training_info.json, metrics/*.csv\n"
+          f"  open it: mlflow ui --backend-store-uri {tracking_uri}", flush=True)
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (what torchrun and schedulers send) ends the run KILLED, like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
