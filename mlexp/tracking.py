@@ -274,6 +274,16 @@ def params_to_log(effective: dict[str, str], already: dict[str, str]) -> dict[st
     for key, value in effective.items():
         if key not in already:
             params[key] = value
-        elif already[key] != value:
+        elif not same_value(already[key], value):
             params[f"effective.{key}"] = value
     return params
+
+
+def same_value(a: str, b: str) -> bool:
+    """'0' and '0.0', 'false' and 'False' are the same parameter value."""
+    if a == b or a.lower() == b.lower():
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False

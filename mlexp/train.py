@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ class TrainResult:
     best_val_acc: float
     best_epoch: int
     effective: TrainConfig
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the final (EMA) weights, unwrapped
 
 
 @dataclass
@@ -129,19 +130,17 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, accelerator: Accelerator, track
         log_run_start(tracker, cfg, accelerator, built, model, data)
 
     # --- epochs ------------------------------------------------------------------------------
-    epochs = tracker_epochs = cfg.epochs
-
     def on_steps(records) -> None:
         history.add_steps(records)
         for r in records:
             tracker.log_metrics({"batch/loss": r.loss, "batch/lr": r.lr, "batch/samples_per_s": r.samples_per_s},
                                 step=r.step)
 
-    for epoch in range(start_epoch, epochs + 1):
+    for epoch in range(start_epoch, cfg.epochs + 1):
         set_seed(cfg.seed + epoch, device_specific=True)  # resume is deterministic from the epoch alone
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
-        stats = train_one_epoch(parts, train_loader, epoch, on_steps, f"epoch {epoch}/{tracker_epochs}")
+        stats = train_one_epoch(parts, train_loader, epoch, on_steps, f"epoch {epoch}/{cfg.epochs}")
         val = evaluate(eval_model(parts), val_loader, accelerator, cfg.channels_last)
         row = {"epoch": epoch, "avg_loss": stats.loss, "total_loss": stats.loss_total, "train_acc": stats.acc,
                "val_loss": val.loss, "val_acc": val.acc, "epoch_time_sec": stats.time_s,
@@ -377,7 +376,8 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
         for name in ("final", "summary", "metrics"):
             tracker.log_artifacts(workdir / name, "checkpoints/final" if name == "final" else name)
         tracker.flush()
-    return TrainResult(tracker.run_id, "FINISHED", history.best_val_acc, history.best_epoch, cfg)
+    return TrainResult(tracker.run_id, "FINISHED", history.best_val_acc, history.best_epoch, cfg,
+                       accelerator.unwrap_model(final_model))
 
 
 # --- what the user sees ------------------------------------------------------------------------
@@ -393,7 +393,14 @@ def print_outcome(result: TrainResult, tracker, tracking_uri: str) -> None:
     print(f"\nmlexp: run {tracker.run_id} FINISHED: best val acc {result.best_val_acc:.4f} at epoch "
           f"{result.best_epoch}\n  logged: params, tags, per-batch and per-epoch metrics, config.json, "
           f"checkpoints/{{last,best,final}}, summary/training_info.json, metrics/*.csv\n"
-          f"  open it: mlflow ui --backend-store-uri {tracking_uri}", flush=True)
+          f"  open it: {open_hint(tracking_uri)}", flush=True)
+
+
+def open_hint(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
 
 
 @contextmanager

@@ -1,0 +1,69 @@
+"""One option set: config fields, CLI options and MLproject parameters are the same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlexp.cli import cli
+from mlexp.config import TrainConfig, config_fields
+from mlexp.errors import MlexpError
+from mlexp.mlproject import render
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mlproject_file_is_generated_from_the_cli():
+    assert (ROOT / "MLproject").read_text() == render(), "run `make mlproject` to regenerate MLproject"
+
+
+@pytest.mark.parametrize("entry_point", ["main", "train"])
+def test_train_parameters_cli_options_and_config_fields_are_one_set(entry_point):
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    mlproject_params = set(project["entry_points"][entry_point]["parameters"])
+    cli_options = {p.name for p in cli.commands["train"].params if not getattr(p, "hidden", False)}
+    fields = {f.name for f in config_fields()}
+    assert mlproject_params == cli_options == fields
+    command = project["entry_points"][entry_point]["command"]
+    for name in fields:  # every parameter reaches the CLI
+        assert f"--{name.replace('_', '-')} {{{name}}}" in command
+
+
+def test_mlproject_defaults_are_the_config_defaults():
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    params = project["entry_points"]["train"]["parameters"]
+    for f in config_fields():
+        expected = "" if f.default is None else str(f.default)
+        assert params[f.name]["default"] == expected
+
+
+def test_from_strings_parses_types_and_treats_empty_as_unset():
+    cfg = TrainConfig.from_strings({"epochs": "5", "lr": "0.01", "ema": "true", "weights": "", "run_name": "x"})
+    assert (cfg.epochs, cfg.lr, cfg.ema, cfg.weights, cfg.run_name) == (5, 0.01, True, None, "x")
+    assert TrainConfig.from_strings({"ema": "False"}).ema is False
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"epochs": "0"}, "--epochs must be positive"),
+    ({"lr": "-1"}, "--lr must be positive"),
+    ({"batch_size": "0"}, "--batch-size must be positive"),
+    ({"epochs": "three"}, "--epochs must be a whole number"),
+    ({"val_split": "1.5"}, "--val-split must be between 0 and 1"),
+    ({"val_split": "0"}, "--val-split must be between 0 and 1"),
+    ({"optimizer": "lamb"}, "--optimizer must be one of adamw, sgd"),
+    ({"scheduler": "poly"}, "--scheduler must be one of"),
+    ({"mixed_precision": "fp8"}, "--mixed-precision must be one of"),
+    ({"folds": "5", "fold": "5"}, "--fold must be in 0..4"),
+    ({"ema": "maybe"}, "--ema must be true or false"),
+])
+def test_bad_values_raise_one_clear_error(values, message):
+    with pytest.raises(MlexpError, match=message):
+        TrainConfig.from_strings(values)
+
+
+def test_params_are_every_field_flat():
+    params = TrainConfig().to_params()
+    assert set(params) == {f.name for f in config_fields()}
+    assert all(isinstance(v, str) for v in params.values())
