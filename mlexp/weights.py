@@ -1,0 +1,379 @@
+"""Where pretrained weights come from, and loading them so that a bad file can never pass.
+
+Sources, first match wins:
+  1. explicit `--weights`: a local .safetensors/.pth/.pt file (or a folder holding one),
+     runs:/RUN_ID/path, or a registered model models:/NAME/VERSION | models:/NAME@ALIAS;
+  2. the weights folder ($MLEXP_WEIGHTS_DIR, else ./weights/): <arch>.safetensors, <arch>.pth,
+     <catalogue name>.safetensors|.pth, <timm name>.safetensors|.pth;
+  3. timm's own pretrained weights (Hugging Face Hub cache, else a download).
+
+Loading checks every tensor: all backbone tensors must come from the file with matching
+shapes, or it is an MlexpError, never a silent random init. Only the classifier may be left
+at its fresh initialisation, when its shape differs (another class count).
+
+Without network and without local weights this fails in well under 2 s: timm would wait
+~46 s on an unreachable hub, so the hub is probed first with a short (1.5 s) HTTP request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import os
+import pickle
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+from urllib.parse import urlparse
+
+import torch
+from timm.models import get_pretrained_cfg, model_entrypoint, split_model_name_tag
+
+from mlexp.errors import MlexpError
+
+if TYPE_CHECKING:
+    from mlexp.backbones import BackboneSpec
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+_PREFIXES = ("module.", "_orig_mod.")
+# Buffers that checkpoints may carry or lack without changing the network.
+_IGNORABLE_SUFFIXES = ("num_batches_tracked", "relative_position_index", "attn_mask")
+PROBE_TIMEOUT_S = 1.5
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A local weights file and where it came from."""
+
+    path: Path
+    source: str  # "file" | "mlflow-run" | "mlflow-model" | "weights-dir" | "timm"
+    sha256: str
+    label: str  # what to call it in messages (the URI the user typed, or the path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_dir() -> Path:
+    """The folder searched automatically (and where exported weights go)."""
+    return Path(os.environ.get("MLEXP_WEIGHTS_DIR") or "weights")
+
+
+def default_export_path(spec: BackboneSpec) -> Path:
+    """Where `--export-weights` should write, so later pretrained runs of this arch find it."""
+    return weights_dir() / f"{spec.arch}.safetensors"
+
+
+def candidate_filenames(spec: BackboneSpec) -> list[str]:
+    names = []
+    for stem in (spec.arch, spec.name, spec.timm_name):
+        for suffix in (".safetensors", ".pth"):
+            if f"{stem}{suffix}" not in names:
+                names.append(f"{stem}{suffix}")
+    return names
+
+
+# --- locating ----------------------------------------------------------------------------
+
+
+def locate_weights(spec: BackboneSpec, weights: str | None) -> WeightsFile:
+    """The local file to load for a pretrained spec, from the first source that has one."""
+    if weights:
+        return explicit_weights(weights)
+    folder = weights_dir()
+    for filename in candidate_filenames(spec):
+        path = folder / filename
+        if path.is_file():
+            return WeightsFile(path.resolve(), "weights-dir", file_sha256(path), str(path))
+    return timm_weights(spec)
+
+
+def explicit_weights(weights: str) -> WeightsFile:
+    """--weights: a local file or folder, runs:/RUN_ID/path, or models:/NAME/VERSION|@ALIAS."""
+    if weights.startswith(("runs:/", "models:/")):
+        source = "mlflow-run" if weights.startswith("runs:/") else "mlflow-model"
+        local = Path(_download_mlflow(weights))
+        path = _pick_weights_file(local, weights) if local.is_dir() else local
+        return WeightsFile(path, source, file_sha256(path), weights)
+    if "://" in weights and not weights.startswith("file://"):
+        raise MlexpError(f"--weights {weights!r}: expected a local .safetensors/.pth file, "
+                         f"runs:/RUN_ID/PATH or models:/NAME/VERSION (or models:/NAME@ALIAS)")
+    local = Path(weights.removeprefix("file://")).expanduser()
+    if not local.exists():
+        raise MlexpError(f"--weights {weights}: no such file")
+    path = _pick_weights_file(local, weights) if local.is_dir() else local
+    return WeightsFile(path.resolve(), "file", file_sha256(path), weights)
+
+
+def _download_mlflow(uri: str) -> str:
+    import mlflow  # only this source needs it; keeps `import mlexp.backbones` light
+
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri,
+                                                   dst_path=tempfile.mkdtemp(prefix="mlexp-weights-"))
+    except Exception as exc:  # MlflowException, OSError, requests errors: all a bad URI or store
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MlexpError(f"--weights {uri}: could not download it from MLflow "
+                         f"({mlflow.get_tracking_uri()}): {first_line}") from exc
+
+
+def _pick_weights_file(folder: Path, label: str) -> Path:
+    """The one weights file inside a folder (a downloaded artifact dir or registered model)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for suffixes in ((".safetensors",), (".pth", ".pt", ".bin")):
+        matches = [p for p in files if p.suffix in suffixes]
+        if len(matches) == 1:
+            return matches[0]
+        preferred = [p for p in matches if p.stem in ("model", "weights", "pytorch_model")]
+        if len(preferred) == 1:
+            return preferred[0]
+        if matches:
+            names = ", ".join(str(p.relative_to(folder)) for p in matches[:5])
+            raise MlexpError(f"--weights {label}: several weights files ({names}); name one of them "
+                             f"in the path")
+    found = ", ".join(str(p.relative_to(folder)) for p in files[:5]) or "nothing"
+    raise MlexpError(f"--weights {label}: no .safetensors or .pth file in it (found {found}); log the "
+                     f"model's state dict as model.safetensors next to it")
+
+
+# --- timm's own weights, or fail fast ------------------------------------------------------
+
+
+def timm_weights(spec: BackboneSpec) -> WeightsFile:
+    """timm's pretrained file from the HF cache, else downloaded, else a fast one-line error."""
+    cfg = get_pretrained_cfg(spec.timm_name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise MlexpError(f"timm has no pretrained weights for {spec.timm_name}: "
+                         f"{_ways_to_provide(spec, network=False)}")
+    cached = _cached_timm_file(cfg)
+    if cached is not None:
+        return WeightsFile(cached, "timm", file_sha256(cached), str(cached))
+    unreachable = _offline_reason(cfg)
+    if unreachable:
+        raise MlexpError(f"no pretrained weights for {spec.name}: none given, none in {weights_dir()}/ "
+                         f"(looked for {', '.join(candidate_filenames(spec)[:2])}), and timm cannot download them "
+                         f"({unreachable}). {_ways_to_provide(spec)}")
+    try:
+        path = _download_timm_file(cfg)
+    except Exception as exc:  # hub/HTTP errors of many kinds; the message is what matters
+        raise MlexpError(f"downloading timm weights for {spec.timm_name} failed: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "
+                         f"{_ways_to_provide(spec)}") from exc
+    return WeightsFile(path, "timm", file_sha256(path), str(path))
+
+
+def _ways_to_provide(spec: BackboneSpec, network: bool = True) -> str:
+    ways = (f"Provide weights with --weights FILE|runs:/RUN_ID/PATH|models:/NAME/VERSION, or put "
+            f"{spec.arch}.safetensors in $MLEXP_WEIGHTS_DIR (default ./weights/)")
+    if network:
+        ways += ", or enable network access so timm can download them (unset HF_HUB_OFFLINE)"
+    scratch = spec.name.replace("_pretrained", "_scratch") if spec.name.endswith("_pretrained") else None
+    return ways + (f"; or train {scratch} from scratch." if scratch else "; or use --init scratch.")
+
+
+def _hub_repo(cfg) -> tuple[str, str | None]:
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    return repo, revision or None
+
+
+def _hub_filenames(cfg) -> list[str]:
+    return [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+
+
+def _cached_timm_file(cfg) -> Path | None:
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, revision = _hub_repo(cfg)
+        for filename in _hub_filenames(cfg):
+            cached = try_to_load_from_cache(repo, filename, revision=revision)
+            if isinstance(cached, str):
+                return Path(cached)
+    if cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        if cached.is_file():
+            return cached
+    return None
+
+
+def _download_timm_file(cfg) -> Path:
+    if cfg.hf_hub_id:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        repo, revision = _hub_repo(cfg)
+        filenames = _hub_filenames(cfg)
+        for filename in filenames:
+            try:
+                return Path(hf_hub_download(repo, filename, revision=revision))
+            except EntryNotFoundError:
+                if filename == filenames[-1]:
+                    raise
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(cfg.url, str(target), progress=False)
+    return target
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _offline_reason(cfg) -> str | None:
+    """Why timm cannot download right now (None if it may): HF_HUB_OFFLINE, or a failed probe."""
+    if cfg.hf_hub_id:
+        if _hub_offline():
+            return "HF_HUB_OFFLINE is set"
+        url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/") + "/api/models"
+    else:
+        url = cfg.url
+    if not reachable(url):
+        return f"{urlparse(url).netloc} does not answer"
+    return None
+
+
+def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Does `url` answer HTTP (any status) within `timeout`? A bare TCP connect is not enough:
+    sandboxes and intercepting proxies accept connections and then hang or fail TLS. The probe
+    runs in a thread, so a slow DNS lookup (which ignores socket timeouts) is bounded too."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            result.append(True)
+        except urllib.error.HTTPError:  # the server answered, just not 2xx: it is there
+            result.append(True)
+        except (OSError, ValueError):  # URLError, TLS errors, timeouts, refused connections
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+# --- reading and loading ------------------------------------------------------------------
+
+
+def read_state_dict(path: Path, label: str | None = None) -> dict[str, torch.Tensor]:
+    """A flat name -> tensor dict from .safetensors, or .pth/.pt/.bin loaded safely
+    (weights_only); unwraps {"model"|"state_dict"|"model_state_dict": ...} checkpoints and
+    strips DDP/torch.compile prefixes."""
+    label = label or str(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise MlexpError(f"weights {label}: not a readable .safetensors file ({exc})") from exc
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise MlexpError(f"weights {label}: torch.load(weights_only=True) refused it ({first}); "
+                             f"save model.state_dict() (or use .safetensors) instead of a pickled "
+                             f"model") from exc
+    for _ in range(2):  # {"model": {"state_dict": ...}} also happens
+        if isinstance(state, dict):
+            for key in _WRAPPER_KEYS:
+                if isinstance(state.get(key), dict):
+                    state = state[key]
+                    break
+    if not isinstance(state, dict):
+        raise MlexpError(f"weights {label}: expected a state dict, found a {type(state).__name__}")
+    tensors = {_strip_prefixes(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise MlexpError(f"weights {label}: contains no tensors")
+    return tensors
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def timm_filter_fn(timm_name: str) -> Callable | None:
+    """timm's checkpoint adapter for this arch (resamples ViT position embeddings and Swin
+    relative-position tables to the model's size, converts torchvision VGG classifiers)."""
+    module = importlib.import_module(model_entrypoint(split_model_name_tag(timm_name)[0]).__module__)
+    return getattr(module, "checkpoint_filter_fn", None) or getattr(module, "_filter_fn", None)
+
+
+def classifier_names(model: torch.nn.Module, timm_name: str) -> tuple[str, ...]:
+    cfg = getattr(model, "pretrained_cfg", None) or get_pretrained_cfg(timm_name)
+    names = (cfg.get("classifier") if isinstance(cfg, dict) else getattr(cfg, "classifier", None)) or ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def load_weights(model: torch.nn.Module, path: Path, timm_name: str, label: str | None = None) -> int:
+    """Load the file into `model`, checked; returns how many tensors came from it."""
+    label = label or str(path)
+    state = read_state_dict(path, label)
+    filter_fn = timm_filter_fn(timm_name)
+    if filter_fn is not None:
+        try:
+            takes_model = len(inspect.signature(filter_fn).parameters) > 1
+            state = filter_fn(state, model) if takes_model else filter_fn(state)
+        except Exception as exc:  # the adapter choked: the file is not this arch's
+            raise MlexpError(f"weights {label} do not fit {timm_name}: timm could not adapt them "
+                             f"({type(exc).__name__}: {exc})") from exc
+    return load_checked(model, state, classifier_names(model, timm_name), label, timm_name)
+
+
+def load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], head: tuple[str, ...],
+                 label: str, arch: str) -> int:
+    """Copy `state` into `model`: every non-classifier tensor must be present with its shape,
+    no foreign tensors may be left over; the classifier loads only if all its shapes match."""
+    target = model.state_dict()
+
+    def is_head(key: str) -> bool:
+        return any(key == h or key.startswith(h + ".") for h in head) or key.startswith("head_dist.")
+
+    body_keys = [k for k in target if not is_head(k)]
+    matched = [k for k in body_keys if k in state]
+    if not matched:
+        sample = ", ".join(list(state)[:3])
+        raise MlexpError(f"weights {label} match none of {arch}'s {len(body_keys)} tensors (the file has "
+                         f"{len(state)}, e.g. {sample}): they are for another architecture")
+    missing = [k for k in body_keys if k not in state and not k.endswith(_IGNORABLE_SUFFIXES)]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in matched
+             if state[k].shape != target[k].shape]
+    foreign = [k for k in state if k not in target and not is_head(k) and not k.endswith(_IGNORABLE_SUFFIXES)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} with other shapes (e.g. {'; '.join(wrong[:3])})")
+    if foreign:
+        problems.append(f"{len(foreign)} not in the model (e.g. {', '.join(foreign[:3])})")
+    if problems:
+        raise MlexpError(f"weights {label} do not fit {arch}: {'; '.join(problems)}. Use weights saved "
+                         f"from the same architecture")
+    to_load = {k: state[k] for k in matched}
+    head_keys = [k for k in target if is_head(k)]
+    if head_keys and all(k in state and state[k].shape == target[k].shape for k in head_keys):
+        to_load.update({k: state[k] for k in head_keys})  # same class count: keep the classifier too
+    result = model.load_state_dict(to_load, strict=False)
+    if result.unexpected_keys:  # cannot happen after the checks above; a bug if it does
+        raise RuntimeError(f"unexpected keys after checking: {result.unexpected_keys[:5]}")
+    return len(to_load)

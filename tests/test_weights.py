@@ -1,0 +1,227 @@
+"""Weight sources (file, weights dir, runs:/, models:/, timm) and checked loading, on real timm and MLflow."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import save_file
+from timm.models import get_pretrained_cfg
+
+from mlexp.backbones import build_backbone, create_model, resolve_backbone
+from mlexp.errors import MlexpError
+from mlexp.weights import file_sha256, reachable
+
+HEAD = ("fc.weight", "fc.bias")
+
+
+@pytest.fixture(autouse=True)
+def _no_weights_dir(monkeypatch, tmp_path):
+    """No stray ./weights/ or $MLEXP_WEIGHTS_DIR: each test says where its weights are."""
+    monkeypatch.delenv("MLEXP_WEIGHTS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def donor_state(name: str = "resnet18_pretrained", num_classes: int = 5, img_size: int = 32,
+                seed: int = 123) -> dict[str, torch.Tensor]:
+    """The state dict of a differently seeded model of the same arch, other class count."""
+    torch.manual_seed(seed)
+    model = create_model(resolve_backbone(name), num_classes=num_classes, img_size=img_size)
+    for buffer_name, buffer in model.named_buffers():  # make BN statistics distinguishable too
+        if buffer.is_floating_point():
+            buffer.add_(torch.rand_like(buffer))
+    return {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def assert_loaded_from(model: torch.nn.Module, donor: dict[str, torch.Tensor], head=HEAD) -> None:
+    state = model.state_dict()
+    for key, tensor in donor.items():
+        if key not in head:
+            assert torch.equal(state[key], tensor), key
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_weights_file_loads_every_backbone_tensor_and_reinits_head(tmp_path, fmt):
+    donor = donor_state()
+    path = tmp_path / f"donor.{fmt}"
+    if fmt == "safetensors":
+        save_file(donor, path)
+    else:  # a training checkpoint: wrapped and saved from a DDP-wrapped model
+        torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in donor.items()}}, path)
+    built = build_backbone(resolve_backbone("resnet18"), num_classes=10, img_size=32, weights=str(path))
+    assert built.weights_source == "file" and built.weights_path == str(path.resolve())
+    assert built.weights_sha256 == file_sha256(path)
+    assert built.loaded_tensors == len(donor) - 2
+    assert_loaded_from(built.model, donor)
+    assert built.model.fc.weight.shape == (10, 512)
+
+
+def test_same_class_count_keeps_the_classifier(tmp_path):
+    donor = donor_state(num_classes=10)
+    save_file(donor, tmp_path / "w.safetensors")
+    built = build_backbone(resolve_backbone("resnet18"), 10, 32, weights=str(tmp_path / "w.safetensors"))
+    assert built.loaded_tensors == len(donor)
+    assert torch.equal(built.model.fc.weight, donor["fc.weight"])
+
+
+@pytest.mark.parametrize("name, donor_size", [("deit_small_pretrained", 64), ("swin_small_pretrained", 64)])
+def test_transformer_weights_from_another_image_size_are_resampled(tmp_path, name, donor_size):
+    """A 64 px checkpoint into a 32 px model: timm's adapter resamples the position embedding
+    (ViT) or relative-position tables (Swin, window 8 -> 4); everything else is copied."""
+    donor = donor_state(name, img_size=donor_size)
+    save_file(donor, tmp_path / "w.safetensors")
+    built = build_backbone(resolve_backbone(name), 3, 32, weights=str(tmp_path / "w.safetensors"))
+    state = built.model.state_dict()
+    head = ("head.weight", "head.bias", "head.fc.weight", "head.fc.bias")
+    resized = [k for k in donor if k in state and k not in head and donor[k].shape != state[k].shape]
+    assert resized and all(k == "pos_embed" or k.endswith("relative_position_bias_table") for k in resized)
+    same = {k: v for k, v in donor.items() if k in state and k not in head and v.shape == state[k].shape}
+    assert_loaded_from(built.model, same, head=head)
+    assert built.loaded_tensors == len(same) + len(resized)
+
+
+@pytest.mark.parametrize("case", ["nothing", "other-arch", "missing", "wrong-shape", "pickled-module"])
+def test_weights_that_do_not_fit_are_an_error(tmp_path, case):
+    path = tmp_path / "bad.safetensors"
+    if case == "nothing":
+        save_file({"encoder.weight": torch.zeros(3, 3)}, path)
+    elif case == "other-arch":
+        save_file(donor_state("resnet50_pretrained"), path)
+    elif case == "missing":
+        donor = donor_state()
+        del donor["layer4.1.bn2.weight"]
+        save_file(donor, path)
+    elif case == "wrong-shape":
+        donor = donor_state()
+        donor["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
+        save_file(donor, path)
+    else:
+        path = tmp_path / "model.pth"
+        torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(MlexpError) as info:
+        build_backbone(resolve_backbone("resnet18"), 10, 32, weights=str(path))
+    message = str(info.value)
+    expected = {"nothing": "match none", "other-arch": "do not fit", "missing": "1 tensors missing",
+                "wrong-shape": "other shapes",
+                "pickled-module": "weights_only"}[case]
+    assert expected in message and "\n" not in message
+
+
+def test_weights_dir_is_found_without_any_flag(tmp_path, monkeypatch):
+    folder = tmp_path / "my-weights"
+    folder.mkdir()
+    donor = donor_state()
+    save_file(donor, folder / "resnet18.safetensors")
+    monkeypatch.setenv("MLEXP_WEIGHTS_DIR", str(folder))
+    built = build_backbone(resolve_backbone("resnet18_pretrained"), 10, 32)
+    assert built.weights_source == "weights-dir"
+    assert built.weights_path == str((folder / "resnet18.safetensors").resolve())
+    assert_loaded_from(built.model, donor)
+
+
+def test_default_weights_dir_is_dot_weights(tmp_path):
+    (tmp_path / "weights").mkdir()
+    donor = donor_state()
+    torch.save(donor, tmp_path / "weights" / "resnet18.pth")  # cwd is tmp_path
+    built = build_backbone(resolve_backbone("resnet18"), 10, 32)
+    assert built.weights_source == "weights-dir" and built.weights_path.endswith("resnet18.pth")
+    assert_loaded_from(built.model, donor)
+
+
+def _logged_run(tmp_path: Path, donor: dict) -> str:
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("weights")).info.run_id
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    save_file(donor, folder / "model.safetensors")
+    client.log_artifact(run_id, str(folder / "model.safetensors"), "model")
+    return run_id
+
+
+def test_weights_from_mlflow_run_artifacts_and_registered_models(sqlite_uri, tmp_path):
+    """One real SQLite store (creating one costs seconds): runs:/ file and folder, models:/ by
+    version and by alias, and an unknown run."""
+    donor = donor_state()
+    run_id = _logged_run(tmp_path, donor)
+    uri = f"runs:/{run_id}/model/model.safetensors"
+    built = build_backbone(resolve_backbone("resnet18"), 10, 32, weights=uri)
+    assert built.weights_source == "mlflow-run" and built.weights_path.endswith("model.safetensors")
+    assert built.weights_sha256 == file_sha256(tmp_path / "upload" / "model.safetensors")
+    assert_loaded_from(built.model, donor)
+    # The artifact folder works too: the one .safetensors inside is used.
+    folder_built = build_backbone(resolve_backbone("resnet18"), 10, 32, weights=f"runs:/{run_id}/model")
+    assert folder_built.weights_sha256 == built.weights_sha256
+
+    client = MlflowClient()
+    client.create_registered_model("resnet18-digits")
+    version = client.create_model_version("resnet18-digits", source=f"runs:/{run_id}/model", run_id=run_id)
+    client.set_registered_model_alias("resnet18-digits", "champion", version.version)
+    for model_uri in (f"models:/resnet18-digits/{version.version}", "models:/resnet18-digits@champion"):
+        registered = build_backbone(resolve_backbone("resnet18"), 10, 32, weights=model_uri)
+        assert registered.weights_source == "mlflow-model"
+        assert registered.weights_sha256 == built.weights_sha256
+        assert_loaded_from(registered.model, donor)
+
+    with pytest.raises(MlexpError, match="could not download"):
+        build_backbone(resolve_backbone("resnet18"), 10, 32, weights="runs:/0123456789abcdef/model")
+
+
+def test_timm_weights_already_in_the_hub_cache_load_offline(tmp_path, monkeypatch):
+    """Source 3 without network: a file timm downloaded earlier sits in the Hugging Face cache."""
+    import huggingface_hub.constants
+
+    repo = get_pretrained_cfg("resnet18").hf_hub_id  # timm/resnet18.a1_in1k
+    cache = tmp_path / "hf-cache"
+    repo_dir, commit = cache / f"models--{repo.replace('/', '--')}", "0" * 40
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    donor = donor_state(num_classes=1000)
+    save_file(donor, snapshot / "model.safetensors")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    built = build_backbone(resolve_backbone("resnet18_pretrained"), 10, 32)
+    assert built.weights_source == "timm" and built.weights_path == str(snapshot / "model.safetensors")
+    assert built.loaded_tensors == len(donor) - 2
+    assert_loaded_from(built.model, donor)
+
+
+def test_offline_without_weights_fails_fast_with_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(MlexpError) as info:
+        build_backbone(resolve_backbone("deit_small_pretrained"), 10, 32)
+    assert time.monotonic() - start < 2.0
+    message = str(info.value)
+    assert "\n" not in message
+    for words in ("--weights", "MLEXP_WEIGHTS_DIR", "./weights/", "deit_small.safetensors", "network",
+                  "HF_HUB_OFFLINE"):
+        assert words in message
+
+
+def test_unreachable_hub_is_detected_by_a_short_probe(monkeypatch):
+    """Without HF_HUB_OFFLINE, mlexp probes the hub instead of letting timm hang ~46 s."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"https://127.0.0.1:{closed_port}")
+    start = time.monotonic()
+    with pytest.raises(MlexpError, match="does not answer"):
+        build_backbone(resolve_backbone("resnet50_pretrained"), 10, 32)
+    assert time.monotonic() - start < 2.0
+
+
+def test_probe_gives_up_within_its_timeout():
+    """A host that accepts the connection and then never answers (as intercepting proxies do)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)  # the kernel completes the handshake; nobody ever replies
+        start = time.monotonic()
+        assert not reachable(f"https://127.0.0.1:{silent.getsockname()[1]}/api/models", timeout=0.3)
+        assert time.monotonic() - start < 1.0
