@@ -20,7 +20,7 @@ import torch
 from timm.models import get_pretrained_cfg, is_model, list_models, model_entrypoint, split_model_name_tag
 
 from mlexp.errors import MlexpError
-from mlexp.weights import locate_weights, load_weights
+from mlexp.weights import WeightsFile, load_weights, locate_weights
 
 INITS = ("pretrained", "scratch")
 
@@ -293,15 +293,18 @@ def create_model(spec: BackboneSpec, num_classes: int, img_size: int) -> torch.n
 
 
 def build_backbone(spec: BackboneSpec, num_classes: int, img_size: int,
-                   weights: str | None = None) -> BuiltModel:
-    """Build the model; for pretrained specs, find and load verified weights (or fail fast)."""
+                   weights: str | WeightsFile | None = None) -> BuiltModel:
+    """Build the model; for pretrained specs, find and load verified weights (or fail fast).
+
+    `weights` is what the user typed (--weights), or a WeightsFile from an earlier
+    `locate_weights(spec, ...)` (to fail before opening a run without downloading twice)."""
     if spec.init == "scratch":
         if weights:
             raise MlexpError(f"--weights was given but {spec.name} trains from scratch; drop --weights "
                              f"or use --init pretrained")
         return BuiltModel(create_model(spec, num_classes, img_size), "none", None, None, 0)
     # Find the weights before building: a missing file fails in milliseconds, not after a build.
-    found = locate_weights(spec, weights)
+    found = weights if isinstance(weights, WeightsFile) else locate_weights(spec, weights)
     model = create_model(spec, num_classes, img_size)
     loaded = load_weights(model, found.path, spec.timm_name, label=found.label)
     return BuiltModel(model, found.source, str(found.path), found.sha256, loaded)

@@ -177,7 +177,8 @@ def _ways_to_provide(spec: BackboneSpec, network: bool = True) -> str:
     ways = (f"Provide weights with --weights FILE|runs:/RUN_ID/PATH|models:/NAME/VERSION, or put "
             f"{spec.arch}.safetensors in $MLEXP_WEIGHTS_DIR (default ./weights/)")
     if network:
-        ways += ", or enable network access so timm can download them (unset HF_HUB_OFFLINE)"
+        ways += ", or enable network access so timm can download them"
+        ways += " (unset HF_HUB_OFFLINE)" if _hub_offline() else ""
     scratch = spec.name.replace("_pretrained", "_scratch") if spec.name.endswith("_pretrained") else None
     return ways + (f"; or train {scratch} from scratch." if scratch else "; or use --init scratch.")
 

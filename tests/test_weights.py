@@ -14,7 +14,7 @@ from timm.models import get_pretrained_cfg
 
 from mlexp.backbones import build_backbone, create_model, resolve_backbone
 from mlexp.errors import MlexpError
-from mlexp.weights import file_sha256, reachable
+from mlexp.weights import file_sha256, locate_weights, reachable
 
 HEAD = ("fc.weight", "fc.bias")
 
@@ -52,7 +52,9 @@ def test_weights_file_loads_every_backbone_tensor_and_reinits_head(tmp_path, fmt
         save_file(donor, path)
     else:  # a training checkpoint: wrapped and saved from a DDP-wrapped model
         torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in donor.items()}}, path)
-    built = build_backbone(resolve_backbone("resnet18"), num_classes=10, img_size=32, weights=str(path))
+    spec = resolve_backbone("resnet18")
+    located = locate_weights(spec, str(path))  # what a caller may do before opening a run
+    built = build_backbone(spec, num_classes=10, img_size=32, weights=located if fmt == "pth" else str(path))
     assert built.weights_source == "file" and built.weights_path == str(path.resolve())
     assert built.weights_sha256 == file_sha256(path)
     assert built.loaded_tensors == len(donor) - 2
