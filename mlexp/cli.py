@@ -5,6 +5,7 @@ User errors (MlexpError, bad or unknown options) print one line and exit with st
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -134,14 +135,14 @@ def one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into one line and exit status 2."""
     rank = int(os.environ.get("RANK", "0"))
+    # MLflow announces schema creation/migration of a fresh SQLite store at INFO: noise for our users.
+    for noisy in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cli.main(args=argv, prog_name="mlexp", standalone_mode=False)
     except MlexpError as error:
         if rank == 0:
             print(f"mlexp: error: {one_line(error)}", file=sys.stderr)
-        sys.exit(2)
-    except click.exceptions.NoArgsIsHelp as error:  # pragma: no cover - click version dependent
-        print(error.format_message())
         sys.exit(2)
     except click.UsageError as error:
         if rank == 0:

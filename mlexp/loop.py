@@ -8,6 +8,7 @@ sync point, and an all-reduce per step a collective per step).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,20 +82,19 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[l
     correct = torch.zeros((), device=accelerator.device)
     seen = torch.zeros((), device=accelerator.device)
     step_loss = torch.zeros((), device=accelerator.device)
-    pending: list[tuple[torch.Tensor, int, float, float, float]] = []  # loss, batch, lr, seconds, wall time
+    pending: list[tuple[torch.Tensor, int, float, float, float]] = []  # loss, batch, lr, samples/s, wall time
     records: list[StepRecord] = []
     global_batch = 0
     epoch_start = last_step_time = time.perf_counter()
     bar = tqdm(loader, desc=description or f"epoch {epoch}", leave=False, unit="batch",
-               disable=not accelerator.is_main_process)
+               disable=not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE")))
 
     def report() -> None:
         if not pending:
             return
         losses = accelerator.reduce(torch.stack([p[0] for p in pending]), reduction="mean").tolist()
-        new = [StepRecord(epoch, batch, parts.global_step - len(pending) + i + 1, loss, lr,
-                          global_batch / seconds if seconds > 0 else 0.0, wall)
-               for i, (loss, (_, batch, lr, seconds, wall)) in enumerate(zip(losses, pending))]
+        new = [StepRecord(epoch, batch, parts.global_step - len(pending) + i + 1, loss, lr, rate, wall)
+               for i, (loss, (_, batch, lr, rate, wall)) in enumerate(zip(losses, pending))]
         pending.clear()
         records.extend(new)
         on_steps(new)
@@ -131,7 +131,9 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[l
                 parts.ema.update(accelerator.unwrap_model(parts.model), step=parts.global_step)
             parts.global_step += 1
             now = time.perf_counter()
-            pending.append((step_loss, len(records) + len(pending) + 1, lr, now - last_step_time, time.time()))
+            seconds = now - last_step_time
+            pending.append((step_loss, len(records) + len(pending) + 1, lr,
+                            global_batch / seconds if seconds > 0 else 0.0, time.time()))
             step_loss = torch.zeros((), device=accelerator.device)
             last_step_time, global_batch = now, 0
             if len(pending) >= LOG_EVERY:

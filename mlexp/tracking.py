@@ -240,7 +240,9 @@ def open_run(tracking_uri: str, experiment: str, run_name: str | None, *, resume
         return MlflowTracker(client, run.info.run_id, last_logged_steps(client, resume_run_id))
     if project_run_id:
         client.get_run(project_run_id)  # raises if MLflow handed us a run that does not exist
-        return MlflowTracker(client, project_run_id)
+        tracker = MlflowTracker(client, project_run_id)
+        tracker.set_tags({**(tags or {}), **({"mlflow.runName": run_name} if run_name else {})})
+        return tracker
     try:
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment)

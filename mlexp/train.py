@@ -35,7 +35,7 @@ from mlexp.loop import EvalResult, TrainParts, evaluate, train_one_epoch
 from mlexp.optim import build_optimizer, build_scheduler
 from mlexp.recipes import apply_init_adjustments, format_init_comparison, format_training_plan
 from mlexp.records import History, write_csvs, write_json
-from mlexp.weights import export_weights
+from mlexp.weights import default_export_path
 
 
 @dataclass
@@ -46,6 +46,7 @@ class TrainResult:
     best_epoch: int
     effective: TrainConfig
     model: torch.nn.Module | None = field(default=None, repr=False)  # the final (EMA) weights, unwrapped
+    history: History | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -122,7 +123,8 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, accelerator: Accelerator, track
     if cfg.ema:
         from timm.utils import ModelEmaV3
 
-        parts.ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema_decay)
+        # Warmup (decay ramps up from 0) so that short runs do not evaluate mostly-initial weights.
+        parts.ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema_decay, use_warmup=True)
     history, start_epoch = History(), 1
     if resume:
         history, start_epoch = restore(resume, parts)
@@ -142,7 +144,7 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, accelerator: Accelerator, track
             train_loader.set_epoch(epoch)
         stats = train_one_epoch(parts, train_loader, epoch, on_steps, f"epoch {epoch}/{cfg.epochs}")
         val = evaluate(eval_model(parts), val_loader, accelerator, cfg.channels_last)
-        row = {"epoch": epoch, "avg_loss": stats.loss, "total_loss": stats.loss_total, "train_acc": stats.acc,
+        row = {"epoch": epoch, "samples": stats.samples, "avg_loss": stats.loss, "total_loss": stats.loss_total, "train_acc": stats.acc,
                "val_loss": val.loss, "val_acc": val.acc, "epoch_time_sec": stats.time_s,
                "learning_rate": history.steps[-1][4] if history.steps else cfg.lr, "phase": strategy.phase,
                "trainable_params": strategy.trainable_params(), "checkpoint_path": "checkpoints/last",
@@ -346,8 +348,11 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
         weights = (final_model.state_dict() if parts.ema is not None
                    else accelerator.get_state_dict(parts.model))
         final = checkpoint.save_weights(weights, workdir / "final" / checkpoint.WEIGHTS_FILE)
-        if cfg.export_weights:
-            print(f"mlexp: exported weights to {export_weights(final, spec)}")
+        if cfg.export_weights:  # seed 002: later pretrained runs of this arch find these without a flag
+            exported = default_export_path(spec)
+            exported.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(final, exported)
+            print(f"mlexp: exported weights to {exported}")
         last_epoch = history.epochs[-1]["epoch"] if history.epochs else 0
         unwrapped = accelerator.unwrap_model(parts.model)
         total_time = sum(row["epoch_time_sec"] for row in history.epochs)
@@ -377,7 +382,7 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
             tracker.log_artifacts(workdir / name, "checkpoints/final" if name == "final" else name)
         tracker.flush()
     return TrainResult(tracker.run_id, "FINISHED", history.best_val_acc, history.best_epoch, cfg,
-                       accelerator.unwrap_model(final_model))
+                       accelerator.unwrap_model(final_model), history)
 
 
 # --- what the user sees ------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""Small helpers shared by the end-to-end tests (real processes, real MLflow)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import timm
+from mlflow import MlflowClient
+
+from mlexp.checkpoint import save_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS_TRAIN_SIZE = 1437  # 1,797 digits, 20% held out (stratified, fixed split seed)
+
+
+def subprocess_env(tracking_uri: str, **extra: str) -> dict[str, str]:
+    """The environment a user's shell would have: the venv's tools first on PATH, offline hub."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, HF_HUB_OFFLINE="1", TQDM_DISABLE="1",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def run_mlexp(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlexp", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def write_pretrained_weights(folder: Path, timm_name: str, arch: str, num_classes: int = 1000, seed: int = 0,
+                             **kwargs) -> Path:
+    """A weights file standing in for ImageNet weights (none can be downloaded here)."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = timm.create_model(timm_name, num_classes=num_classes, **kwargs)
+    return save_weights(model.state_dict(), folder / f"{arch}.safetensors")
+
+
+def runs_of(client: MlflowClient, experiment: str) -> list:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs([found.experiment_id], max_results=1000)
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    """Every file path under a run's artifacts (recursively)."""
+    found = set()
+    for item in client.list_artifacts(run_id, path or None):
+        if item.is_dir:
+            found |= artifact_paths(client, run_id, item.path)
+        else:
+            found.add(item.path)
+    return found

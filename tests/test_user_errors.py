@@ -1,0 +1,96 @@
+"""Bad input: one line on stderr, exit status 2, no traceback, no MLflow run left RUNNING."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from mlexp.cli import main
+from tests.helpers import run_mlexp, subprocess_env
+
+
+def make_image_folder(root: Path, classes: int = 2, per_class: int = 4, size: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    return done.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("mlexp: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def no_run_left_running(uri: str) -> bool:
+    client = MlflowClient(uri)
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments]) if experiments else []
+    return all(run.info.status != "RUNNING" for run in runs)
+
+
+TRAIN = ["train", "--img-size", "16", "--batch-size", "4", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--backbone", "resnt18_scratch"], ["resnet18_scratch"]),
+    (["--data", "/nonexistent/folder"], ["/nonexistent/folder", "does not exist"]),
+    (["--epochs", "0"], ["--epochs must be positive"]),
+    (["--lr", "-0.1"], ["--lr must be positive"]),
+    (["--batch-size", "0"], ["--batch-size must be positive"]),
+    (["--val-split", "1.5"], ["--val-split"]),
+    (["--epochs", "many"], ["--epochs must be a whole number"]),
+    (["--epoch", "3"], ["No such option", "--epoch"]),
+    (["--tracking-uri", "http://127.0.0.1:9"], ["cannot reach the MLflow tracking server"]),
+    (["--resume", "0123456789abcdef0123456789abcdef"], ["cannot resume", "0123456789abcdef"]),
+])
+def test_bad_options_give_one_line_and_exit_2(args, fragments, sqlite_uri, capsys):
+    code, err = run_cli(TRAIN + ["--backbone", "resnet18_scratch", *args], capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert no_run_left_running(sqlite_uri)
+
+
+def test_empty_and_single_class_folders(sqlite_uri, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    (empty / "b").mkdir()
+    code, err = run_cli(TRAIN + ["--backbone", "resnet18_scratch", "--data", str(empty)], capsys)
+    assert_one_line_error(code, err, "holds no images")
+    single = make_image_folder(tmp_path / "single", classes=1)
+    code, err = run_cli(TRAIN + ["--backbone", "resnet18_scratch", "--data", str(single)], capsys)
+    assert_one_line_error(code, err, "at least 2")
+    assert no_run_left_running(sqlite_uri)
+
+
+def test_unreadable_image_fails_the_run_cleanly(sqlite_uri, tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "imgs")
+    (folder / "class0" / "broken.png").write_bytes(b"this is not a png")
+    code, err = run_cli(TRAIN + ["--backbone", "resnet18_scratch", "--data", str(folder), "--val-split", "0.3"],
+                        capsys)
+    assert_one_line_error(code, err, "cannot read image", "broken.png")
+    client = MlflowClient(sqlite_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("mlexp").experiment_id])
+    assert run.info.status == "FAILED" and "broken.png" in run.data.tags["mlexp.error"]
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    """The real console entry point in a subprocess, as a user's shell runs it."""
+    done = run_mlexp(["train", "--backbone", "resnt50_scratch"], subprocess_env(f"sqlite:///{tmp_path}/m.db"),
+                     tmp_path)
+    assert_one_line_error(done.returncode, done.stderr, "resnet50_scratch")
