@@ -70,7 +70,7 @@ class TrainConfig:
                        ("linear", "mlp"))
     linear_probe_epochs: int = option(10, "Linear probe: at most this many epochs.")
     gradual_patience: int = option(3, "Gradual unfreezing: epochs without val-loss improvement "
-                                   "before the next phase.")
+                                   "before the next phase (0 = next phase every epoch, as in ULMFiT).")
     llrd_decay: float = option(0.9, "Full fine-tuning: layer-wise LR decay (1.0 = none).")
 
     # --- recipe -----------------------------------------------------------------------
@@ -116,12 +116,12 @@ class TrainConfig:
             if choices and value not in choices:
                 raise MlexpError(f"--{cli_name(f.name)} must be one of {', '.join(choices)}, got {value!r}")
         positive = ("epochs", "batch_size", "lr", "img_size", "grad_accum", "step_size",
-                    "linear_probe_epochs", "gradual_patience", "ema_decay")
+                    "linear_probe_epochs", "ema_decay")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise MlexpError(f"--{cli_name(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("weight_decay", "warmup_epochs", "clip_grad", "label_smoothing", "mixup", "cutmix",
-                        "hflip", "reprob", "workers", "checkpoint_every", "early_stop_patience", "folds",
+                        "hflip", "reprob", "workers", "checkpoint_every", "early_stop_patience", "folds", "gradual_patience",
                         "momentum", "gamma")
         for name in non_negative:
             if getattr(self, name) < 0:

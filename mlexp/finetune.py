@@ -307,6 +307,12 @@ class Strategy:
         """Gradual: next phase after `gradual_patience` epochs without a lower val loss. True if it changed."""
         if self.name != "gradual":
             return False
+        if self.cfg.gradual_patience == 0:  # ULMFiT's original schedule: one more group every epoch
+            if self.phase == self.num_phases - 1:
+                return False
+            self.phase += 1
+            self._apply_phase()
+            return True
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss = float(val_loss)
             self.epochs_without_improvement = 0

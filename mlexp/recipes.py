@@ -102,3 +102,114 @@ def format_training_plan(effective_cfgs: list[TrainConfig]) -> str:
 # =========================================================================================
 # Recipe presets (--recipe) go below this line.
 # =========================================================================================
+
+
+# =========================================================================================
+# PRESETS (--recipe NAME): named sets of defaults. Explicit options always win.
+#
+# Owned by the fine-tuning work (issue 4); append-only below this banner.
+# A preset only holds TrainConfig fields; the pretrain learning rate is a rule, not a value
+# (linear scaling with the global batch, see LR_PER_256), so it lives in LR_PER_256.
+# =========================================================================================
+
+PRESETS: dict[str, dict[str, object]] = {
+    # Seed 002's modern from-scratch recipe (timm-style ResNet training): SGD + nesterov,
+    # lr 0.1 per 256 images of global batch, 5 warmup epochs, cosine, label smoothing 0.1,
+    # mixup 0.2, cutmix 1.0, RandAugment n2 m9, flips. The recipe is already tuned for random
+    # init, so the scratch multipliers are neutralised (1.0) rather than stacked on top.
+    # Epochs are left to the user (seed 002: 300-600 on ImageNet; mlexp's default is a smoke test).
+    "pretrain": {
+        "optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "scheduler": "cosine",
+        "warmup_epochs": 5.0, "label_smoothing": 0.1, "mixup": 0.2, "cutmix": 1.0,
+        "aa": "rand-m9-n2-mstd0.5", "hflip": 0.5, "strategy": "full", "llrd_decay": 1.0,
+        "scratch_lr_mult": 1.0, "scratch_epochs_mult": 1.0, "scratch_warmup_mult": 1.0,
+        "scratch_wd_mult": 1.0,
+    },
+    # Full fine-tuning of a pretrained backbone (BEiT/MAE/DeiT-style, toned down for small
+    # data): AdamW at 1e-4 with weight decay 0.05 is the standard transfer setting; layer-wise
+    # decay 0.8 (seed 003's conservative value: the stem of a ViT-B still gets ~5% of the
+    # head's LR, a ResNet's ~13%) keeps low-level filters close to their pretrained values;
+    # 1 warmup epoch protects them from the randomly initialised head's first large gradients;
+    # label smoothing 0.1 and flips are cheap regularisers that rarely hurt; mixup/cutmix and
+    # RandAugment are left off (they need long schedules to pay off). EMA of the weights
+    # smooths the noisy small-batch fine-tuning trajectory; decay 0.998 (~500-step horizon)
+    # suits runs of a few thousand steps.
+    "finetune": {
+        "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "scheduler": "cosine",
+        "warmup_epochs": 1.0, "label_smoothing": 0.1, "hflip": 0.5, "strategy": "full",
+        "llrd_decay": 0.8, "ema": True, "ema_decay": 0.998, "calibrate": True,
+    },
+    # Seed 003's linear probe: only the classifier trains, so a 10x higher LR and no weight
+    # decay or label smoothing (they only blur the read-out of fixed features).
+    "linear-probe": {
+        "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "cosine",
+        "warmup_epochs": 0.0, "strategy": "linear", "linear_probe_epochs": 10, "hflip": 0.5,
+        "calibrate": True,
+    },
+    # Seed 003's gradual unfreezing: head, then the top of the network, then everything, each
+    # phase after `gradual_patience` epochs without a lower val loss; the cosine schedule gives
+    # the layers unfrozen later a smaller LR, in the spirit of ULMFiT's discriminative rates.
+    "gradual-unfreeze": {
+        "optimizer": "adamw", "lr": 3e-4, "weight_decay": 0.05, "scheduler": "cosine",
+        "warmup_epochs": 1.0, "label_smoothing": 0.1, "hflip": 0.5, "strategy": "gradual",
+        "gradual_patience": 3, "calibrate": True,
+    },
+}
+
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "pretrain": "seed 002: from-scratch pretraining (SGD, lr 0.1 x global batch/256, mixup/cutmix, RandAugment)",
+    "finetune": "full fine-tuning with layer-wise LR decay 0.8, AdamW 1e-4, EMA",
+    "linear-probe": "seed 003: train only the classifier on frozen features",
+    "gradual-unfreeze": "seed 003: head -> top layers -> everything on val-loss plateaus",
+}
+
+# Presets whose lr follows the linear scaling rule: lr = LR_PER_256 * global_batch / 256,
+# global_batch = batch_size * grad_accum * world_size. An explicit --lr wins.
+LR_PER_256: dict[str, float] = {"pretrain": 0.1}
+
+
+def _field_value(name: str, values: dict[str, object]) -> object:
+    """A field's typed value from user/preset values, else its declared default."""
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    from mlexp.config import parse_value
+
+    raw = values.get(name)
+    if raw is None or raw == "":
+        return {f.name: f.default for f in fields(TrainConfig)}[name]
+    return parse_value(name, get_type_hints(TrainConfig)[name], raw)
+
+
+def config_from_user_values(values: dict[str, object], world_size: int = 1) -> TrainConfig:
+    """The config from the options the user set explicitly, on top of their --recipe preset.
+
+    `values` holds only explicit options (typed CLI options, non-empty MLproject -P values);
+    text or typed. Precedence: explicit value > preset > TrainConfig default.
+    """
+    explicit = {name: value for name, value in values.items() if value is not None and value != ""}
+    recipe = explicit.get("recipe")
+    if recipe is None:
+        return TrainConfig.from_strings(explicit)
+    recipe = str(recipe).strip()
+    if recipe not in PRESETS:
+        raise MlexpError(f"unknown --recipe {recipe!r}; choose one of {', '.join(PRESETS)} "
+                         "(see `mlexp recipes`)")
+    merged: dict[str, object] = {**PRESETS[recipe], **explicit, "recipe": recipe}
+    if recipe in LR_PER_256 and "lr" not in explicit:
+        global_batch = (int(_field_value("batch_size", merged)) * int(_field_value("grad_accum", merged))
+                        * max(1, int(world_size)))
+        merged["lr"] = float(f"{LR_PER_256[recipe] * global_batch / 256:.12g}")
+    return TrainConfig.from_strings(merged)
+
+
+def preset_rows() -> list[dict]:
+    """One row per preset for `mlexp recipes`: name, what it is for, its settings."""
+    rows = []
+    for name, preset in PRESETS.items():
+        settings = [f"{key}={value}" for key, value in preset.items()]
+        if name in LR_PER_256:
+            settings.insert(0, f"lr={LR_PER_256[name]:g}*global_batch/256")
+        rows.append({"recipe": name, "description": PRESET_DESCRIPTIONS.get(name, ""),
+                     "settings": " ".join(settings)})
+    return rows
