@@ -60,3 +60,33 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str
         else:
             found.add(item.path)
     return found
+
+
+TORCHRUN_WORKER = """
+import os, sys
+from safetensors.torch import save_file
+from mlexp.cli import main
+from mlexp import train
+results = []
+original = train.run_training
+train.run_training = lambda cfg, **kw: results.append(original(cfg, **kw))
+try:
+    main(sys.argv[2:])
+except SystemExit as done:
+    assert done.code in (0, None), done.code
+state = {k: v.contiguous() for k, v in results[0].model.state_dict().items()}
+save_file(state, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.safetensors"))
+"""
+
+
+def torchrun_train(args: list[str], env: dict[str, str], out: Path, processes: int = 2) -> list[dict]:
+    """`torchrun -m mlexp train ARGS` (through the real CLI); returns each rank's final weights."""
+    from safetensors.torch import load_file
+
+    worker = out / "torchrun_worker.py"
+    worker.write_text(TORCHRUN_WORKER)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                           str(worker), str(out), "train", *args],
+                          env=env, cwd=out, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [load_file(out / f"rank{rank}.safetensors") for rank in range(processes)]

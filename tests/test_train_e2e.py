@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from tests.helpers import (DIGITS_TRAIN_SIZE, ROOT, artifact_paths, run_mlexp, runs_of, steps,
-                           subprocess_env, write_pretrained_weights)
+                           subprocess_env, torchrun_train, write_pretrained_weights)
 
 from mlexp.config import config_fields
 
@@ -71,29 +71,10 @@ def test_mlflow_run_train_against_a_live_server(server_uri, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_is_one_ddp_run_with_identical_weights(server_uri, tmp_path):
     """torchrun on CPU: real DDP over gloo (not two lone trainings), one run, ranks in sync."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(
-        "import os, sys\n"
-        "from safetensors.torch import save_file\n"
-        "from mlexp.cli import main\n"
-        "from mlexp import train\n"
-        "results = []\n"
-        "original = train.run_training\n"
-        "train.run_training = lambda cfg, **kw: results.append(original(cfg, **kw))\n"
-        "try:\n"
-        "    main(sys.argv[2:])\n"
-        "except SystemExit as done:\n"
-        "    assert done.code in (0, None), done.code\n"
-        "state = {k: v.contiguous() for k, v in results[0].model.state_dict().items()}\n"
-        "save_file(state, os.path.join(sys.argv[1], f\"rank{os.environ['RANK']}.safetensors\"))\n")
     env = subprocess_env(server_uri)
-    args = ["train", "--backbone", "resnet18_scratch", "--data", "digits", "--epochs", "1", "--img-size", "16",
+    args = ["--backbone", "resnet18_scratch", "--data", "digits", "--epochs", "1", "--img-size", "16",
             "--batch-size", "32", "--experiment", "e2e-torchrun"]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           str(worker), str(tmp_path), *args],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    rank0, rank1 = torchrun_train(args, env, tmp_path)
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
