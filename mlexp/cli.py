@@ -19,12 +19,16 @@ from mlexp.errors import MlexpError
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
-def config_options(func: Callable) -> Callable:
-    """Add one option per TrainConfig field. Values stay text; TrainConfig parses them."""
+def config_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Add one option per TrainConfig field (but `exclude`). Values stay text; TrainConfig parses them."""
+    return lambda func: _add_config_options(func, exclude)
+
+
+def _add_config_options(func: Callable, exclude: tuple[str, ...]) -> Callable:
     from typing import get_type_hints
 
     hints = get_type_hints(TrainConfig)
-    for f in reversed(config_fields()):
+    for f in reversed([f for f in config_fields() if f.name not in exclude]):
         choices = f.metadata.get("choices")
         help_text = f.metadata["help"] + (f" [{'|'.join(choices)}]" if choices else "")
         if f.default is not None:
@@ -80,7 +84,7 @@ def cli(ctx: click.Context, from_mlproject: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@config_options
+@config_options()
 @click.pass_context
 def train(ctx: click.Context, **values: Any) -> None:
     """Train one backbone and log the run to MLflow.
@@ -95,6 +99,64 @@ def train(ctx: click.Context, **values: Any) -> None:
     from mlexp.train import run_training
 
     run_training(build_config(ctx, values))
+
+
+SWEEP_AXES = ("backbone", "init", "strategy", "seed", "fold", "resume")
+
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--backbones", default="resnet18", show_default=True,
+              help="Comma-separated backbones; a plain name (resnet50) expands to both inits.")
+@click.option("--inits", default="pretrained,scratch", show_default=True, help="Comma-separated inits to try.")
+@click.option("--pretrained-only", is_flag=False, flag_value="true", default="false", metavar="[BOOL]",
+              help="Only the pretrained flavour of each backbone.")
+@click.option("--scratch-only", is_flag=False, flag_value="true", default="false", metavar="[BOOL]",
+              help="Only the scratch flavour of each backbone.")
+@click.option("--strategies", default="full", show_default=True, help="Comma-separated: full, linear, gradual.")
+@click.option("--seeds", default="42", show_default=True, help="Comma-separated seeds.")
+@config_options(exclude=SWEEP_AXES)
+@click.pass_context
+def sweep(ctx: click.Context, backbones: str, inits: str, pretrained_only: str, scratch_only: str,
+          strategies: str, seeds: str, **values: Any) -> None:
+    """Train a grid: backbones x inits x strategies x seeds x folds, as nested MLflow runs.
+
+    Every other option is a training option applied to each run (see `mlexp train --help`);
+    `--folds K` runs each configuration on all K folds. Configurations that already
+    FINISHED in the experiment are skipped, so re-running an interrupted sweep resumes it.
+    `--dry-run` prints the numbered plan and trains nothing.
+
+    \b
+    Example:
+      mlexp sweep --backbones resnet18,resnet50 --seeds 1,2,3 --folds 5 --epochs 10
+    """
+    from mlexp.config import parse_value
+    from mlexp.sweep import INITS, run_sweep
+
+    chosen_inits = comma_list(inits)
+    if parse_value("pretrained_only", bool, pretrained_only):
+        chosen_inits = ["pretrained"]
+    if parse_value("scratch_only", bool, scratch_only):
+        if parse_value("pretrained_only", bool, pretrained_only):
+            raise MlexpError("--pretrained-only and --scratch-only exclude each other")
+        chosen_inits = ["scratch"]
+    for init in chosen_inits:
+        if init not in INITS:
+            raise MlexpError(f"--inits takes {', '.join(INITS)}, got {init!r}")
+    seed_list = [parse_value("seeds", int, seed) for seed in comma_list(seeds)]
+    base = build_config(ctx, values)
+    for name, items in (("--backbones", comma_list(backbones)), ("--strategies", comma_list(strategies)),
+                        ("--seeds", seed_list)):
+        if not items:
+            raise MlexpError(f"{name} needs at least one value")
+    for strategy in comma_list(strategies):
+        base.replace(strategy=strategy)  # validates the name
+    result = run_sweep(base, comma_list(backbones), chosen_inits, comma_list(strategies), seed_list)
+    if result.failed:
+        click.echo(f"mlexp: {len(result.failed)} configuration(s) FAILED; see the runs' mlexp.error tag", err=True)
 
 
 @cli.command(context_settings=CONTEXT)

@@ -219,17 +219,19 @@ def last_logged_steps(client, run_id: str) -> dict[str, int]:
 
 
 def open_run(tracking_uri: str, experiment: str, run_name: str | None, *, resume_run_id: str | None = None,
-             parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> MlflowTracker:
+             parent_run_id: str | None = None, run_id: str | None = None,
+             tags: dict[str, str] | None = None) -> MlflowTracker:
     """Start (or continue) the MLflow run this training logs to.
 
-    Under `mlflow run` the entry point's run is given in MLFLOW_RUN_ID and is used as is
-    (its experiment was chosen by `mlflow run`). `--resume` continues an existing run.
+    `run_id` is a run created for us (a sweep's child). Under `mlflow run` the entry
+    point's run is given in MLFLOW_RUN_ID and is used as is (its experiment was chosen by
+    `mlflow run`). `--resume` continues an existing run.
     """
     check_reachable(tracking_uri)
     client = client_for(tracking_uri)
     from mlflow.exceptions import MlflowException
 
-    project_run_id = os.environ.get("MLFLOW_RUN_ID")
+    project_run_id = run_id or (None if parent_run_id else os.environ.get("MLFLOW_RUN_ID"))
     if resume_run_id:
         try:
             run = client.get_run(resume_run_id)
@@ -244,8 +246,7 @@ def open_run(tracking_uri: str, experiment: str, run_name: str | None, *, resume
         tracker.set_tags({**(tags or {}), **({"mlflow.runName": run_name} if run_name else {})})
         return tracker
     try:
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = experiment_id_for(client, experiment)
     except MlflowException as error:
         raise MlexpError(f"cannot use MLflow experiment {experiment!r} at {tracking_uri}: "
                          f"{str(error).splitlines()[0]}") from None
@@ -256,6 +257,14 @@ def open_run(tracking_uri: str, experiment: str, run_name: str | None, *, resume
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     return MlflowTracker(client, run.info.run_id)
+
+
+def experiment_id_for(client, experiment: str) -> str:
+    """The experiment's id, creating it if needed; under `mlflow run`, the one it chose."""
+    if os.environ.get("MLFLOW_EXPERIMENT_ID") and os.environ.get("MLFLOW_RUN_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found else client.create_experiment(experiment)
 
 
 def existing_params(tracker: Any) -> dict[str, str]:

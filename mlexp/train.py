@@ -35,7 +35,7 @@ from mlexp.loop import EvalResult, TrainParts, evaluate, train_one_epoch
 from mlexp.optim import build_optimizer, build_scheduler
 from mlexp.recipes import apply_init_adjustments, format_init_comparison, format_training_plan
 from mlexp.records import History, write_csvs, write_json
-from mlexp.weights import default_export_path
+from mlexp.weights import WeightsFile, default_export_path, locate_weights
 
 
 @dataclass
@@ -58,9 +58,12 @@ class ResumePoint:
     checkpoint_dir: Path
 
 
-def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, extra_tags: dict | None = None,
+def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dict | None = None,
                  track: bool = True) -> TrainResult:
-    """Train one configuration and log it to MLflow (to nothing with track=False)."""
+    """Train one configuration and log it to MLflow (to nothing with track=False).
+
+    `run_id`: log into this existing run (a sweep creates its children first).
+    """
     tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri()
     resume = fetch_resume_point(tracking_uri, cfg.resume) if cfg.resume else None
     if resume:
@@ -73,16 +76,18 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, extra_ta
         print(format_init_comparison([cfg]) + "\n\n" + format_training_plan([effective]))
         return TrainResult(None, "DRY_RUN", 0.0, 0, effective)
     check_data_source(effective)
+    # Find pretrained weights before any MLflow run exists: missing weights are a user error, not a FAILED run.
+    weights = locate_weights(spec, effective.weights) if spec.init == "pretrained" else effective.weights
     accelerator = make_accelerator(effective)
     tracker: tracking.Tracker = tracking.NullTracker()
     if track and accelerator.is_main_process:
         tracker = tracking.open_run(tracking_uri, effective.experiment, effective.run_name or default_run_name(spec, effective),
-                                    resume_run_id=resume.run_id if resume else None,
-                                    parent_run_id=parent_run_id, tags=run_tags(spec, effective, extra_tags))
+                                    resume_run_id=resume.run_id if resume else None, run_id=run_id,
+                                    tags=run_tags(spec, effective, extra_tags))
     workdir = Path(tempfile.mkdtemp(prefix="mlexp-run-"))
     try:
         with sigterm_as_interrupt():
-            result = _train(effective, spec, accelerator, tracker, workdir, resume)
+            result = _train(effective, spec, weights, accelerator, tracker, workdir, resume)
     except KeyboardInterrupt:
         tracker.finish("KILLED", error="interrupted")
         raise
@@ -91,19 +96,19 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, extra_ta
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        release_accelerator(accelerator)
     tracker.finish("FINISHED")
     if accelerator.is_main_process:
         print_outcome(result, tracker, tracking_uri)
-    accelerator.end_training()
     return result
 
 
-def _train(cfg: TrainConfig, spec: BackboneSpec, accelerator: Accelerator, tracker: tracking.Tracker,
-           workdir: Path, resume: ResumePoint | None) -> TrainResult:
+def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | None, accelerator: Accelerator,
+           tracker: tracking.Tracker, workdir: Path, resume: ResumePoint | None) -> TrainResult:
     # --- build ------------------------------------------------------------------------------
     set_seed(cfg.seed)
     data = build_data(cfg)
-    built = build_backbone(spec, data.num_classes, cfg.img_size, cfg.weights)
+    built = build_backbone(spec, data.num_classes, cfg.img_size, weights)
     model = built.model
     attach_head(model, cfg.head, data.num_classes)
     strategy = build_strategy(model, spec.family, cfg)
@@ -176,6 +181,18 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # (MULTI_CPU); without it each process silently trains alone.
     return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+
+
+def release_accelerator(accelerator: Accelerator) -> None:
+    """Let the next run in this process (a sweep's next child) choose its own precision/accumulation.
+
+    Accelerate's state is a process-wide singleton; the process group itself is kept.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator.end_training()
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
 
 def make_loaders(data, cfg: TrainConfig, num_processes: int) -> tuple[DataLoader, DataLoader]:
