@@ -1,0 +1,75 @@
+"""The training monitor (seed 000: --progress, --summary) against real MLflow stores."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from mlflow import MlflowClient
+
+from mlexp.errors import MlexpError
+from mlexp.monitor import progress, summary, total_epochs
+from mlexp.query import RunRecord
+from tests.run_factory import log_run
+
+
+def test_progress_shows_epoch_of_total_val_acc_and_eta(sqlite_uri):
+    client = MlflowClient(sqlite_uri)
+    start_ms = int(time.time() * 1000) - 3_600_000
+    log_run(client, "mon", val_acc=[0.8, 0.9], name="done")
+    log_run(client, "mon", init="scratch", val_acc=[0.31, 0.42], epochs=5, epoch_time=12.0, status="RUNNING",
+            name="busy", start_time=start_ms)
+    log_run(client, "other", val_acc=[0.5], epochs=4, status="RUNNING", name="elsewhere")
+
+    text = progress(client, ["mon"], now=start_ms / 1000 + 65)
+    assert "1 run(s) in progress" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("mon ")]
+    # epoch 2 of 5 (effective epochs), 42.0% val acc, 12 s epochs, 3 left -> 36 s, started 65 s ago
+    for expected in ("busy", "resnet18/scratch/full", "2/5", "42.0%", "0m12s", "0m36s", "1m05s"):
+        assert expected in row
+    assert "done" not in text and "elsewhere" not in text
+    assert "elsewhere" in progress(client)  # no experiment named: all of them
+
+
+def test_progress_and_summary_edge_cases(sqlite_uri):
+    client = MlflowClient(sqlite_uri)
+    log_run(client, "quiet", val_acc=[0.5])
+    assert progress(client, ["quiet"]) == "No runs in progress in quiet."
+    with pytest.raises(MlexpError, match="no MLflow experiment 'missing'"):
+        progress(client, ["missing"])
+    with pytest.raises(MlexpError, match="no MLflow experiment 'missing'"):
+        summary(client, ["missing"])
+    linear = RunRecord("r", "r", "0", "RUNNING", params={"epochs": "20", "linear_probe_epochs": "10"},
+                       tags={"mlexp.strategy": "linear"})
+    assert total_epochs(linear) == 10  # the linear probe stops at linear_probe_epochs
+    scratch = RunRecord("r", "r", "0", "RUNNING", params={"epochs": "10", "effective.epochs": "12"})
+    assert total_epochs(scratch) == 12  # under `mlflow run` the adjusted value is effective.epochs
+
+
+def test_summary_lists_finished_runs_best_first(sqlite_uri):
+    client = MlflowClient(sqlite_uri)
+    log_run(client, "sum", val_acc=[0.5, 0.7, 0.8], name="good", epoch_time=10.0)
+    log_run(client, "sum", backbone="vit_small", init="scratch", strategy="linear", val_acc=[0.6, 0.95, 0.9],
+            name="best")
+    log_run(client, "sum", val_acc=[0.1], status="FAILED", name="broken")
+    log_run(client, "sum", val_acc=[0.1], status="RUNNING", name="busy")
+    text = summary(client, ["sum"])
+    lines = text.splitlines()
+    assert lines[0] == "sum: 2 finished training run(s); also 1 failed, 1 running"
+    best = next(i for i, line in enumerate(lines) if line.startswith("best "))
+    good = next(i for i, line in enumerate(lines) if line.startswith("good "))
+    assert best < good
+    assert "vit_small" in lines[best] and "95.0%" in lines[best] and "linear" in lines[best]
+    assert lines[good].split()[-4:] == ["80.0%", "3", "3", "0m30s"]  # best acc, best epoch, epochs, time
+    assert "broken" not in text
+
+
+def test_progress_against_live_server(server_uri):
+    client = MlflowClient(server_uri)
+    experiment = f"mon-live-{uuid.uuid4().hex[:6]}"
+    log_run(client, experiment, val_acc=[0.25, 0.5, 0.75], epochs=6, status="RUNNING", name="live")
+    text = progress(server_uri, [experiment])
+    (row,) = [line for line in text.splitlines() if line.startswith(experiment)]
+    assert "3/6" in row and "75.0%" in row and "0m30s" in row  # 3 epochs of 10 s left
+    assert "live: " not in summary(server_uri, [experiment]) and "0 finished" in summary(server_uri, [experiment])
