@@ -16,9 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# The main job: a small tracked run on the built-in digits data, logged to ./mlflow.db.
+# The main job: pretrain resnet18 on the built-in synthetic images and export the weights
+# to ./weights/ (seed 002's flow), sweep pretrained vs scratch x 2 seeds on the built-in
+# digits, then compare. Everything is logged to ./mlflow.db.
 demo: $(STAMP)
-	MLFLOW_TRACKING_URI=$(DEMO_URI) $(BIN)/mlexp train --backbone resnet18_scratch --data digits --epochs 3 --img-size 32 --experiment mlexp-demo
+	export MLFLOW_TRACKING_URI=$(DEMO_URI) MLEXP_WEIGHTS_DIR=$(CURDIR)/weights; \
+	$(BIN)/mlexp train --backbone resnet18_scratch --data synthetic --epochs 2 --img-size 32 \
+	    --scratch-epochs-mult 1 --export-weights --experiment mlexp-demo-pretrain && \
+	$(BIN)/mlexp sweep --backbones resnet18 --seeds 1,2 --data digits --epochs 3 --img-size 32 \
+	    --experiment mlexp-demo && \
+	$(BIN)/mlexp compare --experiment mlexp-demo --out mlexp-output/compare && \
+	echo "" && echo "Open the runs: $(BIN)/mlflow ui --backend-store-uri $(DEMO_URI)"
 
 # The whole test suite (real MLflow stores and server, real timm models, CPU).
 test: $(STAMP)

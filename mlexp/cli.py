@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -157,6 +159,84 @@ def sweep(ctx: click.Context, backbones: str, inits: str, pretrained_only: str, 
     result = run_sweep(base, comma_list(backbones), chosen_inits, comma_list(strategies), seed_list)
     if result.failed:
         click.echo(f"mlexp: {len(result.failed)} configuration(s) FAILED; see the runs' mlexp.error tag", err=True)
+
+
+def split_names(values) -> list[str]:
+    """Repeated options and comma-separated values (the MLproject passes one string) -> names."""
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
+@cli.command("compare", context_settings=CONTEXT)
+@click.option("--experiment", "experiment", multiple=True, metavar="NAME",
+              help="Experiment to compare (name or id); repeat it or separate names with commas.")
+@click.option("--filter", "filter", default="", metavar="TEXT",
+              help="MLflow search filter, e.g. \"params.lr = '0.001' and tags.`mlexp.dataset` = 'digits'\".")
+@click.option("--group-by", "group_by", default="backbone,init,strategy", metavar="NAMES",
+              help="Comma-separated: backbone, init, strategy, dataset, experiment, any param (lr, epochs, "
+                   "...) or tags.X / params.X. (default: backbone,init,strategy)")
+@click.option("--out", "out", default="mlexp-compare", metavar="DIR",
+              help="Folder for groups.csv/.md, pairs.csv, runs.csv, compare.json and the plots. "
+                   "(default: mlexp-compare)")
+@click.option("--log-run", "log_run", is_flag=False, flag_value="true", default="true", metavar="[BOOL]",
+              help="Log the outputs to an MLflow run (under `mlflow run`: the project's run). (default: true)")
+@click.option("--compare-experiment", "compare_experiment", default="mlexp-compare", metavar="NAME",
+              help="Experiment for that run when not under `mlflow run`. (default: mlexp-compare)")
+@click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
+              help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+def compare_command(experiment, filter, group_by, out, log_run, compare_experiment, tracking_uri) -> None:
+    """Compare finished runs: per-group accuracy, time and cost; pretrained vs scratch, paired.
+
+    \b
+    Examples:
+      mlexp compare --experiment digits-sweep
+      mlexp compare --experiment a --experiment b --group-by backbone,init --out report/
+      mlexp compare --experiment digits-sweep --filter "params.epochs = '10'" --group-by strategy,lr
+    """
+    from mlexp.compare import format_table, run_compare
+    from mlexp.config import parse_value
+
+    result = run_compare(tracking_uri or None, split_names(experiment) or ["mlexp"], filter or None,
+                         split_names([group_by]) or None, Path(out or "mlexp-compare"),
+                         compare_experiment=compare_experiment or "mlexp-compare",
+                         log_run=parse_value("log_run", bool, log_run))
+    click.echo(format_table(result))
+    click.echo(f"Wrote {len(result.files)} files to {out or 'mlexp-compare'}/"
+               + (f"; logged to MLflow run {result.run_id}" if result.run_id else ""))
+
+
+@cli.command("monitor", context_settings=CONTEXT)
+@click.option("--progress", is_flag=False, flag_value="true", default="false", metavar="[BOOL]",
+              help="Runs still training: epoch of total, val acc, epoch time, ETA (the default).")
+@click.option("--summary", is_flag=False, flag_value="true", default="false", metavar="[BOOL]",
+              help="Finished runs per experiment, best first.")
+@click.option("--experiment", "experiment", multiple=True, metavar="NAME",
+              help="Only these experiments (repeat or comma-separate; default: all).")
+@click.option("--watch", type=float, default=0.0, metavar="SECONDS", help="Refresh every SECONDS until Ctrl-C.")
+@click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
+              help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+def monitor_command(progress, summary, experiment, watch, tracking_uri) -> None:
+    """Seed 000's training monitor (for comparisons and plots see `mlexp compare`).
+
+    \b
+    Examples:
+      mlexp monitor --progress --watch 30
+      mlexp monitor --summary --experiment digits-sweep
+    """
+    from mlexp import monitor
+    from mlexp.config import parse_value
+    from mlexp.tracking import check_reachable, default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    check_reachable(uri)
+    views = [monitor.progress] if parse_value("progress", bool, progress) else []
+    views += [monitor.summary] if parse_value("summary", bool, summary) else []
+    while True:
+        for show in views or [monitor.progress]:
+            click.echo(show(uri, split_names(experiment) or None))
+        if watch <= 0:
+            return
+        time.sleep(watch)
+        click.echo()
 
 
 @cli.command(context_settings=CONTEXT)

@@ -14,7 +14,7 @@ from mlexp.cli import cli, mlproject_default
 from mlexp.config import config_fields
 
 # entry point -> CLI command it runs ("main" is the plain training run)
-ENTRY_POINTS = {"main": "train", "train": "train", "sweep": "sweep"}
+ENTRY_POINTS = {"main": "train", "train": "train", "sweep": "sweep", "compare": "compare", "monitor": "monitor"}
 
 
 def command_parameters(command: click.Command) -> list[tuple[str, str]]:
@@ -24,8 +24,11 @@ def command_parameters(command: click.Command) -> list[tuple[str, str]]:
     for param in command.params:
         if not isinstance(param, click.Option) or param.hidden or param.name == "help":
             continue
-        default = field_defaults.get(param.name, param.default if param.default is not None else None)
-        if isinstance(default, (tuple, list)):
+        # config options are declared with default None (so "not given" is visible); theirs is the field's
+        default = field_defaults.get(param.name) if param.default is None else param.default
+        if getattr(param, "multiple", False):
+            default = ""  # a repeatable option: MLproject passes one (comma-separated) value
+        elif isinstance(default, (tuple, list)):
             default = ",".join(str(d) for d in default)
         params.append((param.name, mlproject_default(default)))
     return params

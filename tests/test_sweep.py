@@ -1,0 +1,86 @@
+"""Issue 5 acceptance: sweeps as nested runs, skip-finished, failures reported; then compare."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from mlexp.cli import main
+from tests.helpers import ROOT, artifact_paths, runs_of, subprocess_env, write_pretrained_weights
+
+SMALL = ["--data", "digits", "--img-size", "16", "--batch-size", "64", "--epochs", "1", "--calibrate", "false"]
+
+
+def sweep(args: list[str]) -> None:
+    try:
+        main(["sweep", *SMALL, *args])
+    except SystemExit as done:
+        assert done.code in (0, None)
+
+
+def children(client: MlflowClient, experiment: str) -> list:
+    return [r for r in runs_of(client, experiment) if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(sqlite_uri, capsys):
+    sweep(["--backbones", "resnet18,vit_small", "--seeds", "1,2", "--folds", "3", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "Training plan: 18 configuration(s)" in out  # resnet18 x 2 inits + vit_small (scratch only), x2 x3
+    assert "resnet18_scratch full seed 2 fold 2" in out and "lr=0.0015" in out
+    assert not Path("mlflow.db").exists() or not runs_of(MlflowClient(sqlite_uri), "mlexp")
+
+
+@pytest.mark.slow
+def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, tmp_path, monkeypatch):
+    weights = tmp_path / "weights"
+    write_pretrained_weights(weights, "resnet18", "resnet18")
+    write_pretrained_weights(weights, "deit_small_patch16_224", "deit_small")
+    monkeypatch.setenv("MLEXP_WEIGHTS_DIR", str(weights))
+    client = MlflowClient(server_uri)
+    grid = ["--backbones", "resnet18,deit_small", "--seeds", "1,2", "--experiment", "sweep-e2e"]
+
+    sweep(grid)
+    first = children(client, "sweep-e2e")
+    assert len(first) == 8 and all(r.info.status == "FINISHED" for r in first)
+    assert {(r.data.tags["mlexp.backbone"], r.data.tags["mlexp.init"]) for r in first} == {
+        ("resnet18", "pretrained"), ("resnet18", "scratch"), ("deit_small", "pretrained"), ("deit_small", "scratch")}
+    [parent] = [r for r in runs_of(client, "sweep-e2e") if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.metrics["sweep/finished"] == 8
+    assert {"summary/sweep_summary.json", "summary/sweep_summary.txt"} <= artifact_paths(client, parent.info.run_id)
+
+    sweep(grid)  # the same sweep again: everything finished before, nothing new is trained
+    assert len(children(client, "sweep-e2e")) == 8
+
+    sweep(["--backbones", "resnet18,no_such_net", "--scratch-only", "--seeds", "7", "--experiment", "sweep-fail"])
+    failing = children(client, "sweep-fail")
+    statuses = sorted(r.info.status for r in failing)
+    assert statuses == ["FAILED", "FINISHED"]
+    [failed] = [r for r in failing if r.info.status == "FAILED"]
+    assert "no_such_net" in failed.data.tags["mlexp.error"]
+
+    # compare, through the MLflow Project entry point, against the same live server
+    done = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "compare", "--env-manager", "local",
+         "--experiment-name", "compare-e2e", "-P", "experiment=sweep-e2e", "-P", f"out={tmp_path / 'cmp'}"],
+        env=subprocess_env(server_uri), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [compare_run] = runs_of(client, "compare-e2e")
+    assert compare_run.info.status == "FINISHED"
+    files = artifact_paths(client, compare_run.info.run_id)
+    for name in ("groups.csv", "groups.md", "compare.json", "pairs.csv", "val_acc_curves.png", "val_loss_curves.png",
+                 "best_acc_bar.png", "time_bar.png"):
+        assert any(path.endswith(name) for path in files), name
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    groups = report["groups"]
+    assert len(groups) == 4 and all(group["runs"] == 2 for group in groups)
+    # paired pretrained-minus-scratch rows, matched on seed (and fold), for both backbones
+    assert {pair["backbone"] for pair in report["pairs"]} == {"resnet18", "deit_small"}
+    summary = {row["backbone"]: row for row in report["pair_summary"]}
+    assert set(summary) == {"resnet18", "deit_small"} and all(row["n_pairs"] == 2 for row in summary.values())
+    assert all(row["ci95_low"] <= row["mean_diff"] <= row["ci95_high"] for row in summary.values())
+    assert "resnet18" in done.stdout and "deit_small" in done.stdout  # the terminal table
