@@ -175,7 +175,8 @@ def run_child(run_training, client, row: PlanRow, run_id: str) -> bool:
         fail(client, run_id, row.error or "cannot run")
         return False
     try:
-        run_training(row.effective.replace(dry_run=False), run_id=run_id)
+        # the requested config: run_training applies the init adjustments itself (once)
+        run_training(row.requested.replace(dry_run=False), run_id=run_id)
         return True
     except KeyboardInterrupt:
         client.set_terminated(run_id, "KILLED")

@@ -49,6 +49,9 @@ def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, 
     assert len(first) == 8 and all(r.info.status == "FINISHED" for r in first)
     assert {(r.data.tags["mlexp.backbone"], r.data.tags["mlexp.init"]) for r in first} == {
         ("resnet18", "pretrained"), ("resnet18", "scratch"), ("deit_small", "pretrained"), ("deit_small", "scratch")}
+    for child in first:  # the scratch multipliers are applied exactly once
+        expected_lr = "0.0015" if child.data.tags["mlexp.init"] == "scratch" else "0.001"
+        assert child.data.params["lr"] == expected_lr
     [parent] = [r for r in runs_of(client, "sweep-e2e") if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.metrics["sweep/finished"] == 8
     assert {"summary/sweep_summary.json", "summary/sweep_summary.txt"} <= artifact_paths(client, parent.info.run_id)
