@@ -7,6 +7,11 @@ an arch build the *same* network, so a pretrained/scratch pair differs only in i
 starting weights; `BackboneSpec.arch` is the key that pairs them.
 
 Where pretrained weights come from, and how they are checked, is `mlexp.weights`.
+
+Importing this module does not import torch or timm (about 3 s together): catalogue names
+and aliases resolve from the static table below, so `mlexp train` can reject a typo or
+missing offline weights before paying for them. Only names outside the catalogue consult
+timm's registry; tests check the static table against timm so it cannot drift.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from __future__ import annotations
 import difflib
 import functools
 from dataclasses import dataclass, field
-
-import timm
-import torch
-from timm.models import get_pretrained_cfg, is_model, list_models, model_entrypoint, split_model_name_tag
+from typing import TYPE_CHECKING
 
 from mlexp.errors import MlexpError
-from mlexp.weights import WeightsFile, load_weights, locate_weights
+from mlexp.weights import (TimmSource, WeightsFile, load_weights, locate_weights, scratch_weights_error,
+                           timm_source)
+
+if TYPE_CHECKING:
+    import torch
 
 INITS = ("pretrained", "scratch")
 
@@ -48,6 +54,7 @@ class BackboneSpec:
     weights_hint: str = ""  # where pretrained weights come from, for the catalogue table
     fixed_input_size: bool = False  # timm builds it for one input size: img_size must be passed
     auto_patch: bool = False  # mlexp's own ViTs: patch size follows img_size (see vit_patch_size)
+    timm_weights: TimmSource | None = None  # timm's default pretrained weights, if known without timm
 
     def create_kwargs(self, img_size: int) -> dict:
         """Every kwarg for timm.create_model at this input size (besides num_classes)."""
@@ -70,6 +77,13 @@ class BuiltModel:
     weights_path: str | None  # the local file actually read
     weights_sha256: str | None
     loaded_tensors: int  # how many tensors came from the weights
+
+
+def split_model_name_tag(name: str) -> tuple[str, str]:
+    """timm's split of a model name into arch and pretrained tag ("resnet50.a1_in1k" ->
+    ("resnet50", "a1_in1k")), without importing timm."""
+    arch, _, tag = name.partition(".")
+    return arch, tag
 
 
 # --- sizing rules for small images ------------------------------------------------------
@@ -116,22 +130,36 @@ class _Arch:
     timm_kwargs: dict = field(default_factory=dict)
     default_img_size: int = 224
     auto_patch: bool = False
+    fixed_input_size: bool = False  # timm's pretrained_cfg.fixed_input_size
+    # timm's default pretrained cfg (hf_hub_id, hf_hub_filename, url) for pretrained archs.
+    timm_weights: TimmSource | None = None
 
 
+# The static facts about timm below (fixed_input_size, default pretrained weights) are what
+# timm 1.0 reports; tests/test_backbones.py checks them against the installed timm.
 _ARCHS = (
-    _Arch("resnet18", "resnet18", "resnet"),
-    _Arch("resnet50", "resnet50", "resnet"),
+    _Arch("resnet18", "resnet18", "resnet", timm_weights=TimmSource(
+        "timm/resnet18.a1_in1k", url="https://github.com/huggingface/pytorch-image-models/releases/"
+        "download/v0.1-rsb-weights/resnet18_a1_0-d63eafa0.pth")),
+    _Arch("resnet50", "resnet50", "resnet", timm_weights=TimmSource(
+        "timm/resnet50.a1_in1k", url="https://github.com/rwightman/pytorch-image-models/releases/"
+        "download/v0.1-rsb-weights/resnet50_a1_0-14fe96d1.pth")),
     # timm's VGG keeps the ImageNet classifier MLP as a 7x7 ConvMlp; on small inputs it
     # adaptive-pools the (1x1 at 32 px) feature map up to 7x7 first, so ImageNet weights load
     # unchanged and 32 px works (checked in tests).
-    _Arch("vgg16", "vgg16", "vgg"),
-    _Arch("deit_small", "deit_small_patch16_224", "vit"),
-    _Arch("swin_small", "swin_small_patch4_window7_224", "swin"),
+    _Arch("vgg16", "vgg16", "vgg", timm_weights=TimmSource("timm/vgg16.tv_in1k")),
+    _Arch("deit_small", "deit_small_patch16_224", "vit", fixed_input_size=True, timm_weights=TimmSource(
+        "timm/deit_small_patch16_224.fb_in1k",
+        url="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth")),
+    _Arch("swin_small", "swin_small_patch4_window7_224", "swin", fixed_input_size=True, timm_weights=TimmSource(
+        "timm/swin_small_patch4_window7_224.ms_in22k_ft_in1k",
+        url="https://github.com/SwinTransformer/storage/releases/download/v1.0.8/"
+            "swin_small_patch4_window7_224_22kto1k_finetune.pth")),
     # mlexp's own ViTs for small images: ViT-S/ViT-B widths with a patch that follows img_size.
     _Arch("vit_small", "vit_small_patch16_224", "vit", ("scratch",),
-          dict(embed_dim=384, depth=12, num_heads=6), 32, auto_patch=True),
+          dict(embed_dim=384, depth=12, num_heads=6), 32, auto_patch=True, fixed_input_size=True),
     _Arch("vit_base", "vit_base_patch16_224", "vit", ("scratch",),
-          dict(embed_dim=768, depth=12, num_heads=12), 32, auto_patch=True),
+          dict(embed_dim=768, depth=12, num_heads=12), 32, auto_patch=True, fixed_input_size=True),
 )
 _ARCH_BY_NAME = {a.arch: a for a in _ARCHS}
 
@@ -140,22 +168,22 @@ def _catalogue_name(arch: _Arch, init: str) -> str:
     return arch.arch if arch.inits == ("scratch",) else f"{arch.arch}_{init}"
 
 
-def _timm_hint(timm_name: str) -> str:
-    cfg = get_pretrained_cfg(timm_name)
-    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+def _timm_hint(source: TimmSource | None) -> str:
+    if source is None or not (source.hf_hub_id or source.url or source.file):
         return "none in timm"
-    return f"timm: {cfg.hf_hub_id.split('/', 1)[-1] if cfg.hf_hub_id else cfg.url}"
+    return f"timm: {source.hf_hub_id.split('/', 1)[-1] if source.hf_hub_id else source.url}"
 
 
 def _spec_from_arch(arch: _Arch, init: str) -> BackboneSpec:
     if init == "pretrained":
-        hint = _timm_hint(arch.timm_name)
+        hint = _timm_hint(arch.timm_weights)
     else:
         hint = "none (scratch only)" if arch.inits == ("scratch",) else "none (scratch)"
     return BackboneSpec(
         name=_catalogue_name(arch, init), arch=arch.arch, timm_name=arch.timm_name, init=init,
         family=arch.family, default_img_size=arch.default_img_size, timm_kwargs=dict(arch.timm_kwargs),
-        weights_hint=hint, fixed_input_size=_fixed_input_size(arch.timm_name), auto_patch=arch.auto_patch,
+        weights_hint=hint, fixed_input_size=arch.fixed_input_size, auto_patch=arch.auto_patch,
+        timm_weights=arch.timm_weights if init == "pretrained" else None,
     )
 
 
@@ -168,12 +196,30 @@ ALIASES: dict[str, str] = {a.arch: f"{a.arch}_pretrained" for a in _ARCHS if "pr
 _TIMM_TO_ARCH = {a.timm_name: a for a in _ARCHS if a.inits == INITS}
 
 
+def init_suffix(name: str) -> str | None:
+    """The init a name's last `_` part spells, typos included ("resnet50_scracth" -> "scratch").
+
+    mlexp's names carry an init suffix and no timm model name ends in anything like one
+    (checked in tests), so a near-miss of a catalogue name is reported without loading
+    timm's registry (~3 s)."""
+    arch = split_model_name_tag(name)[0]
+    if "_" not in arch:
+        return None
+    last = arch.rsplit("_", 1)[1]
+    close = difflib.get_close_matches(last, INITS, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def _fixed_input_size(timm_name: str) -> bool:
+    from timm.models import get_pretrained_cfg
+
     cfg = get_pretrained_cfg(timm_name)
     return bool(cfg is not None and cfg.fixed_input_size)
 
 
 def _family(timm_name: str) -> str:
+    from timm.models import model_entrypoint
+
     module = model_entrypoint(split_model_name_tag(timm_name)[0]).__module__.rsplit(".", 1)[-1]
     return _MODULE_FAMILY.get(module, "other")
 
@@ -182,7 +228,10 @@ def _family(timm_name: str) -> str:
 
 
 def resolve_backbone(name: str, init: str = "auto") -> BackboneSpec:
-    """Turn what the user typed (catalogue name, alias or timm name, plus --init) into a spec."""
+    """Turn what the user typed (catalogue name, alias or timm name, plus --init) into a spec.
+
+    Catalogue names, aliases, the timm names of catalogue archs and names with an init suffix
+    (typos of ours) resolve or fail without importing timm; other names ask timm's registry."""
     if init not in ("auto", *INITS):
         raise MlexpError(f"--init must be one of auto, pretrained, scratch, got {init!r}")
     name = name.strip()
@@ -200,36 +249,74 @@ def resolve_backbone(name: str, init: str = "auto") -> BackboneSpec:
     if name in ALIASES:
         arch = _ARCH_BY_NAME[name]
         return _spec_from_arch(arch, "pretrained" if init == "auto" else init)
-    if is_model(name):
-        base = split_model_name_tag(name)[0]
+    base = split_model_name_tag(name)[0]
+    if name in _TIMM_TO_ARCH:  # a catalogue arch by its timm name: same sizing rules, same pairing key
         if init == "auto":
-            hint = ""
-            if base in _TIMM_TO_ARCH:
-                hint = f" (or use the catalogue names {_TIMM_TO_ARCH[base].arch}_pretrained/_scratch)"
-            raise MlexpError(f"backbone {name!r} is a timm model name, not a catalogue name: pass "
-                             f"--init pretrained or --init scratch{hint}")
-        if name in _TIMM_TO_ARCH:
-            return _spec_from_arch(_TIMM_TO_ARCH[name], init)
+            raise _needs_init(name, base)
+        return _spec_from_arch(_TIMM_TO_ARCH[name], init)
+    our_typo = init_suffix(name) is not None  # not a timm name: no need to ask timm
+    if not our_typo and _is_timm_model(name):
+        if init == "auto":
+            raise _needs_init(name, base)
+        source = timm_source(name) if init == "pretrained" else None
         return BackboneSpec(
             name=name, arch=base, timm_name=name, init=init, family=_family(name),
             default_img_size=_default_img_size(name), timm_kwargs={},
-            weights_hint=_timm_hint(name) if init == "pretrained" else "none (scratch)",
-            fixed_input_size=_fixed_input_size(name),
+            weights_hint=_timm_hint(source) if init == "pretrained" else "none (scratch)",
+            fixed_input_size=_fixed_input_size(name), timm_weights=source,
         )
     raise MlexpError(_unknown_message(name))
 
 
+def _is_timm_model(name: str) -> bool:
+    from timm.models import is_model  # the first timm import: ~3 s
+
+    return is_model(name)
+
+
+def _needs_init(name: str, base: str) -> MlexpError:
+    hint = ""
+    if base in _TIMM_TO_ARCH:
+        hint = f" (or use the catalogue names {_TIMM_TO_ARCH[base].arch}_pretrained/_scratch)"
+    return MlexpError(f"backbone {name!r} is a timm model name, not a catalogue name: pass "
+                      f"--init pretrained or --init scratch{hint}")
+
+
 def _default_img_size(timm_name: str) -> int:
+    from timm.models import get_pretrained_cfg
+
     cfg = get_pretrained_cfg(timm_name)
     return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
 
 
+def _close_catalogue_names(name: str) -> list[str]:
+    """Catalogue names close to `name`; for a name with an init suffix, close in its arch part,
+    with the init spelled right ("resnt50_scracth" -> resnet50_scratch, resnet18_scratch)."""
+    init = init_suffix(name)
+    if init is None:
+        return difflib.get_close_matches(name, list(CATALOGUE) + list(ALIASES), n=3, cutoff=0.6)
+    bare = split_model_name_tag(name)[0].rsplit("_", 1)[0]
+    archs = difflib.get_close_matches(bare, list(_ARCH_BY_NAME), n=3, cutoff=0.6)
+    return [_catalogue_name(_ARCH_BY_NAME[a], init) for a in archs]
+
+
 def _unknown_message(name: str) -> str:
-    ours = list(CATALOGUE) + list(ALIASES)
-    close = difflib.get_close_matches(name, ours, n=3, cutoff=0.6)
-    if len(close) < 3:
-        close += [m for m in difflib.get_close_matches(name, list_models(), n=3, cutoff=0.75)
-                  if m not in close][: 3 - len(close)]
+    """Suggestions from the catalogue; timm's ~1,400 names (and timm's import, ~3 s) only when
+    the catalogue has too few and the name is not one of ours with a typo."""
+    close = _close_catalogue_names(name)
+    init = init_suffix(name)
+    if not close or (init is None and len(close) < 3):
+        from timm.models import list_models
+
+        if init is not None:  # `convnext_atto_pretrained`: a timm arch plus our suffix
+            bare = split_model_name_tag(name)[0].rsplit("_", 1)[0]
+            timm_close = difflib.get_close_matches(bare, list_models(), n=1, cutoff=0.75)
+            if timm_close:
+                return (f"unknown backbone {name!r}: not in the catalogue; for timm's {timm_close[0]} use "
+                        f"--backbone {timm_close[0]} --init {init}. See `mlexp backbones`.")
+        else:
+            close += [m for m in difflib.get_close_matches(name, list_models(), n=3, cutoff=0.75)
+                      if m not in close][: 3 - len(close)]
     others = f" (or {', '.join(close[1:])})" if len(close) > 1 else ""
     suggestion = f"; did you mean {close[0]}{others}?" if close else "."
     return f"unknown backbone {name!r}{suggestion} See `mlexp backbones` (any timm model name also works)."
@@ -241,6 +328,9 @@ def _unknown_message(name: str) -> str:
 @functools.lru_cache(maxsize=None)
 def _params_millions(timm_name: str, kwargs_items: tuple) -> float:
     """Backbone parameters without the classifier, counted on the meta device (no memory)."""
+    import timm
+    import torch
+
     with torch.device("meta"):
         model = timm.create_model(timm_name, pretrained=False, num_classes=0, **dict(kwargs_items))
     return round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
@@ -284,6 +374,8 @@ def format_catalogue(rows: list[dict] | None = None) -> str:
 
 def create_model(spec: BackboneSpec, num_classes: int, img_size: int) -> torch.nn.Module:
     """The randomly initialised network (timm never downloads here: weights are mlexp.weights' job)."""
+    import timm
+
     kwargs = spec.create_kwargs(img_size)
     try:
         return timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
@@ -300,8 +392,7 @@ def build_backbone(spec: BackboneSpec, num_classes: int, img_size: int,
     `locate_weights(spec, ...)` (to fail before opening a run without downloading twice)."""
     if spec.init == "scratch":
         if weights:
-            raise MlexpError(f"--weights was given but {spec.name} trains from scratch; drop --weights "
-                             f"or use --init pretrained")
+            raise scratch_weights_error(spec)
         return BuiltModel(create_model(spec, num_classes, img_size), "none", None, None, 0)
     # Find the weights before building: a missing file fails in milliseconds, not after a build.
     found = weights if isinstance(weights, WeightsFile) else locate_weights(spec, weights)

@@ -13,6 +13,9 @@ at its fresh initialisation, when its shape differs (another class count).
 
 Without network and without local weights this fails in well under 2 s: timm would wait
 ~46 s on an unreachable hub, so the hub is probed first with a short (1.5 s) HTTP request.
+With the hub offline (HF_HUB_OFFLINE), `preflight` decides it before torch and timm are even
+imported (~3 s): this module imports neither at module level, and the catalogue knows each
+arch's hub repo without timm.
 """
 
 from __future__ import annotations
@@ -22,22 +25,21 @@ import importlib
 import inspect
 import os
 import pickle
+import sys
 import tempfile
 import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlparse
 
-import torch
-from timm.models import get_pretrained_cfg, model_entrypoint, split_model_name_tag
-
 from mlexp.errors import MlexpError
 
 if TYPE_CHECKING:
+    import torch
+
     from mlexp.backbones import BackboneSpec
+    from mlexp.config import TrainConfig
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -45,6 +47,31 @@ _PREFIXES = ("module.", "_orig_mod.")
 # Buffers that checkpoints may carry or lack without changing the network.
 _IGNORABLE_SUFFIXES = ("num_batches_tracked", "relative_position_index", "attn_mask")
 PROBE_TIMEOUT_S = 1.5
+
+
+@dataclass(frozen=True)
+class TimmSource:
+    """Where timm's default pretrained weights for a model live: the fields of timm's
+    pretrained_cfg that mlexp reads (the catalogue holds them statically, see backbones)."""
+
+    hf_hub_id: str = ""  # "timm/resnet50.a1_in1k" (optionally "@revision")
+    hf_hub_filename: str | None = None  # None: model.safetensors, else pytorch_model.bin
+    url: str = ""  # a plain download URL (cached under torch hub's checkpoints/)
+    file: str = ""
+
+
+def timm_source(timm_name: str) -> TimmSource | None:
+    """timm's pretrained cfg for a model name, read from timm (imports timm: ~3 s)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(timm_name)
+    if cfg is None:
+        return None
+    return TimmSource(cfg.hf_hub_id or "", cfg.hf_hub_filename or None, cfg.url or "", cfg.file or "")
+
+
+def _spec_source(spec: BackboneSpec) -> TimmSource | None:
+    return spec.timm_weights if spec.timm_weights is not None else timm_source(spec.timm_name)
 
 
 @dataclass(frozen=True)
@@ -87,33 +114,89 @@ def candidate_filenames(spec: BackboneSpec) -> list[str]:
 # --- locating ----------------------------------------------------------------------------
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """Reject, in milliseconds and before torch, timm or MLflow are imported, what the config
+    alone shows cannot work: an unknown backbone, a contradicting --init, --weights on a scratch
+    backbone, a --weights file that does not exist, or pretrained weights that cannot be had
+    (none given, none in the weights folder, none in the hub cache, and the hub offline).
+
+    Call it before importing mlexp.train. It decides nothing the full path (run_training ->
+    locate_weights) would decide otherwise; what needs a network probe or MLflow (runs:/,
+    models:/) is left to that path. A resumed run takes its config from the run: not checked
+    here. A dry run only resolves the backbone (it loads no weights)."""
+    from mlexp.backbones import resolve_backbone
+
+    if cfg.resume:
+        return
+    spec = resolve_backbone(cfg.backbone, cfg.init)
+    if cfg.dry_run:
+        return
+    if spec.init == "scratch":
+        if cfg.weights:
+            raise scratch_weights_error(spec)
+        return
+    if cfg.weights:
+        local = _explicit_local_path(cfg.weights)
+        if local is not None and local.is_dir():
+            _pick_weights_file(local, cfg.weights)
+        return
+    if _weights_dir_file(spec) is not None:
+        return
+    source = _spec_source(spec)
+    if source is None or not (source.hf_hub_id or source.url):
+        raise _no_timm_weights_error(spec)
+    flag = _hub_offline_flag()
+    if source.hf_hub_id and flag and _cached_timm_file(source) is None:
+        raise _unavailable_error(spec, f"{flag} is set")
+
+
+def scratch_weights_error(spec: BackboneSpec) -> MlexpError:
+    return MlexpError(f"--weights was given but {spec.name} trains from scratch; drop --weights "
+                      f"or use --init pretrained")
+
+
 def locate_weights(spec: BackboneSpec, weights: str | None) -> WeightsFile:
     """The local file to load for a pretrained spec, from the first source that has one."""
     if weights:
         return explicit_weights(weights)
+    path = _weights_dir_file(spec)
+    if path is not None:
+        return WeightsFile(path.resolve(), "weights-dir", file_sha256(path), str(path))
+    return timm_weights(spec)
+
+
+def _weights_dir_file(spec: BackboneSpec) -> Path | None:
     folder = weights_dir()
     for filename in candidate_filenames(spec):
         path = folder / filename
         if path.is_file():
-            return WeightsFile(path.resolve(), "weights-dir", file_sha256(path), str(path))
-    return timm_weights(spec)
+            return path
+    return None
 
 
 def explicit_weights(weights: str) -> WeightsFile:
     """--weights: a local file or folder, runs:/RUN_ID/path, or models:/NAME/VERSION|@ALIAS."""
-    if weights.startswith(("runs:/", "models:/")):
+    local = _explicit_local_path(weights)
+    if local is None:
         source = "mlflow-run" if weights.startswith("runs:/") else "mlflow-model"
         local = Path(_download_mlflow(weights))
         path = _pick_weights_file(local, weights) if local.is_dir() else local
         return WeightsFile(path, source, file_sha256(path), weights)
+    path = _pick_weights_file(local, weights) if local.is_dir() else local
+    return WeightsFile(path.resolve(), "file", file_sha256(path), weights)
+
+
+def _explicit_local_path(weights: str) -> Path | None:
+    """The existing local file or folder --weights names; None for runs:/ and models:/ URIs."""
+    if weights.startswith(("runs:/", "models:/")):
+        return None
     if "://" in weights and not weights.startswith("file://"):
         raise MlexpError(f"--weights {weights!r}: expected a local .safetensors/.pth file, "
                          f"runs:/RUN_ID/PATH or models:/NAME/VERSION (or models:/NAME@ALIAS)")
     local = Path(weights.removeprefix("file://")).expanduser()
     if not local.exists():
         raise MlexpError(f"--weights {weights}: no such file")
-    path = _pick_weights_file(local, weights) if local.is_dir() else local
-    return WeightsFile(path.resolve(), "file", file_sha256(path), weights)
+    return local
 
 
 def _download_mlflow(uri: str) -> str:
@@ -152,18 +235,15 @@ def _pick_weights_file(folder: Path, label: str) -> Path:
 
 def timm_weights(spec: BackboneSpec) -> WeightsFile:
     """timm's pretrained file from the HF cache, else downloaded, else a fast one-line error."""
-    cfg = get_pretrained_cfg(spec.timm_name)
+    cfg = _spec_source(spec)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise MlexpError(f"timm has no pretrained weights for {spec.timm_name}: "
-                         f"{_ways_to_provide(spec, network=False)}")
+        raise _no_timm_weights_error(spec)
     cached = _cached_timm_file(cfg)
     if cached is not None:
         return WeightsFile(cached, "timm", file_sha256(cached), str(cached))
     unreachable = _offline_reason(cfg)
     if unreachable:
-        raise MlexpError(f"no pretrained weights for {spec.name}: none given, none in {weights_dir()}/ "
-                         f"(looked for {', '.join(candidate_filenames(spec)[:2])}), and timm cannot download them "
-                         f"({unreachable}). {_ways_to_provide(spec)}")
+        raise _unavailable_error(spec, unreachable)
     try:
         path = _download_timm_file(cfg)
     except Exception as exc:  # hub/HTTP errors of many kinds; the message is what matters
@@ -173,12 +253,24 @@ def timm_weights(spec: BackboneSpec) -> WeightsFile:
     return WeightsFile(path, "timm", file_sha256(path), str(path))
 
 
+def _no_timm_weights_error(spec: BackboneSpec) -> MlexpError:
+    return MlexpError(f"timm has no pretrained weights for {spec.timm_name}: "
+                      f"{_ways_to_provide(spec, network=False)}")
+
+
+def _unavailable_error(spec: BackboneSpec, unreachable: str) -> MlexpError:
+    return MlexpError(f"no pretrained weights for {spec.name}: none given, none in {weights_dir()}/ "
+                      f"(looked for {', '.join(candidate_filenames(spec)[:2])}), and timm cannot download "
+                      f"them ({unreachable}). {_ways_to_provide(spec)}")
+
+
 def _ways_to_provide(spec: BackboneSpec, network: bool = True) -> str:
     ways = (f"Provide weights with --weights FILE|runs:/RUN_ID/PATH|models:/NAME/VERSION, or put "
             f"{spec.arch}.safetensors in $MLEXP_WEIGHTS_DIR (default ./weights/)")
     if network:
         ways += ", or enable network access so timm can download them"
-        ways += " (unset HF_HUB_OFFLINE)" if _hub_offline() else ""
+        flag = _hub_offline_flag()
+        ways += f" (unset {flag})" if flag else ""
     scratch = spec.name.replace("_pretrained", "_scratch") if spec.name.endswith("_pretrained") else None
     return ways + (f"; or train {scratch} from scratch." if scratch else "; or use --init scratch.")
 
@@ -192,9 +284,9 @@ def _hub_filenames(cfg) -> list[str]:
     return [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
 
 
-def _cached_timm_file(cfg) -> Path | None:
+def _cached_timm_file(cfg: TimmSource) -> Path | None:
     if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # ~0.1 s; reads HF_HUB_CACHE / HF_HOME
 
         repo, revision = _hub_repo(cfg)
         for filename in _hub_filenames(cfg):
@@ -202,13 +294,27 @@ def _cached_timm_file(cfg) -> Path | None:
             if isinstance(cached, str):
                 return Path(cached)
     if cfg.url:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        cached = Path(torch_hub_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
         if cached.is_file():
             return cached
     return None
 
 
-def _download_timm_file(cfg) -> Path:
+def torch_hub_dir() -> str:
+    """torch.hub.get_dir() without importing torch: $TORCH_HOME/hub, where TORCH_HOME defaults
+    to $XDG_CACHE_HOME/torch (~/.cache/torch). Once torch is loaded, torch's own answer (which
+    honours torch.hub.set_dir)."""
+    if "torch.hub" in sys.modules:
+        return sys.modules["torch.hub"].get_dir()
+    return _torch_hub_dir_from_env()
+
+
+def _torch_hub_dir_from_env() -> str:
+    cache = os.getenv("XDG_CACHE_HOME", "~/.cache")
+    return os.path.join(os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(cache, "torch"))), "hub")
+
+
+def _download_timm_file(cfg: TimmSource) -> Path:
     if cfg.hf_hub_id:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
@@ -221,21 +327,30 @@ def _download_timm_file(cfg) -> Path:
             except EntryNotFoundError:
                 if filename == filenames[-1]:
                     raise
+    import torch.hub
+
     target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.hub.download_url_to_file(cfg.url, str(target), progress=False)
     return target
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+def _hub_offline_flag() -> str | None:
+    """The variable that puts huggingface_hub offline, read as huggingface_hub.constants reads it
+    (HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE; 1/ON/YES/TRUE), but now rather than at import."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = os.environ.get(name)
+        if value:  # a non-empty HF_HUB_OFFLINE decides, even "0" (huggingface_hub's `or`)
+            return name if value.strip().upper() in {"1", "ON", "YES", "TRUE"} else None
+    return None
 
 
-def _offline_reason(cfg) -> str | None:
+def _offline_reason(cfg: TimmSource) -> str | None:
     """Why timm cannot download right now (None if it may): HF_HUB_OFFLINE, or a failed probe."""
     if cfg.hf_hub_id:
-        if _hub_offline():
-            return "HF_HUB_OFFLINE is set"
+        flag = _hub_offline_flag()
+        if flag:
+            return f"{flag} is set"
         url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/") + "/api/models"
     else:
         url = cfg.url
@@ -248,6 +363,9 @@ def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Does `url` answer HTTP (any status) within `timeout`? A bare TCP connect is not enough:
     sandboxes and intercepting proxies accept connections and then hang or fail TLS. The probe
     runs in a thread, so a slow DNS lookup (which ignores socket timeouts) is bounded too."""
+    import urllib.error
+    import urllib.request
+
     result: list[bool] = []
 
     def probe() -> None:
@@ -273,6 +391,8 @@ def read_state_dict(path: Path, label: str | None = None) -> dict[str, torch.Ten
     (weights_only); unwraps {"model"|"state_dict"|"model_state_dict": ...} checkpoints and
     strips DDP/torch.compile prefixes."""
     label = label or str(path)
+    import torch
+
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -316,11 +436,15 @@ def _strip_prefixes(key: str) -> str:
 def timm_filter_fn(timm_name: str) -> Callable | None:
     """timm's checkpoint adapter for this arch (resamples ViT position embeddings and Swin
     relative-position tables to the model's size, converts torchvision VGG classifiers)."""
+    from timm.models import model_entrypoint, split_model_name_tag
+
     module = importlib.import_module(model_entrypoint(split_model_name_tag(timm_name)[0]).__module__)
     return getattr(module, "checkpoint_filter_fn", None) or getattr(module, "_filter_fn", None)
 
 
 def classifier_names(model: torch.nn.Module, timm_name: str) -> tuple[str, ...]:
+    from timm.models import get_pretrained_cfg
+
     cfg = getattr(model, "pretrained_cfg", None) or get_pretrained_cfg(timm_name)
     names = (cfg.get("classifier") if isinstance(cfg, dict) else getattr(cfg, "classifier", None)) or ()
     return (names,) if isinstance(names, str) else tuple(names)

@@ -111,3 +111,60 @@ def test_aliases_are_the_pretrained_entries():
 def test_scratch_refuses_weights(tmp_path):
     with pytest.raises(MlexpError, match="from scratch"):
         build_backbone(resolve_backbone("resnet18_scratch"), 3, 32, weights=str(tmp_path / "w.safetensors"))
+
+
+# --- the static catalogue facts cannot drift from timm ---------------------------------------
+
+
+def test_static_timm_facts_match_timm():
+    """The catalogue resolves without timm, from facts copied from timm: check them against it."""
+    from timm.models import get_pretrained_cfg
+
+    from mlexp.backbones import _ARCHS, _family
+    from mlexp.weights import TimmSource, timm_source
+
+    for arch in _ARCHS:
+        cfg = get_pretrained_cfg(arch.timm_name)  # the default tag, as timm.create_model(pretrained=True) uses
+        assert arch.fixed_input_size == bool(cfg.fixed_input_size), arch.arch
+        assert arch.family == _family(arch.timm_name), arch.arch
+        if "pretrained" in arch.inits:
+            assert arch.timm_weights == timm_source(arch.timm_name), arch.arch
+            assert arch.timm_weights == TimmSource(cfg.hf_hub_id, cfg.hf_hub_filename, cfg.url or "", cfg.file or "")
+            spec = resolve_backbone(f"{arch.arch}_pretrained")
+            assert spec.weights_hint == f"timm: {cfg.hf_hub_id.split('/', 1)[-1]}"
+            assert spec.timm_weights.hf_hub_id == f"timm/{arch.timm_name}.{cfg.tag}"
+        else:
+            assert arch.timm_weights is None
+
+
+def test_no_timm_model_name_ends_in_anything_like_an_init_suffix():
+    """Why `resnt50_scratch` can be called a typo without loading timm's registry."""
+    from timm.models import list_models
+
+    from mlexp.backbones import init_suffix
+
+    assert not [name for name in list_models() if init_suffix(name)]
+    assert [init_suffix(n) for n in ("resnet50_scratch", "resnet50_scracth", "resnt50_pretrain", "resnet50",
+                                     "vit_small", "deit_small_patch16_224.fb_in1k")] == \
+        ["scratch", "scratch", "pretrained", None, None, None]
+
+
+@pytest.mark.parametrize("name, words", [
+    ("resnt50_scracth", "did you mean resnet50_scratch (or resnet18_scratch)?"),
+    ("resnet50_pretrain", "did you mean resnet50_pretrained"),
+    ("vit_smal_scratch", "did you mean vit_small"),
+    ("convnext_atto_pretrained", "for timm's convnext_atto use --backbone convnext_atto --init pretrained"),
+    ("convnxt_atto_scratch", "for timm's convnext_atto use --backbone convnext_atto --init scratch"),
+    ("zzz_scratch", "unknown backbone 'zzz_scratch'. See `mlexp backbones`"),
+])
+def test_typos_of_our_names_are_suggested_from_the_catalogue_first(name, words):
+    with pytest.raises(MlexpError) as info:
+        resolve_backbone(name)
+    assert words in str(info.value)
+
+
+def test_timm_name_of_a_catalogue_arch_needs_an_init():
+    with pytest.raises(MlexpError, match="deit_small_pretrained/_scratch"):
+        resolve_backbone("deit_small_patch16_224")
+    spec = resolve_backbone("convnext_atto", "pretrained")
+    assert spec.timm_weights is not None and spec.timm_weights.hf_hub_id.startswith("timm/convnext_atto.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from pathlib import Path
@@ -13,8 +14,9 @@ from safetensors.torch import save_file
 from timm.models import get_pretrained_cfg
 
 from mlexp.backbones import build_backbone, create_model, resolve_backbone
+from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
-from mlexp.weights import file_sha256, locate_weights, reachable
+from mlexp.weights import file_sha256, locate_weights, preflight, reachable
 
 HEAD = ("fc.weight", "fc.bias")
 
@@ -227,3 +229,107 @@ def test_probe_gives_up_within_its_timeout():
         start = time.monotonic()
         assert not reachable(f"https://127.0.0.1:{silent.getsockname()[1]}/api/models", timeout=0.3)
         assert time.monotonic() - start < 1.0
+
+
+# --- preflight: the same verdicts, before torch and timm are needed -----------------------------
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache and torch hub dir, no offline flags set: each test sets its own."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    return cache
+
+
+def put_in_hub_cache(cache: Path, repo: str, tensors: dict[str, torch.Tensor]) -> Path:
+    """Lay a file out as huggingface_hub caches a download: models--ORG--NAME/snapshots/COMMIT/."""
+    repo_dir, commit = cache / f"models--{repo.replace('/', '--')}", "0" * 40
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    save_file(tensors, snapshot / "model.safetensors")
+    return snapshot / "model.safetensors"
+
+
+def test_preflight_offline_gives_the_same_error_as_the_full_path(empty_caches, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = TrainConfig(backbone="deit_small_pretrained")
+    with pytest.raises(MlexpError) as early:
+        preflight(cfg)
+    with pytest.raises(MlexpError) as late:
+        locate_weights(resolve_backbone(cfg.backbone), None)
+    assert str(early.value) == str(late.value) and "HF_HUB_OFFLINE is set" in str(early.value)
+
+
+@pytest.mark.parametrize("where", ["hub-cache", "torch-hub", "weights-dir"])
+def test_preflight_offline_passes_where_the_full_path_finds_weights(empty_caches, tmp_path, monkeypatch, where):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = resolve_backbone("resnet18_pretrained")
+    donor = donor_state(num_classes=1000)
+    if where == "hub-cache":
+        expected = put_in_hub_cache(empty_caches, get_pretrained_cfg("resnet18").hf_hub_id, donor)
+    elif where == "torch-hub":  # a timm download from before the hub era, by URL
+        expected = tmp_path / "torch-home" / "hub" / "checkpoints" / Path(spec.timm_weights.url).name
+        expected.parent.mkdir(parents=True)
+        torch.save(donor, expected)
+    else:
+        (tmp_path / "weights").mkdir()
+        expected = tmp_path / "weights" / "resnet18.pth"
+        torch.save(donor, expected)
+    preflight(TrainConfig(backbone="resnet18"))
+    assert locate_weights(spec, None).path.resolve() == expected.resolve()
+
+
+def test_preflight_honours_transformers_offline_as_huggingface_hub_does(empty_caches, monkeypatch):
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(MlexpError, match="TRANSFORMERS_OFFLINE is set.*unset TRANSFORMERS_OFFLINE"):
+        preflight(TrainConfig(backbone="swin_small"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # huggingface_hub: a set HF_HUB_OFFLINE decides
+    preflight(TrainConfig(backbone="swin_small"))  # online: left to the full path (network probe)
+
+
+@pytest.mark.parametrize("values, error", [
+    (dict(backbone="resnt50_scratch"), "did you mean resnet50_scratch"),
+    (dict(backbone="resnet50_scratch", init="pretrained"), "contradicts"),
+    (dict(backbone="resnet50_scratch", weights="w.pth"), "trains from scratch"),
+    (dict(backbone="resnet50", weights="nope.safetensors"), "--weights nope.safetensors: no such file"),
+    (dict(backbone="resnet50", weights="https://example.com/w.pth"), "expected a local"),
+    (dict(backbone="resnet50", weights="empty-dir"), "no .safetensors or .pth file in it"),
+    (dict(backbone="resnt50_scratch", dry_run=True), "did you mean"),
+    (dict(backbone="vgg16"), "HF_HUB_OFFLINE"),
+    (dict(backbone="resnet50", weights="runs:/0123456789abcdef/model"), None),  # MLflow: the full path's job
+    (dict(backbone="resnet50", weights="w.pth"), None),
+    (dict(backbone="resnet50", dry_run=True), None),  # a dry run loads no weights
+    (dict(backbone="resnet50", resume="0123456789abcdef"), None),  # the run's own config decides
+    (dict(backbone="resnet50_scratch"), None),
+])
+def test_preflight_verdicts(empty_caches, tmp_path, monkeypatch, values, error):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "w.pth").write_bytes(b"not read by preflight")
+    (tmp_path / "empty-dir").mkdir()
+    cfg = TrainConfig(**values)
+    if error is None:
+        preflight(cfg)
+    else:
+        with pytest.raises(MlexpError, match=re.escape(error)):
+            preflight(cfg)
+
+
+def test_torch_hub_dir_mirrors_torch(tmp_path, monkeypatch):
+    from mlexp.weights import _torch_hub_dir_from_env
+
+    for torch_home, xdg in ((None, None), (None, str(tmp_path / "xdg")), (str(tmp_path / "th"), str(tmp_path))):
+        for name, value in (("TORCH_HOME", torch_home), ("XDG_CACHE_HOME", xdg)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        assert _torch_hub_dir_from_env() == torch.hub.get_dir()
