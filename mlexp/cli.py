@@ -98,9 +98,13 @@ def train(ctx: click.Context, **values: Any) -> None:
       mlexp train --resume RUN_ID
       torchrun --nproc_per_node 2 -m mlexp train --backbone resnet18
     """
+    from mlexp.weights import preflight
+
+    cfg = build_config(ctx, values)
+    preflight(cfg)  # unknown backbone, missing weights offline: fail before torch/timm load (~3 s)
     from mlexp.train import run_training
 
-    run_training(build_config(ctx, values))
+    run_training(cfg)
 
 
 SWEEP_AXES = ("backbone", "init", "strategy", "seed", "fold", "resume")
