@@ -65,10 +65,12 @@ def mlproject_default(default: Any) -> str:
     return "" if default is None else str(default)
 
 
-def build_config(ctx: click.Context, values: dict[str, Any]) -> TrainConfig:
+def build_config(ctx: click.Context, values: dict[str, Any], defaults: dict[str, str] | None = None) -> TrainConfig:
+    """The config from the options the user set, over a command's own `defaults`."""
     from mlexp.recipes import config_from_user_values
 
-    return config_from_user_values(user_values(ctx, values), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    chosen = {**(defaults or {}), **user_values(ctx, values)}
+    return config_from_user_values(chosen, world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 @click.group(context_settings=CONTEXT)
@@ -98,13 +100,39 @@ def train(ctx: click.Context, **values: Any) -> None:
       mlexp train --resume RUN_ID
       torchrun --nproc_per_node 2 -m mlexp train --backbone resnet18
     """
+    train_with(build_config(ctx, values))
+
+
+def train_with(cfg: TrainConfig) -> None:
     from mlexp.weights import preflight
 
-    cfg = build_config(ctx, values)
     preflight(cfg)  # unknown backbone, missing weights offline: fail before torch/timm load (~3 s)
     from mlexp.train import run_training
 
     run_training(cfg)
+
+
+PRETRAIN_DEFAULTS = {"recipe": "pretrain", "init": "scratch", "export_weights": "true"}
+
+
+@cli.command(context_settings=CONTEXT)
+@config_options()
+@click.pass_context
+def pretrain(ctx: click.Context, **values: Any) -> None:
+    """Pretrain a backbone from scratch (seed 002's recipe) and export its weights.
+
+    `mlexp train` with different defaults: --recipe pretrain (SGD, lr 0.1 x global batch/256,
+    warmup 5, label smoothing 0.1, mixup 0.2, cutmix 1.0, RandAugment n2 m9, cosine), --init
+    scratch and --export-weights, so the final weights land in $MLEXP_WEIGHTS_DIR (or
+    ./weights/) as ARCH.safetensors, where every later pretrained run of that backbone finds
+    them without a flag. Interrupted? `mlexp train --resume RUN_ID` continues it.
+
+    \b
+    Examples:
+      torchrun --nproc_per_node 4 -m mlexp pretrain --backbone resnet50 --data /imagenet --epochs 300
+      mlexp pretrain --backbone resnet18 --data synthetic --epochs 2     (a smoke test)
+    """
+    train_with(build_config(ctx, values, PRETRAIN_DEFAULTS))
 
 
 SWEEP_AXES = ("backbone", "init", "strategy", "seed", "fold", "resume")

@@ -14,7 +14,7 @@ from mlexp.cli import cli, mlproject_default
 from mlexp.config import config_fields
 
 # entry point -> CLI command it runs ("main" is the plain training run)
-ENTRY_POINTS = {"main": "train", "train": "train", "sweep": "sweep", "compare": "compare", "monitor": "monitor"}
+ENTRY_POINTS = {"main": "train", "train": "train", "pretrain": "pretrain", "sweep": "sweep", "compare": "compare", "monitor": "monitor"}
 
 
 def command_parameters(command: click.Command) -> list[tuple[str, str]]:

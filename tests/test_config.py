@@ -67,3 +67,11 @@ def test_params_are_every_field_flat():
     params = TrainConfig().to_params()
     assert set(params) == {f.name for f in config_fields()}
     assert all(isinstance(v, str) for v in params.values())
+
+
+def test_every_entry_point_passes_exactly_its_commands_options():
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    for entry, spec in project["entry_points"].items():
+        command_name = spec["command"].split("--from-mlproject ")[1].split()[0]
+        options = {p.name for p in cli.commands[command_name].params if not getattr(p, "hidden", False)}
+        assert set(spec["parameters"]) == options, entry

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import torch
 from mlflow import MlflowClient
 
@@ -93,3 +94,23 @@ def test_dry_run_shows_comparison_and_plan_and_creates_nothing(sqlite_uri, capsy
     assert "0.0001" in out and "0.00015" in out and "60" in out  # pretrained vs scratch side by side
     assert "1." in out and "resnet50_scratch" in out
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_pretrain_exports_weights_that_the_next_pretrained_run_finds(sqlite_uri, tmp_path, monkeypatch):
+    """Seed 002's flow: pretrain from scratch, then downstream runs pick the weights up by themselves."""
+    monkeypatch.setenv("MLEXP_WEIGHTS_DIR", str(tmp_path / "weights"))
+    invoke(["pretrain", "--backbone", "resnet18", "--data", "synthetic", "--epochs", "1", "--img-size", "16",
+            "--experiment", "pretrain"])
+    exported = tmp_path / "weights" / "resnet18.safetensors"
+    assert exported.is_file()
+    client = MlflowClient(sqlite_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
+    params = run.data.params
+    assert (params["backbone"], params["recipe"], params["optimizer"], params["mixup"], params["cutmix"]) == (
+        "resnet18_scratch", "pretrain", "sgd", "0.2", "1.0")
+    assert float(params["lr"]) == pytest.approx(0.1 * 32 / 256)  # lr 0.1 per 256 images of global batch
+
+    downstream = run_training(TrainConfig(backbone="resnet18", strategy="linear", epochs=1, **SMALL))
+    d = client.get_run(downstream.run_id).data.params
+    assert d["weights_source"] == "weights-dir"
+    assert d["weights_sha256"] == hashlib.sha256(exported.read_bytes()).hexdigest()
