@@ -62,6 +62,7 @@ class TrainParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: nn.Module
     strategy: object  # finetune.Strategy: train_mode(), drop_frozen_grads()
+    module: nn.Module | None = None  # the plain model (no DDP or compile wrapper): checkpoints, EMA
     mixup: Callable | None = None  # timm Mixup: (images, labels) -> (images, soft targets)
     ema: object | None = None  # timm ModelEmaV3
     clip_grad: float = 0.0
@@ -128,7 +129,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[l
             lr = current_lr(parts.optimizer)  # the lr this step used, before the schedule moves on
             parts.scheduler.step()
             if parts.ema is not None:
-                parts.ema.update(accelerator.unwrap_model(parts.model), step=parts.global_step)
+                parts.ema.update(parts.module, step=parts.global_step)
             parts.global_step += 1
             now = time.perf_counter()
             seconds = now - last_step_time

@@ -116,25 +116,26 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(strategy.param_groups(cfg.weight_decay), cfg)
     train_loader, val_loader = make_loaders(data, cfg, accelerator.num_processes)
+    module = model  # wrappers below share its parameters; it is what gets saved and loaded
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
     # Not prepared by Accelerate: its wrapper steps the schedule once per process per step.
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    parts = TrainParts(accelerator, model, optimizer, scheduler, make_loss(cfg), strategy,
+    parts = TrainParts(accelerator, model, optimizer, scheduler, make_loss(cfg), strategy, module,
                        mixup=make_mixup(cfg, data.num_classes), clip_grad=cfg.clip_grad,
                        channels_last=cfg.channels_last)
     if cfg.ema:
         from timm.utils import ModelEmaV3
 
         # Warmup (decay ramps up from 0) so that short runs do not evaluate mostly-initial weights.
-        parts.ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema_decay, use_warmup=True)
+        parts.ema = ModelEmaV3(module, decay=cfg.ema_decay, use_warmup=True)
     history, start_epoch = History(), 1
     if resume:
         history, start_epoch = restore(resume, parts)
     else:
-        log_run_start(tracker, cfg, accelerator, built, model, data)
+        log_run_start(tracker, cfg, accelerator, built, module, data)
 
     # --- epochs ------------------------------------------------------------------------------
     def on_steps(records) -> None:
@@ -229,6 +230,11 @@ def eval_model(parts: TrainParts) -> torch.nn.Module:
     return parts.ema.module if parts.ema is not None else parts.model
 
 
+def final_weights_model(parts: TrainParts) -> torch.nn.Module:
+    """The plain module behind eval_model: what `final/` holds and TrainResult returns."""
+    return parts.ema.module if parts.ema is not None else parts.module
+
+
 def early_stop(cfg: TrainConfig, history: History, epoch: int) -> bool:
     return cfg.early_stop_patience > 0 and epoch - history.best_epoch >= cfg.early_stop_patience
 
@@ -265,8 +271,7 @@ def tracking_time() -> str:
 
 def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, model, data) -> None:
     """Params (effective), the distributed set-up, parameter counts, and config.json."""
-    unwrapped = accelerator.unwrap_model(model)
-    total = sum(p.numel() for p in unwrapped.parameters())
+    total = sum(p.numel() for p in model.parameters())
     params = {**cfg.to_params(), "distributed_type": str(accelerator.distributed_type.value),
               "num_processes": str(accelerator.num_processes),
               "global_batch_size": str(cfg.batch_size * cfg.grad_accum * accelerator.num_processes),
@@ -295,7 +300,7 @@ def save_epoch_checkpoints(parts: TrainParts, history: History, epoch: int, is_b
     accelerator = parts.accelerator
     if not accelerator.is_main_process:
         return
-    weights = accelerator.get_state_dict(parts.model)
+    weights = parts.module.state_dict()
     ema = parts.ema.module.state_dict() if parts.ema is not None else None
     eval_weights = ema if ema is not None else weights
     last = checkpoint.save_training_state(workdir / f"last-{epoch}", weights,
@@ -311,7 +316,7 @@ def save_epoch_checkpoints(parts: TrainParts, history: History, epoch: int, is_b
 
 def restore(resume: ResumePoint, parts: TrainParts) -> tuple[History, int]:
     weights, state, ema = checkpoint.load_training_state(resume.checkpoint_dir)
-    parts.accelerator.unwrap_model(parts.model).load_state_dict(weights)
+    parts.module.load_state_dict(weights)
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler") and parts.accelerator.scaler is not None:
@@ -362,8 +367,7 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
         final_eval: EvalResult = evaluate(final_model, val_loader, accelerator, cfg.channels_last)
         calibration = calibrate(final_eval.logits, final_eval.labels)
     if accelerator.is_main_process:
-        weights = (final_model.state_dict() if parts.ema is not None
-                   else accelerator.get_state_dict(parts.model))
+        weights = final_weights_model(parts).state_dict()
         final = checkpoint.save_weights(weights, workdir / "final" / checkpoint.WEIGHTS_FILE)
         if cfg.export_weights:  # seed 002: later pretrained runs of this arch find these without a flag
             exported = default_export_path(spec)
@@ -371,7 +375,6 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
             shutil.copyfile(final, exported)
             print(f"mlexp: exported weights to {exported}")
         last_epoch = history.epochs[-1]["epoch"] if history.epochs else 0
-        unwrapped = accelerator.unwrap_model(parts.model)
         total_time = sum(row["epoch_time_sec"] for row in history.epochs)
         tracker.log_metrics({"best/val_acc": history.best_val_acc, "best/epoch": history.best_epoch,
                              "time/total_s": total_time,
@@ -379,7 +382,7 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
                             step=last_epoch)
         info = {"backbone": spec.name, "arch": spec.arch, "timm_model": spec.timm_name, "init": spec.init,
                 "status": "FINISHED", "config": cfg.to_dict(),
-                "params": {"total": sum(p.numel() for p in unwrapped.parameters()),
+                "params": {"total": sum(p.numel() for p in parts.module.parameters()),
                            "trainable": parts.strategy.trainable_params()},
                 "weights": {"source": built.weights_source, "path": built.weights_path,
                             "sha256": built.weights_sha256},
@@ -399,7 +402,7 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
             tracker.log_artifacts(workdir / name, "checkpoints/final" if name == "final" else name)
         tracker.flush()
     return TrainResult(tracker.run_id, "FINISHED", history.best_val_acc, history.best_epoch, cfg,
-                       accelerator.unwrap_model(final_model), history)
+                       final_weights_model(parts), history)
 
 
 # --- what the user sees ------------------------------------------------------------------------

@@ -88,3 +88,20 @@ def test_gradual_unfreezing_under_torchrun_keeps_ranks_identical(server_uri, tmp
     [run] = client.search_runs([client.get_experiment_by_name("gradual-ddp").experiment_id])
     assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/phase"),
                                     key=lambda m: m.step)] == [0, 1, 2]
+
+
+def test_compiled_channels_last_run_saves_plain_weights_that_resume_and_reuse_can_load(sqlite_uri, tmp_path):
+    result = run_training(TrainConfig(backbone="resnet18_scratch", epochs=1, compile=True, channels_last=True,
+                                      grad_accum=2, experiment="compiled", data="synthetic", img_size=16,
+                                      batch_size=32, calibrate=False))
+    client = MlflowClient(sqlite_uri)
+    expected = set(timm_resnet18_keys())
+    for path in ("checkpoints/final/model.safetensors", "checkpoints/last/model.safetensors"):
+        saved = load_weights(client.download_artifacts(result.run_id, path, str(tmp_path / path.split("/")[1])))
+        assert set(saved) == expected, path  # no "_orig_mod." or "module." prefixes
+
+
+def timm_resnet18_keys() -> list[str]:
+    import timm
+
+    return list(timm.create_model("resnet18", num_classes=10).state_dict())
