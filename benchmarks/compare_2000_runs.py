@@ -15,12 +15,8 @@ import argparse
 import os
 import random
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,42 +27,13 @@ from mlflow.entities import Metric, Param  # noqa: E402
 
 from mlexp.compare import compare, format_table  # noqa: E402
 from mlexp.config import TrainConfig  # noqa: E402
+from mlexp.local_server import start_local_server  # noqa: E402
 
 BACKBONES = {"resnet18": 11_181_642, "resnet50": 23_528_522, "deit_small": 21_669_514, "vgg16": 134_301_514}
 INITS = ("pretrained", "scratch")
 STRATEGIES = ("full", "linear", "gradual")
 EPOCHS = 10
 EXPERIMENT = "bench-compare"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(root: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    log = open(root / "server.log", "a")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=1):
-                return proc, uri
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"mlflow server exited; see {root / 'server.log'}")
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("mlflow server did not start in 120 s")
 
 
 def one_run(client: MlflowClient, experiment_id: str, index: int) -> None:
@@ -129,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="mlexp-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    proc, uri = start_server(root)
+    proc, uri = start_local_server(root)
     try:
         populate(uri, args.runs)
         client = MlflowClient(uri)

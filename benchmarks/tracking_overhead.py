@@ -12,37 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-
-def start_server(root: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
-    uri = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1)
-            return proc, uri
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("mlflow server did not start")
+from mlexp.local_server import start_local_server  # noqa: E402
 
 
 def train_throughput(track: bool, uri: str, epochs: int) -> tuple[float, float]:
@@ -75,7 +53,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}")
     with tempfile.TemporaryDirectory() as tmp:
-        server, uri = start_server(Path(tmp))
+        server, uri = start_local_server(Path(tmp))
         try:
             train_throughput(False, uri, 1)  # warm-up: imports, allocator, data
             rates: dict[bool, list[tuple[float, float]]] = {True: [], False: []}

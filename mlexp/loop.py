@@ -87,8 +87,10 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[l
     records: list[StepRecord] = []
     global_batch = 0
     epoch_start = last_step_time = time.perf_counter()
-    bar = tqdm(loader, desc=description or f"epoch {epoch}", leave=False, unit="batch",
-               disable=not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE")))
+    # Bars only on the main process and on a terminal (None: tqdm hides them when output is a
+    # file or pipe, where the per-epoch lines printed by train.py are the readable record).
+    quiet = not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE"))
+    bar = tqdm(loader, desc=description or f"epoch {epoch}", leave=False, unit="batch", disable=True if quiet else None)
 
     def report() -> None:
         if not pending:

@@ -162,7 +162,6 @@ def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strateg
 
 
 def create_child(client, experiment_id: str, parent_run_id: str, row: PlanRow) -> str:
-    cfg = row.effective or row.requested
     tags = {"mlflow.parentRunId": parent_run_id, "mlexp.sweep_id": parent_run_id,
             "mlexp.config_hash": row.config_hash,
             "mlflow.runName": "-".join(row.label.replace("(", "").replace(")", "").split())}
