@@ -232,7 +232,7 @@ def plot_bars(ax, result: CompareResult, column: str, scale: float, ylabel: str)
 
 
 def plot_best_acc(result: CompareResult, path: Path) -> Path:
-    fig = new_figure(max(6, 0.45 * len(result.groups) + 3), 6, bottom=0.32)
+    fig = new_figure(max(6, 0.45 * len(result.groups) + 3), 6, bottom=0.32, left=0.13)
     ax = fig.add_subplot()
     plot_bars(ax, result, "best_val_acc", 100.0, "Best validation accuracy (%)")
     ax.set_title("Best validation accuracy per group (mean ± std over runs)")
@@ -241,7 +241,7 @@ def plot_best_acc(result: CompareResult, path: Path) -> Path:
 
 
 def plot_time(result: CompareResult, path: Path) -> Path:
-    fig = new_figure(max(6, 0.45 * len(result.groups) + 3), 9, bottom=0.2, hspace=0.08, top=0.94)
+    fig = new_figure(max(6, 0.45 * len(result.groups) + 3), 9, bottom=0.2, hspace=0.08, top=0.94, left=0.13)
     total, per_epoch = fig.subplots(2, 1, sharex=True)
     plot_bars(total, result, "total_time_s", 1 / 60, "Total training time (min)")
     plot_bars(per_epoch, result, "epoch_time_s", 1.0, "Mean epoch time (s)")
