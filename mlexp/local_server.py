@@ -23,6 +23,7 @@ def free_port() -> int:
 
 def start_local_server(root: Path, timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
     """A server on 127.0.0.1 storing into `root` (SQLite + artifacts); returns (process, URI)."""
+    root = Path(root).resolve()  # the server runs with cwd=root: relative paths would nest
     port = free_port()
     log = open(root / "server.log", "a")
     proc = subprocess.Popen(

@@ -291,7 +291,9 @@ def params_to_log(effective: dict[str, str], already: dict[str, str]) -> dict[st
 
 
 def same_value(a: str, b: str) -> bool:
-    """'0' and '0.0', 'false' and 'False' are the same parameter value."""
+    """'0' and '0.0', 'false' and 'False' are the same parameter value; so are '' and the
+    shell-quoted empty string `''` that `mlflow run` logs for an empty parameter."""
+    a, b = ("" if v in ("''", '""') else v for v in (a, b))
     if a == b or a.lower() == b.lower():
         return True
     try:

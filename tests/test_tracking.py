@@ -51,6 +51,6 @@ def test_failed_run_ends_failed_with_its_error(sqlite_uri):
 
 
 def test_effective_values_that_mlflow_run_already_logged_differently_get_a_prefix():
-    logged = params_to_log({"backbone": "resnet18_pretrained", "lr": "0.001", "epochs": "3", "new": "x"},
-                           {"backbone": "resnet18", "lr": "1e-3", "epochs": "3"})
+    logged = params_to_log({"backbone": "resnet18_pretrained", "lr": "0.001", "epochs": "3", "new": "x", "aa": ""},
+                           {"backbone": "resnet18", "lr": "1e-3", "epochs": "3", "aa": "''"})
     assert logged == {"effective.backbone": "resnet18_pretrained", "new": "x"}

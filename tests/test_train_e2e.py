@@ -45,6 +45,8 @@ def test_mlflow_run_train_against_a_live_server(server_uri, tmp_path):
     for f in config_fields():  # every effective field, under its name or (changed by mlexp) effective.NAME
         assert f.name in params or f"effective.{f.name}" in params
     assert params["effective.backbone"] == "resnet18_pretrained" and params["effective.init"] == "pretrained"
+    # only what mlexp changed gets an effective.* twin (not options left empty)
+    assert {k for k in params if k.startswith("effective.")} == {"effective.backbone", "effective.init"}
     assert params["distributed_type"] == "NO" and params["num_processes"] == "1"
     assert params["weights_source"] == "weights-dir" and len(params["weights_sha256"]) == 64
     assert {tags["mlexp.backbone"], tags["mlexp.init"], tags["mlexp.strategy"], tags["mlexp.dataset"]} == {
