@@ -119,7 +119,7 @@ PRETRAIN_DEFAULTS = {"recipe": "pretrain", "init": "scratch", "export_weights": 
 @config_options()
 @click.pass_context
 def pretrain(ctx: click.Context, **values: Any) -> None:
-    """Pretrain a backbone from scratch (seed 002's recipe) and export its weights.
+    """Pretrain a backbone from scratch (a modern ImageNet-style recipe) and export its weights.
 
     `mlexp train` with different defaults: --recipe pretrain (SGD, lr 0.1 x global batch/256,
     warmup 5, label smoothing 0.1, mixup 0.2, cutmix 1.0, RandAugment n2 m9, cosine), --init
@@ -247,7 +247,7 @@ def compare_command(experiment, filter, group_by, out, log_run, compare_experime
 @click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
               help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
 def monitor_command(progress, summary, experiment, watch, tracking_uri) -> None:
-    """Seed 000's training monitor (for comparisons and plots see `mlexp compare`).
+    """Training monitor: progress of running runs, summary of finished ones (plots: `mlexp compare`).
 
     \b
     Examples:

@@ -157,10 +157,10 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 PRESET_DESCRIPTIONS: dict[str, str] = {
-    "pretrain": "seed 002: from-scratch pretraining (SGD, lr 0.1 x global batch/256, mixup/cutmix, RandAugment)",
+    "pretrain": "from-scratch pretraining (SGD, lr 0.1 x global batch/256, mixup/cutmix, RandAugment)",
     "finetune": "full fine-tuning with layer-wise LR decay 0.8, AdamW 1e-4, EMA",
-    "linear-probe": "seed 003: train only the classifier on frozen features",
-    "gradual-unfreeze": "seed 003: head -> top layers -> everything on val-loss plateaus",
+    "linear-probe": "train only the classifier on frozen features",
+    "gradual-unfreeze": "head -> top layers -> everything on val-loss plateaus",
 }
 
 # Presets whose lr follows the linear scaling rule: lr = LR_PER_256 * global_batch / 256,
