@@ -20,7 +20,7 @@ from mlexp import tracking
 from mlexp.backbones import resolve_backbone
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
-from mlexp.recipes import apply_init_adjustments
+from mlexp.recipes import apply_init_adjustments, format_init_comparison
 
 # Fields that say where and how a run is recorded, not what is trained: left out of the hash.
 BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "export_weights")
@@ -131,6 +131,10 @@ def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strateg
     from mlexp.train import run_training
 
     rows = expand_grid(base, backbones, inits, strategies, seeds)
+    if base.dry_run:  # seed 000's dry run: the configuration comparison, then the plan
+        runnable = [row.requested for row in rows if row.effective is not None]
+        if runnable:
+            print(format_init_comparison(runnable) + "\n", flush=True)
     print(format_plan(rows), flush=True)
     if base.dry_run:
         return SweepResult(None)

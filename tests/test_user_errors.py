@@ -94,3 +94,11 @@ def test_console_script_error_has_no_traceback(tmp_path):
     done = run_mlexp(["train", "--backbone", "resnt50_scratch"], subprocess_env(f"sqlite:///{tmp_path}/m.db"),
                      tmp_path)
     assert_one_line_error(done.returncode, done.stderr, "resnet50_scratch")
+
+
+def test_compare_errors_are_one_line(sqlite_uri, capsys):
+    MlflowClient(sqlite_uri).create_experiment("exists")
+    code, err = run_cli(["compare", "--experiment", "does-not-exist"], capsys)
+    assert_one_line_error(code, err, "does-not-exist")
+    code, err = run_cli(["compare", "--experiment", "exists", "--filter", "params.lr >>> 3"], capsys)
+    assert_one_line_error(code, err, "filter")
