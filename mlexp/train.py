@@ -72,8 +72,9 @@ def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dic
     accelerator = make_accelerator(effective)
     tracker: tracking.Tracker = tracking.NullTracker()
     if track and accelerator.is_main_process:
-        tracker = tracking.open_run(tracking_uri, effective.experiment, effective.run_name or default_run_name(spec, effective),
-                                    resume_run_id=resume.run_id if resume else None, run_id=run_id,
+        run_name = effective.run_name or default_run_name(spec, effective)
+        tracker = tracking.open_run(tracking_uri, effective.experiment, run_name, run_id=run_id,
+                                    resume_run_id=resume.run_id if resume else None,
                                     tags=run_tags(spec, effective, extra_tags))
     workdir = Path(tempfile.mkdtemp(prefix="mlexp-run-"))
     try:
@@ -141,8 +142,8 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
             train_loader.set_epoch(epoch)
         stats = train_one_epoch(parts, train_loader, epoch, on_steps, f"epoch {epoch}/{cfg.epochs}")
         val = evaluate(eval_model(parts), val_loader, accelerator, cfg.channels_last)
-        row = {"epoch": epoch, "samples": stats.samples, "avg_loss": stats.loss, "total_loss": stats.loss_total, "train_acc": stats.acc,
-               "val_loss": val.loss, "val_acc": val.acc, "epoch_time_sec": stats.time_s,
+        row = {"epoch": epoch, "samples": stats.samples, "avg_loss": stats.loss, "total_loss": stats.loss_total,
+               "train_acc": stats.acc, "val_loss": val.loss, "val_acc": val.acc, "epoch_time_sec": stats.time_s,
                "learning_rate": history.steps[-1][4] if history.steps else cfg.lr, "phase": strategy.phase,
                "trainable_params": strategy.trainable_params(), "checkpoint_path": "checkpoints/last",
                "timestamp": tracking_time()}
