@@ -271,6 +271,61 @@ def monitor_command(progress, summary, experiment, watch, tracking_uri) -> None:
         click.echo()
 
 
+@cli.command("sync", context_settings=CONTEXT)
+@click.option("--run", "run", default="", metavar="RUN_ID", help="The run whose outbox to send (its MLflow run "
+              "id, or an offline run's id).")
+@click.option("--all", "every", is_flag=False, flag_value="true", default="false", metavar="[BOOL]",
+              help="Every outbox on this machine (parents before their children).")
+@click.option("--to", "to", default="", metavar="URI", help="Tracking URI for offline runs (others go back to "
+              "the server they came from).")
+@click.option("--dry-run", "dry_run", is_flag=False, flag_value="true", default="false", metavar="[BOOL]",
+              help="Say what waits, and its size on disk; send nothing.")
+def sync_command(run, every, to, dry_run) -> None:
+    """Send what outboxes still hold: runs killed or ended during an outage, and offline runs.
+
+    Every run writes everything to a local outbox first ($MLEXP_OUTBOX_DIR, default
+    ~/.local/share/mlexp/outbox) and sends it from there. What a process could not send
+    before it ended waits there until `mlexp sync`. Safe to repeat: nothing is sent twice.
+
+    \b
+    Examples:
+      mlexp sync --all --dry-run
+      mlexp sync --run 3f2a...            (a run that ended while the server was away)
+      mlexp sync --all --to http://mlflow.example:5000    (runs recorded with --offline)
+    """
+    from mlexp.config import parse_value
+    from mlexp.tracking.sync import sync
+
+    results = sync(run or None, parse_value("all", bool, every), to or None, parse_value("dry_run", bool, dry_run),
+                   echo=click.echo)
+    if any(result.after is not None and not result.complete for result in results):
+        sys.exit(1)
+
+
+@cli.command("reap", context_settings=CONTEXT)
+@click.option("--experiment", "experiment", multiple=True, metavar="NAME",
+              help="Only these experiments (repeat or comma-separate; default: all).")
+@click.option("--dry-run", "dry_run", is_flag=False, flag_value="true", default="false", metavar="[BOOL]",
+              help="List the lost runs; change nothing.")
+@click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
+              help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+def reap_command(experiment, dry_run, tracking_uri) -> None:
+    """Mark lost runs FAILED: RUNNING runs whose heartbeat stopped (killed process, lost machine).
+
+    A live run beats every 30 s ($MLEXP_HEARTBEAT_S); one silent for 1.5 periods is lost.
+    Each reaped run gets `mlexp.error` saying why, and can still be resumed with
+    `mlexp train --resume RUN_ID`.
+    """
+    from mlexp import monitor
+    from mlexp.config import parse_value
+    from mlexp.tracking import check_reachable, default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    check_reachable(uri)
+    lines = monitor.reap(uri, split_names(experiment) or None, parse_value("dry_run", bool, dry_run))
+    click.echo("\n".join(lines) if lines else "No lost runs.")
+
+
 @cli.command(context_settings=CONTEXT)
 def backbones() -> None:
     """List the backbone catalogue: names, timm models, init, size, weight sources."""

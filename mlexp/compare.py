@@ -13,7 +13,7 @@ Runs that are not FINISHED (RUNNING, FAILED, KILLED) are listed, never averaged 
 from __future__ import annotations
 
 import math
-import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from mlexp.errors import MlexpError
-from mlexp.query import FINISHED, RunRecord, fetch_runs, mlflow_client, one_line, resolve_experiments
+from mlexp.query import FINISHED, RunRecord, fetch_runs, mlflow_client, resolve_experiments
 
 DEFAULT_GROUP_BY = ["backbone", "init", "strategy"]
 # Short names that mean mlexp's own tags (which, unlike the `backbone` param, carry no init suffix).
@@ -283,29 +283,20 @@ def run_compare(tracking_uri: str | None, experiments: list[str], filter_string:
     client = mlflow_client(uri)
     result = compare(client, experiments, filter_string, group_by, out_dir)
     if log_run:
-        result.run_id = log_compare_run(client, result, Path(out_dir), compare_experiment)
+        result.run_id = log_compare_run(uri, result, Path(out_dir), compare_experiment)
     return result
 
 
-def log_compare_run(client, result: CompareResult, out_dir: Path, compare_experiment: str) -> str:
-    """Log summary params, metrics and out_dir (as artifacts under compare/) to the compare run."""
+def log_compare_run(tracking_uri: str, result: CompareResult, out_dir: Path, compare_experiment: str) -> str:
+    """Log summary params, metrics and out_dir (as artifacts under compare/) to the compare run
+    (under `mlflow run`: the entry point's run), through the tracking outbox."""
     import mlexp
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.exceptions import MlflowException
+    from mlexp import tracking
 
-    project_run_id = os.environ.get("MLFLOW_RUN_ID")
+    name = ("compare-" + "+".join(result.experiments.values()))[:250]
+    tracker = tracking.open_run(tracking_uri, compare_experiment, name, heartbeat=False,
+                                tags={"mlexp.kind": "compare", "mlexp.version": mlexp.__version__})
     try:
-        if project_run_id:
-            run_id = client.get_run(project_run_id).info.run_id
-        else:
-            found = client.get_experiment_by_name(compare_experiment)
-            experiment_id = found.experiment_id if found else client.create_experiment(compare_experiment)
-            name = "compare-" + "+".join(result.experiments.values())
-            run_id = client.create_run(experiment_id, run_name=name[:250]).info.run_id
-    except MlflowException as error:
-        raise MlexpError(f"cannot create the compare run at {client.tracking_uri}: {one_line(error)}") from None
-    try:
-        now = int(time.time() * 1000)
         statuses = [row["status"] for row in result.excluded]
         metrics = {"runs": len(result.runs), "groups": len(result.groups), "excluded": len(result.excluded),
                    "running": statuses.count("RUNNING"), "failed": statuses.count("FAILED")}
@@ -314,21 +305,18 @@ def log_compare_run(client, result: CompareResult, out_dir: Path, compare_experi
                 metrics[f"pretrain_gain/{row['backbone']}"] = row["mean_diff"]
                 metrics[f"pretrain_pairs/{row['backbone']}"] = row["n_pairs"]
         # Prefixed: under `mlflow run` the entry point's own parameters are already on the run.
-        params = {"compare.experiments": ",".join(result.experiments.values())[:6000],
-                  "compare.filter": result.filter_string or "", "compare.group_by": ",".join(result.group_by)}
-        tags = {"mlexp.kind": "compare", "mlexp.version": mlexp.__version__}
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
-                                          if v is not None and not math.isnan(float(v))],
-                         params=[Param(k, v) for k, v in params.items()],
-                         tags=[RunTag(k, v) for k, v in tags.items()])
-        client.log_artifacts(run_id, str(out_dir), "compare")
-    except Exception:
-        if not project_run_id:
-            client.set_terminated(run_id, "FAILED")
+        tracker.log_params({"compare.experiments": ",".join(result.experiments.values())[:6000],
+                            "compare.filter": result.filter_string or "", "compare.group_by": ",".join(result.group_by)})
+        tracker.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))},
+                            step=0)
+        tracker.log_artifacts(out_dir, "compare", copy=True)  # the user keeps out_dir
+    except BaseException as error:
+        tracker.finish("FAILED", error=f"{type(error).__name__}: {error}")
         raise
-    if not project_run_id:  # a project run is ended by `mlflow run` itself
-        client.set_terminated(run_id, "FINISHED")
-    return run_id
+    delivery = tracker.finish("FINISHED")
+    if not delivery.complete:
+        print(f"mlexp: compare run {delivery.run_id}: {delivery.describe()}", file=sys.stderr)
+    return tracker.run_id
 
 
 def format_table(result: CompareResult) -> str:

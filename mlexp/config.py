@@ -18,6 +18,10 @@ from typing import Any, get_type_hints
 
 from mlexp.errors import MlexpError
 
+# Larger inputs are almost always a typo (2240 for 224) and would exhaust memory long after
+# the run started; ImageNet-style backbones are trained at 224-512 px.
+MAX_IMG_SIZE = 1024
+
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A config field with its help text (and allowed values) attached."""
@@ -40,7 +44,7 @@ class TrainConfig:
     val_split: float = option(0.2, "Fraction of the data held out for validation when there is no val dir.")
     folds: int = option(0, "Use k-fold splits of the data instead of val-split (0 = off).")
     fold: int = option(0, "Which fold (0-based) is the validation fold when --folds is set.")
-    img_size: int = option(32, "Square input size in pixels.")
+    img_size: int = option(32, f"Square input size in pixels (at most {MAX_IMG_SIZE}).")
 
     # --- optimisation -----------------------------------------------------------------
     epochs: int = option(3, "Number of training epochs (before scratch adjustments).")
@@ -99,7 +103,10 @@ class TrainConfig:
     run_name: str | None = option(None, "MLflow run name (default: BACKBONE-INIT-STRATEGY).")
     tracking_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                       "sqlite:///mlflow.db in the current folder).")
-    resume: str | None = option(None, "Resume this MLflow run id from its checkpoints/last/.")
+    resume: str | None = option(None, "Resume this run (MLflow run id, or an offline run's id) from its newest "
+                                "complete checkpoint.")
+    offline: bool = option(False, "Record the run on this machine only, with no tracking server "
+                           "($MLEXP_OFFLINE=1 does the same); send it later with `mlexp sync --to URI`.")
     export_weights: bool = option(False, "Also write the final weights to the weights folder, where "
                                   "later pretrained runs of this backbone find them.")
     dry_run: bool = option(False, "Print the effective configuration and the plan; train nothing.")
@@ -126,6 +133,8 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise MlexpError(f"--{cli_name(name)} must not be negative, got {getattr(self, name)}")
+        if self.img_size > MAX_IMG_SIZE:
+            raise MlexpError(f"--img-size must be at most {MAX_IMG_SIZE}, got {self.img_size}")
         if not 0.0 < self.val_split < 1.0:
             raise MlexpError(f"--val-split must be between 0 and 1 (exclusive), got {self.val_split}")
         if self.folds == 1:

@@ -1,14 +1,24 @@
 """Data: the built-in `digits` and `synthetic` sets, ImageFolder trees, splits and transforms.
 
-Every source yields PIL images, so one transform pipeline (resize, RandAugment, flip,
-normalise, random erasing) serves them all. Splits (val-split and k-fold) use a fixed
-split seed, not the training seed: runs that differ only in `--seed` are evaluated on the
-same validation images, which is what makes seed-paired comparisons meaningful.
+Every source yields 8-bit RGB PIL images, so one transform pipeline (resize, RandAugment,
+flip, normalise, random erasing) serves them all; `load_rgb_image` brings any image file
+(16-bit, float, palette, with alpha, ...) there by its real range. Splits (val-split and
+k-fold) use a fixed split seed, not the training seed: runs that differ only in `--seed`
+are evaluated on the same validation images, which is what makes seed-paired comparisons
+meaningful.
+
+In an ImageFolder tree, hidden entries (names starting with a dot: `.ipynb_checkpoints`,
+`.git`, `.DS_Store`) are never classes or images. `check_data_source` scans the tree once
+before any MLflow run exists and rejects what cannot be trained on: missing or empty
+folders, fewer than 2 classes, and classes too small for the requested split or folds.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +34,10 @@ SPLIT_SEED = 0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+BUILT_IN = ("digits", "synthetic")
+# Transparent pixels have no colour of their own (what RGBA stores under alpha 0 is often
+# black or garbage), so images with alpha are flattened onto one fixed background.
+ALPHA_BACKGROUND = (255, 255, 255)
 
 
 @dataclass
@@ -53,8 +67,86 @@ class ArrayImages(Dataset):
         return image, int(self.labels[index])
 
 
+def is_hidden(name: str) -> bool:
+    """Dot-names (.git, .ipynb_checkpoints, .DS_Store, ._x.png) are tool metadata, not data."""
+    return name.startswith(".")
+
+
+def is_visible_image(relative_path: str) -> bool:
+    """An image file, none of whose path parts (below the folder root) is hidden."""
+    parts = Path(relative_path).parts
+    return bool(parts) and not any(is_hidden(part) for part in parts) \
+        and relative_path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _is_image_under(root: str, path: str) -> bool:
+    return is_visible_image(os.path.relpath(path, root))
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class names of an ImageFolder tree: its sub-folders that are not hidden, sorted."""
+    with os.scandir(root) as entries:
+        return sorted(entry.name for entry in entries if entry.is_dir() and not is_hidden(entry.name))
+
+
+def class_image_counts(root: Path) -> dict[str, int]:
+    """Images per class, found by the same rule CheckedImageFolder uses (symlinks followed)."""
+    counts = {}
+    for name in class_folders(root):
+        count = 0
+        for folder, subfolders, files in os.walk(root / name, followlinks=True):
+            subfolders[:] = [d for d in subfolders if not is_hidden(d)]  # never descend into .git
+            count += sum(1 for f in files if _is_image_under(str(root), os.path.join(folder, f)))
+        counts[name] = count
+    return counts
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, by its real range rather than PIL's clipping.
+
+    PIL's convert("RGB") clips 16-bit and 32-bit values to 255 (a 0..65535 gradient comes out
+    almost all white). Such files do not say how many bits they use (12-bit sensors write
+    16-bit files), so each image's own min..max is stretched to 0..255, which keeps 256 grey
+    levels where dividing by 257 would leave a 12-bit image 16. Images with transparency are
+    flattened onto ALPHA_BACKGROUND; everything else (L, 1, P, CMYK, YCbCr) is PIL's convert."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        pixels = np.asarray(image, dtype=np.float64)
+        finite = pixels[np.isfinite(pixels)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        pixels = np.nan_to_num(pixels, nan=low, posinf=high, neginf=low)
+        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
+        return Image.fromarray(np.round(scaled).astype(np.uint8)).convert("RGB")
+    # Alpha modes, or a palette/L/RGB image with a transparent colour (what Pillow 10.1's
+    # has_transparency_data tests; spelled out for Pillow 10.0).
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_rgb_image(path: str) -> Image.Image:
+    """The ImageFolder loader: read the file, close it, return it as 8-bit RGB (to_rgb8)."""
+    with open(path, "rb") as handle:
+        image = Image.open(handle)
+        image.load()
+    return to_rgb8(image)
+
+
 class CheckedImageFolder(datasets.ImageFolder):
-    """ImageFolder whose unreadable files raise a user error naming the file."""
+    """ImageFolder that skips hidden folders and files, loads every image mode as 8-bit RGB,
+    and turns unreadable files into a user error naming the file."""
+
+    def __init__(self, root: str | Path, transform=None):
+        root = os.path.expanduser(str(root))
+        # A partial, not a lambda: DataLoader workers may need to pickle the dataset.
+        super().__init__(root, transform=transform, loader=load_rgb_image,
+                         is_valid_file=partial(_is_image_under, root))
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes = class_folders(Path(directory))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: index for index, name in enumerate(classes)}
 
     def __getitem__(self, index: int):
         path = self.samples[index][0]
@@ -140,12 +232,20 @@ def _image_folder(path: Path, what: str) -> CheckedImageFolder:
     return folder
 
 
-def _folder_bundle(cfg: TrainConfig) -> DataBundle:
+def _folder_roots(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """The training folder (DATA/train if it exists, else DATA) and the validation folder
+    (--val-dir, else DATA/val if it exists, else None: split the training folder)."""
     root = Path(cfg.data).expanduser()
     if not root.is_dir():
         raise MlexpError(f"data folder {root} does not exist; pass an ImageFolder path, 'digits' or 'synthetic'")
     train_root = root / "train" if (root / "train").is_dir() else root
-    val_root = Path(cfg.val_dir).expanduser() if cfg.val_dir else (root / "val" if (root / "val").is_dir() else None)
+    if cfg.val_dir:
+        return train_root, Path(cfg.val_dir).expanduser()
+    return train_root, (root / "val" if (root / "val").is_dir() else None)
+
+
+def _folder_bundle(cfg: TrainConfig) -> DataBundle:
+    train_root, val_root = _folder_roots(cfg)
     train_folder = _image_folder(train_root, "training")
     train_folder.transform = build_transforms(cfg, train=True)
     if val_root is not None:
@@ -160,7 +260,8 @@ def _folder_bundle(cfg: TrainConfig) -> DataBundle:
         train_idx, val_idx = split_indices(labels, cfg)
         val_folder = CheckedImageFolder(str(train_root), transform=build_transforms(cfg, train=False))
         train_set, val_set = Subset(train_folder, train_idx), Subset(val_folder, val_idx)
-    return DataBundle(train_set, val_set, len(train_folder.classes), train_folder.classes, root.name)
+    return DataBundle(train_set, val_set, len(train_folder.classes), train_folder.classes,
+                      Path(cfg.data).expanduser().name)
 
 
 def build_data(cfg: TrainConfig) -> DataBundle:
@@ -176,14 +277,83 @@ def build_data(cfg: TrainConfig) -> DataBundle:
 
 
 def check_data_source(cfg: TrainConfig) -> None:
-    """Cheap up-front check (before any MLflow run starts) that the data exists."""
-    if cfg.data in ("digits", "synthetic"):
+    """Cheap up-front check (before any MLflow run starts) that the data exists, has at least
+    2 non-empty classes, and can be split as asked (see check_split)."""
+    if cfg.data in BUILT_IN:
+        labels = (digits_arrays() if cfg.data == "digits" else synthetic_arrays())[1]
+        check_split({str(c): int(n) for c, n in enumerate(np.bincount(labels))}, cfg, f"--data {cfg.data}")
         return
-    root = Path(cfg.data).expanduser()
-    if not root.is_dir():
-        raise MlexpError(f"data folder {root} does not exist; pass an ImageFolder path, 'digits' or 'synthetic'")
-    if cfg.val_dir and not Path(cfg.val_dir).expanduser().is_dir():
-        raise MlexpError(f"validation folder {cfg.val_dir} does not exist")
+    train_root, val_root = _folder_roots(cfg)
+    train_counts = _checked_counts(train_root, "training")
+    if val_root is None:
+        check_split(train_counts, cfg, str(train_root))
+        return
+    if not val_root.is_dir():
+        raise MlexpError(f"validation folder {val_root} does not exist")
+    val_counts = _checked_counts(val_root, "validation")
+    if sorted(val_counts) != sorted(train_counts):
+        raise MlexpError(f"validation classes {sorted(val_counts)} differ from training classes "
+                         f"{sorted(train_counts)}")
+
+
+def _checked_counts(root: Path, what: str) -> dict[str, int]:
+    """Images per class of an ImageFolder tree; MlexpError unless >= 2 classes, none empty."""
+    counts = class_image_counts(root)
+    if not sum(counts.values()):
+        raise MlexpError(f"{what} folder {root} holds no images; expected one sub-folder per class "
+                         f"with {', '.join(IMAGE_EXTENSIONS[:4])} ... files")
+    if len(counts) < 2:
+        raise MlexpError(f"{what} folder {root} has {len(counts)} class folder(s); "
+                         "classification needs at least 2 (one sub-folder per class)")
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        raise MlexpError(f"class folder {root / empty[0]} holds no images ({len(empty)} empty class "
+                         f"folder(s)); add images or remove the folder")
+    return counts
+
+
+def check_split(counts: dict[str, int], cfg: TrainConfig, where: str) -> None:
+    """Reject, with the class and its count, what split_indices' scikit-learn splitters refuse
+    or do badly. k-fold: every class needs >= K images (StratifiedKFold otherwise leaves a class
+    out of some validation folds, or fails). val-split, train_test_split(stratify=...)'s own
+    rules: every class >= 2 images, and both parts (ceil(val_split * n) held out, the rest
+    trained on) at least as large as the number of classes."""
+    folder = cfg.data not in BUILT_IN
+    name, smallest = min(counts.items(), key=lambda item: item[1])
+    if cfg.folds:
+        if smallest < cfg.folds:
+            fixes = [f"lower --folds to {smallest}"] if smallest >= 2 else []  # --folds 1 is no k-fold
+            fixes += [f"add images to {name!r}", "pass --val-dir"] if folder else []
+            raise MlexpError(f"class {name!r} in {where} has {smallest} image(s), too few for --folds "
+                             f"{cfg.folds} (each class needs at least one image per fold"
+                             f"{_others(counts, cfg.folds)}); {_either(fixes)}")
+        return
+    total, classes = sum(counts.values()), len(counts)
+    held_out = math.ceil(cfg.val_split * total)  # scikit-learn's own rounding
+    kept = total - held_out
+    if smallest < 2:
+        raise MlexpError(f"class {name!r} in {where} has {smallest} image, too few for a --val-split "
+                         f"(a stratified split needs at least 2 per class: one to train on, one to "
+                         f"validate{_others(counts, 2)}); add images to {name!r} or pass --val-dir "
+                         f"with a separate validation folder")
+    if kept < classes:
+        raise MlexpError(f"--val-split {cfg.val_split} keeps {kept} of {total} images in {where} for "
+                         f"training, fewer than its {classes} classes; lower --val-split"
+                         + (", add images, or pass --val-dir" if folder else ""))
+    if held_out < classes:
+        raise MlexpError(f"--val-split {cfg.val_split} holds out {held_out} of {total} images in "
+                         f"{where}, fewer than its {classes} classes (a stratified split needs one "
+                         f"per class); raise --val-split" + (", add images, or pass --val-dir" if folder else ""))
+
+
+def _others(counts: dict[str, int], needed: int) -> str:
+    """"; N other class(es) have fewer than K too" when the named class is not the only one."""
+    others = sum(1 for count in counts.values() if count < needed) - 1
+    return f"; {others} other class(es) have fewer than {needed} too" if others else ""
+
+
+def _either(fixes: list[str]) -> str:
+    return fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])}, or {fixes[-1]}"
 
 
 def loader_kwargs(cfg: TrainConfig) -> dict:

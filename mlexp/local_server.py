@@ -21,14 +21,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_local_server(root: Path, timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """A server on 127.0.0.1 storing into `root` (SQLite + artifacts); returns (process, URI)."""
+def start_local_server(root: Path, timeout_s: float = 120.0, port: int | None = None,
+                       artifacts: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """A server on 127.0.0.1 storing into `root` (SQLite + artifacts); returns (process, URI).
+
+    `port`: a given port (to restart a stopped server where its clients expect it).
+    `artifacts`: where uploaded artifacts go (default: root/artifacts).
+    """
     root = Path(root).resolve()  # the server runs with cwd=root: relative paths would nest
-    port = free_port()
+    port = port or free_port()
+    artifacts = Path(artifacts) if artifacts else root / "artifacts"
     log = open(root / "server.log", "a")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(artifacts)],
         stdout=log, stderr=subprocess.STDOUT, cwd=root,
         env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     uri = f"http://127.0.0.1:{port}"

@@ -18,7 +18,10 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from mlexp.faults import crash_point
+
 LOG_EVERY = 10
+_evaluations = 0  # evaluations run by this process (a fault-injection crash point counts them)
 
 
 @dataclass
@@ -133,6 +136,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[l
             if parts.ema is not None:
                 parts.ema.update(parts.module, step=parts.global_step)
             parts.global_step += 1
+            crash_point("step", parts.global_step)
             now = time.perf_counter()
             seconds = now - last_step_time
             pending.append((step_loss, len(records) + len(pending) + 1, lr,
@@ -154,8 +158,11 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[l
 def evaluate(model: nn.Module, loader, accelerator: Accelerator, channels_last: bool = False) -> EvalResult:
     """Validation loss and accuracy over the whole (gathered, de-duplicated) validation set."""
     model.eval()
+    global _evaluations
+    _evaluations += 1
     all_logits, all_labels = [], []
     for images, labels in loader:
+        crash_point("eval", _evaluations)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():

@@ -1,8 +1,10 @@
-"""Seed 000's training monitor, answered from the tracking server.
+"""The training monitor, answered from the tracking server.
 
 `progress`: the runs still training, how far along (epoch of total), their latest
-validation accuracy and an ETA from their mean epoch time. `summary`: the finished runs of
-each experiment, best first. (`--compare` and `--plot` are `mlexp compare`.)
+validation accuracy and an ETA from their mean epoch time. A run whose heartbeat stopped
+(its process was killed, its machine lost) is shown as `lost`, with its last beat, and no
+ETA; `reap` ends such runs FAILED with `mlexp.error` saying why (they stay resumable).
+`summary`: the finished runs of each experiment, best first. (Plots: `mlexp compare`.)
 """
 
 from __future__ import annotations
@@ -51,6 +53,52 @@ def table(rows: list[dict[str, str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+LOST_AFTER_PERIODS = 1.5  # a live run beats every period; 1.5 periods of silence means it is gone
+
+
+def last_beat(run: RunRecord) -> float | None:
+    """Seconds since the epoch of the run's last heartbeat; its start for a run with none yet."""
+    beat = run.tags.get("mlexp.heartbeat")
+    if beat:
+        return int(beat) / 1000
+    return run.start_time / 1000 if run.start_time and "mlexp.version" in run.tags else None
+
+
+def is_lost(run: RunRecord, now: float) -> bool:
+    """A RUNNING mlexp run whose heartbeat stopped for more than LOST_AFTER_PERIODS periods."""
+    beat = last_beat(run)
+    if run.status != "RUNNING" or beat is None:
+        return False
+    period = float(run.tags.get("mlexp.heartbeat_s", "30"))
+    return now - beat > LOST_AFTER_PERIODS * period
+
+
+def lost_runs(client_or_uri: Any = None, experiments: list[str] | None = None, now: float | None = None) -> list:
+    client = mlflow_client(client_or_uri)
+    names = resolve_experiments(client, experiments)
+    if not names:
+        return []
+    runs, _ = fetch_runs(client, list(names), "attributes.status = 'RUNNING'", ())
+    now = time.time() if now is None else now
+    return [run for run in runs if is_lost(run, now)]
+
+
+def reap(tracking_uri: str, experiments: list[str] | None = None, dry_run: bool = False) -> list[str]:
+    """End every lost run FAILED, saying why; returns one line per run."""
+    from mlexp import tracking
+
+    lines = []
+    for run in lost_runs(tracking_uri, experiments):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last_beat(run)))
+        if not dry_run:
+            reason = (f"lost: no heartbeat since {since} (the process was killed or its machine lost); "
+                      f"reaped by `mlexp reap`; `mlexp train --resume {run.run_id}` continues it")
+            tracking.end_run(tracking_uri, run.run_id, "FAILED", reason, tags={"mlexp.reaped": "true"})
+        lines.append(f"{'would mark' if dry_run else 'marked'} {run.run_name} ({run.run_id}) FAILED: "
+                     f"no heartbeat since {since}")
+    return lines
+
+
 def progress(client_or_uri: Any = None, experiments: list[str] | None = None, now: float | None = None) -> str:
     """RUNNING runs: epoch of total, latest val acc, mean epoch time, ETA, time since start."""
     client = mlflow_client(client_or_uri)
@@ -68,13 +116,18 @@ def progress(client_or_uri: Any = None, experiments: list[str] | None = None, no
         total = total_epochs(run)
         epoch_times = [value for _, value in histories["epoch/time_s"].get(run.run_id, [])]
         mean_epoch = sum(epoch_times) / len(epoch_times) if epoch_times else None
-        eta = mean_epoch * max(total - done, 0) if mean_epoch is not None and total else None
+        lost = is_lost(run, now)
+        eta = mean_epoch * max(total - done, 0) if mean_epoch is not None and total and not lost else None
+        state = f"lost (last beat {clock(now - last_beat(run))} ago)" if lost else "running"
         rows.append({"experiment": names.get(run.experiment_id, run.experiment_id), "run": run.run_name,
-                     "run id": run.run_id[:8], "model": describe(run),
+                     "run id": run.run_id[:8], "state": state, "model": describe(run),
                      "epoch": f"{done}/{total if total else '?'}" if done or total else "-",
                      "val acc": pct(run.metrics.get("val/acc")), "epoch time": clock(mean_epoch), "ETA": clock(eta),
                      "running for": clock(now - run.start_time / 1000) if run.start_time else "-"})
-    return f"{len(rows)} run(s) in progress\n\n" + table(rows)
+    lost = sum(row["state"] != "running" for row in rows)
+    note = (f"\n\n{lost} lost run(s): their process stopped without ending them. `mlexp reap` marks them "
+            "FAILED; `mlexp train --resume RUN_ID` continues one.") if lost else ""
+    return f"{len(rows)} run(s) in progress\n\n" + table(rows) + note
 
 
 def summary(client_or_uri: Any = None, experiments: list[str] | None = None) -> str:

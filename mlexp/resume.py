@@ -1,33 +1,56 @@
-"""Resume: what a run saves every epoch to continue later, and how it continues.
+"""Resume: atomic checkpoints, and finding a consistent one to continue from.
 
-`checkpoints/last/` holds the weights (safetensors) and the training state (optimizer,
-scheduler, grad scaler, strategy phase, history, RNG, counters; weights-only loadable).
-`fetch_resume_point` brings a run's effective config and that folder back from MLflow.
+A checkpoint becomes visible as a whole or not at all. Every epoch's resume state (weights,
+EMA weights, optimizer, scheduler, grad scaler, strategy phase, history, RNG, counters)
+goes to a fresh folder `checkpoints/last/epoch_NNNN/`; then a small manifest
+(`checkpoints/last/manifest.json`: epoch, step, folder, sha256 and size of each file) is
+published, after the files and after the metrics the checkpoint covers; then older epoch
+folders are pruned, so `last/` costs one checkpoint of storage. A resume reads the manifest
+and uses its folder only if every file matches its sha256. Whatever the moment of a kill,
+the manifest names a complete folder (the previous one until the new one is whole).
+
+A resume on the machine that ran the run also looks in the run's outbox: a checkpoint
+that was written but not yet uploaded (the server was away) is newer and just as good.
+A run killed before its first checkpoint starts over in the same run.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlexp import checkpoint, tracking
+from mlexp import checkpoint
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
 from mlexp.loop import TrainParts
 from mlexp.records import History
+from mlexp.tracking import server
+from mlexp.tracking.outbox import Outbox
+
+LAST = "checkpoints/last"
 
 
 @dataclass
 class ResumePoint:
-    """A run to continue: its effective config and its checkpoints/last/ folder."""
+    """A run to continue: its effective config and a verified checkpoint (None: start over)."""
 
     run_id: str
     config: TrainConfig
-    checkpoint_dir: Path
+    checkpoint_dir: Path | None
+    epoch: int
+    tracking_uri: str | None
+    offline: bool
+    download_dir: Path | None = None  # removed by `cleanup`
+
+    def cleanup(self) -> None:
+        if self.download_dir is not None:
+            shutil.rmtree(self.download_dir, ignore_errors=True)
 
 
+# --- saving -----------------------------------------------------------------------------------
 def state_for_resume(parts: TrainParts, history: History, epoch: int) -> dict:
     scaler = parts.accelerator.scaler
     return {"epoch": epoch, "global_step": parts.global_step, "optimizer": parts.optimizer.state_dict(),
@@ -35,31 +58,45 @@ def state_for_resume(parts: TrainParts, history: History, epoch: int) -> dict:
             "strategy": parts.strategy.state_dict(), "history": history.to_state(), "rng": checkpoint.rng_state()}
 
 
-def save_epoch_checkpoints(parts: TrainParts, history: History, epoch: int, is_best: bool, tracker,
-                           workdir: Path, cfg: TrainConfig) -> None:
-    """checkpoints/last/ every epoch (resume), best/ on improvement, epoch_NNN/ every N epochs.
+def write_manifest(folder: Path, epoch: int, global_step: int) -> dict:
+    files = {path.name: {"sha256": server.sha256_of(path), "bytes": path.stat().st_size}
+             for path in sorted(folder.iterdir()) if path.is_file() and path.name != server.MANIFEST}
+    manifest = {"epoch": epoch, "global_step": global_step, "folder": f"epoch_{epoch:04d}", "files": files}
+    (folder / server.MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
 
-    Queued behind this epoch's metrics, so a checkpoint never lands on the server before
-    the metrics it covers (see tracking.py).
-    """
-    accelerator = parts.accelerator
-    if not accelerator.is_main_process:
+
+def save_epoch_checkpoints(parts: TrainParts, history: History, epoch: int, is_best: bool, tracker,
+                           cfg: TrainConfig) -> None:
+    """checkpoints/last/ every epoch (atomic, for resume), best/ on improvement, epoch_NNN/ every N epochs."""
+    if not parts.accelerator.is_main_process:
         return
     weights = parts.module.state_dict()
     ema = parts.ema.module.state_dict() if parts.ema is not None else None
     eval_weights = ema if ema is not None else weights
-    last = checkpoint.save_training_state(workdir / f"last-{epoch}", weights,
-                                          state_for_resume(parts, history, epoch), ema)
     if is_best:
-        best = checkpoint.save_weights(eval_weights, workdir / f"best-{epoch}" / checkpoint.WEIGHTS_FILE)
-        tracker.log_artifacts(best.parent, "checkpoints/best", remove_after=True)
+        best = tracker.staging_dir(f"best-{epoch}")
+        checkpoint.save_weights(eval_weights, best / checkpoint.WEIGHTS_FILE)
+        tracker.log_artifacts(best, "checkpoints/best")
     if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
-        snapshot = checkpoint.save_weights(eval_weights, workdir / f"snap-{epoch}" / checkpoint.WEIGHTS_FILE)
-        tracker.log_artifacts(snapshot.parent, f"checkpoints/epoch_{epoch:03d}", remove_after=True)
-    tracker.log_artifacts(last, "checkpoints/last", remove_after=True)
+        snapshot = tracker.staging_dir(f"snap-{epoch}")
+        checkpoint.save_weights(eval_weights, snapshot / checkpoint.WEIGHTS_FILE)
+        tracker.log_artifacts(snapshot, f"checkpoints/epoch_{epoch:03d}")
+    last = tracker.staging_dir(f"last-{epoch}")
+    checkpoint.save_training_state(last, weights, state_for_resume(parts, history, epoch), ema)
+    manifest = write_manifest(last, epoch, parts.global_step)
+    published = tracker.staging_dir(f"manifest-{epoch}")
+    shutil.copyfile(last / server.MANIFEST, published / server.MANIFEST)
+    tracker.remember("checkpoint", {"epoch": epoch, "dir": str(last)})
+    tracker.log_artifacts(last, f"{LAST}/{manifest['folder']}")
+    tracker.publish_checkpoint(published, LAST, epoch)
 
 
+# --- loading ----------------------------------------------------------------------------------
 def restore(resume: ResumePoint, parts: TrainParts) -> tuple[History, int]:
+    """Load the checkpoint into the built parts; returns the history and the next epoch."""
+    if resume.checkpoint_dir is None:
+        return History(), 1
     weights, state, ema = checkpoint.load_training_state(resume.checkpoint_dir)
     parts.module.load_state_dict(weights)
     parts.optimizer.load_state_dict(state["optimizer"])
@@ -71,31 +108,120 @@ def restore(resume: ResumePoint, parts: TrainParts) -> tuple[History, int]:
     parts.strategy.load_state_dict(state["strategy"])
     parts.global_step = state["global_step"]
     checkpoint.restore_rng_state(state["rng"])
-    if parts.accelerator.is_main_process:
-        print(f"mlexp: resuming run {resume.run_id} after epoch {state['epoch']} (step {state['global_step']})")
     return History.from_state(state["history"]), state["epoch"] + 1
 
 
-def fetch_resume_point(tracking_uri: str, run_id: str) -> ResumePoint:
-    """Download the run's effective config and checkpoints/last/ (every process reads its own copy)."""
-    import mlflow.artifacts
+def verified(folder: Path) -> dict | None:
+    """The folder's manifest if every file it lists is there with its sha256; else None."""
+    try:
+        manifest = json.loads((folder / server.MANIFEST).read_text())
+        for name, expected in manifest["files"].items():
+            if server.sha256_of(folder / name) != expected["sha256"]:
+                return None
+        return manifest
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def find_resume_point(tracking_uri: str, run_id: str, offline: bool = False) -> ResumePoint:
+    """What `--resume RUN_ID` continues from; refuses (one line) a run that cannot be resumed."""
+    box = Outbox.find(run_id)
+    info = box.info() if box is not None else None
+    if info is not None and info.offline and info.run_id is None:
+        return _local_resume_point(box, run_id)
+    if info is not None and info.run_id:  # an offline run synced since: continue the server's run
+        run_id, tracking_uri = info.run_id, info.tracking_uri or tracking_uri
+    if offline:
+        raise MlexpError(f"no offline run {run_id!r} on this machine to resume offline")
+    server.check_reachable(tracking_uri)
+    client = server.client_for(tracking_uri)
+    run_id = _server_run_id(client, run_id, tracking_uri)
+    status = client.get_run(run_id).info.status
+    if status == "FINISHED" or (info is not None and info.status == "FINISHED"):
+        raise MlexpError(f"run {run_id} already FINISHED; nothing to resume (start a new run instead"
+                         + (", and `mlexp sync` to send what it left" if status != "FINISHED" else "") + ")")
+    config = _config(box, client, run_id)
+    download_dir = Path(tempfile.mkdtemp(prefix="mlexp-resume-"))
+    try:
+        local = _local_checkpoint(box, download_dir)
+        remote = None if local and local[1]["epoch"] >= _server_epoch(client, run_id) else \
+            _server_checkpoint(client, run_id, download_dir)
+        best = max([c for c in (local, remote) if c], key=lambda c: c[1]["epoch"], default=None)
+    except BaseException:
+        shutil.rmtree(download_dir, ignore_errors=True)
+        raise
+    return ResumePoint(run_id, config, best[0] if best else None, best[1]["epoch"] if best else 0,
+                       tracking_uri, False, download_dir)
+
+
+def _server_run_id(client, run_id: str, tracking_uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
-    tracking.check_reachable(tracking_uri)
-    client = tracking.client_for(tracking_uri)
     try:
-        client.get_run(run_id)
+        return client.get_run(run_id).info.run_id
     except MlflowException:
-        raise MlexpError(f"cannot resume: no MLflow run {run_id!r} at {tracking_uri}; check the run id "
-                         "(mlflow ui shows it) and --tracking-uri") from None
-    target = Path(tempfile.mkdtemp(prefix="mlexp-resume-"))
+        found = server.find_run_by_local_id(client, run_id)
+        if found:
+            return found
+    raise MlexpError(f"cannot resume: no MLflow run {run_id!r} at {tracking_uri}; check the run id "
+                     "(mlflow ui shows it) and --tracking-uri")
+
+
+def _local_resume_point(box: Outbox, run_id: str) -> ResumePoint:
+    status = box.info().status
+    if status == "FINISHED":
+        raise MlexpError(f"offline run {run_id} already FINISHED; nothing to resume")
+    config = box.get("config")
+    if config is None:
+        raise MlexpError(f"cannot resume offline run {run_id}: it recorded no configuration")
+    download_dir = Path(tempfile.mkdtemp(prefix="mlexp-resume-"))
+    local = _local_checkpoint(box, download_dir)
+    return ResumePoint(run_id, TrainConfig.from_dict(config).replace(resume=None), local[0] if local else None,
+                       local[1]["epoch"] if local else 0, None, True, download_dir)
+
+
+def _config(box: Outbox | None, client, run_id: str) -> TrainConfig:
+    values = box.get("config") if box is not None else None
+    if values is None:
+        values = server.read_json_artifact(client, run_id, "config.json")
+    if values is None:
+        raise MlexpError(f"cannot resume run {run_id}: it has no config.json (it was not started by mlexp train)")
+    return TrainConfig.from_dict(values).replace(resume=None)
+
+
+def _local_checkpoint(box: Outbox | None, target: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint still in the run's outbox (written, maybe not uploaded), if whole.
+
+    Copied out first: the resumed run's sender uploads and then deletes the outbox's copy.
+    """
+    latest = box.get("checkpoint") if box is not None else None
+    if not latest or not Path(latest["dir"]).is_dir():
+        return None
+    folder = target / "local"
     try:
-        config_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.json",
-                                                          dst_path=str(target), tracking_uri=tracking_uri)
-        last = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last",
-                                                   dst_path=str(target), tracking_uri=tracking_uri)
-    except (MlflowException, OSError) as error:
-        raise MlexpError(f"cannot resume run {run_id}: it has no config.json or checkpoints/last/ "
-                         f"({str(error).splitlines()[0][:160]}); it may have died before its first epoch ended") from None
-    config = TrainConfig.from_dict(json.loads(Path(config_path).read_text()))
-    return ResumePoint(run_id, config.replace(resume=None), Path(last))
+        shutil.copytree(latest["dir"], folder)
+    except OSError:  # uploaded and removed meanwhile: the server has it
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    manifest = verified(folder)
+    return (folder, manifest) if manifest else None
+
+
+def _server_epoch(client, run_id: str) -> int:
+    manifest = server.read_json_artifact(client, run_id, f"{LAST}/{server.MANIFEST}")
+    return manifest["epoch"] if manifest else 0
+
+
+def _server_checkpoint(client, run_id: str, target: Path) -> tuple[Path, dict] | None:
+    """The checkpoint the server's manifest names, downloaded and verified."""
+    from mlflow.exceptions import MlflowException
+
+    manifest = server.read_json_artifact(client, run_id, f"{LAST}/{server.MANIFEST}")
+    if not manifest:
+        return None
+    try:
+        folder = server.download(client, run_id, f"{LAST}/{manifest['folder']}", target)
+    except (MlflowException, OSError):
+        return None
+    (folder / server.MANIFEST).write_text(json.dumps(manifest))
+    return (folder, manifest) if verified(folder) else None

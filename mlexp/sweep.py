@@ -21,9 +21,10 @@ from mlexp.backbones import resolve_backbone
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
 from mlexp.recipes import apply_init_adjustments, format_init_comparison
+from mlexp.tracking.outbox import TERMINAL, Outbox
 
 # Fields that say where and how a run is recorded, not what is trained: left out of the hash.
-BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "export_weights")
+BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "export_weights", "offline")
 INITS = ("pretrained", "scratch")
 
 
@@ -131,7 +132,7 @@ def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strateg
     from mlexp.train import run_training
 
     rows = expand_grid(base, backbones, inits, strategies, seeds)
-    if base.dry_run:  # seed 000's dry run: the configuration comparison, then the plan
+    if base.dry_run:  # the configuration comparison, then the plan
         runnable = [row.requested for row in rows if row.effective is not None]
         if runnable:
             print(format_init_comparison(runnable) + "\n", flush=True)
@@ -139,68 +140,80 @@ def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strateg
     if base.dry_run:
         return SweepResult(None)
     uri = base.tracking_uri or tracking.default_tracking_uri()
-    parent = tracking.open_run(uri, base.experiment, base.run_name or "sweep",
+    offline = tracking.offline_requested(base.offline)
+    parent = tracking.open_run(uri, base.experiment, base.run_name or "sweep", offline=offline,
                                tags={"mlexp.sweep": "true", "mlexp.sweep_size": str(len(rows))})
-    client, experiment_id = parent.client, parent.client.get_run(parent.run_id).info.experiment_id
     result = SweepResult(parent.run_id)
     try:
-        done = finished_hashes(client, experiment_id)
+        # Offline, the server's finished runs cannot be looked up: every configuration trains.
+        done = {} if offline else finished_hashes(parent.client, experiment_of(parent))
         for row in rows:
             print(f"\n[{row.index}/{len(rows)}] {row.label}", flush=True)
             if row.config_hash in done:
                 print(f"  skipped: finished before as run {done[row.config_hash]}")
                 result.skipped.append(done[row.config_hash])
                 continue
-            run_id = create_child(client, experiment_id, parent.run_id, row)
-            if run_child(run_training, client, row, run_id):
+            run_id = create_child(parent, row)
+            if run_child(run_training, uri, offline, row, run_id):
                 result.finished.append(run_id)
             else:
                 result.failed.append(run_id)
-        result.best = best_per_backbone(client, experiment_id, [*result.finished, *result.skipped])
+        if not offline:
+            result.best = best_per_backbone(parent.client, experiment_of(parent),
+                                            [*result.finished, *result.skipped])
         report(parent, result)
     except BaseException as error:
         parent.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", error=str(error))
         raise
-    parent.finish("FINISHED")
+    delivery = parent.finish("FINISHED")
+    if not delivery.complete:
+        print(f"mlexp: sweep run {delivery.run_id}: {delivery.describe()}", flush=True)
     return result
 
 
-def create_child(client, experiment_id: str, parent_run_id: str, row: PlanRow) -> str:
-    tags = {"mlflow.parentRunId": parent_run_id, "mlexp.sweep_id": parent_run_id,
-            "mlexp.config_hash": row.config_hash,
-            "mlflow.runName": "-".join(row.label.replace("(", "").replace(")", "").split())}
-    return client.create_run(experiment_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id
+def experiment_of(parent: tracking.RunTracker) -> str:
+    return parent.outbox.info().experiment_id or parent.client.get_run(parent.run_id).info.experiment_id
 
 
-def run_child(run_training, client, row: PlanRow, run_id: str) -> bool:
+def create_child(parent: tracking.RunTracker, row: PlanRow) -> str:
+    tags = {"mlexp.sweep_id": parent.run_id, "mlexp.config_hash": row.config_hash}
+    return tracking.create_child_run(parent, "-".join(row.label.replace("(", "").replace(")", "").split()), tags)
+
+
+def run_child(run_training, tracking_uri: str, offline: bool, row: PlanRow, run_id: str) -> bool:
     """Train one child; any failure ends that child FAILED with its error and the sweep goes on."""
     if row.effective is None:
-        fail(client, run_id, row.error or "cannot run")
+        end_untrained_child(tracking_uri, offline, run_id, "FAILED", row.error or "cannot run")
         return False
     try:
         # the requested config: run_training applies the init adjustments itself (once)
-        run_training(row.requested.replace(dry_run=False), run_id=run_id)
+        run_training(row.requested.replace(dry_run=False, offline=offline), run_id=run_id)
         return True
     except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
+        end_untrained_child(tracking_uri, offline, run_id, "KILLED", "interrupted")
         raise
     except Exception as error:  # noqa: BLE001 - one bad configuration must not stop the sweep
         message = str(error) if isinstance(error, MlexpError) else f"{type(error).__name__}: {error}"
         if not isinstance(error, MlexpError):
             traceback.print_exc()
-        if client.get_run(run_id).info.status == "RUNNING":  # it failed before its tracker started
-            fail(client, run_id, message)
+        end_untrained_child(tracking_uri, offline, run_id, "FAILED", message)
         print(f"  FAILED: {message}", flush=True)
         return False
 
 
-def fail(client, run_id: str, message: str) -> None:
-    client.set_tag(run_id, "mlexp.error", message[:5000])
-    client.set_terminated(run_id, "FAILED")
+def end_untrained_child(tracking_uri: str, offline: bool, run_id: str, status: str, message: str) -> None:
+    """End a child whose training never opened it (it failed before); one that did has ended itself."""
+    box = Outbox.find(run_id)
+    if box is not None and box.info().status in TERMINAL:
+        return
+    if box is None and not offline and \
+            tracking.client_for(tracking_uri).get_run(run_id).info.status != "RUNNING":
+        return
+    tracking.end_run(tracking_uri, run_id, status, message, offline=offline)
 
 
 def best_per_backbone(client, experiment_id: str, run_ids: list[str]) -> list[dict]:
-    """Seed 004's final summary: the best run of each backbone (catalogue name) by best/val_acc."""
+    """The final summary: the best run of each backbone (catalogue name) by best/val_acc."""
     best: dict[str, dict] = {}
     for run_id in run_ids:
         run = client.get_run(run_id)
@@ -214,7 +227,7 @@ def best_per_backbone(client, experiment_id: str, run_ids: list[str]) -> list[di
     return sorted(best.values(), key=lambda row: -row["best_val_acc"])
 
 
-def report(parent: tracking.MlflowTracker, result: SweepResult) -> None:
+def report(parent: tracking.RunTracker, result: SweepResult) -> None:
     lines = [f"\nSweep {result.parent_run_id}: {len(result.finished)} finished, {len(result.failed)} failed, "
              f"{len(result.skipped)} skipped", "", "Best run per backbone:",
              f"  {'backbone':<24} {'best val acc':>12} {'epoch':>5}  {'strategy':<8} run"]
@@ -230,4 +243,4 @@ def report(parent: tracking.MlflowTracker, result: SweepResult) -> None:
         indent=2))
     parent.log_metrics({"sweep/finished": len(result.finished), "sweep/failed": len(result.failed),
                         "sweep/skipped": len(result.skipped)}, step=0)
-    parent.log_artifacts(folder, "summary", remove_after=True)
+    parent.log_artifacts(folder, "summary")

@@ -11,7 +11,7 @@ import math
 import shutil
 import signal
 import subprocess
-import tempfile
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +34,7 @@ from mlexp.loop import EvalResult, TrainParts, evaluate, train_one_epoch
 from mlexp.optim import build_optimizer, build_scheduler
 from mlexp.recipes import apply_init_adjustments, format_init_comparison, format_training_plan
 from mlexp.records import History, write_csvs, write_json
-from mlexp.resume import ResumePoint, fetch_resume_point, restore, save_epoch_checkpoints
+from mlexp.resume import ResumePoint, find_resume_point, restore, save_epoch_checkpoints
 from mlexp.weights import WeightsFile, default_export_path, locate_weights
 
 
@@ -56,10 +56,21 @@ def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dic
     `run_id`: log into this existing run (a sweep creates its children first).
     """
     tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri()
-    resume = fetch_resume_point(tracking_uri, cfg.resume) if cfg.resume else None
+    offline = tracking.offline_requested(cfg.offline)
+    resume = find_resume_point(tracking_uri, cfg.resume, offline) if cfg.resume else None
+    try:
+        return _run(cfg, resume, tracking_uri, offline, run_id, extra_tags, track)
+    finally:
+        if resume is not None:
+            resume.cleanup()
+
+
+def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offline: bool, run_id: str | None,
+         extra_tags: dict | None, track: bool) -> TrainResult:
     if resume:
         effective = resume.config  # already effective: adjustments are not applied twice
         spec = resolve_backbone(effective.backbone, effective.init)
+        tracking_uri, offline = resume.tracking_uri or tracking_uri, resume.offline
     else:
         spec = resolve_backbone(cfg.backbone, cfg.init)
         effective = apply_init_adjustments(cfg, spec)
@@ -68,35 +79,57 @@ def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dic
         return TrainResult(None, "DRY_RUN", 0.0, 0, effective)
     check_data_source(effective)
     # Find pretrained weights before any MLflow run exists: missing weights are a user error, not a FAILED run.
-    weights = locate_weights(spec, effective.weights) if spec.init == "pretrained" else effective.weights
+    weights = locate_weights(spec, effective.weights, tracking_uri) if spec.init == "pretrained" else effective.weights
     accelerator = make_accelerator(effective)
     tracker: tracking.Tracker = tracking.NullTracker()
     if track and accelerator.is_main_process:
         run_name = effective.run_name or default_run_name(spec, effective)
         tracker = tracking.open_run(tracking_uri, effective.experiment, run_name, run_id=run_id,
                                     resume_run_id=resume.run_id if resume else None,
-                                    tags=run_tags(spec, effective, extra_tags))
-    workdir = Path(tempfile.mkdtemp(prefix="mlexp-run-"))
+                                    tags=run_tags(spec, effective, extra_tags), offline=offline)
+    training = Training(tracker, resume is None)
     try:
         with sigterm_as_interrupt():
-            result = _train(effective, spec, weights, accelerator, tracker, workdir, resume)
+            result = _train(effective, spec, weights, accelerator, training, resume)
     except KeyboardInterrupt:
-        tracker.finish("KILLED", error="interrupted")
+        report_delivery(training.end("KILLED", "interrupted", wait_s=KILLED_WAIT_S), accelerator)
         raise
     except BaseException as error:
-        tracker.finish("FAILED", error=f"{type(error).__name__}: {error}")
+        report_delivery(training.end("FAILED", f"{type(error).__name__}: {error}"), accelerator)
         raise
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
         release_accelerator(accelerator)
-    tracker.finish("FINISHED")
+    delivery = training.end("FINISHED")
     if accelerator.is_main_process:
-        print_outcome(result, tracker, tracking_uri)
+        print_outcome(result, delivery, tracking_uri)
     return result
 
 
+@dataclass
+class Training:
+    """The run's tracker, and whether this process has changed the run's status yet.
+
+    A resume changes nothing on the run until it actually trains: a resume that fails
+    before that (bad checkpoint, broken data) leaves the run as it was.
+    """
+
+    tracker: tracking.Tracker
+    started: bool
+
+    def start(self) -> None:
+        if not self.started:
+            self.tracker.mark_running()
+            self.started = True
+
+    def end(self, status: str, error: str | None = None, wait_s: float | None = None):
+        if not self.started:
+            return self.tracker.abandon()
+        return self.tracker.finish(status, error=error, wait_s=wait_s)
+
+
 def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | None, accelerator: Accelerator,
-           tracker: tracking.Tracker, workdir: Path, resume: ResumePoint | None) -> TrainResult:
+           training: Training, resume: ResumePoint | None) -> TrainResult:
+    tracker = training.tracker
     # --- build ------------------------------------------------------------------------------
     set_seed(cfg.seed)
     data = build_data(cfg)
@@ -123,11 +156,14 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
 
         # Warmup (decay ramps up from 0) so that short runs do not evaluate mostly-initial weights.
         parts.ema = ModelEmaV3(module, decay=cfg.ema_decay, use_warmup=True)
-    history, start_epoch = History(), 1
-    if resume:
-        history, start_epoch = restore(resume, parts)
-    else:
+    history, start_epoch = restore(resume, parts) if resume else (History(), 1)
+    if resume is None or resume.checkpoint_dir is None:  # a new run, or one killed before its first checkpoint
         log_run_start(tracker, cfg, accelerator, built, module, data)
+    training.start()
+    if resume and accelerator.is_main_process:
+        print(f"mlexp: resuming run {resume.run_id} after epoch {start_epoch - 1} (step {parts.global_step})"
+              if resume.checkpoint_dir else f"mlexp: run {resume.run_id} has no complete checkpoint yet: "
+              "starting it over from epoch 1 (points it already logged are kept, not logged twice)", flush=True)
 
     # --- epochs ------------------------------------------------------------------------------
     def on_steps(records) -> None:
@@ -157,12 +193,12 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
             print_epoch(row, is_best)
         strategy.on_epoch_end(epoch, val.loss)
         stop = strategy.should_stop(epoch) or early_stop(cfg, history, epoch)
-        save_epoch_checkpoints(parts, history, epoch, is_best, tracker, workdir, cfg)
+        save_epoch_checkpoints(parts, history, epoch, is_best, tracker, cfg)
         if stop:
             break
 
     # --- the end: final weights, calibration, summary ------------------------------------------
-    return finish_run(parts, cfg, spec, built, history, val_loader, tracker, workdir)
+    return finish_run(parts, cfg, spec, built, history, val_loader, tracker)
 
 
 # --- building blocks ------------------------------------------------------------------------------
@@ -271,12 +307,12 @@ def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, mo
               "weights_sha256": built.weights_sha256 or "", "weights_path": built.weights_path or ""}
     tracker.log_params(tracking.params_to_log(params, tracking.existing_params(tracker)))
     tracker.log_metrics({"model/params_total": total}, step=0)
-    tracker.log_artifacts(write_json(cfg.to_dict(), Path(tempfile.mkdtemp()) / "config.json").parent, "",
-                          remove_after=True)
+    tracker.remember("config", cfg.to_dict())  # a resume on this machine needs it before the server has it
+    tracker.log_artifacts(write_json(cfg.to_dict(), tracker.staging_dir("config") / "config.json").parent, "")
 
 
 def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, history: History, val_loader,
-               tracker, workdir: Path) -> TrainResult:
+               tracker) -> TrainResult:
     accelerator = parts.accelerator
     final_model = eval_model(parts)
     calibration = {}
@@ -285,7 +321,7 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
         calibration = calibrate(final_eval.logits, final_eval.labels)
     if accelerator.is_main_process:
         weights = final_weights_model(parts).state_dict()
-        final = checkpoint.save_weights(weights, workdir / "final" / checkpoint.WEIGHTS_FILE)
+        final = checkpoint.save_weights(weights, tracker.staging_dir("final") / checkpoint.WEIGHTS_FILE)
         if cfg.export_weights:  # seed 002: later pretrained runs of this arch find these without a flag
             exported = default_export_path(spec)
             exported.parent.mkdir(parents=True, exist_ok=True)
@@ -313,11 +349,12 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
                               "final": "checkpoints/final/model.safetensors",
                               "epoch_metrics": "metrics/epoch_metrics.csv",
                               "batch_metrics": "metrics/batch_metrics.csv"}}
-        write_json(info, workdir / "summary" / "training_info.json")
-        write_csvs(history, workdir / "metrics")
-        for name in ("final", "summary", "metrics"):
-            tracker.log_artifacts(workdir / name, "checkpoints/final" if name == "final" else name)
-        tracker.flush()
+        summary = write_json(info, tracker.staging_dir("summary") / "training_info.json").parent
+        metrics = tracker.staging_dir("metrics")
+        write_csvs(history, metrics)
+        tracker.log_artifacts(final.parent, "checkpoints/final")
+        tracker.log_artifacts(summary, "summary")
+        tracker.log_artifacts(metrics, "metrics")
     return TrainResult(tracker.run_id, "FINISHED", history.best_val_acc, history.best_epoch, cfg,
                        final_weights_model(parts), history)
 
@@ -329,13 +366,32 @@ def print_epoch(row: dict, is_best: bool) -> None:
           + ("  (best)" if is_best else ""), flush=True)
 
 
-def print_outcome(result: TrainResult, tracker, tracking_uri: str) -> None:
-    if tracker.run_id is None:
+KILLED_WAIT_S = 5.0  # Ctrl-C: a short wait for the sender, then the rest stays in the outbox
+LOGGED = ("params, tags, per-batch and per-epoch metrics, config.json, checkpoints/{last,best,final}, "
+          "summary/training_info.json, metrics/*.csv")
+
+
+def print_outcome(result: TrainResult, delivery, tracking_uri: str) -> None:
+    """What the run left, said as it is: FINISHED only where the store has everything."""
+    if delivery is None:
         return
-    print(f"\nmlexp: run {tracker.run_id} FINISHED: best val acc {result.best_val_acc:.4f} at epoch "
-          f"{result.best_epoch}\n  logged: params, tags, per-batch and per-epoch metrics, config.json, "
-          f"checkpoints/{{last,best,final}}, summary/training_info.json, metrics/*.csv\n"
-          f"  open it: {open_hint(tracking_uri)}", flush=True)
+    where = f"open it: {open_hint(tracking_uri)}"
+    if delivery.complete:
+        print(f"\nmlexp: run {delivery.run_id} FINISHED: best val acc {result.best_val_acc:.4f} at epoch "
+              f"{result.best_epoch}\n  logged: {LOGGED}\n  {where}", flush=True)
+        return
+    if delivery.offline:
+        print(f"\nmlexp: offline run {delivery.run_id} FINISHED: best val acc {result.best_val_acc:.4f} at epoch "
+              f"{result.best_epoch}; {delivery.describe()}", flush=True)
+        return
+    print(f"\nmlexp: run {delivery.run_id}: training finished (best val acc {result.best_val_acc:.4f} at epoch "
+          f"{result.best_epoch}), but {delivery.describe()}", flush=True)
+
+
+def report_delivery(delivery, accelerator: Accelerator) -> None:
+    """After a failure or interruption: where whatever the server lacks is kept."""
+    if delivery is not None and not delivery.complete and accelerator.is_main_process:
+        print(f"mlexp: run {delivery.run_id} ({delivery.status}): {delivery.describe()}", file=sys.stderr, flush=True)
 
 
 def open_hint(tracking_uri: str) -> str:

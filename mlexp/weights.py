@@ -2,7 +2,10 @@
 
 Sources, first match wins:
   1. explicit `--weights`: a local .safetensors/.pth/.pt file (or a folder holding one),
-     runs:/RUN_ID/path, or a registered model models:/NAME/VERSION | models:/NAME@ALIAS;
+     runs:/RUN_ID/path, or a registered model models:/NAME/VERSION | models:/NAME@ALIAS,
+     both looked up in the run's own tracking store (never MLflow's global default, which
+     would create ./mlflow.db) and downloaded to a temporary folder that lives exactly as
+     long as the WeightsFile naming it;
   2. the weights folder ($MLEXP_WEIGHTS_DIR, else ./weights/): <arch>.safetensors, <arch>.pth,
      <catalogue name>.safetensors|.pth, <timm name>.safetensors|.pth;
   3. timm's own pretrained weights (Hugging Face Hub cache, else a download).
@@ -25,9 +28,12 @@ import importlib
 import inspect
 import os
 import pickle
+import posixpath
+import shutil
 import sys
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -155,10 +161,13 @@ def scratch_weights_error(spec: BackboneSpec) -> MlexpError:
                       f"or use --init pretrained")
 
 
-def locate_weights(spec: BackboneSpec, weights: str | None) -> WeightsFile:
-    """The local file to load for a pretrained spec, from the first source that has one."""
+def locate_weights(spec: BackboneSpec, weights: str | None, tracking_uri: str | None = None) -> WeightsFile:
+    """The local file to load for a pretrained spec, from the first source that has one.
+
+    `tracking_uri`: the store that runs:/ and models:/ weights come from (default: the one a
+    run would use, `mlexp.tracking.default_tracking_uri()`)."""
     if weights:
-        return explicit_weights(weights)
+        return explicit_weights(weights, tracking_uri)
     path = _weights_dir_file(spec)
     if path is not None:
         return WeightsFile(path.resolve(), "weights-dir", file_sha256(path), str(path))
@@ -174,16 +183,35 @@ def _weights_dir_file(spec: BackboneSpec) -> Path | None:
     return None
 
 
-def explicit_weights(weights: str) -> WeightsFile:
-    """--weights: a local file or folder, runs:/RUN_ID/path, or models:/NAME/VERSION|@ALIAS."""
+def explicit_weights(weights: str, tracking_uri: str | None = None) -> WeightsFile:
+    """--weights: a local file or folder, runs:/RUN_ID/path, or models:/NAME/VERSION|@ALIAS
+    (those two from `tracking_uri`, see locate_weights)."""
     local = _explicit_local_path(weights)
     if local is None:
-        source = "mlflow-run" if weights.startswith("runs:/") else "mlflow-model"
-        local = Path(_download_mlflow(weights))
-        path = _pick_weights_file(local, weights) if local.is_dir() else local
-        return WeightsFile(path, source, file_sha256(path), weights)
+        if tracking_uri is None:
+            from mlexp.tracking import default_tracking_uri  # lazy: importing mlexp.weights stays light
+
+            tracking_uri = default_tracking_uri()
+        return _mlflow_weights(weights, tracking_uri)
     path = _pick_weights_file(local, weights) if local.is_dir() else local
     return WeightsFile(path.resolve(), "file", file_sha256(path), weights)
+
+
+def _mlflow_weights(uri: str, tracking_uri: str) -> WeightsFile:
+    """Download runs:/ or models:/ weights into a fresh temporary folder. The folder is removed
+    at once if anything fails, else when the returned WeightsFile is garbage-collected (after
+    build_backbone has loaded it) or, at the latest, when the interpreter exits."""
+    folder = Path(tempfile.mkdtemp(prefix="mlexp-weights-"))
+    try:
+        downloaded = Path(_download_mlflow(uri, tracking_uri, folder))
+        path = _pick_weights_file(downloaded, uri) if downloaded.is_dir() else downloaded
+        found = WeightsFile(path, "mlflow-run" if uri.startswith("runs:/") else "mlflow-model",
+                            file_sha256(path), uri)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(found, shutil.rmtree, folder, ignore_errors=True)
+    return found
 
 
 def _explicit_local_path(weights: str) -> Path | None:
@@ -199,16 +227,37 @@ def _explicit_local_path(weights: str) -> Path | None:
     return local
 
 
-def _download_mlflow(uri: str) -> str:
+def _download_mlflow(uri: str, tracking_uri: str, folder: Path) -> str:
+    """Download a runs:/ or models:/ URI from `tracking_uri` into `folder`; the local path."""
     import mlflow  # only this source needs it; keeps `import mlexp.backbones` light
 
     try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri,
-                                                   dst_path=tempfile.mkdtemp(prefix="mlexp-weights-"))
+        source = _model_download_uri(uri, tracking_uri) if uri.startswith("models:/") else uri
+        return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(folder),
+                                                   tracking_uri=tracking_uri)
     except Exception as exc:  # MlflowException, OSError, requests errors: all a bad URI or store
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise MlexpError(f"--weights {uri}: could not download it from MLflow "
-                         f"({mlflow.get_tracking_uri()}): {first_line}") from exc
+                         f"({tracking_uri}): {first_line}") from exc
+
+
+def _model_download_uri(uri: str, tracking_uri: str) -> str:
+    """Where a models:/NAME/VERSION|@ALIAS[/path] URI's files are, asked of the registry that
+    belongs to `tracking_uri` ($MLFLOW_REGISTRY_URI, else the tracking store, as MlflowClient
+    decides). MLflow's own models:/ download resolves the name in the global registry
+    whatever tracking_uri it is given, so the lookup is done here."""
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    model_uri, sub_path = ModelsArtifactRepository.split_models_uri(uri)
+    found = get_model_name_and_version(client, model_uri)
+    if len(found) == 1:  # models:/<logged model id> (MLflow 3)
+        base = client.get_logged_model(found[0]).artifact_location
+    else:
+        base = client.get_model_version_download_uri(*found)
+    return posixpath.join(base, sub_path) if sub_path else base
 
 
 def _pick_weights_file(folder: Path, label: str) -> Path:

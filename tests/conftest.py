@@ -15,6 +15,14 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+@pytest.fixture(autouse=True)
+def own_outbox(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test (and the processes it starts) gets its own outbox folder, never ~/.local."""
+    folder = tmp_path_factory.mktemp("outbox")
+    monkeypatch.setenv("MLEXP_OUTBOX_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def sqlite_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh SQLite-backed MLflow store, set as the tracking URI for this test."""

@@ -40,6 +40,15 @@ def write_pretrained_weights(folder: Path, timm_name: str, arch: str, num_classe
     return save_weights(model.state_dict(), folder / f"{arch}.safetensors")
 
 
+def contract_artifacts(last_epoch: int) -> set[str]:
+    """Every file a finished training run must hold (the logging contract)."""
+    checkpoint = f"checkpoints/last/epoch_{last_epoch:04d}"
+    return {"config.json", "checkpoints/last/manifest.json", f"{checkpoint}/model.safetensors",
+            f"{checkpoint}/training_state.pt", f"{checkpoint}/manifest.json", "checkpoints/best/model.safetensors",
+            "checkpoints/final/model.safetensors", "summary/training_info.json", "metrics/epoch_metrics.csv",
+            "metrics/batch_metrics.csv"}
+
+
 def runs_of(client: MlflowClient, experiment: str) -> list:
     found = client.get_experiment_by_name(experiment)
     if found is None:

@@ -96,7 +96,7 @@ def test_compiled_channels_last_run_saves_plain_weights_that_resume_and_reuse_ca
                                       batch_size=32, calibrate=False))
     client = MlflowClient(sqlite_uri)
     expected = set(timm_resnet18_keys())
-    for path in ("checkpoints/final/model.safetensors", "checkpoints/last/model.safetensors"):
+    for path in ("checkpoints/final/model.safetensors", "checkpoints/last/epoch_0001/model.safetensors"):
         saved = load_weights(client.download_artifacts(result.run_id, path, str(tmp_path / path.split("/")[1])))
         assert set(saved) == expected, path  # no "_orig_mod." or "module." prefixes
 

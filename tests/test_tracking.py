@@ -1,4 +1,4 @@
-"""The background tracker against a real SQLite store and a real server."""
+"""The tracking seam against real stores: the outbox, its sender, resume dedupe, offline runs."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import time
 
 from mlflow import MlflowClient
 
-from mlexp.tracking import MlflowTracker, last_logged_steps, open_run, params_to_log
+from mlexp.tracking import open_run, params_to_log
+from mlexp.tracking.outbox import Outbox, all_outboxes
+from mlexp.tracking.sync import sync
 
 
 def history_steps(client, run_id, key):
-    return [m.step for m in client.get_metric_history(run_id, key)]
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def test_batch_metrics_are_batched_ordered_and_complete(server_uri):
@@ -19,27 +21,30 @@ def test_batch_metrics_are_batched_ordered_and_complete(server_uri):
     for step in range(1, 2501):
         tracker.log_metrics({"batch/loss": 1.0 / step, "batch/lr": 0.1}, step=step)
     enqueue_s = time.perf_counter() - start
-    tracker.finish("FINISHED")
+    delivery = tracker.finish("FINISHED")
+    assert delivery.complete
     client = MlflowClient(server_uri)
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
     assert history_steps(client, tracker.run_id, "batch/loss") == list(range(1, 2501))
-    # 5,000 points were queued without waiting on the server (one request per point would take minutes)
+    # 5,000 points were committed to the outbox without waiting on the server
     assert enqueue_s < 5.0
+    assert list(all_outboxes()) == []  # delivered: the outbox is gone
 
 
 def test_resumed_tracker_drops_points_already_logged(sqlite_uri):
     first = open_run(sqlite_uri, "tracking-test", "resume")
     for step in range(1, 11):
         first.log_metrics({"batch/loss": float(step)}, step=step)
-    first.flush()
+    first.finish("KILLED")
     client = MlflowClient(sqlite_uri)
-    assert last_logged_steps(client, first.run_id) == {"batch/loss": 10}
-    resumed = MlflowTracker(client, first.run_id, last_logged_steps(client, first.run_id))
+    resumed = open_run(sqlite_uri, "tracking-test", None, resume_run_id=first.run_id)
+    resumed.mark_running()
     for step in range(6, 16):  # the re-run overlaps steps 6..10
         resumed.log_metrics({"batch/loss": float(step)}, step=step)
     resumed.finish("FINISHED")
     assert history_steps(client, first.run_id, "batch/loss") == list(range(1, 16))
+    assert client.get_run(first.run_id).info.status == "FINISHED"
 
 
 def test_failed_run_ends_failed_with_its_error(sqlite_uri):
@@ -48,6 +53,54 @@ def test_failed_run_ends_failed_with_its_error(sqlite_uri):
     run = MlflowClient(sqlite_uri).get_run(tracker.run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["mlexp.error"] == "ValueError: boom"
+
+
+def test_abandoned_resume_leaves_the_status_alone(sqlite_uri):
+    first = open_run(sqlite_uri, "tracking-test", "abandon")
+    first.finish("FAILED", error="first failure")
+    again = open_run(sqlite_uri, "tracking-test", None, resume_run_id=first.run_id)
+    again.abandon()
+    run = MlflowClient(sqlite_uri).get_run(first.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["mlexp.error"] == "first failure"
+
+
+def test_a_refused_param_is_kept_aside_and_the_rest_arrives(sqlite_uri):
+    tracker = open_run(sqlite_uri, "tracking-test", "refused")
+    tracker.log_params({"lr": "0.1"})
+    time.sleep(0.1)
+    tracker.outbox.add_texts("param", {"lr": "0.2"})  # MLflow refuses to change a param
+    tracker.log_metrics({"m": 1.0}, step=1)
+    delivery = tracker.finish("FINISHED")
+    client = MlflowClient(sqlite_uri)
+    assert client.get_run(tracker.run_id).data.params["lr"] == "0.1"
+    assert history_steps(client, tracker.run_id, "m") == [1]
+    assert delivery.pending.rejected == 1  # not silently dropped: kept in the outbox and reported
+    assert Outbox.find(tracker.run_id).rejected()[0][0] == "param lr=0.2"
+
+
+def test_offline_run_is_recorded_locally_then_synced_once(sqlite_uri, tmp_path):
+    tracker = open_run("", "offline-test", "offline-run", offline=True, tags={"mlexp.kind": "t"})
+    tracker.log_params({"lr": "0.1"})
+    for step in range(1, 6):
+        tracker.log_metrics({"batch/loss": 1.0 / step}, step=step)
+    folder = tracker.staging_dir("notes")
+    (folder / "notes.txt").write_text("hello")
+    tracker.log_artifacts(folder, "notes")
+    delivery = tracker.finish("FINISHED")
+    assert delivery.offline and not delivery.complete
+    assert not (tmp_path / "mlflow.db").exists()  # nothing touched a store
+
+    first = sync(tracker.local_id, to=sqlite_uri, echo=lambda line: None)
+    again = sync(every=True, to=sqlite_uri, echo=lambda line: None)
+    assert first[0].complete and again == []
+    client = MlflowClient(sqlite_uri)
+    runs = client.search_runs([client.get_experiment_by_name("offline-test").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "offline-run"
+    assert run.data.params == {"lr": "0.1"} and run.data.tags["mlexp.local_id"] == tracker.local_id
+    assert history_steps(client, run.info.run_id, "batch/loss") == [1, 2, 3, 4, 5]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "notes")] == ["notes/notes.txt"]
 
 
 def test_effective_values_that_mlflow_run_already_logged_differently_get_a_prefix():

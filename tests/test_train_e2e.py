@@ -1,4 +1,4 @@
-"""Issue 2 acceptance: a tracked run end to end, through `mlflow run`, torchrun and resume."""
+"""A tracked run end to end, through `mlflow run`, torchrun and resume."""
 
 from __future__ import annotations
 
@@ -14,15 +14,12 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from tests.helpers import (DIGITS_TRAIN_SIZE, ROOT, artifact_paths, run_mlexp, runs_of, steps,
+from tests.helpers import (DIGITS_TRAIN_SIZE, ROOT, artifact_paths, contract_artifacts, run_mlexp, runs_of, steps,
                            subprocess_env, torchrun_train, write_pretrained_weights)
 
 from mlexp.config import config_fields
 
 EPOCH_METRICS = ["train/loss", "train/loss_total", "train/acc", "val/loss", "val/acc", "epoch/time_s", "epoch/lr"]
-REQUIRED_ARTIFACTS = {"config.json", "checkpoints/last/model.safetensors", "checkpoints/last/training_state.pt",
-                      "checkpoints/best/model.safetensors", "checkpoints/final/model.safetensors",
-                      "summary/training_info.json", "metrics/epoch_metrics.csv", "metrics/batch_metrics.csv"}
 
 
 @pytest.mark.slow
@@ -62,7 +59,7 @@ def test_mlflow_run_train_against_a_live_server(server_uri, tmp_path):
     val_acc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/acc")}
     assert val_acc[3] > 0.7
     assert metrics["best/val_acc"] == max(val_acc.values()) and "time/total_s" in metrics
-    assert REQUIRED_ARTIFACTS <= artifact_paths(client, run.info.run_id)
+    assert artifact_paths(client, run.info.run_id) == contract_artifacts(3)  # older epochs pruned
 
     info_path = client.download_artifacts(run.info.run_id, "summary/training_info.json", str(tmp_path))
     info = json.loads(Path(info_path).read_text())
@@ -117,7 +114,7 @@ def test_sigkill_in_second_epoch_then_resume_has_no_duplicate_and_no_gap(server_
                 break
         run_id = runs_of(client, "e2e-resume")[0].info.run_id
         deadline = time.time() + 60
-        while "checkpoints/last/training_state.pt" not in artifact_paths(client, run_id):
+        while "checkpoints/last/manifest.json" not in artifact_paths(client, run_id):
             assert time.time() < deadline, "epoch 1 checkpoint never arrived"
             time.sleep(0.1)
         time.sleep(1.0)  # well inside epoch 2
@@ -152,8 +149,8 @@ def test_single_process_run_logs_everything_to_a_sqlite_store(sqlite_uri, tmp_pa
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["backbone"] == "resnet18_scratch" and run.data.params["init"] == "scratch"
-    assert REQUIRED_ARTIFACTS | {"checkpoints/epoch_001/model.safetensors", "checkpoints/epoch_002/model.safetensors"} \
-        <= artifact_paths(client, result.run_id)
+    assert contract_artifacts(2) | {"checkpoints/epoch_001/model.safetensors",
+                                    "checkpoints/epoch_002/model.safetensors"} == artifact_paths(client, result.run_id)
     batch_csv = client.download_artifacts(result.run_id, "metrics/batch_metrics.csv", str(tmp_path))
     header, *rows = Path(batch_csv).read_text().splitlines()
     assert header == "epoch,batch,step,loss,learning_rate,samples_per_s,timestamp"

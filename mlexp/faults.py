@@ -1,0 +1,20 @@
+"""Crash points for fault-injection tests: SIGKILL this process at a chosen moment.
+
+`MLEXP_FAULT="POINT=VALUE"` kills the process the moment POINT is reached with VALUE:
+`step=N` (after optimizer step N), `eval=N` (inside the N-th evaluation of this process),
+`upload=ARTIFACT/FILE` (before that file's upload), `manifest=EPOCH` (before a
+checkpoint's manifest is published). A real SIGKILL, as from the OOM killer or a lost
+node: nothing gets to clean up. Unset (always, outside tests), a check costs one comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_FAULT = os.environ.get("MLEXP_FAULT") or None
+
+
+def crash_point(point: str, value: object) -> None:
+    if _FAULT is not None and _FAULT == f"{point}={value}":
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,125 @@
+"""The tracking seam: every MLflow write of mlexp goes through this package.
+
+Nothing a run produces is lost and nothing it reports is false:
+
+- `outbox`: every operation of a run (params, tags, metric points with their steps and
+  original timestamps, artifact uploads, checkpoint manifests, the final status) is first
+  committed to a crash-safe local SQLite outbox;
+- `sender`: background lanes drain it to the server, metrics never behind an upload, with
+  bounded requests and their own backoff;
+- `run`: `RunTracker`, the training side's view of it, and `open_run`;
+- `sync`: `mlexp sync` sends what an ended process left behind (or an offline run);
+- `server`: the only code that calls MLflow's write API.
+
+The training loop never imports this package; `NullTracker` is the same protocol doing
+nothing (non-main processes, dry runs), so training code has no `if logging:` branches.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+from mlexp.tracking.run import (Delivery, RunTracker, create_child_run, end_run, offline_requested,
+                                open_run)
+from mlexp.tracking.server import check_reachable, client_for, default_tracking_uri
+
+__all__ = ["Tracker", "NullTracker", "RunTracker", "Delivery", "open_run", "create_child_run", "end_run",
+           "offline_requested", "check_reachable", "client_for", "default_tracking_uri", "params_to_log",
+           "existing_params", "same_value"]
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def staging_dir(self, name: str) -> Path: ...
+    def log_artifacts(self, local_dir: Path, artifact_path: str, copy: bool = False) -> None: ...
+    def publish_checkpoint(self, manifest_dir: Path, artifact_path: str, epoch: int) -> None: ...
+    def remember(self, key: str, value: Any) -> None: ...
+    def mark_running(self) -> None: ...
+    def finish(self, status: str, error: str | None = None, wait_s: float | None = None) -> Delivery | None: ...
+    def abandon(self, wait_s: float = 5.0) -> Delivery | None: ...
+
+
+class NullTracker:
+    """A tracker that records nothing (non-main processes, dry runs, benchmarks' baseline)."""
+
+    run_id: str | None = None
+
+    def __init__(self) -> None:
+        self._scratch: Path | None = None
+
+    def log_params(self, params: dict[str, str]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def staging_dir(self, name: str) -> Path:
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="mlexp-untracked-"))
+        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self._scratch))
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str, copy: bool = False) -> None:
+        if not copy:
+            shutil.rmtree(local_dir, ignore_errors=True)
+
+    def publish_checkpoint(self, manifest_dir: Path, artifact_path: str, epoch: int) -> None:
+        shutil.rmtree(manifest_dir, ignore_errors=True)
+
+    def remember(self, key: str, value: Any) -> None:
+        pass
+
+    def mark_running(self) -> None:
+        pass
+
+    def finish(self, status: str, error: str | None = None, wait_s: float | None = None) -> None:
+        self.abandon()
+
+    def abandon(self, wait_s: float = 5.0) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+
+def existing_params(tracker: Any) -> dict[str, str]:
+    """Params already on the run (under `mlflow run`, MLflow logs the requested values first)."""
+    if not isinstance(tracker, RunTracker) or tracker.offline:
+        return {}
+    return dict(tracker.client.get_run(tracker.run_id).data.params)
+
+
+def params_to_log(effective: dict[str, str], already: dict[str, str]) -> dict[str, str]:
+    """Effective params, under their own names wherever MLflow allows it.
+
+    MLflow params are immutable. Under `mlflow run` the requested values are logged before
+    mlexp starts; where the effective value differs (alias resolved, scratch multiplier,
+    preset) it is logged as `effective.<name>` and config.json holds the whole effective config.
+    """
+    params = {}
+    for key, value in effective.items():
+        if key not in already:
+            params[key] = value
+        elif not same_value(already[key], value):
+            params[f"effective.{key}"] = value
+    return params
+
+
+def same_value(a: str, b: str) -> bool:
+    """'0' and '0.0', 'false' and 'False' are the same parameter value; so are '' and the
+    shell-quoted empty string `''` that `mlflow run` logs for an empty parameter."""
+    a, b = ("" if v in ("''", '""') else v for v in (a, b))
+    if a == b or a.lower() == b.lower():
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False

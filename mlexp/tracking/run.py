@@ -1,0 +1,279 @@
+"""RunTracker: one run's tracker, every call a durable write to its outbox.
+
+Training calls return as soon as the outbox has committed the write (microseconds); the
+sender (online) or `mlexp sync` (offline, or whatever an ended process left) delivers it.
+`finish` records the final status, gives the sender a bounded grace period, and says
+honestly what the server has and what still waits.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlexp.errors import MlexpError
+from mlexp.tracking import server
+from mlexp.tracking.outbox import Outbox, Pending, new_local_id, now_ms, outbox_root
+from mlexp.tracking.sender import Sender
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        raise MlexpError(f"${name} must be a number of seconds, got {os.environ[name]!r}") from None
+
+
+def grace_s() -> float:
+    """How long a finished run waits for its sender before leaving the rest to `mlexp sync`."""
+    return seconds_from_env("MLEXP_GRACE_S", 30.0)
+
+
+def heartbeat_s() -> float:
+    return seconds_from_env("MLEXP_HEARTBEAT_S", 30.0)
+
+
+def offline_requested(flag: bool = False) -> bool:
+    return flag or os.environ.get("MLEXP_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class Delivery:
+    """What a run's end left: everything on the server, or what still waits and where."""
+
+    run_id: str
+    status: str | None
+    pending: Pending
+    outbox: Path
+    offline: bool
+    tracking_uri: str | None
+
+    @property
+    def complete(self) -> bool:
+        return not self.offline and self.pending.empty and not self.pending.rejected
+
+    def describe(self) -> str:
+        if self.complete:
+            return f"the tracking server ({self.tracking_uri}) has everything"
+        if self.offline:
+            return (f"recorded offline in {self.outbox}; send it with "
+                    f"`mlexp sync --run {self.run_id} --to TRACKING_URI`")
+        return (f"the tracking server does not have everything yet: {self.pending.describe()} wait in "
+                f"{self.outbox}; `mlexp sync --run {self.run_id}` sends them once {self.tracking_uri} answers")
+
+
+class RunTracker:
+    """The Tracker protocol over an outbox (see mlexp/tracking/__init__.py)."""
+
+    def __init__(self, outbox: Outbox, client=None, resume_steps: dict[str, int] | None = None,
+                 heartbeat: bool = True):
+        self.outbox = outbox
+        info = outbox.info()
+        self.local_id = info.local_id
+        self.run_id: str = info.run_id or info.local_id
+        self.tracking_uri = info.tracking_uri
+        self.offline = client is None
+        self.client = client
+        # Highest step the run already holds per metric (resume): points at or below are not logged again.
+        self._resume_steps = dict(resume_steps or {})
+        self.sender = Sender(outbox, client, info.run_id).start() if client is not None else None
+        self._beats = threading.Event()
+        if self.sender is not None and heartbeat:
+            self.set_tags({"mlexp.heartbeat_s": f"{heartbeat_s():g}"})
+            threading.Thread(target=self._heartbeat, name="mlexp-heartbeat", daemon=True).start()
+
+    # --- the protocol: all of these return once the outbox holds the write ---------------------
+    def log_params(self, params: dict[str, str]) -> None:
+        self.outbox.add_texts("param", params)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.outbox.add_texts("tag", tags)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        timestamp = now_ms()
+        points = [(key, float(value), timestamp, step) for key, value in metrics.items()
+                  if step > self._resume_steps.get(key, -1)]
+        if points:
+            self.outbox.add_metrics(points)
+
+    def staging_dir(self, name: str) -> Path:
+        """A folder to write an artifact into; logging it then costs no copy."""
+        return self.outbox.staging_dir(name)
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str, copy: bool = False) -> None:
+        """Upload a folder's files under `artifact_path`. The outbox takes the folder (moves it;
+        `copy=True` for a folder the user keeps) and deletes it once the server has it."""
+        if copy:
+            staged = self.staging_dir(Path(local_dir).name)
+            shutil.copytree(local_dir, staged, dirs_exist_ok=True)
+            local_dir = staged
+        self.outbox.add_upload(Path(local_dir), artifact_path)
+        self._wake()
+
+    def publish_checkpoint(self, manifest_dir: Path, artifact_path: str, epoch: int) -> None:
+        """Publish a checkpoint's manifest once its files and the metrics before it are sent."""
+        self.outbox.add_upload(manifest_dir, artifact_path, op="manifest", after_seq=self.outbox.last_record_seq(),
+                               meta={"epoch": epoch})
+        self._wake()
+
+    def remember(self, key: str, value) -> None:
+        """Keep a value with the run's outbox (read back by a resume on this machine)."""
+        self.outbox.put(key, value)
+
+    def mark_running(self) -> None:
+        """A resumed run is training again: RUNNING (set only now, so a failed resume changes nothing)."""
+        self.outbox.set_status("RUNNING")
+        self._wake()
+
+    def finish(self, status: str, error: str | None = None, wait_s: float | None = None) -> Delivery:
+        """Record the final status, give the sender up to `wait_s`, report what the server has."""
+        if error:
+            self.set_tags({"mlexp.error": error[:5000]})
+        self.outbox.set_status(status)
+        return self._close(grace_s() if wait_s is None else wait_s)
+
+    def abandon(self, wait_s: float = 5.0) -> Delivery:
+        """Stop without a status change (a resume that never started training)."""
+        return self._close(wait_s)
+
+    # --- inside -------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        if self.sender is not None:
+            self.sender.wake()
+
+    def _heartbeat(self) -> None:
+        period = heartbeat_s()
+        while True:
+            self.outbox.add_texts("tag", {"mlexp.heartbeat": str(now_ms())}, replace=True)
+            self._wake()
+            if self._beats.wait(period):
+                return
+
+    def _close(self, wait_s: float) -> Delivery:
+        self._beats.set()
+        if self.sender is not None:
+            try:
+                self.sender.wait_drained(wait_s)
+            except KeyboardInterrupt:
+                pass  # a second Ctrl-C: stop waiting; everything stays in the outbox
+            self.sender.stop()
+        pending = self.outbox.pending()
+        delivery = Delivery(self.run_id, self.outbox.info().status, pending, self.outbox.folder, self.offline,
+                            self.tracking_uri)
+        if delivery.complete:
+            self.outbox.remove()
+        else:
+            self.outbox.unlock()
+            self.outbox.close()
+        return delivery
+
+
+# --- opening a run ------------------------------------------------------------------------------
+def claim(box: Outbox) -> Outbox:
+    if not box.try_lock():
+        raise MlexpError(f"run {box.info().run_id or box.info().local_id} is being tracked by a live process "
+                         f"(pid {box.holder_pid()}) on this machine; wait for it or stop it first")
+    return box
+
+
+def last_logged_steps(client, run_id: str) -> dict[str, int]:
+    """The highest step logged so far for every metric of a run on the server."""
+    run = client.get_run(run_id)
+    return {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+            for key in run.data.metrics}
+
+
+def merge_steps(*sources: dict[str, int]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for steps in sources:
+        for key, step in steps.items():
+            merged[key] = max(step, merged.get(key, -1))
+    return merged
+
+
+def open_run(tracking_uri: str, experiment: str, run_name: str | None, *, run_id: str | None = None,
+             resume_run_id: str | None = None, parent_run_id: str | None = None,
+             tags: dict[str, str] | None = None, offline: bool = False, heartbeat: bool = True) -> RunTracker:
+    """Start, adopt or resume the run a process logs to.
+
+    `run_id`: a run created for us (a sweep's child); under `mlflow run` the entry point's run
+    (MLFLOW_RUN_ID) is adopted the same way. `resume_run_id`: continue that run; its status
+    changes only when `mark_running` is called. `offline`: record everything locally.
+    """
+    tags = dict(tags or {})
+    if offline:
+        return _open_offline(experiment, run_name, run_id, resume_run_id, parent_run_id, tags)
+    server.check_reachable(tracking_uri)
+    client = server.client_for(tracking_uri)
+    existing = resume_run_id or run_id or (None if parent_run_id else os.environ.get("MLFLOW_RUN_ID"))
+    if existing:
+        box = claim(Outbox.find(existing) or Outbox.create(existing, run_id=existing, tracking_uri=tracking_uri,
+                                                           experiment=experiment, experiment_id=None,
+                                                           run_name=run_name))
+        if resume_run_id:
+            return RunTracker(box, client, merge_steps(box.max_steps(), last_logged_steps(client, existing)))
+        tracker = RunTracker(box, client, heartbeat=heartbeat)
+        tracker.set_tags({**tags, **({"mlflow.runName": run_name} if run_name else {})})
+        return tracker
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiment_id = server.experiment_id_for(client, experiment)
+    except MlflowException as error:
+        raise MlexpError(f"cannot use MLflow experiment {experiment!r} at {tracking_uri}: "
+                         f"{server.first_line(error)}") from None
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    new_id = server.create_run(client, experiment_id, run_name, tags)
+    box = claim(Outbox.create(new_id, run_id=new_id, tracking_uri=tracking_uri, experiment=experiment,
+                              experiment_id=experiment_id, run_name=run_name, tags=tags))
+    return RunTracker(box, client)
+
+
+def _open_offline(experiment: str, run_name: str | None, run_id: str | None, resume_run_id: str | None,
+                  parent_run_id: str | None, tags: dict[str, str]) -> RunTracker:
+    existing = resume_run_id or run_id
+    if existing:
+        box = Outbox.find(existing)
+        if box is None:
+            raise MlexpError(f"no offline run {existing!r} in {outbox_root()} (set $MLEXP_OUTBOX_DIR if it "
+                             "was recorded elsewhere)")
+        claim(box)
+        if resume_run_id:
+            return RunTracker(box, None, box.max_steps())
+        tracker = RunTracker(box, None)
+        tracker.set_tags(tags)
+        return tracker
+    return RunTracker(claim(create_offline_run(experiment, run_name, parent_run_id, tags)), None)
+
+
+def create_offline_run(experiment: str, run_name: str | None, parent_local_id: str | None,
+                       tags: dict[str, str]) -> Outbox:
+    """An outbox for a run the server will only learn of at `mlexp sync` (tagged to find it then)."""
+    local_id = new_local_id()
+    tags = {**tags, "mlexp.local_id": local_id}
+    return Outbox.create(local_id, run_id=None, tracking_uri=None, experiment=experiment, experiment_id=None,
+                         run_name=run_name, parent_local_id=parent_local_id, tags=tags, offline=True)
+
+
+def create_child_run(parent: RunTracker, run_name: str, tags: dict[str, str]) -> str:
+    """A sweep child nested under `parent`, created before it trains; returns its id."""
+    tags = {**tags, "mlflow.runName": run_name}
+    info = parent.outbox.info()
+    if parent.offline:
+        return create_offline_run(info.experiment or "mlexp", run_name, parent.local_id, tags).info().local_id
+    experiment_id = info.experiment_id or parent.client.get_run(parent.run_id).info.experiment_id
+    return server.create_run(parent.client, experiment_id, run_name, {**tags, "mlflow.parentRunId": parent.run_id})
+
+
+def end_run(tracking_uri: str, run_id: str, status: str, message: str, tags: dict[str, str] | None = None,
+            offline: bool = False, wait_s: float = 10.0) -> Delivery:
+    """End a run this process did not train (a sweep child that never started, a reaped run),
+    with `mlexp.error` saying why."""
+    tracker = open_run(tracking_uri, "", None, run_id=run_id, offline=offline, heartbeat=False)
+    if tags:
+        tracker.set_tags(tags)
+    return tracker.finish(status, error=message, wait_s=wait_s)

@@ -1,0 +1,184 @@
+"""The sender: drains one run's outbox to MLflow in the background.
+
+Two lanes, each a thread that keeps its own order: records (params, tags, metric points,
+batched into `log_batch` requests) and files (uploads, checkpoint manifests, deletions).
+Metric points never wait behind a checkpoint upload. A checkpoint's manifest waits only for
+the records logged before it, so a resume never starts from a checkpoint whose metrics the
+server lacks. The run's final status is sent last, once both lanes are empty.
+
+A failed request is retried after a capped exponential backoff (0.5 s doubling to 30 s),
+with no limit while the run lives. The user is told once when the server goes away and
+once when it is back, with what was waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+from mlexp.faults import crash_point
+from mlexp.tracking import server
+from mlexp.tracking.outbox import Outbox
+
+SEND_INTERVAL_S = 2.0
+BACKOFF_START_S = 0.5
+BACKOFF_CAP_S = 30.0
+READ_ROWS = 5000
+
+
+def say(message: str) -> None:
+    print(f"mlexp: {message}", file=sys.stderr, flush=True)
+
+
+class Health:
+    """Whether the server answers; says so once per outage, not once per failed request."""
+
+    def __init__(self, outbox: Outbox, tracking_uri: str, quiet: bool = False):
+        self.outbox, self.tracking_uri, self.quiet = outbox, tracking_uri, quiet
+        self.down_since: float | None = None
+        self.last_error = ""
+        self._lock = threading.Lock()
+
+    def failed(self, error: BaseException) -> None:
+        with self._lock:
+            self.last_error = server.first_line(error)
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                if not self.quiet:
+                    say(f"the tracking server at {self.tracking_uri} is not taking writes ({self.last_error}); "
+                        f"training goes on and everything waits in {self.outbox.folder}")
+
+    def ok(self) -> None:
+        with self._lock:
+            if self.down_since is None:
+                return
+            away = time.monotonic() - self.down_since
+            self.down_since = None
+            if not self.quiet:
+                say(f"the tracking server is back after {away:.0f} s; sending what waited: "
+                    f"{self.outbox.pending().describe()}")
+
+
+class Sender:
+    """Sends one outbox to one MLflow run until stopped."""
+
+    def __init__(self, outbox: Outbox, client, run_id: str, quiet: bool = False):
+        self.outbox, self.client, self.run_id = outbox, client, run_id
+        self.health = Health(outbox, client.tracking_uri, quiet)
+        self._wakes = {"records": threading.Event(), "files": threading.Event()}
+        self._stop = threading.Event()
+        self._status_lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._lane, args=(name, step), name=f"mlexp-{name}", daemon=True)
+                         for name, step in (("records", self._records_step), ("files", self._files_step))]
+
+    def start(self) -> "Sender":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def wake(self) -> None:
+        for event in self._wakes.values():
+            event.set()
+
+    def wait_drained(self, timeout_s: float) -> bool:
+        """Wait until the outbox is empty (True) or the time is up (False)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.outbox.pending().empty:
+            if time.monotonic() >= deadline:
+                return False
+            self.wake()
+            time.sleep(0.05)
+        return True
+
+    def stop(self, join_s: float = 5.0) -> None:
+        """Stop both lanes; a request in flight is abandoned, its row stays for a later send."""
+        self._stop.set()
+        self.wake()
+        for thread in self._threads:
+            thread.join(join_s)
+
+    # --- the lanes ------------------------------------------------------------------------------
+    def _lane(self, name: str, step) -> None:
+        wake, failures = self._wakes[name], 0
+        while not self._stop.is_set():
+            try:
+                progressed = step()
+                self.health.ok()
+                failures = 0
+            except Exception as error:  # noqa: BLE001 - the server's trouble never reaches training
+                failures += 1
+                self.health.failed(error)
+                delay = min(BACKOFF_CAP_S, BACKOFF_START_S * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)
+                self._stop.wait(delay)
+                continue
+            if not progressed:
+                wake.wait(SEND_INTERVAL_S)
+                wake.clear()
+
+    def _records_step(self) -> bool:
+        rows = server.batch_of(self.outbox.next_records(READ_ROWS))
+        if rows:
+            self._send_rows(rows)
+            self._wakes["files"].set()  # a manifest may have been waiting for these
+            # A full batch: more are waiting. Otherwise collect for SEND_INTERVAL_S (fewer,
+            # larger requests) unless woken (a heartbeat, the end of the run).
+            return len(rows) >= server.MAX_METRICS_PER_REQUEST
+        return self._send_status()
+
+    def _send_rows(self, rows: list[tuple]) -> None:
+        try:
+            server.send_records(self.client, self.run_id, rows)
+        except Exception as error:
+            if not server.is_permanent(error):
+                raise
+            # Refused for good: find the culprit(s) one by one, keep them aside, send the rest.
+            for row in rows:
+                try:
+                    server.send_records(self.client, self.run_id, [row])
+                except Exception as single:
+                    if not server.is_permanent(single):
+                        raise
+                    self.outbox.reject(f"{row[1]} {row[2]}={row[3] if row[3] is not None else row[4]}",
+                                       server.first_line(single))
+                self.outbox.delete_records([row[0]])
+            return
+        self.outbox.delete_records([row[0] for row in rows])
+
+    def _send_status(self) -> bool:
+        """The status, once everything before it is on the server (RUNNING needs no waiting)."""
+        with self._status_lock:
+            info = self.outbox.info()
+            if info.status_sent or info.status is None:
+                return False
+            if info.status != "RUNNING" and self._has_other_pending():
+                return False
+            server.set_status(self.client, self.run_id, info.status, info.end_time)
+            self.outbox.mark_status_sent(info.status)
+            return True
+
+    def _has_other_pending(self) -> bool:
+        pending = self.outbox.pending()
+        return bool(pending.metrics or pending.params_tags or pending.files)
+
+    def _files_step(self) -> bool:
+        op = self.outbox.next_file_op()
+        if op is None:
+            return False
+        seq, kind, local_path, artifact_path, after_seq, meta = op
+        if kind == "manifest" and self.outbox.records_before(after_seq):
+            return False  # the metrics this checkpoint covers go first; the records lane wakes us
+        if kind == "upload":
+            server.upload_folder(self.client, self.run_id, Path(local_path), artifact_path,
+                                 before_file=lambda path: crash_point("upload", path))
+        elif kind == "manifest":
+            crash_point("manifest", json.loads(meta).get("epoch"))
+            server.publish_manifest(self.client, self.run_id, Path(local_path), artifact_path)
+        elif kind == "delete":
+            server.delete_artifacts(self.client, self.run_id, artifact_path)
+        self.outbox.done_file_op(seq, local_path)
+        self._wakes["records"].set()  # the status may be sendable now
+        return True

@@ -1,0 +1,236 @@
+"""The MLflow side of the seam: the only code in mlexp that calls MLflow's write API.
+
+Every request is bounded: MLflow's client would retry one failing HTTP request for about
+12 minutes (7 retries with exponential backoff), holding back everything behind it. mlexp
+asks for at most one quick retry and a 30 s socket timeout, and the outbox's sender does
+its own backoff, with no limit while the run lives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+from mlexp.errors import MlexpError
+
+# MLflow reads these at every request; set before the first one.
+os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = os.environ.get("MLEXP_HTTP_RETRIES", "1")
+os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = os.environ.get("MLEXP_HTTP_TIMEOUT_S", "30")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # checkpoint reads are not news
+
+MAX_METRICS_PER_REQUEST = 1000
+MAX_TEXTS_PER_REQUEST = 100  # params and tags, each
+MANIFEST = "manifest.json"
+# Errors that no retry can fix: the run is gone, or a value is refused (a changed param).
+PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"}
+# The experiment kind MLflow 3's UI reads to open an experiment on its runs, not the GenAI view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else a SQLite store in the current folder (MLflow 3's default)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, with one line, when the store cannot be used at all."""
+    if tracking_uri.startswith("sqlite:///"):
+        store = Path(tracking_uri[len("sqlite:///"):])
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(store.parent, os.W_OK) or (store.exists() and not os.access(store, os.W_OK)):
+                raise PermissionError("not writable")
+        except OSError as error:
+            raise MlexpError(f"cannot create the MLflow tracking store {tracking_uri} "
+                             f"({error.strerror or error}); pass a --tracking-uri in a folder you can write, "
+                             "or --offline") from None
+        return
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered: a server that has no /health is still a server
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise MlexpError(f"cannot reach the MLflow tracking server at {tracking_uri} ({reason}); "
+                         "start it (`mlflow server --host 127.0.0.1 --port 5000`), pass another "
+                         "--tracking-uri, or train with --offline and `mlexp sync` later") from None
+
+
+def client_for(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def error_code(error: BaseException) -> str | None:
+    return getattr(error, "error_code", None)
+
+
+def is_permanent(error: BaseException) -> bool:
+    """Refused for good (retrying cannot help), as opposed to the server being away or busy."""
+    return error_code(error) in PERMANENT_CODES and "database is locked" not in str(error)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]
+
+
+# --- experiments and runs -------------------------------------------------------------------
+def experiment_id_for(client, name: str) -> str:
+    """The experiment's id, creating it (for the runs view) if needed; safe when two processes race."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name, tags=EXPERIMENT_KIND)
+        except MlflowException:
+            found = client.get_experiment_by_name(name)  # another process created it first
+            if found is None:
+                raise
+    if found.lifecycle_stage == "deleted":
+        raise MlexpError(f"the MLflow experiment {name!r} was deleted; restore it with `mlflow experiments "
+                         f"restore --experiment-id {found.experiment_id}` (and the same --tracking-uri), "
+                         "or pass another --experiment name")
+    return found.experiment_id
+
+
+def create_run(client, experiment_id: str, run_name: str | None, tags: dict[str, str],
+               start_time: int | None = None) -> str:
+    all_tags = dict(tags)
+    if run_name:
+        all_tags["mlflow.runName"] = run_name
+    return client.create_run(experiment_id, start_time=start_time, run_name=run_name, tags=all_tags).info.run_id
+
+
+def find_run_by_local_id(client, local_id: str, experiment_id: str | None = None) -> str | None:
+    """The server run that an offline run became at an earlier sync (tag mlexp.local_id)."""
+    if experiment_id is None:
+        ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+    else:
+        ids = [experiment_id]
+    if not ids:
+        return None
+    runs = client.search_runs(ids, filter_string=f"tags.`mlexp.local_id` = '{local_id}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def set_status(client, run_id: str, status: str, end_time: int | None) -> None:
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+        return
+    client.set_terminated(run_id, status, end_time=end_time)
+    if status == "FINISHED":  # an earlier failure (or a reap) of this run was resumed and made good
+        run = client.get_run(run_id)
+        for tag in ("mlexp.error", "mlexp.reaped"):
+            if tag in run.data.tags:
+                client.delete_tag(run_id, tag)
+
+
+# --- records ----------------------------------------------------------------------------------
+def send_records(client, run_id: str, rows: list[tuple]) -> None:
+    """One log_batch of outbox rows (seq, kind, key, text, num, timestamp, step).
+
+    A param or tag key appears once per request (MLflow refuses duplicates): the last wins.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    metrics = [Metric(key, num, timestamp, step) for _, kind, key, _, num, timestamp, step in rows if kind == "metric"]
+    params = {key: text for _, kind, key, text, *_ in rows if kind == "param"}
+    tags = {key: text for _, kind, key, text, *_ in rows if kind == "tag"}
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def batch_of(rows: list[tuple]) -> list[tuple]:
+    """The longest prefix of rows that fits one log_batch request."""
+    counts = {"metric": 0, "param": 0, "tag": 0}
+    limits = {"metric": MAX_METRICS_PER_REQUEST, "param": MAX_TEXTS_PER_REQUEST, "tag": MAX_TEXTS_PER_REQUEST}
+    for index, row in enumerate(rows):
+        counts[row[1]] += 1
+        if counts[row[1]] > limits[row[1]] or sum(counts.values()) > MAX_METRICS_PER_REQUEST:
+            return rows[:index]
+    return rows
+
+
+# --- artifacts --------------------------------------------------------------------------------
+def upload_folder(client, run_id: str, local_dir: Path, artifact_path: str,
+                  before_file: Callable[[str], None] = lambda path: None) -> None:
+    """Upload a folder file by file (a retry re-sends the whole folder: uploads overwrite)."""
+    for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+        relative = path.relative_to(local_dir).parent.as_posix()
+        target = "/".join(part for part in (artifact_path, relative) if part and part != ".")
+        before_file(f"{target}/{path.name}")
+        client.log_artifact(run_id, str(path), target or None)
+
+
+def artifact_repo(client, run_id: str):
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
+
+
+def delete_artifacts(client, run_id: str, artifact_path: str) -> None:
+    artifact_repo(client, run_id).delete_artifacts(artifact_path)
+
+
+def read_json_artifact(client, run_id: str, artifact_path: str) -> Any | None:
+    """A small JSON artifact, or None when the run has none at that path."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="mlexp-read-") as folder:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=folder,
+                                                       tracking_uri=client.tracking_uri)
+        except (MlflowException, OSError):
+            return None
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None
+
+
+def download(client, run_id: str, artifact_path: str, target: Path) -> Path:
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                    dst_path=str(target), tracking_uri=client.tracking_uri))
+
+
+def publish_manifest(client, run_id: str, local_dir: Path, artifact_path: str) -> bool:
+    """Make a checkpoint visible: upload its manifest last, then prune older epoch folders.
+
+    A manifest older than the one the server has (a stale outbox synced late) is not
+    published, and its own folder is removed. Returns whether it was published.
+    """
+    manifest = json.loads((Path(local_dir) / MANIFEST).read_text())
+    current = read_json_artifact(client, run_id, f"{artifact_path}/{MANIFEST}")
+    if current and current.get("epoch", -1) > manifest["epoch"]:
+        delete_artifacts(client, run_id, f"{artifact_path}/{manifest['folder']}")
+        return False
+    client.log_artifact(run_id, str(Path(local_dir) / MANIFEST), artifact_path)
+    for item in client.list_artifacts(run_id, artifact_path):
+        name = item.path.rsplit("/", 1)[-1]
+        if item.is_dir and name != manifest["folder"]:
+            delete_artifacts(client, run_id, item.path)
+    return True
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

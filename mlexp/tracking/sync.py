@@ -1,0 +1,154 @@
+"""`mlexp sync`: send what outboxes still hold (killed processes, outages, offline runs).
+
+Idempotent: a metric point is re-sent with its original timestamp (MLflow's key for a point
+includes it, so a point the server already has is not stored twice), params and tags are
+re-sent with their values, uploads overwrite, and an offline run is found again on the
+server by its `mlexp.local_id` tag instead of being created twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from mlexp.errors import MlexpError
+from mlexp.tracking import server
+from mlexp.tracking.outbox import Outbox, Pending, all_outboxes, outbox_root
+from mlexp.tracking.sender import Sender
+
+
+@dataclass
+class SyncResult:
+    run: str  # the run's name and id, for the report
+    before: Pending
+    after: Pending | None  # None: not attempted (dry run, live process)
+    note: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return self.after is not None and self.after.empty
+
+    def line(self) -> str:
+        if self.after is None:
+            return f"{self.run}: {self.note or 'would send ' + self.before.describe()}"
+        if self.after.empty:
+            return f"{self.run}: sent {self.before.describe()}{self.note}"
+        return f"{self.run}: {self.after.describe()} still waiting{self.note}"
+
+
+def stall_s() -> float:
+    return float(os.environ.get("MLEXP_SYNC_STALL_S", "60"))
+
+
+def chosen_outboxes(run: str | None, every: bool) -> list[Outbox]:
+    if run:
+        box = Outbox.find(run)
+        if box is None:
+            raise MlexpError(f"no outbox for run {run!r} in {outbox_root()}: nothing waits for it on this machine "
+                             "(set $MLEXP_OUTBOX_DIR if it was recorded elsewhere)")
+        return [box]
+    if not every:
+        raise MlexpError("say which: --run RUN_ID, or --all")
+    boxes = list(all_outboxes())
+    # Parents before their children: a child is created nested under its parent's server run.
+    return sorted(boxes, key=lambda box: box.info().parent_local_id is not None)
+
+
+def sync(run: str | None = None, every: bool = False, to: str | None = None, dry_run: bool = False,
+         echo=print) -> list[SyncResult]:
+    results = []
+    for box in chosen_outboxes(run, every):
+        result = sync_outbox(box, to, dry_run)
+        echo(result.line())
+        results.append(result)
+    if not results:
+        echo(f"nothing to sync: no outbox in {outbox_root()}")
+    return results
+
+
+def label(box: Outbox) -> str:
+    info = box.info()
+    name = f"{info.run_name} " if info.run_name else ""
+    return f"{name}({info.run_id or info.local_id}{', offline' if info.offline and not info.run_id else ''})"
+
+
+def sync_outbox(box: Outbox, to: str | None, dry_run: bool) -> SyncResult:
+    info = box.info()
+    before = box.pending()
+    if not box.try_lock():
+        return SyncResult(label(box), before, None, f"being sent by its own live process (pid {box.holder_pid()})")
+    try:
+        if dry_run:
+            return SyncResult(label(box), before, None,
+                              f"would send {before.describe()} to {info.tracking_uri or to or '?'} "
+                              f"({box.disk_bytes() / 1e6:.1f} MB on disk)")
+        uri = info.tracking_uri or to
+        if uri is None:
+            raise MlexpError(f"run {info.local_id} was recorded offline: say where to send it with --to URI")
+        if to and info.tracking_uri and to != info.tracking_uri:
+            raise MlexpError(f"run {info.run_id} belongs to {info.tracking_uri}; --to is for offline runs only")
+        server.check_reachable(uri)
+        client = server.client_for(uri)
+        run_id = info.run_id or ensure_server_run(box, client, uri)
+        sender = Sender(box, client, run_id, quiet=True).start()
+        drain(box, sender)
+        sender.stop()
+        after = box.pending()
+        note = f" -> run {run_id} at {uri}" if not info.run_id else ""
+        if after.rejected:
+            note += f"; {after.rejected} refused by the server for good (kept in {box.db_path})"
+        result = SyncResult(label(box), before, after, note)
+        if after.empty and not after.rejected:
+            box.remove()
+        return result
+    finally:
+        box.unlock()
+        box.close()
+
+
+def drain(box: Outbox, sender: Sender) -> None:
+    """Until the outbox is empty, or nothing has moved for stall_s()."""
+    last, moved = None, time.monotonic()
+    while True:
+        pending = box.pending()
+        if pending.empty:
+            return
+        if pending != last:
+            last, moved = pending, time.monotonic()
+        elif time.monotonic() - moved > stall_s():
+            return
+        sender.wake()
+        time.sleep(0.1)
+
+
+def ensure_server_run(box: Outbox, client, uri: str) -> str:
+    """The server run an offline run becomes: found by its local id, else created (nested under
+    its parent's server run, at its original start time)."""
+    info = box.info()
+    experiment_id = server.experiment_id_for(client, info.experiment or "mlexp")
+    run_id = server.find_run_by_local_id(client, info.local_id, experiment_id)
+    if run_id is None:
+        tags = dict(info.tags)
+        if info.parent_local_id:
+            tags["mlflow.parentRunId"] = parent_server_id(info.parent_local_id, client, uri)
+        run_id = server.create_run(client, experiment_id, info.run_name, tags, start_time=info.start_time)
+    box.set_server_run(run_id, uri, experiment_id)
+    return run_id
+
+
+def parent_server_id(parent_local_id: str, client, uri: str) -> str:
+    parent = Outbox.find(parent_local_id)
+    if parent is not None:
+        if parent.info().run_id:
+            return parent.info().run_id
+        if parent.try_lock():
+            try:
+                return ensure_server_run(parent, client, uri)
+            finally:
+                parent.unlock()
+    found = server.find_run_by_local_id(client, parent_local_id)
+    if found is None:
+        raise MlexpError(f"the parent run {parent_local_id} of this offline run is neither here nor on {uri}; "
+                         "sync the parent first")
+    return found
