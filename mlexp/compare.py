@@ -13,6 +13,7 @@ Runs that are not FINISHED (RUNNING, FAILED, KILLED) are listed, never averaged 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import time
@@ -313,7 +314,10 @@ def log_compare_run(tracking_uri: str, result: CompareResult, out_dir: Path, com
     except BaseException as error:
         tracker.finish("FAILED", error=f"{type(error).__name__}: {error}")
         raise
-    delivery = tracker.finish("FINISHED")
+    if os.environ.get("MLFLOW_RUN_ID"):  # the project's run: `mlflow run` ends it
+        delivery = tracker.abandon(wait_s=tracking.run.grace_s())
+    else:
+        delivery = tracker.finish("FINISHED")
     if not delivery.complete:
         print(f"mlexp: compare run {delivery.run_id}: {delivery.describe()}", file=sys.stderr)
     return tracker.run_id

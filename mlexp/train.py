@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class TrainResult:
     effective: TrainConfig
     model: torch.nn.Module | None = field(default=None, repr=False)  # the final (EMA) weights, unwrapped
     history: History | None = field(default=None, repr=False)
+    delivered_s: float | None = None  # from the end of training until the server had everything
 
 
 def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dict | None = None,
@@ -57,6 +59,8 @@ def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dic
     """
     tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri()
     offline = tracking.offline_requested(cfg.offline)
+    if cfg.resume and (delivered := deliver_finished_run(cfg.resume)) is not None:
+        return delivered
     resume = find_resume_point(tracking_uri, cfg.resume, offline) if cfg.resume else None
     try:
         return _run(cfg, resume, tracking_uri, offline, run_id, extra_tags, track)
@@ -99,10 +103,31 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
         raise
     finally:
         release_accelerator(accelerator)
+    ended = time.perf_counter()
     delivery = training.end("FINISHED")
+    if delivery is not None and delivery.complete:
+        result.delivered_s = time.perf_counter() - ended
     if accelerator.is_main_process:
         print_outcome(result, delivery, tracking_uri)
     return result
+
+
+def deliver_finished_run(run_id: str) -> TrainResult | None:
+    """`--resume` of a run that finished training but whose results never all reached the server
+    (killed during its final uploads, or the server was away): send them, train nothing."""
+    from mlexp.tracking.outbox import Outbox
+    from mlexp.tracking.sync import sync_outbox
+
+    box = Outbox.find(run_id)
+    if box is None or box.info().status != "FINISHED" or box.info().offline:
+        return None
+    config = TrainConfig.from_dict(box.get("config") or {})
+    print(f"mlexp: run {run_id} finished training before; sending what it left (as `mlexp sync` does)", flush=True)
+    result = sync_outbox(box, None, dry_run=False)
+    print(f"mlexp: {result.line()}", flush=True)
+    if not result.complete:
+        raise MlexpError(f"run {run_id}: {result.line()}; try `mlexp sync --run {run_id}` later")
+    return TrainResult(run_id, "FINISHED", float("nan"), 0, config)
 
 
 @dataclass

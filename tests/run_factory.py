@@ -19,7 +19,7 @@ def log_run(client: MlflowClient, experiment: str, *, backbone: str = "resnet18"
             strategy: str = "full", seed: int = 1, fold: int = 0, val_acc: list[float] = (0.5, 0.7),
             train_acc: list[float] | None = None, epoch_time: float = 10.0, epochs: int | None = None,
             trainable: int = 1000, status: str = "FINISHED", dataset: str = "digits",
-            name: str | None = None, start_time: int | None = None) -> str:
+            name: str | None = None, start_time: int | None = None, heartbeat: int | None = None) -> str:
     """One run with the logging contract: effective params, mlexp tags, per-epoch metrics and,
     once finished, the end-of-run summary. Statuses other than RUNNING end the run."""
     train_acc = list(train_acc) if train_acc is not None else [min(1.0, v + 0.05) for v in val_acc]
@@ -27,7 +27,7 @@ def log_run(client: MlflowClient, experiment: str, *, backbone: str = "resnet18"
                       epochs=epochs or len(val_acc))
     params = cfg.to_params() | {"distributed_type": "NO", "num_processes": "1"}
     tags = {"mlexp.backbone": backbone, "mlexp.init": init, "mlexp.strategy": strategy, "mlexp.dataset": dataset,
-            "mlexp.version": "0.1.0"}
+            "mlexp.version": "0.1.0", **({"mlexp.heartbeat": str(heartbeat)} if heartbeat else {})}
     run = client.create_run(experiment_id(client, experiment), start_time=start_time,
                             run_name=name or f"{backbone}-{init}-{strategy}-s{seed}-f{fold}", tags=tags)
     now = int(time.time() * 1000)

@@ -1,4 +1,4 @@
-"""The training monitor (seed 000: --progress, --summary) against real MLflow stores."""
+"""The training monitor (--progress, --summary) against real MLflow stores."""
 
 from __future__ import annotations
 
@@ -19,15 +19,19 @@ def test_progress_shows_epoch_of_total_val_acc_and_eta(sqlite_uri):
     start_ms = int(time.time() * 1000) - 3_600_000
     log_run(client, "mon", val_acc=[0.8, 0.9], name="done")
     log_run(client, "mon", init="scratch", val_acc=[0.31, 0.42], epochs=5, epoch_time=12.0, status="RUNNING",
-            name="busy", start_time=start_ms)
+            name="busy", start_time=start_ms, heartbeat=start_ms + 60_000)
     log_run(client, "other", val_acc=[0.5], epochs=4, status="RUNNING", name="elsewhere")
 
     text = progress(client, ["mon"], now=start_ms / 1000 + 65)
     assert "1 run(s) in progress" in text
     (row,) = [line for line in text.splitlines() if line.startswith("mon ")]
     # epoch 2 of 5 (effective epochs), 42.0% val acc, 12 s epochs, 3 left -> 36 s, started 65 s ago
-    for expected in ("busy", "resnet18/scratch/full", "2/5", "42.0%", "0m12s", "0m36s", "1m05s"):
+    for expected in ("busy", "running", "resnet18/scratch/full", "2/5", "42.0%", "0m12s", "0m36s", "1m05s"):
         assert expected in row
+    # Its heartbeat is 5 s old; 50 s later (past 1.5 periods of 30 s) it is lost, with no ETA.
+    (later,) = [line for line in progress(client, ["mon"], now=start_ms / 1000 + 115).splitlines()
+                if line.startswith("mon ")]
+    assert "lost (last beat 0m55s ago)" in later and "0m36s" not in later
     assert "done" not in text and "elsewhere" not in text
     assert "elsewhere" in progress(client)  # no experiment named: all of them
 

@@ -156,7 +156,8 @@ class Outbox:
     def connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            if not self.folder.is_dir():  # removed once delivered: never recreate it empty
+                raise FileNotFoundError(f"no outbox at {self.folder}")
             db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={os.environ.get('MLEXP_OUTBOX_SYNC', 'NORMAL')}")

@@ -107,7 +107,6 @@ class Sender:
         while not self._stop.is_set():
             try:
                 progressed = step()
-                self.health.ok()
                 failures = 0
             except Exception as error:  # noqa: BLE001 - the server's trouble never reaches training
                 failures += 1
@@ -123,6 +122,7 @@ class Sender:
         rows = server.batch_of(self.outbox.next_records(READ_ROWS))
         if rows:
             self._send_rows(rows)
+            self.health.ok()
             self._wakes["files"].set()  # a manifest may have been waiting for these
             # A full batch: more are waiting. Otherwise collect for SEND_INTERVAL_S (fewer,
             # larger requests) unless woken (a heartbeat, the end of the run).
@@ -157,6 +157,7 @@ class Sender:
             if info.status != "RUNNING" and self._has_other_pending():
                 return False
             server.set_status(self.client, self.run_id, info.status, info.end_time)
+            self.health.ok()
             self.outbox.mark_status_sent(info.status)
             return True
 
@@ -179,6 +180,7 @@ class Sender:
             server.publish_manifest(self.client, self.run_id, Path(local_path), artifact_path)
         elif kind == "delete":
             server.delete_artifacts(self.client, self.run_id, artifact_path)
+        self.health.ok()
         self.outbox.done_file_op(seq, local_path)
         self._wakes["records"].set()  # the status may be sendable now
         return True

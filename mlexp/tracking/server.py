@@ -171,7 +171,7 @@ def upload_folder(client, run_id: str, local_dir: Path, artifact_path: str,
     for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
         relative = path.relative_to(local_dir).parent.as_posix()
         target = "/".join(part for part in (artifact_path, relative) if part and part != ".")
-        before_file(f"{target}/{path.name}")
+        before_file("/".join(part for part in (target, path.name) if part))
         client.log_artifact(run_id, str(path), target or None)
 
 
