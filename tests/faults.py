@@ -26,6 +26,7 @@ class RestartableServer:
 
     def __init__(self, root: Path, artifacts: Path | None = None):
         self.root, self.artifacts = root, artifacts
+        root.mkdir(parents=True, exist_ok=True)
         self.proc, self.uri = start_local_server(root, artifacts=artifacts)
         self.port = int(self.uri.rsplit(":", 1)[1])
 

@@ -378,3 +378,28 @@ def test_cli_weights_uri_uses_the_tracking_uri_option_and_fails_before_any_run(t
                    f"sqlite:///{db}")
     assert runs_in(db) == 0
     assert list(cwd.iterdir()) == []
+
+
+# --- the tracking store itself -----------------------------------------------------------------
+
+
+def test_a_deleted_experiment_says_how_to_restore_it(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("gone")
+    client.delete_experiment(experiment_id)
+    done = run_mlexp(["train", "--backbone", "resnet18_scratch", "--epochs", "1", "--experiment", "gone"],
+                     subprocess_env(uri), cwd=tmp_path, timeout=120)
+    one_line_error(done, "experiment 'gone' was deleted",
+                   f"mlflow experiments restore --experiment-id {experiment_id}", "another --experiment")
+    assert runs_in(tmp_path / "mlflow.db") == 0
+
+
+def test_a_tracking_store_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the store's folder should be")
+    uri = f"sqlite:///{blocker / 'mlflow.db'}"
+    done = run_mlexp(["train", "--backbone", "resnet18_scratch", "--epochs", "1", "--tracking-uri", uri],
+                     subprocess_env(uri), cwd=tmp_path, timeout=120)
+    one_line_error(done, "cannot create the MLflow tracking store", "--offline")
+    assert not (tmp_path / "mlflow.db").exists()

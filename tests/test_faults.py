@@ -297,3 +297,32 @@ def write_tiny_folder(root: Path) -> None:
         for index in range(12):
             pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / label / f"{index}.png")
+
+
+def test_sigterm_during_an_outage_keeps_everything_for_sync(own_server, tmp_path):
+    env = subprocess_env(own_server.uri)
+    proc = mlexp_process(["train", *TINY, "--epochs", "3", "--batch-size", "16", "--experiment", "sigterm"],
+                         env, tmp_path)
+    seen: list[str] = []
+    read_until(proc, "epoch   1", seen)
+    client = MlflowClient(own_server.uri)
+    run_id = only_run(client, "sigterm").info.run_id
+    own_server.stop()
+    read_until(proc, "epoch   2", seen)
+    proc.send_signal(signal.SIGTERM)
+    output = "".join(seen) + proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert f"run {run_id} (KILLED): the tracking server does not have everything yet" in output
+
+    own_server.start()
+    synced = run_mlexp(["sync", "--run", run_id], env, tmp_path)
+    assert synced.returncode == 0, synced.stdout + synced.stderr[-2000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["mlexp.error"] == "interrupted"
+    logged = steps(client, run_id, "batch/loss")
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) >= 2 * (1437 // 16)
+    assert steps(client, run_id, "val/acc") == [1, 2]
+    assert "checkpoints/last/epoch_0002/training_state.pt" in artifact_paths(client, run_id)
+    resumed = run_mlexp(["train", "--resume", run_id], env, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_complete(client, run_id, epochs=3, batch_size=16)

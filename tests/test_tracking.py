@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from mlflow import MlflowClient
@@ -20,6 +21,7 @@ def test_batch_metrics_are_batched_ordered_and_complete(server_uri):
     start = time.perf_counter()
     for step in range(1, 2501):
         tracker.log_metrics({"batch/loss": 1.0 / step, "batch/lr": 0.1}, step=step)
+    tracker.log_metrics({"diverged": float("nan"), "exploded": float("inf")}, step=1)  # SQLite has no NaN
     enqueue_s = time.perf_counter() - start
     delivery = tracker.finish("FINISHED")
     assert delivery.complete
@@ -27,6 +29,7 @@ def test_batch_metrics_are_batched_ordered_and_complete(server_uri):
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
     assert history_steps(client, tracker.run_id, "batch/loss") == list(range(1, 2501))
+    assert math.isnan(run.data.metrics["diverged"]) and run.data.metrics["exploded"] == math.inf
     # 5,000 points were committed to the outbox without waiting on the server
     assert enqueue_s < 5.0
     assert list(all_outboxes()) == []  # delivered: the outbox is gone

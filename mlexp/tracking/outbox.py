@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import sqlite3
@@ -241,10 +242,15 @@ class Outbox:
 
     # --- writing (the training side) ---------------------------------------------------------
     def add_metrics(self, points: list[tuple[str, float, int, int]]) -> None:
-        """(key, value, timestamp ms, step) points; one transaction, durable when this returns."""
+        """(key, value, timestamp ms, step) points; one transaction, durable when this returns.
+
+        SQLite has no NaN (it would store NULL): a value that is not finite is kept as text.
+        """
+        rows = [(key, value, None, timestamp, step) if math.isfinite(value) else
+                (key, None, repr(value), timestamp, step) for key, value, timestamp, step in points]
         with self.transaction() as db:
-            db.executemany("INSERT INTO records (kind, key, num, timestamp, step) VALUES ('metric', ?, ?, ?, ?)",
-                           points)
+            db.executemany("INSERT INTO records (kind, key, num, text, timestamp, step) "
+                           "VALUES ('metric', ?, ?, ?, ?, ?)", rows)
             db.executemany("INSERT INTO max_steps (key, step) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
                            "step = max(step, excluded.step)", [(key, step) for key, _, _, step in points])
 

@@ -146,7 +146,8 @@ def send_records(client, run_id: str, rows: list[tuple]) -> None:
     """
     from mlflow.entities import Metric, Param, RunTag
 
-    metrics = [Metric(key, num, timestamp, step) for _, kind, key, _, num, timestamp, step in rows if kind == "metric"]
+    metrics = [Metric(key, num if num is not None else float(text), timestamp, step)
+               for _, kind, key, text, num, timestamp, step in rows if kind == "metric"]
     params = {key: text for _, kind, key, text, *_ in rows if kind == "param"}
     tags = {key: text for _, kind, key, text, *_ in rows if kind == "tag"}
     client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()],

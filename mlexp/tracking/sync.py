@@ -75,14 +75,16 @@ def label(box: Outbox) -> str:
 
 def sync_outbox(box: Outbox, to: str | None, dry_run: bool) -> SyncResult:
     info = box.info()
+    name = label(box)  # before the sync: an offline run is still named by its local id
     before = box.pending()
     if not box.try_lock():
-        return SyncResult(label(box), before, None, f"being sent by its own live process (pid {box.holder_pid()})")
+        return SyncResult(name, before, None, f"being sent by its own live process (pid {box.holder_pid()})")
     try:
         if dry_run:
-            return SyncResult(label(box), before, None,
+            refused = "".join(f"\n    refused: {what} ({reason})" for what, reason in box.rejected())
+            return SyncResult(name, before, None,
                               f"would send {before.describe()} to {info.tracking_uri or to or '?'} "
-                              f"({box.disk_bytes() / 1e6:.1f} MB on disk)")
+                              f"({box.disk_bytes() / 1e6:.1f} MB on disk){refused}")
         uri = info.tracking_uri or to
         if uri is None:
             raise MlexpError(f"run {info.local_id} was recorded offline: say where to send it with --to URI")
@@ -98,7 +100,7 @@ def sync_outbox(box: Outbox, to: str | None, dry_run: bool) -> SyncResult:
         note = f" -> run {run_id} at {uri}" if not info.run_id else ""
         if after.rejected:
             note += f"; {after.rejected} refused by the server for good (kept in {box.db_path})"
-        result = SyncResult(label(box), before, after, note)
+        result = SyncResult(name, before, after, note)
         if after.empty and not after.rejected:
             box.remove()
         return result
