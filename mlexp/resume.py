@@ -29,6 +29,7 @@ from mlexp.loop import TrainParts
 from mlexp.records import History
 from mlexp.tracking import server
 from mlexp.tracking.outbox import Outbox
+from mlexp.weights import file_sha256
 
 LAST = "checkpoints/last"
 
@@ -59,7 +60,7 @@ def state_for_resume(parts: TrainParts, history: History, epoch: int) -> dict:
 
 
 def write_manifest(folder: Path, epoch: int, global_step: int) -> dict:
-    files = {path.name: {"sha256": server.sha256_of(path), "bytes": path.stat().st_size}
+    files = {path.name: {"sha256": file_sha256(path), "bytes": path.stat().st_size}
              for path in sorted(folder.iterdir()) if path.is_file() and path.name != server.MANIFEST}
     manifest = {"epoch": epoch, "global_step": global_step, "folder": f"epoch_{epoch:04d}", "files": files}
     (folder / server.MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -116,7 +117,7 @@ def verified(folder: Path) -> dict | None:
     try:
         manifest = json.loads((folder / server.MANIFEST).read_text())
         for name, expected in manifest["files"].items():
-            if server.sha256_of(folder / name) != expected["sha256"]:
+            if file_sha256(folder / name) != expected["sha256"]:
                 return None
         return manifest
     except (OSError, ValueError, KeyError):

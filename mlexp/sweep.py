@@ -159,8 +159,11 @@ def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strateg
             else:
                 result.failed.append(run_id)
         if not offline:
-            result.best = best_per_backbone(parent.client, experiment_of(parent),
-                                            [*result.finished, *result.skipped])
+            try:
+                result.best = best_per_backbone(parent.client, experiment_of(parent),
+                                                [*result.finished, *result.skipped])
+            except Exception as error:  # noqa: BLE001 - a summary read is no reason to fail the sweep
+                print(f"mlexp: no best-run summary: the server did not answer ({error})", flush=True)
         report(parent, result)
     except BaseException as error:
         parent.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", error=str(error))
@@ -206,9 +209,12 @@ def end_untrained_child(tracking_uri: str, offline: bool, run_id: str, status: s
     box = Outbox.find(run_id)
     if box is not None and box.info().status in TERMINAL:
         return
-    if box is None and not offline and \
-            tracking.client_for(tracking_uri).get_run(run_id).info.status != "RUNNING":
-        return
+    if box is None and not offline:
+        try:
+            if tracking.client_for(tracking_uri).get_run(run_id).info.status != "RUNNING":
+                return
+        except Exception:  # noqa: BLE001 - the server is away: record the end in the outbox anyway
+            pass
     tracking.end_run(tracking_uri, run_id, status, message, offline=offline)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,12 @@ def torchrun_train(args: list[str], env: dict[str, str], out: Path, processes: i
                           env=env, cwd=out, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [load_file(out / f"rank{rank}.safetensors") for rank in range(processes)]
+
+
+def runs_in(db: Path) -> int:
+    """Runs in a SQLite MLflow store (0 when the store was never created)."""
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as connection:
+        tables = {row[0] for row in connection.execute("select name from sqlite_master where type = 'table'")}
+        return connection.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0

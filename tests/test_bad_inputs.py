@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import sqlite3
 import tempfile
 import warnings
 from pathlib import Path
@@ -27,7 +26,7 @@ from mlexp.data import (CheckedImageFolder, check_data_source, check_split, clas
                         load_rgb_image, split_indices)
 from mlexp.errors import MlexpError
 from mlexp.weights import file_sha256, locate_weights
-from tests.helpers import run_mlexp, subprocess_env
+from tests.helpers import run_mlexp, runs_in, subprocess_env
 
 
 def make_folder(root: Path, counts: dict[str, int], size: int = 8) -> Path:
@@ -39,15 +38,6 @@ def make_folder(root: Path, counts: dict[str, int], size: int = 8) -> Path:
             pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / name / f"{index}.png")
     return root
-
-
-def runs_in(db: Path) -> int:
-    """Runs in a SQLite MLflow store (0 when the store was never created)."""
-    if not db.exists():
-        return 0
-    with sqlite3.connect(db) as connection:
-        tables = {row[0] for row in connection.execute("select name from sqlite_master where type = 'table'")}
-        return connection.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
 
 
 def one_line_error(done, *fragments: str) -> str:

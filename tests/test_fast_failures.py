@@ -9,13 +9,14 @@ decides these before either is imported; the tests check both the clock and the 
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import runs_in
 
 FAST_S = 2.0
 HEAVY = ("torch", "timm", "safetensors", "mlflow", "accelerate", "mlexp.train")
@@ -38,14 +39,6 @@ def mlexp_train(args: list[str], tmp_path: Path, *python_flags: str) -> tuple[su
     done = subprocess.run([sys.executable, *python_flags, "-m", "mlexp", "train", *args], env=offline_env(tmp_path),
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     return done, time.perf_counter() - start
-
-
-def runs_in(db: Path) -> int:
-    if not db.exists():
-        return 0
-    with sqlite3.connect(db) as connection:
-        tables = {row[0] for row in connection.execute("select name from sqlite_master where type = 'table'")}
-        return connection.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
 
 
 CASES = {

@@ -91,10 +91,15 @@ class NullTracker:
 
 
 def existing_params(tracker: Any) -> dict[str, str]:
-    """Params already on the run (under `mlflow run`, MLflow logs the requested values first)."""
-    if not isinstance(tracker, RunTracker) or tracker.offline:
+    """Params already on an adopted run (under `mlflow run`, MLflow logs the requested values
+    first). A run mlexp created has none; a server that does not answer now is no reason to
+    stop (a conflicting param is then refused by the server and kept in the outbox)."""
+    if not isinstance(tracker, RunTracker) or tracker.offline or not tracker.adopted:
         return {}
-    return dict(tracker.client.get_run(tracker.run_id).data.params)
+    try:
+        return dict(tracker.client.get_run(tracker.run_id).data.params)
+    except Exception:  # noqa: BLE001
+        return {}
 
 
 def params_to_log(effective: dict[str, str], already: dict[str, str]) -> dict[str, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from mlexp.errors import MlexpError
 from mlexp.tracking import server
 from mlexp.tracking.outbox import Outbox, Pending, new_local_id, now_ms, outbox_root
-from mlexp.tracking.sender import Sender
+from mlexp.tracking.sender import Sender, lower_this_threads_priority
 
 
 def seconds_from_env(name: str, default: float) -> float:
@@ -69,8 +69,9 @@ class RunTracker:
     """The Tracker protocol over an outbox (see mlexp/tracking/__init__.py)."""
 
     def __init__(self, outbox: Outbox, client=None, resume_steps: dict[str, int] | None = None,
-                 heartbeat: bool = True):
+                 heartbeat: bool = True, adopted: bool = False):
         self.outbox = outbox
+        self.adopted = adopted  # a run created before this process (by `mlflow run`, a sweep, a resume)
         info = outbox.info()
         self.local_id = info.local_id
         self.run_id: str = info.run_id or info.local_id
@@ -145,6 +146,7 @@ class RunTracker:
             self.sender.wake()
 
     def _heartbeat(self) -> None:
+        lower_this_threads_priority()
         period = heartbeat_s()
         while True:
             self.outbox.add_texts("tag", {"mlexp.heartbeat": str(now_ms())}, replace=True)
@@ -214,8 +216,9 @@ def open_run(tracking_uri: str, experiment: str, run_name: str | None, *, run_id
                                                            experiment=experiment, experiment_id=None,
                                                            run_name=run_name))
         if resume_run_id:
-            return RunTracker(box, client, merge_steps(box.max_steps(), last_logged_steps(client, existing)))
-        tracker = RunTracker(box, client, heartbeat=heartbeat)
+            return RunTracker(box, client, merge_steps(box.max_steps(), last_logged_steps(client, existing)),
+                              adopted=True)
+        tracker = RunTracker(box, client, heartbeat=heartbeat, adopted=True)
         tracker.set_tags({**tags, **({"mlflow.runName": run_name} if run_name else {})})
         return tracker
     from mlflow.exceptions import MlflowException

@@ -14,6 +14,7 @@ once when it is back, with what was waiting.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import threading
@@ -28,6 +29,15 @@ SEND_INTERVAL_S = 2.0
 BACKOFF_START_S = 0.5
 BACKOFF_CAP_S = 30.0
 READ_ROWS = 5000
+
+
+def lower_this_threads_priority() -> None:
+    """Sending is I/O; training is compute. On Linux a thread has its own nice value: give the
+    training threads the CPU first (a niced thread still gets its share, it never starves)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
 
 
 def say(message: str) -> None:
@@ -103,6 +113,7 @@ class Sender:
 
     # --- the lanes ------------------------------------------------------------------------------
     def _lane(self, name: str, step) -> None:
+        lower_this_threads_priority()
         wake, failures = self._wakes[name], 0
         while not self._stop.is_set():
             try:

@@ -8,7 +8,6 @@ its own backoff, with no limit while the run lives.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -24,6 +23,7 @@ os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = os.environ.get("MLEXP_HTTP_RETRI
 os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
 os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = os.environ.get("MLEXP_HTTP_TIMEOUT_S", "30")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # checkpoint reads are not news
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # mlexp says where the run is itself
 
 MAX_METRICS_PER_REQUEST = 1000
 MAX_TEXTS_PER_REQUEST = 100  # params and tags, each
@@ -227,11 +227,3 @@ def publish_manifest(client, run_id: str, local_dir: Path, artifact_path: str) -
         if item.is_dir and name != manifest["folder"]:
             delete_artifacts(client, run_id, item.path)
     return True
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
