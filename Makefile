@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job: pretrain resnet18 on the built-in synthetic images and export the weights
-# to ./weights/ (seed 002's flow), sweep pretrained vs scratch x 2 seeds on the built-in
+# to ./weights/, sweep pretrained vs scratch x 2 seeds on the built-in
 # digits, then compare. Everything is logged to ./mlflow.db.
 demo: $(STAMP)
 	export MLFLOW_TRACKING_URI=$(DEMO_URI) MLEXP_WEIGHTS_DIR=$(CURDIR)/weights; \

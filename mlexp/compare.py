@@ -171,7 +171,7 @@ def run_row(run: RunRecord, points: list[tuple[int, float]], group_by: list[str]
 
 
 def epochs_to_reach(runs: pd.DataFrame, group_by: list[str]) -> pd.Series:
-    """Seed 001's convergence speed: the first epoch at which a run reaches 95% of its group's best."""
+    """Convergence speed: the first epoch at which a run reaches 95% of its group's best."""
     group_best = runs.groupby(group_by, dropna=False)["best_val_acc"].transform("max")
     result = []
     for points, best in zip(runs["_val_acc_points"], group_best):

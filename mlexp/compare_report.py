@@ -177,7 +177,7 @@ def plot_all(result: CompareResult, out_dir: Path) -> list[Path]:
 
 
 def line_styles(groups: list[str], group_by: list[str]) -> dict[str, dict[str, Any]]:
-    """One colour per group ignoring init; solid for pretrained, dashed for scratch (seed 001's pairs)."""
+    """One colour per group ignoring init; solid for pretrained, dashed for scratch."""
     from matplotlib import colormaps
 
     init_at = group_by.index("init") if "init" in group_by else None

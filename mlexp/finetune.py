@@ -6,7 +6,7 @@ and so run in eval mode). Phases per strategy:
 
     full      [everything]                      layer-wise LR decay in param_groups()
     linear    [classifier]                      backbone requires_grad=False, forever
-    gradual   [classifier, top of the network, everything]   (seed 003, architecture-aware)
+    gradual   [classifier, top of the network, everything]   (architecture-aware)
 
 How gradual freezing works, and why: DDP only synchronises parameters that required grad
 when the model was wrapped, so un-freezing by flipping requires_grad later would silently
@@ -66,7 +66,7 @@ def attach_head(model: nn.Module, head: str, num_classes: int) -> None:
     """Give the model a `head` classifier with `num_classes` outputs, in place.
 
     'linear' keeps timm's classifier (re-created if it has the wrong size); 'mlp' replaces it
-    with seed 001's head: Linear(in, 512), ReLU, Dropout(0.3), Linear(512, num_classes).
+    with the transfer-learning head: Linear(in, 512), ReLU, Dropout(0.3), Linear(512, num_classes).
     """
     if head not in ("linear", "mlp"):
         raise MlexpError(f"--head must be one of linear, mlp, got {head!r}")
@@ -115,7 +115,7 @@ def _indices(names: list[str], pattern: str) -> list[int]:
 
 
 def _top_of_network(model: nn.Module, family: str) -> str | None:
-    """Regex for what gradual unfreezing's middle phase adds to the classifier (seed 003), or None."""
+    """Regex for what gradual unfreezing's middle phase adds to the classifier, or None."""
     names = [n for n, _ in model.named_parameters()]
     children = {n for n, _ in model.named_children()}
     if family == "vit":   # final norm + last two blocks (+ whatever sits between them and the head)

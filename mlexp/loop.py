@@ -40,7 +40,7 @@ class StepRecord:
 @dataclass
 class EpochStats:
     loss: float  # mean training loss per sample
-    loss_total: float  # sum of the per-step losses (seed 004's total_loss)
+    loss_total: float  # sum of the per-step losses (the CSV's total_loss column)
     acc: float
     steps: int
     samples: int

@@ -9,7 +9,7 @@ from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
 
 # =========================================================================================
-# Init strategy: pretrained vs scratch (seed 000)
+# Init strategy: pretrained vs scratch
 #
 # A network trained from random weights needs a higher learning rate, more epochs, a longer
 # warmup and less weight decay than one fine-tuned from pretrained weights. The multipliers
@@ -67,7 +67,7 @@ def _show(value: float | int) -> str:
 
 
 def format_init_comparison(cfgs: list[TrainConfig]) -> str:
-    """Seed 000's dry-run "Configuration Comparison": per arch, pretrained vs scratch values.
+    """The dry run's "Configuration Comparison": per arch, pretrained vs scratch values.
 
     Takes the configs as the user asked for them (before adjustment); both flavours are shown
     for every arch that has both, even if only one was requested."""
@@ -90,7 +90,7 @@ def format_init_comparison(cfgs: list[TrainConfig]) -> str:
 
 
 def format_training_plan(effective_cfgs: list[TrainConfig]) -> str:
-    """Seed 000's numbered "Training Plan", one line per run, from effective configs."""
+    """The dry run's numbered "Training Plan", one line per run, from effective configs."""
     width = max((len(c.backbone) for c in effective_cfgs), default=0)
     lines = [f"Training plan ({len(effective_cfgs)} run{'s' if len(effective_cfgs) != 1 else ''}):"]
     for number, cfg in enumerate(effective_cfgs, 1):
@@ -107,17 +107,17 @@ def format_training_plan(effective_cfgs: list[TrainConfig]) -> str:
 # =========================================================================================
 # PRESETS (--recipe NAME): named sets of defaults. Explicit options always win.
 #
-# Owned by the fine-tuning work (issue 4); append-only below this banner.
+# Recipe presets (--recipe): defaults a run starts from; explicit options win.
 # A preset only holds TrainConfig fields; the pretrain learning rate is a rule, not a value
 # (linear scaling with the global batch, see LR_PER_256), so it lives in LR_PER_256.
 # =========================================================================================
 
 PRESETS: dict[str, dict[str, object]] = {
-    # Seed 002's modern from-scratch recipe (timm-style ResNet training): SGD + nesterov,
+    # A modern from-scratch recipe (timm-style ResNet training): SGD + nesterov,
     # lr 0.1 per 256 images of global batch, 5 warmup epochs, cosine, label smoothing 0.1,
     # mixup 0.2, cutmix 1.0, RandAugment n2 m9, flips. The recipe is already tuned for random
     # init, so the scratch multipliers are neutralised (1.0) rather than stacked on top.
-    # Epochs are left to the user (seed 002: 300-600 on ImageNet; mlexp's default is a smoke test).
+    # Epochs are left to the user (300-600 for ImageNet pretraining; mlexp's default is a smoke test).
     "pretrain": {
         "optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "scheduler": "cosine",
         "warmup_epochs": 5.0, "label_smoothing": 0.1, "mixup": 0.2, "cutmix": 1.0,
@@ -127,7 +127,7 @@ PRESETS: dict[str, dict[str, object]] = {
     },
     # Full fine-tuning of a pretrained backbone (BEiT/MAE/DeiT-style, toned down for small
     # data): AdamW at 1e-4 with weight decay 0.05 is the standard transfer setting; layer-wise
-    # decay 0.8 (seed 003's conservative value: the stem of a ViT-B still gets ~5% of the
+    # decay 0.8 (a conservative value: the stem of a ViT-B still gets ~5% of the
     # head's LR, a ResNet's ~13%) keeps low-level filters close to their pretrained values;
     # 1 warmup epoch protects them from the randomly initialised head's first large gradients;
     # label smoothing 0.1 and flips are cheap regularisers that rarely hurt; mixup/cutmix and
@@ -139,14 +139,14 @@ PRESETS: dict[str, dict[str, object]] = {
         "warmup_epochs": 1.0, "label_smoothing": 0.1, "hflip": 0.5, "strategy": "full",
         "llrd_decay": 0.8, "ema": True, "ema_decay": 0.998, "calibrate": True,
     },
-    # Seed 003's linear probe: only the classifier trains, so a 10x higher LR and no weight
+    # Linear probe: only the classifier trains, so a 10x higher LR and no weight
     # decay or label smoothing (they only blur the read-out of fixed features).
     "linear-probe": {
         "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "cosine",
         "warmup_epochs": 0.0, "strategy": "linear", "linear_probe_epochs": 10, "hflip": 0.5,
         "calibrate": True,
     },
-    # Seed 003's gradual unfreezing: head, then the top of the network, then everything, each
+    # Gradual unfreezing: head, then the top of the network, then everything, each
     # phase after `gradual_patience` epochs without a lower val loss; the cosine schedule gives
     # the layers unfrozen later a smaller LR, in the spirit of ULMFiT's discriminative rates.
     "gradual-unfreeze": {

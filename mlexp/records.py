@@ -1,4 +1,4 @@
-"""The run's history in memory, and the files written from it (seed 004's CSVs and summary)."""
+"""The run's history in memory, and the files written from it (the per-epoch and per-batch CSVs and the summary)."""
 
 from __future__ import annotations
 

@@ -347,7 +347,7 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
     if accelerator.is_main_process:
         weights = final_weights_model(parts).state_dict()
         final = checkpoint.save_weights(weights, tracker.staging_dir("final") / checkpoint.WEIGHTS_FILE)
-        if cfg.export_weights:  # seed 002: later pretrained runs of this arch find these without a flag
+        if cfg.export_weights:  # later pretrained runs of this arch find these without a flag
             exported = default_export_path(spec)
             exported.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(final, exported)

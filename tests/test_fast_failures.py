@@ -1,6 +1,6 @@
 """User errors that the config alone reveals fail fast, through the real `mlexp` process.
 
-Issue 3's acceptance: `HF_HUB_OFFLINE=1 mlexp train --backbone deit_small_pretrained` without
+`HF_HUB_OFFLINE=1 mlexp train --backbone deit_small_pretrained` without
 local weights exits 2 with the one-line message in under 2 s, wall clock from process start.
 Importing torch and timm alone takes ~3 s on a 2-core machine, so `mlexp.weights.preflight`
 decides these before either is imported; the tests check both the clock and the imports.

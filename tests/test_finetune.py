@@ -150,7 +150,7 @@ def test_gradual_phases_on_vit_name_head_then_norm_and_last_two_blocks():
     everything = {n for n, _ in model.named_parameters()}
     head, top, full = phase_names(strategy)
     assert head == {"head.weight", "head.bias"}
-    # Anchored: 'norm' is the final norm only, not blocks.*.norm1 (seed 003's unanchored regex matched those).
+    # Anchored: 'norm' is the final norm only, not blocks.*.norm1 (an unanchored regex would match those).
     expected = head | {"norm.weight", "norm.bias"} | {n for n in everything if n.startswith(("blocks.10.", "blocks.11."))}
     assert top == expected
     assert full == everything

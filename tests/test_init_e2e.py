@@ -1,4 +1,4 @@
-"""Issue 3 acceptance at the run level: pretrained vs scratch runs, weight sources, effective params."""
+"""Pretrained vs scratch runs, weight sources, effective params."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_dry_run_shows_comparison_and_plan_and_creates_nothing(sqlite_uri, capsy
 
 
 def test_pretrain_exports_weights_that_the_next_pretrained_run_finds(sqlite_uri, tmp_path, monkeypatch):
-    """Seed 002's flow: pretrain from scratch, then downstream runs pick the weights up by themselves."""
+    """The pretraining flow: pretrain from scratch, then downstream runs pick the weights up by themselves."""
     monkeypatch.setenv("MLEXP_WEIGHTS_DIR", str(tmp_path / "weights"))
     invoke(["pretrain", "--backbone", "resnet18", "--data", "synthetic", "--epochs", "1", "--img-size", "16",
             "--experiment", "pretrain"])

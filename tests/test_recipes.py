@@ -12,7 +12,7 @@ from mlexp.recipes import (apply_init_adjustments, effective_config, format_init
 BASE = TrainConfig(backbone="resnet50", lr=1e-4, epochs=50, warmup_epochs=2.0, weight_decay=0.05)
 
 
-def test_scratch_gets_seed_000_multipliers():
+def test_scratch_gets_the_scratch_multipliers():
     cfg = BASE.replace(backbone="resnet50_scratch")
     effective = apply_init_adjustments(cfg, resolve_backbone(cfg.backbone, cfg.init))
     assert (effective.backbone, effective.init) == ("resnet50_scratch", "scratch")

@@ -9,7 +9,7 @@ from mlexp.errors import MlexpError
 from mlexp.recipes import PRESETS, config_from_user_values, preset_rows
 
 
-def test_pretrain_preset_is_seed_002s_recipe():
+def test_pretrain_preset_is_the_modern_from_scratch_recipe():
     cfg = config_from_user_values({"recipe": "pretrain"})
     assert (cfg.recipe, cfg.optimizer, cfg.scheduler) == ("pretrain", "sgd", "cosine")
     assert (cfg.weight_decay, cfg.warmup_epochs, cfg.label_smoothing) == (1e-4, 5.0, 0.1)

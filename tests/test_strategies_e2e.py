@@ -1,4 +1,4 @@
-"""Issue 4 acceptance: the three strategies and the recipe, end to end on real data."""
+"""The three strategies and the recipe, end to end on real data."""
 
 from __future__ import annotations
 

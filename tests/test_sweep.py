@@ -1,4 +1,4 @@
-"""Issue 5 acceptance: sweeps as nested runs, skip-finished, failures reported; then compare."""
+"""Sweeps as nested runs, skip-finished, failures reported; then compare."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ EPOCH_METRICS = ["train/loss", "train/loss_total", "train/acc", "val/loss", "val
 
 @pytest.mark.slow
 def test_mlflow_run_train_against_a_live_server(server_uri, tmp_path):
-    """`mlflow run . -e train` with the issue's exact parameters: one FINISHED, fully logged run."""
+    """`mlflow run . -e train` with the documented parameters: one FINISHED, fully logged run."""
     weights = tmp_path / "weights"
     write_pretrained_weights(weights, "resnet18", "resnet18")  # resnet18 = resnet18_pretrained
     env = subprocess_env(server_uri, MLEXP_WEIGHTS_DIR=str(weights))
