@@ -19,6 +19,7 @@ from pathlib import Path
 from mlexp import tracking
 from mlexp.backbones import resolve_backbone
 from mlexp.config import TrainConfig
+from mlexp.data import check_data_source
 from mlexp.errors import MlexpError
 from mlexp.recipes import apply_init_adjustments, format_init_comparison
 from mlexp.tracking.outbox import TERMINAL, Outbox
@@ -139,6 +140,7 @@ def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strateg
     print(format_plan(rows), flush=True)
     if base.dry_run:
         return SweepResult(None)
+    check_data_source(base)  # bad data is a user error before any run exists, not a sweep of FAILED children
     uri = base.tracking_uri or tracking.default_tracking_uri()
     offline = tracking.offline_requested(base.offline)
     parent = tracking.open_run(uri, base.experiment, base.run_name or "sweep", offline=offline,

@@ -393,3 +393,12 @@ def test_a_tracking_store_that_cannot_be_created(tmp_path):
                      subprocess_env(uri), cwd=tmp_path, timeout=120)
     one_line_error(done, "cannot create the MLflow tracking store", "--offline")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_sweep_over_bad_data_leaves_no_run_behind(tmp_path):
+    data = make_folder(tmp_path / "data", {"cat": 5, "dog": 2})
+    db = tmp_path / "mlflow.db"
+    done = run_mlexp(["sweep", "--backbones", "resnet18_scratch", "--seeds", "1,2", "--data", str(data),
+                      "--folds", "3", "--epochs", "1"], subprocess_env(f"sqlite:///{db}"), cwd=tmp_path, timeout=120)
+    one_line_error(done, "class 'dog'", "--folds 3")
+    assert runs_in(db) == 0

@@ -45,30 +45,40 @@ def say(message: str) -> None:
 
 
 class Health:
-    """Whether the server answers; says so once per outage, not once per failed request."""
+    """Whether the server answers; says so once per outage, not once per failed request.
+
+    A failure is news only once it has lasted NOTICE_AFTER_S: a single refused request, or a
+    server flapping while it shuts down, is retried without a word.
+    """
+
+    NOTICE_AFTER_S = 3.0
 
     def __init__(self, outbox: Outbox, tracking_uri: str, quiet: bool = False):
         self.outbox, self.tracking_uri, self.quiet = outbox, tracking_uri, quiet
-        self.down_since: float | None = None
+        self.failing_since: float | None = None
+        self.announced = False
         self.last_error = ""
         self._lock = threading.Lock()
 
     def failed(self, error: BaseException) -> None:
         with self._lock:
             self.last_error = server.first_line(error)
-            if self.down_since is None:
-                self.down_since = time.monotonic()
+            now = time.monotonic()
+            if self.failing_since is None:
+                self.failing_since = now
+            if not self.announced and now - self.failing_since >= self.NOTICE_AFTER_S:
+                self.announced = True
                 if not self.quiet:
                     say(f"the tracking server at {self.tracking_uri} is not taking writes ({self.last_error}); "
                         f"training goes on and everything waits in {self.outbox.folder}")
 
     def ok(self) -> None:
         with self._lock:
-            if self.down_since is None:
+            if self.failing_since is None:
                 return
-            away = time.monotonic() - self.down_since
-            self.down_since = None
-            if not self.quiet:
+            away, announced = time.monotonic() - self.failing_since, self.announced
+            self.failing_since, self.announced = None, False
+            if announced and not self.quiet:
                 say(f"the tracking server is back after {away:.0f} s; sending what waited: "
                     f"{self.outbox.pending().describe()}")
 
