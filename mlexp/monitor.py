@@ -93,7 +93,10 @@ def reap(tracking_uri: str, experiments: list[str] | None = None, dry_run: bool 
         if not dry_run:
             reason = (f"lost: no heartbeat since {since} (the process was killed or its machine lost); "
                       f"reaped by `mlexp reap`; `mlexp train --resume {run.run_id}` continues it")
-            tracking.end_run(tracking_uri, run.run_id, "FAILED", reason, tags={"mlexp.reaped": "true"})
+            if tracking.end_run(tracking_uri, run.run_id, "FAILED", reason, tags={"mlexp.reaped": "true"}) is None:
+                lines.append(f"left {run.run_name} ({run.run_id}) alone: it ended on this machine and its results "
+                             f"wait in its outbox; `mlexp sync --run {run.run_id}` sends them")
+                continue
         lines.append(f"{'would mark' if dry_run else 'marked'} {run.run_name} ({run.run_id}) FAILED: "
                      f"no heartbeat since {since}")
     return lines

@@ -83,6 +83,7 @@ def save_epoch_checkpoints(parts: TrainParts, history: History, epoch: int, is_b
         snapshot = tracker.staging_dir(f"snap-{epoch}")
         checkpoint.save_weights(eval_weights, snapshot / checkpoint.WEIGHTS_FILE)
         tracker.log_artifacts(snapshot, f"checkpoints/epoch_{epoch:03d}")
+    tracker.supersede(LAST)  # an unsent older resume checkpoint (the server is away) is no longer needed
     last = tracker.staging_dir(f"last-{epoch}")
     checkpoint.save_training_state(last, weights, state_for_resume(parts, history, epoch), ema)
     manifest = write_manifest(last, epoch, parts.global_step)
@@ -208,8 +209,20 @@ def _local_checkpoint(box: Outbox | None, target: Path) -> tuple[Path, dict] | N
     return (folder, manifest) if manifest else None
 
 
-def _server_epoch(client, run_id: str) -> int:
+def _server_manifest(client, run_id: str) -> dict | None:
+    """The server's checkpoint manifest; None only when the run has none. A manifest that is
+    there but cannot be read is an error, never "no checkpoint": starting over would
+    throw away the run's progress."""
+    if not server.artifact_exists(client, run_id, f"{LAST}/{server.MANIFEST}"):
+        return None
     manifest = server.read_json_artifact(client, run_id, f"{LAST}/{server.MANIFEST}")
+    if not manifest:
+        raise MlexpError(f"cannot read the checkpoint manifest of run {run_id} now; try the resume again")
+    return manifest
+
+
+def _server_epoch(client, run_id: str) -> int:
+    manifest = _server_manifest(client, run_id)
     return manifest["epoch"] if manifest else 0
 
 
@@ -217,12 +230,16 @@ def _server_checkpoint(client, run_id: str, target: Path) -> tuple[Path, dict] |
     """The checkpoint the server's manifest names, downloaded and verified."""
     from mlflow.exceptions import MlflowException
 
-    manifest = server.read_json_artifact(client, run_id, f"{LAST}/{server.MANIFEST}")
+    manifest = _server_manifest(client, run_id)
     if not manifest:
         return None
     try:
         folder = server.download(client, run_id, f"{LAST}/{manifest['folder']}", target)
-    except (MlflowException, OSError):
-        return None
+    except (MlflowException, OSError) as error:
+        raise MlexpError(f"cannot download run {run_id}'s checkpoint {manifest['folder']} "
+                         f"({server.first_line(error)}); try the resume again") from None
     (folder / server.MANIFEST).write_text(json.dumps(manifest))
-    return (folder, manifest) if verified(folder) else None
+    if not verified(folder):
+        raise MlexpError(f"run {run_id}'s checkpoint {manifest['folder']} does not match its manifest "
+                         "(sha256); it cannot be resumed from safely")
+    return folder, manifest

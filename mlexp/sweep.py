@@ -155,7 +155,13 @@ def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strateg
                 print(f"  skipped: finished before as run {done[row.config_hash]}")
                 result.skipped.append(done[row.config_hash])
                 continue
-            run_id = create_child(parent, row)
+            try:
+                run_id = create_child(parent, row)
+            except Exception as error:  # noqa: BLE001 - the server is away: this one waits for the next sweep
+                print(f"  not started: its run could not be created ({error}); run the sweep again to train it",
+                      flush=True)
+                result.failed.append(f"(not created) {row.label}")
+                continue
             if run_child(run_training, uri, offline, row, run_id):
                 result.finished.append(run_id)
             else:
@@ -177,7 +183,7 @@ def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strateg
 
 
 def experiment_of(parent: tracking.RunTracker) -> str:
-    return parent.outbox.info().experiment_id or parent.client.get_run(parent.run_id).info.experiment_id
+    return parent.experiment_id()
 
 
 def create_child(parent: tracking.RunTracker, row: PlanRow) -> str:
@@ -208,6 +214,13 @@ def run_child(run_training, tracking_uri: str, offline: bool, row: PlanRow, run_
 
 def end_untrained_child(tracking_uri: str, offline: bool, run_id: str, status: str, message: str) -> None:
     """End a child whose training never opened it (it failed before); one that did has ended itself."""
+    try:
+        _end_untrained_child(tracking_uri, offline, run_id, status, message)
+    except Exception as error:  # noqa: BLE001 - the sweep goes on; the child shows as lost, reap ends it
+        print(f"  could not record how run {run_id} ended ({error})", flush=True)
+
+
+def _end_untrained_child(tracking_uri: str, offline: bool, run_id: str, status: str, message: str) -> None:
     box = Outbox.find(run_id)
     if box is not None and box.info().status in TERMINAL:
         return

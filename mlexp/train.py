@@ -88,9 +88,13 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
     tracker: tracking.Tracker = tracking.NullTracker()
     if track and accelerator.is_main_process:
         run_name = effective.run_name or default_run_name(spec, effective)
-        tracker = tracking.open_run(tracking_uri, effective.experiment, run_name, run_id=run_id,
-                                    resume_run_id=resume.run_id if resume else None,
-                                    tags=run_tags(spec, effective, extra_tags), offline=offline)
+        try:
+            tracker = tracking.open_run(tracking_uri, effective.experiment, run_name, run_id=run_id,
+                                        resume_run_id=resume.run_id if resume else None,
+                                        tags=run_tags(spec, effective, extra_tags), offline=offline)
+        except BaseException:
+            release_accelerator(accelerator)
+            raise
     training = Training(tracker, resume is None)
     try:
         with sigterm_as_interrupt():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -80,7 +81,8 @@ def test_a_refused_param_is_kept_aside_and_the_rest_arrives(sqlite_uri):
     assert client.get_run(tracker.run_id).data.params["lr"] == "0.1"
     assert history_steps(client, tracker.run_id, "m") == [1]
     assert delivery.pending.rejected == 1  # not silently dropped: kept in the outbox and reported
-    assert Outbox.find(tracker.run_id).rejected()[0][0] == "param lr=0.2"
+    refused = json.loads(Outbox.find(tracker.run_id).rejected()[0][0])  # kept whole
+    assert (refused["kind"], refused["key"], refused["text"]) == ("param", "lr", "0.2")
 
 
 def test_offline_run_is_recorded_locally_then_synced_once(sqlite_uri, tmp_path):
@@ -112,3 +114,49 @@ def test_effective_values_that_mlflow_run_already_logged_differently_get_a_prefi
     logged = params_to_log({"backbone": "resnet18_pretrained", "lr": "0.001", "epochs": "3", "new": "x", "aa": ""},
                            {"backbone": "resnet18", "lr": "1e-3", "epochs": "3", "aa": "''"})
     assert logged == {"effective.backbone": "resnet18_pretrained", "new": "x"}
+
+
+def test_ending_a_run_that_already_ended_on_this_machine_changes_nothing(sqlite_uri):
+    """A run that finished while the server was away looks lost there; reaping it must not
+    turn its FINISHED (still waiting in its outbox) into FAILED."""
+    from mlexp.tracking import end_run
+
+    tracker = open_run(sqlite_uri, "tracking-test", "ended-here", heartbeat=False)
+    tracker.sender.stop()  # as if the server had gone away: nothing more is sent
+    tracker.outbox.set_status("FINISHED")
+    tracker.outbox.unlock()
+    assert end_run(sqlite_uri, tracker.run_id, "FAILED", "lost") is None
+    assert MlflowClient(sqlite_uri).get_run(tracker.run_id).info.status == "RUNNING"
+    delivered = sync(tracker.run_id, echo=lambda line: None)
+    assert delivered[0].complete
+    assert MlflowClient(sqlite_uri).get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_a_newer_checkpoint_replaces_unsent_older_ones(tmp_path):
+    tracker = open_run("", "tracking-test", "superseded", offline=True)
+    for epoch in (1, 2, 3):
+        tracker.supersede("checkpoints/last")
+        folder = tracker.staging_dir(f"last-{epoch}")
+        (folder / "state.bin").write_bytes(b"x" * 1000)
+        tracker.log_artifacts(folder, f"checkpoints/last/epoch_{epoch:04d}")
+    rows = tracker.outbox.connection().execute("SELECT artifact_path FROM files ORDER BY seq").fetchall()
+    # the head of the queue (maybe in flight) stays; epoch 2 was replaced by epoch 3
+    assert [row[0] for row in rows] == ["checkpoints/last/epoch_0001", "checkpoints/last/epoch_0003"]
+    assert len(list(tracker.outbox.files_dir.iterdir())) == 2
+    tracker.finish("FINISHED")
+
+
+def test_an_upload_whose_files_vanished_is_kept_aside_not_delivered(sqlite_uri):
+    import shutil
+
+    tracker = open_run(sqlite_uri, "tracking-test", "vanished", heartbeat=False)
+    tracker.sender.stop()
+    folder = tracker.staging_dir("gone")
+    (folder / "a.txt").write_text("a")
+    tracker.log_artifacts(folder, "gone")
+    shutil.rmtree(folder)
+    tracker.outbox.unlock()
+    result = sync(tracker.run_id, echo=lambda line: None)[0]
+    assert not result.complete and result.after.rejected == 1
+    assert MlflowClient(sqlite_uri).list_artifacts(tracker.run_id, "gone") == []
+    assert "is missing" in Outbox.find(tracker.run_id).rejected()[0][1]

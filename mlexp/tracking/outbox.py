@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS run (
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, key TEXT NOT NULL, text TEXT,
     num REAL, timestamp INTEGER, step INTEGER);
+CREATE INDEX IF NOT EXISTS records_by_key ON records (kind, key);
 CREATE TABLE IF NOT EXISTS files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, local_path TEXT, artifact_path TEXT,
     bytes INTEGER NOT NULL DEFAULT 0, after_seq INTEGER NOT NULL DEFAULT 0, meta TEXT);
@@ -126,6 +127,7 @@ class Outbox:
         self.db_path = self.folder / "outbox.db"
         self._local = threading.local()
         self._lock_file = None
+        self._creating = False
 
     # --- opening --------------------------------------------------------------------------
     @classmethod
@@ -135,6 +137,7 @@ class Outbox:
         """The outbox of a run, created if new (an existing one is reopened as it is)."""
         box = cls(outbox_root() / local_id)
         box.files_dir.mkdir(parents=True, exist_ok=True)
+        box._creating = True
         with box.transaction() as db:
             db.execute("INSERT OR IGNORE INTO run (id, local_id, run_id, tracking_uri, experiment, experiment_id, "
                        "run_name, parent_local_id, tags, start_time, offline, status, status_sent) "
@@ -148,7 +151,12 @@ class Outbox:
         """The outbox whose local id or MLflow run id is this, if one is on this machine."""
         direct = outbox_root() / run_or_local_id
         if (direct / "outbox.db").is_file():
-            return cls(direct)
+            box = cls(direct)
+            try:
+                box.info()
+                return box
+            except (sqlite3.Error, FileNotFoundError):
+                return None  # half-made by a kill inside `create`: nothing was recorded in it
         for box in all_outboxes():
             if box.info().run_id == run_or_local_id:
                 return box
@@ -157,8 +165,8 @@ class Outbox:
     def connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            if not self.folder.is_dir():  # removed once delivered: never recreate it empty
-                raise FileNotFoundError(f"no outbox at {self.folder}")
+            if not self.db_path.is_file() and not self._creating:
+                raise FileNotFoundError(f"no outbox at {self.folder}")  # removed once delivered: never recreate it
             db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={os.environ.get('MLEXP_OUTBOX_SYNC', 'NORMAL')}")
@@ -171,6 +179,8 @@ class Outbox:
             self.db = db
 
         def __enter__(self) -> sqlite3.Connection:
+            if self.db.in_transaction:  # an interrupt (Ctrl-C) landed between BEGIN and COMMIT last time
+                self.db.execute("ROLLBACK")
             self.db.execute("BEGIN IMMEDIATE")
             return self.db
 
@@ -265,12 +275,6 @@ class Outbox:
     def max_steps(self) -> dict[str, int]:
         return dict(self.connection().execute("SELECT key, step FROM max_steps").fetchall())
 
-    def note_steps(self, steps: dict[str, int]) -> None:
-        """Steps the server already holds (a resume on another machine): never logged twice."""
-        with self.transaction() as db:
-            db.executemany("INSERT INTO max_steps (key, step) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
-                           "step = max(step, excluded.step)", list(steps.items()))
-
     def staging_dir(self, name: str) -> Path:
         """A fresh folder inside the outbox: write artifacts here and no copy is ever made."""
         folder = self.files_dir / f"{uuid.uuid4().hex[:12]}-{name}"
@@ -281,7 +285,7 @@ class Outbox:
                    meta: dict | None = None) -> int:
         """Take ownership of `local_dir` (moved into the outbox unless already there) to upload it."""
         local_dir = Path(local_dir)
-        if self.files_dir not in local_dir.resolve().parents:
+        if self.files_dir.resolve() not in local_dir.resolve().parents:
             target = self.staging_dir(local_dir.name)
             target.rmdir()
             shutil.move(str(local_dir), target)
@@ -293,10 +297,17 @@ class Outbox:
                                                              json.dumps(meta or {})))
             return int(cursor.lastrowid)
 
-    def add_delete(self, artifact_path: str, meta: dict | None = None) -> None:
+    def drop_superseded(self, artifact_prefix: str) -> None:
+        """Forget unsent uploads under `artifact_prefix` that a newer one replaces (an older
+        epoch's resume checkpoint during an outage), so the outbox holds one, not one per epoch.
+        The operation at the head of the queue may be in flight and is left alone."""
         with self.transaction() as db:
-            db.execute("INSERT INTO files (op, artifact_path, meta) VALUES ('delete', ?, ?)",
-                       (artifact_path, json.dumps(meta or {})))
+            rows = db.execute("SELECT seq, local_path FROM files WHERE artifact_path LIKE ? AND "
+                              "seq > (SELECT MIN(seq) FROM files)", (artifact_prefix + "%",)).fetchall()
+            db.executemany("DELETE FROM files WHERE seq = ?", [(seq,) for seq, _ in rows])
+        for _, local_path in rows:
+            if local_path:
+                shutil.rmtree(local_path, ignore_errors=True)
 
     def last_record_seq(self) -> int:
         return self.connection().execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
@@ -319,7 +330,8 @@ class Outbox:
             db.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s in seqs])
 
     def reject(self, what: str, reason: str) -> None:
-        """The server refused this for good (e.g. a param changed): kept here, reported, never retried."""
+        """The server refused this for good (e.g. a param changed): kept here whole (`what` is the
+        row as JSON, timestamp and step included), reported, never retried."""
         with self.transaction() as db:
             db.execute("INSERT INTO rejected (what, reason) VALUES (?, ?)", (what, reason))
 
@@ -354,16 +366,27 @@ class Outbox:
         return sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
 
     def remove(self) -> None:
-        """Everything reached the server: the outbox goes."""
+        """Everything reached the server: the outbox goes (its lock last, so no other process
+        opens a half-deleted folder)."""
         self.close()
+        (self.folder / "outbox.db").unlink(missing_ok=True)
+        for leftover in self.folder.iterdir():
+            if leftover.name != "lock":
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         self.unlock()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def all_outboxes() -> Iterator[Outbox]:
+    """Every readable outbox on this machine (a folder left half-made by a kill is skipped)."""
     root = outbox_root()
     if not root.is_dir():
         return
     for folder in sorted(root.iterdir()):
         if (folder / "outbox.db").is_file():
-            yield Outbox(folder)
+            box = Outbox(folder)
+            try:
+                box.info()
+            except (sqlite3.Error, FileNotFoundError):
+                continue
+            yield box

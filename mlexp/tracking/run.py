@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mlexp.errors import MlexpError
 from mlexp.tracking import server
-from mlexp.tracking.outbox import Outbox, Pending, new_local_id, now_ms, outbox_root
+from mlexp.tracking.outbox import TERMINAL, Outbox, Pending, new_local_id, now_ms, outbox_root
 from mlexp.tracking.sender import Sender, lower_this_threads_priority
 
 
@@ -82,9 +82,11 @@ class RunTracker:
         self._resume_steps = dict(resume_steps or {})
         self.sender = Sender(outbox, client, info.run_id).start() if client is not None else None
         self._beats = threading.Event()
+        self._beat_thread: threading.Thread | None = None
         if self.sender is not None and heartbeat:
             self.set_tags({"mlexp.heartbeat_s": f"{heartbeat_s():g}"})
-            threading.Thread(target=self._heartbeat, name="mlexp-heartbeat", daemon=True).start()
+            self._beat_thread = threading.Thread(target=self._heartbeat, name="mlexp-heartbeat", daemon=True)
+            self._beat_thread.start()
 
     # --- the protocol: all of these return once the outbox holds the write ---------------------
     def log_params(self, params: dict[str, str]) -> None:
@@ -120,6 +122,14 @@ class RunTracker:
                                meta={"epoch": epoch})
         self._wake()
 
+    def experiment_id(self) -> str:
+        """The run's experiment on the server (online runs)."""
+        return self.outbox.info().experiment_id or self.client.get_run(self.run_id).info.experiment_id
+
+    def supersede(self, artifact_prefix: str) -> None:
+        """A newer upload under `artifact_prefix` replaces unsent older ones: drop them."""
+        self.outbox.drop_superseded(artifact_prefix)
+
     def remember(self, key: str, value) -> None:
         """Keep a value with the run's outbox (read back by a resume on this machine)."""
         self.outbox.put(key, value)
@@ -149,13 +159,18 @@ class RunTracker:
         lower_this_threads_priority()
         period = heartbeat_s()
         while True:
-            self.outbox.add_texts("tag", {"mlexp.heartbeat": str(now_ms())}, replace=True)
-            self._wake()
+            try:
+                self.outbox.add_texts("tag", {"mlexp.heartbeat": str(now_ms())}, replace=True)
+                self._wake()
+            except Exception:  # noqa: BLE001 - a missed beat (disk full, locked) is retried next period
+                pass
             if self._beats.wait(period):
                 return
 
     def _close(self, wait_s: float) -> Delivery:
         self._beats.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join(5.0)  # no beat may land after the last drain check
         if self.sender is not None:
             try:
                 self.sender.wait_drained(wait_s)
@@ -233,7 +248,7 @@ def open_run(tracking_uri: str, experiment: str, run_name: str | None, *, run_id
     new_id = server.create_run(client, experiment_id, run_name, tags)
     box = claim(Outbox.create(new_id, run_id=new_id, tracking_uri=tracking_uri, experiment=experiment,
                               experiment_id=experiment_id, run_name=run_name, tags=tags))
-    return RunTracker(box, client)
+    return RunTracker(box, client, heartbeat=heartbeat)
 
 
 def _open_offline(experiment: str, run_name: str | None, run_id: str | None, resume_run_id: str | None,
@@ -268,14 +283,18 @@ def create_child_run(parent: RunTracker, run_name: str, tags: dict[str, str]) ->
     info = parent.outbox.info()
     if parent.offline:
         return create_offline_run(info.experiment or "mlexp", run_name, parent.local_id, tags).info().local_id
-    experiment_id = info.experiment_id or parent.client.get_run(parent.run_id).info.experiment_id
-    return server.create_run(parent.client, experiment_id, run_name, {**tags, "mlflow.parentRunId": parent.run_id})
+    return server.create_run(parent.client, parent.experiment_id(), run_name,
+                             {**tags, "mlflow.parentRunId": parent.run_id})
 
 
 def end_run(tracking_uri: str, run_id: str, status: str, message: str, tags: dict[str, str] | None = None,
-            offline: bool = False, wait_s: float = 10.0) -> Delivery:
+            offline: bool = False, wait_s: float = 10.0) -> Delivery | None:
     """End a run this process did not train (a sweep child that never started, a reaped run),
-    with `mlexp.error` saying why."""
+    with `mlexp.error` saying why. A run whose own outbox on this machine already holds how
+    it ended (it finished training while the server was away) is not touched: None."""
+    box = Outbox.find(run_id)
+    if box is not None and box.info().status in TERMINAL:
+        return None
     tracker = open_run(tracking_uri, "", None, run_id=run_id, offline=offline, heartbeat=False)
     if tags:
         tracker.set_tags(tags)

@@ -92,6 +92,7 @@ class Sender:
         self._wakes = {"records": threading.Event(), "files": threading.Event()}
         self._stop = threading.Event()
         self._status_lock = threading.Lock()
+        self.activity = time.monotonic()  # the last time anything moved (for `mlexp sync`'s patience)
         self._threads = [threading.Thread(target=self._lane, args=(name, step), name=f"mlexp-{name}", daemon=True)
                          for name, step in (("records", self._records_step), ("files", self._files_step))]
 
@@ -143,6 +144,7 @@ class Sender:
         rows = server.batch_of(self.outbox.next_records(READ_ROWS))
         if rows:
             self._send_rows(rows)
+            self.activity = time.monotonic()
             self.health.ok()
             self._wakes["files"].set()  # a manifest may have been waiting for these
             # A full batch: more are waiting. Otherwise collect for SEND_INTERVAL_S (fewer,
@@ -163,8 +165,8 @@ class Sender:
                 except Exception as single:
                     if not server.is_permanent(single):
                         raise
-                    self.outbox.reject(f"{row[1]} {row[2]}={row[3] if row[3] is not None else row[4]}",
-                                       server.first_line(single))
+                    self.outbox.reject(json.dumps(dict(zip(("seq", "kind", "key", "text", "num", "timestamp",
+                                                            "step"), row))), server.first_line(single))
                 self.outbox.delete_records([row[0]])
             return
         self.outbox.delete_records([row[0] for row in rows])
@@ -193,15 +195,30 @@ class Sender:
         seq, kind, local_path, artifact_path, after_seq, meta = op
         if kind == "manifest" and self.outbox.records_before(after_seq):
             return False  # the metrics this checkpoint covers go first; the records lane wakes us
-        if kind == "upload":
-            server.upload_folder(self.client, self.run_id, Path(local_path), artifact_path,
-                                 before_file=lambda path: crash_point("upload", path))
-        elif kind == "manifest":
-            crash_point("manifest", json.loads(meta).get("epoch"))
-            server.publish_manifest(self.client, self.run_id, Path(local_path), artifact_path)
-        elif kind == "delete":
-            server.delete_artifacts(self.client, self.run_id, artifact_path)
+        try:
+            if not Path(local_path).is_dir():  # never "deliver" an upload whose files are gone
+                raise FileNotFoundError(f"the outbox's copy {local_path} is missing")
+            if kind == "upload":
+                server.upload_folder(self.client, self.run_id, Path(local_path), artifact_path,
+                                     before_file=self._before_file, on_block=self._moved)
+            elif kind == "manifest":
+                crash_point("manifest", json.loads(meta).get("epoch"))
+                server.publish_manifest(self.client, self.run_id, Path(local_path), artifact_path)
+        except Exception as error:
+            if not (server.is_permanent(error) or isinstance(error, FileNotFoundError)):
+                raise
+            self.outbox.reject(json.dumps({"op": kind, "artifact_path": artifact_path, "local_path": local_path}),
+                               server.first_line(error))
+            self.outbox.done_file_op(seq, None)  # kept aside with its files, never silently dropped
+            return True
         self.health.ok()
         self.outbox.done_file_op(seq, local_path)
         self._wakes["records"].set()  # the status may be sendable now
         return True
+
+    def _before_file(self, path: str) -> None:
+        self._moved()
+        crash_point("upload", path)
+
+    def _moved(self) -> None:
+        self.activity = time.monotonic()

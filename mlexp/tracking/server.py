@@ -169,7 +169,8 @@ def batch_of(rows: list[tuple]) -> list[tuple]:
 
 # --- artifacts --------------------------------------------------------------------------------
 def upload_folder(client, run_id: str, local_dir: Path, artifact_path: str,
-                  before_file: Callable[[str], None] = lambda path: None) -> None:
+                  before_file: Callable[[str], None] = lambda path: None,
+                  on_block: Callable[[], None] = lambda: None) -> None:
     """Upload a folder file by file (a retry re-sends the whole folder: uploads overwrite)."""
     from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 
@@ -179,7 +180,7 @@ def upload_folder(client, run_id: str, local_dir: Path, artifact_path: str,
         target = "/".join(part for part in (artifact_path, relative) if part and part != ".")
         before_file("/".join(part for part in (target, path.name) if part))
         if isinstance(repo, HttpArtifactRepository) and not repo._should_multipart_upload(str(path)):
-            put_in_large_blocks(repo, path, target)
+            put_in_large_blocks(repo, path, target, on_block)
         else:
             repo.log_artifact(str(path), target or None)
 
@@ -190,18 +191,23 @@ UPLOAD_BLOCK = 8 << 20
 class LargeReads(io.FileIO):
     """A file whose reads return at least 8 MB. An HTTP upload then sends a few large blocks,
     each with the GIL released, instead of thousands of 16 KB ones that make the training
-    thread wait for the GIL after every one."""
+    thread wait for the GIL after every one. `on_block` hears of every block (progress)."""
+
+    def __init__(self, path: Path, on_block: Callable[[], None]):
+        super().__init__(path, "rb")
+        self.on_block = on_block
 
     def read(self, size: int = -1) -> bytes:
+        self.on_block()
         return super().read(-1 if size is None or size < 0 else max(size, UPLOAD_BLOCK))
 
 
-def put_in_large_blocks(repo, path: Path, target: str) -> None:
+def put_in_large_blocks(repo, path: Path, target: str, on_block: Callable[[], None]) -> None:
     """What MLflow's HttpArtifactRepository.log_artifact does, reading the file in large blocks."""
     from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
 
     endpoint = posixpath.join("/", *((target, path.name) if target else (path.name,)))
-    with LargeReads(path) as body:
+    with LargeReads(path, on_block) as body:
         response = http_request(repo._host_creds, endpoint, "PUT", data=body,
                                 extra_headers={"Content-Type": "application/octet-stream"})
     augmented_raise_for_status(response)
@@ -215,6 +221,13 @@ def artifact_repo(client, run_id: str):
 
 def delete_artifacts(client, run_id: str, artifact_path: str) -> None:
     artifact_repo(client, run_id).delete_artifacts(artifact_path)
+
+
+def artifact_exists(client, run_id: str, artifact_path: str) -> bool:
+    """Whether the run has a file at this path (a failed listing is an error, not a no)."""
+    parent, _, name = artifact_path.rpartition("/")
+    return any(item.path.rsplit("/", 1)[-1] == name and not item.is_dir
+               for item in client.list_artifacts(run_id, parent or None))
 
 
 def read_json_artifact(client, run_id: str, artifact_path: str) -> Any | None:

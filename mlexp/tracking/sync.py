@@ -27,7 +27,7 @@ class SyncResult:
 
     @property
     def complete(self) -> bool:
-        return self.after is not None and self.after.empty
+        return self.after is not None and self.after.empty and not self.after.rejected
 
     def line(self) -> str:
         if self.after is None:
@@ -58,8 +58,14 @@ def chosen_outboxes(run: str | None, every: bool) -> list[Outbox]:
 def sync(run: str | None = None, every: bool = False, to: str | None = None, dry_run: bool = False,
          echo=print) -> list[SyncResult]:
     results = []
-    for box in chosen_outboxes(run, every):
-        result = sync_outbox(box, to, dry_run)
+    boxes = chosen_outboxes(run, every)
+    for box in boxes:
+        try:
+            result = sync_outbox(box, to, dry_run)
+        except MlexpError as error:
+            if len(boxes) == 1:
+                raise
+            result = SyncResult(label(box), box.pending(), box.pending(), f" ({error})")
         echo(result.line())
         results.append(result)
     if not results:
@@ -110,15 +116,9 @@ def sync_outbox(box: Outbox, to: str | None, dry_run: bool) -> SyncResult:
 
 
 def drain(box: Outbox, sender: Sender) -> None:
-    """Until the outbox is empty, or nothing has moved for stall_s()."""
-    last, moved = None, time.monotonic()
-    while True:
-        pending = box.pending()
-        if pending.empty:
-            return
-        if pending != last:
-            last, moved = pending, time.monotonic()
-        elif time.monotonic() - moved > stall_s():
+    """Until the outbox is empty, or nothing has moved (no row sent, no block uploaded) for stall_s()."""
+    while not box.pending().empty:
+        if time.monotonic() - sender.activity > stall_s():
             return
         sender.wake()
         time.sleep(0.1)
