@@ -2,6 +2,7 @@
 
 `MLEXP_FAULT="POINT=VALUE"` kills the process the moment POINT is reached with VALUE:
 `step=N` (after optimizer step N), `eval=N` (inside the N-th evaluation of this process),
+`checkpoint=EPOCH` (a resume checkpoint written, not yet handed to the outbox),
 `upload=ARTIFACT/FILE` (before that file's upload), `manifest=EPOCH` (before a
 checkpoint's manifest is published). A real SIGKILL, as from the OOM killer or a lost
 node: nothing gets to clean up. Unset (always, outside tests), a check costs one comparison.

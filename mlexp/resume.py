@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlexp import checkpoint
+from mlexp import checkpoint, faults
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
 from mlexp.loop import TrainParts
@@ -83,13 +83,16 @@ def save_epoch_checkpoints(parts: TrainParts, history: History, epoch: int, is_b
         snapshot = tracker.staging_dir(f"snap-{epoch}")
         checkpoint.save_weights(eval_weights, snapshot / checkpoint.WEIGHTS_FILE)
         tracker.log_artifacts(snapshot, f"checkpoints/epoch_{epoch:03d}")
-    tracker.supersede(LAST)  # an unsent older resume checkpoint (the server is away) is no longer needed
     last = tracker.staging_dir(f"last-{epoch}")
     checkpoint.save_training_state(last, weights, state_for_resume(parts, history, epoch), ema)
     manifest = write_manifest(last, epoch, parts.global_step)
     published = tracker.staging_dir(f"manifest-{epoch}")
     shutil.copyfile(last / server.MANIFEST, published / server.MANIFEST)
+    faults.crash_point("checkpoint", epoch)
     tracker.remember("checkpoint", {"epoch": epoch, "dir": str(last)})
+    # Only now, with the new checkpoint whole on disk and remembered, may an unsent older one
+    # (the server is away) go: a kill before this line still leaves the older one to resume from.
+    tracker.supersede(LAST)
     tracker.log_artifacts(last, f"{LAST}/{manifest['folder']}")
     tracker.publish_checkpoint(published, LAST, epoch)
 

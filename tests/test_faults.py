@@ -217,18 +217,23 @@ def test_offline_sweep_synced_twice(server_uri, tmp_path):
         assert_complete(client, child.info.run_id, epochs=2, batch_size=64)
 
 
-def test_offline_run_killed_synced_then_resumed_continues_the_server_run(server_uri, tmp_path):
+@pytest.mark.parametrize("moment", ["step=30", "checkpoint=2"])
+def test_offline_run_killed_synced_then_resumed_continues_the_server_run(moment, server_uri, tmp_path):
+    """Killed in epoch 2, or while epoch 2's checkpoint is being saved: epoch 1's unsent
+    checkpoint must still be there (a newer one may replace it only once it is whole)."""
     env = subprocess_env(server_uri, MLEXP_OFFLINE="1")
-    killed = run_mlexp(["train", *TINY, "--epochs", "2", "--batch-size", "64", "--experiment", "offline-resume"],
-                       dict(env, MLEXP_FAULT="step=30"), tmp_path)
+    experiment = f"offline-resume-{moment.split('=')[0]}"  # the server is shared by the module's tests
+    killed = run_mlexp(["train", *TINY, "--epochs", "2", "--batch-size", "64", "--experiment", experiment],
+                       dict(env, MLEXP_FAULT=moment), tmp_path)
     assert killed.returncode == -signal.SIGKILL
     synced = run_mlexp(["sync", "--all", "--to", server_uri], subprocess_env(server_uri), tmp_path)
     assert synced.returncode == 0 and ", offline)" in synced.stdout, synced.stdout
     local_id = synced.stdout.split(", offline)")[0].rsplit("(", 1)[1]
     resumed = run_mlexp(["train", "--resume", local_id], subprocess_env(server_uri), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after epoch 1 " in resumed.stdout, resumed.stdout
     client = MlflowClient(server_uri)
-    run = only_run(client, "offline-resume")
+    run = only_run(client, experiment)
     assert run.data.tags["mlexp.local_id"] == local_id
     assert_complete(client, run.info.run_id, epochs=2, batch_size=64)
 
