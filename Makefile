@@ -17,16 +17,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job: pretrain resnet18 on the built-in synthetic images and export the weights
-# to ./weights/, sweep pretrained vs scratch x 2 seeds on the built-in
-# digits, then compare. Everything is logged to ./mlflow.db.
+# to a folder of the demo's own (never ./weights/, where a later plain run would pick them
+# up), sweep pretrained vs scratch x 2 seeds on the built-in digits, then compare.
+# Everything is logged to ./mlflow.db.
+DEMO_WEIGHTS := $(CURDIR)/mlexp-output/demo-weights
 demo: $(STAMP)
-	export MLFLOW_TRACKING_URI=$(DEMO_URI) MLEXP_WEIGHTS_DIR=$(CURDIR)/weights; \
+	export MLFLOW_TRACKING_URI=$(DEMO_URI) MLEXP_WEIGHTS_DIR=$(DEMO_WEIGHTS); \
 	$(BIN)/mlexp train --backbone resnet18_scratch --data synthetic --epochs 2 --img-size 32 \
 	    --scratch-epochs-mult 1 --export-weights --experiment mlexp-demo-pretrain && \
 	$(BIN)/mlexp sweep --backbones resnet18 --seeds 1,2 --data digits --epochs 3 --img-size 32 \
 	    --experiment mlexp-demo && \
 	$(BIN)/mlexp compare --experiment mlexp-demo --out mlexp-output/compare && \
-	echo "" && echo "Open the runs: $(BIN)/mlflow ui --backend-store-uri $(DEMO_URI)"
+	$(BIN)/python -c "from mlexp.tracking import client_for, ui_hint; \
+	    print('\nOpen the runs:', ui_hint('$(DEMO_URI)', client_for('$(DEMO_URI)').get_experiment_by_name('mlexp-demo').experiment_id))"
 
 # The whole test suite (real MLflow stores and server, real timm models, CPU).
 test: $(STAMP)
@@ -36,4 +39,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tracking_overhead.py
 
 mlproject: $(STAMP)
-	$(BIN)/python -m mlexp.mlproject > MLproject
+	$(BIN)/python -m entrypoints.mlproject > MLproject

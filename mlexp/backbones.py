@@ -4,9 +4,8 @@ A catalogue name is `<arch>_<init>` (`resnet50_scratch`), an alias (`resnet50` m
 `resnet50_pretrained`), one of mlexp's own small-image ViTs (`vit_small`, `vit_base`,
 scratch only), or any timm model name together with an explicit init. Both flavours of
 an arch build the *same* network, so a pretrained/scratch pair differs only in its
-starting weights; `BackboneSpec.arch` is the key that pairs them.
-
-Where pretrained weights come from, and how they are checked, is `mlexp.weights`.
+starting weights; `BackboneSpec.arch` is the key that pairs them. Where weights come from
+is `mlexp.weight_sources`; how a file is loaded and checked, `mlexp.weight_loading`.
 
 Importing this module does not import torch or timm (about 3 s together): catalogue names
 and aliases resolve from the static table below, so `mlexp train` can reject a typo or
@@ -22,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mlexp.errors import MlexpError
-from mlexp.weights import (TimmSource, WeightsFile, load_weights, locate_weights, scratch_weights_error,
-                           timm_source)
+from mlexp.weight_loading import load_weights
+from mlexp.weight_sources import TimmSource, WeightsFile, locate_weights, scratch_weights_error, timm_source
 
 if TYPE_CHECKING:
     import torch
@@ -373,7 +372,7 @@ def format_catalogue(rows: list[dict] | None = None) -> str:
 
 
 def create_model(spec: BackboneSpec, num_classes: int, img_size: int) -> torch.nn.Module:
-    """The randomly initialised network (timm never downloads here: weights are mlexp.weights' job)."""
+    """The randomly initialised network (timm never downloads here: finding weights is mlexp.weight_sources' job)."""
     import timm
 
     kwargs = spec.create_kwargs(img_size)

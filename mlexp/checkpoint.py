@@ -22,12 +22,24 @@ EMA_WEIGHTS_FILE = "ema.safetensors"
 STATE_FILE = "training_state.pt"
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
-    """Write a state dict as safetensors (tensors copied to CPU, contiguous, unshared)."""
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a state dict as safetensors (tensors copied to CPU, contiguous, unshared);
+    `metadata`: text kept in the file's header (exported weights name the run that made them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({key: value.detach().to("cpu").contiguous().clone() for key, value in state_dict.items()},
-              str(path))
+              str(path), metadata=metadata)
     return path
+
+
+def weights_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of a safetensors file ({} for other formats or none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a safetensors file (a .pth): it has no metadata
+        return {}
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

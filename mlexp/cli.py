@@ -5,92 +5,34 @@ User errors (MlexpError, bad or unknown options) print one line and exit with st
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mlexp.config import TrainConfig, base_type, cli_name, config_fields
+from mlexp.cli_support import Commands, build_config, config_options, join_list_options, user_errors
+from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
-def config_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Add one option per TrainConfig field (but `exclude`). Values stay text; TrainConfig parses them."""
-    return lambda func: _add_config_options(func, exclude)
-
-
-def _add_config_options(func: Callable, exclude: tuple[str, ...]) -> Callable:
-    from typing import get_type_hints
-
-    hints = get_type_hints(TrainConfig)
-    for f in reversed([f for f in config_fields() if f.name not in exclude]):
-        choices = f.metadata.get("choices")
-        help_text = f.metadata["help"] + (f" [{'|'.join(choices)}]" if choices else "")
-        if f.default is not None:
-            help_text += f" (default: {f.default})"
-        if base_type(hints[f.name]) is bool:
-            # `--ema` alone means true; `--ema false` is accepted too (that is how MLproject passes it).
-            func = click.option(f"--{cli_name(f.name)}", f.name, is_flag=False, flag_value="true", default=None,
-                                metavar="[BOOL]", help=help_text)(func)
-        else:
-            func = click.option(f"--{cli_name(f.name)}", f.name, default=None, metavar=metavar(f, hints),
-                                help=help_text)(func)
-    return func
-
-
-def metavar(f, hints) -> str:
-    kind = base_type(hints[f.name])
-    return {int: "INT", float: "FLOAT"}.get(kind, "TEXT")
-
-
-def user_values(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
-    """The options the user actually set. Under `mlflow run` every parameter is passed, so a
-    value equal to its declared default counts as not set (presets can then fill it)."""
-    chosen = {name: value for name, value in values.items() if value is not None}
-    if ctx.find_root().obj and ctx.find_root().obj.get("from_mlproject"):
-        defaults = {f.name: f.default for f in config_fields()}
-        chosen = {name: value for name, value in chosen.items()
-                  if value != "" and value != mlproject_default(defaults.get(name))}
-    return chosen
-
-
-def mlproject_default(default: Any) -> str:
-    return "" if default is None else str(default)
-
-
-def build_config(ctx: click.Context, values: dict[str, Any], defaults: dict[str, str] | None = None) -> TrainConfig:
-    """The config from the options the user set, over a command's own `defaults`."""
-    from mlexp.recipes import config_from_user_values
-
-    chosen = {**(defaults or {}), **user_values(ctx, values)}
-    return config_from_user_values(chosen, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-
-
-@click.group(context_settings=CONTEXT)
-@click.option("--from-mlproject", is_flag=True, hidden=True)
+@click.group(cls=Commands, context_settings=CONTEXT)
 @click.version_option(package_name="mlexp")
-@click.pass_context
-def cli(ctx: click.Context, from_mlproject: bool) -> None:
+def cli() -> None:
     """Tracked image-classification experiments: timm backbones, Accelerate loops, MLflow.
 
     Every run logs its effective parameters, per-batch and per-epoch metrics and its
     checkpoints to MLflow (default store: sqlite:///mlflow.db in the current folder,
     or $MLFLOW_TRACKING_URI).
     """
-    ctx.obj = {"from_mlproject": from_mlproject}
 
 
 @cli.command(context_settings=CONTEXT)
 @config_options()
-@click.pass_context
-def train(ctx: click.Context, **values: Any) -> None:
+def train(**values: Any) -> None:
     """Train one backbone and log the run to MLflow.
 
     \b
@@ -100,16 +42,17 @@ def train(ctx: click.Context, **values: Any) -> None:
       mlexp train --resume RUN_ID
       torchrun --nproc_per_node 2 -m mlexp train --backbone resnet18
     """
-    train_with(build_config(ctx, values))
+    train_with(build_config(values))
 
 
-def train_with(cfg: TrainConfig) -> None:
-    from mlexp.weights import preflight
+def train_with(cfg: TrainConfig, run_id: str | None = None) -> None:
+    """Train one run; `run_id`: log into that existing run (the one `mlflow run` created)."""
+    from mlexp.weight_sources import preflight
 
     preflight(cfg)  # unknown backbone, missing weights offline: fail before torch/timm load (~3 s)
     from mlexp.train import run_training
 
-    run_training(cfg)
+    run_training(cfg, run_id=run_id)
 
 
 PRETRAIN_DEFAULTS = {"recipe": "pretrain", "init": "scratch", "export_weights": "true"}
@@ -117,8 +60,7 @@ PRETRAIN_DEFAULTS = {"recipe": "pretrain", "init": "scratch", "export_weights": 
 
 @cli.command(context_settings=CONTEXT)
 @config_options()
-@click.pass_context
-def pretrain(ctx: click.Context, **values: Any) -> None:
+def pretrain(**values: Any) -> None:
     """Pretrain a backbone from scratch (a modern ImageNet-style recipe) and export its weights.
 
     `mlexp train` with different defaults: --recipe pretrain (SGD, lr 0.1 x global batch/256,
@@ -132,7 +74,7 @@ def pretrain(ctx: click.Context, **values: Any) -> None:
       torchrun --nproc_per_node 4 -m mlexp pretrain --backbone resnet50 --data /imagenet --epochs 300
       mlexp pretrain --backbone resnet18 --data synthetic --epochs 2     (a smoke test)
     """
-    train_with(build_config(ctx, values, PRETRAIN_DEFAULTS))
+    train_with(build_config(values, PRETRAIN_DEFAULTS))
 
 
 SWEEP_AXES = ("backbone", "init", "strategy", "seed", "fold", "resume")
@@ -153,44 +95,48 @@ def comma_list(text: str) -> list[str]:
 @click.option("--strategies", default="full", show_default=True, help="Comma-separated: full, linear, gradual.")
 @click.option("--seeds", default="42", show_default=True, help="Comma-separated seeds.")
 @config_options(exclude=SWEEP_AXES)
-@click.pass_context
-def sweep(ctx: click.Context, backbones: str, inits: str, pretrained_only: str, scratch_only: str,
-          strategies: str, seeds: str, **values: Any) -> None:
+def sweep(**values: Any) -> None:
     """Train a grid: backbones x inits x strategies x seeds x folds, as nested MLflow runs.
 
     Every other option is a training option applied to each run (see `mlexp train --help`);
     `--folds K` runs each configuration on all K folds. Configurations that already
     FINISHED in the experiment are skipped, so re-running an interrupted sweep resumes it.
-    `--dry-run` prints the numbered plan and trains nothing.
+    `--dry-run` prints the numbered plan and trains nothing. Exits 1 when a configuration
+    FAILED (the others still ran).
 
     \b
-    Example:
+    Examples:
       mlexp sweep --backbones resnet18,resnet50 --seeds 1,2,3 --folds 5 --epochs 10
+      mlexp sweep --backbones resnet18 resnet50 deit_small --scratch-only
     """
+    sweep_with(values)
+
+
+def sweep_with(values: dict[str, Any], parent_run_id: str | None = None) -> None:
+    """Run the grid the sweep options describe; `parent_run_id`: the sweep's existing run."""
     from mlexp.config import parse_value
     from mlexp.sweep import INITS, run_sweep
 
-    chosen_inits = comma_list(inits)
-    if parse_value("pretrained_only", bool, pretrained_only):
-        chosen_inits = ["pretrained"]
-    if parse_value("scratch_only", bool, scratch_only):
-        if parse_value("pretrained_only", bool, pretrained_only):
-            raise MlexpError("--pretrained-only and --scratch-only exclude each other")
-        chosen_inits = ["scratch"]
-    for init in chosen_inits:
+    axes = {name: comma_list(values.pop(name) or "") for name in ("backbones", "inits", "strategies", "seeds")}
+    pretrained_only = parse_value("pretrained_only", bool, values.pop("pretrained_only") or "false")
+    scratch_only = parse_value("scratch_only", bool, values.pop("scratch_only") or "false")
+    if pretrained_only and scratch_only:
+        raise MlexpError("--pretrained-only and --scratch-only exclude each other")
+    inits = ["pretrained"] if pretrained_only else ["scratch"] if scratch_only else axes["inits"]
+    for init in inits:
         if init not in INITS:
             raise MlexpError(f"--inits takes {', '.join(INITS)}, got {init!r}")
-    seed_list = [parse_value("seeds", int, seed) for seed in comma_list(seeds)]
-    base = build_config(ctx, values)
-    for name, items in (("--backbones", comma_list(backbones)), ("--strategies", comma_list(strategies)),
-                        ("--seeds", seed_list)):
-        if not items:
-            raise MlexpError(f"{name} needs at least one value")
-    for strategy in comma_list(strategies):
+    for name in ("backbones", "strategies", "seeds"):
+        if not axes[name]:
+            raise MlexpError(f"--{name} needs at least one value")
+    seeds = [parse_value("seeds", int, seed) for seed in axes["seeds"]]
+    base = build_config(values)
+    for strategy in axes["strategies"]:
         base.replace(strategy=strategy)  # validates the name
-    result = run_sweep(base, comma_list(backbones), chosen_inits, comma_list(strategies), seed_list)
+    result = run_sweep(base, axes["backbones"], inits, axes["strategies"], seeds, parent_run_id=parent_run_id)
     if result.failed:
         click.echo(f"mlexp: {len(result.failed)} configuration(s) FAILED; see the runs' mlexp.error tag", err=True)
+        sys.exit(1)
 
 
 def split_names(values) -> list[str]:
@@ -203,36 +149,44 @@ def split_names(values) -> list[str]:
               help="Experiment to compare (name or id); repeat it or separate names with commas.")
 @click.option("--filter", "filter", default="", metavar="TEXT",
               help="MLflow search filter, e.g. \"params.lr = '0.001' and tags.`mlexp.dataset` = 'digits'\".")
-@click.option("--group-by", "group_by", default="backbone,init,strategy", metavar="NAMES",
-              help="Comma-separated: backbone, init, strategy, dataset, experiment, any param (lr, epochs, "
-                   "...) or tags.X / params.X. (default: backbone,init,strategy)")
+@click.option("--group-by", "group_by", default="backbone,strategy", metavar="NAMES",
+              help="Comma-separated: backbone (named as in the sweep summary: resnet18_scratch), arch "
+                   "(resnet18: both inits), init, strategy, dataset, experiment, any param (lr, epochs, ...) "
+                   "or tags.X / params.X. (default: backbone,strategy)")
 @click.option("--out", "out", default="mlexp-compare", metavar="DIR",
               help="Folder for groups.csv/.md, pairs.csv, runs.csv, compare.json and the plots. "
                    "(default: mlexp-compare)")
 @click.option("--log-run", "log_run", is_flag=False, flag_value="true", default="true", metavar="[BOOL]",
               help="Log the outputs to an MLflow run (under `mlflow run`: the project's run). (default: true)")
-@click.option("--compare-experiment", "compare_experiment", default="mlexp-compare", metavar="NAME",
-              help="Experiment for that run when not under `mlflow run`. (default: mlexp-compare)")
+@click.option("--compare-experiment", "compare_experiment", default="", metavar="NAME",
+              help="Experiment for that run when not under `mlflow run`. (default: the compared "
+                   "experiment's name + \"-compare\", e.g. digits-compare)")
 @click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
               help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
-def compare_command(experiment, filter, group_by, out, log_run, compare_experiment, tracking_uri) -> None:
+def compare_command(**values: Any) -> None:
     """Compare finished runs: per-group accuracy, time and cost; pretrained vs scratch, paired.
 
     \b
     Examples:
       mlexp compare --experiment digits-sweep
-      mlexp compare --experiment a --experiment b --group-by backbone,init --out report/
+      mlexp compare --experiment a b --group-by arch init --out report/
       mlexp compare --experiment digits-sweep --filter "params.epochs = '10'" --group-by strategy,lr
     """
+    compare_with(values)
+
+
+def compare_with(values: dict[str, Any], run_id: str | None = None) -> None:
+    """Compare as the options say; `run_id`: log the outputs into that existing run."""
     from mlexp.compare import format_table, run_compare
     from mlexp.config import parse_value
 
-    result = run_compare(tracking_uri or None, split_names(experiment) or ["mlexp"], filter or None,
-                         split_names([group_by]) or None, Path(out or "mlexp-compare"),
-                         compare_experiment=compare_experiment or "mlexp-compare",
-                         log_run=parse_value("log_run", bool, log_run))
+    out = values["out"] or "mlexp-compare"
+    result = run_compare(values["tracking_uri"] or None, split_names(values["experiment"]) or ["mlexp"],
+                         values["filter"] or None, split_names([values["group_by"]]) or None, Path(out),
+                         compare_experiment=values["compare_experiment"] or None,
+                         log_run=parse_value("log_run", bool, values["log_run"] or "true"), run_id=run_id)
     click.echo(format_table(result))
-    click.echo(f"Wrote {len(result.files)} files to {out or 'mlexp-compare'}/"
+    click.echo(f"Wrote {len(result.files)} files to {out}/"
                + (f"; logged to MLflow run {result.run_id}" if result.run_id else ""))
 
 
@@ -246,7 +200,7 @@ def compare_command(experiment, filter, group_by, out, log_run, compare_experime
 @click.option("--watch", type=float, default=0.0, metavar="SECONDS", help="Refresh every SECONDS until Ctrl-C.")
 @click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
               help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
-def monitor_command(progress, summary, experiment, watch, tracking_uri) -> None:
+def monitor_command(**values: Any) -> None:
     """Training monitor: progress of running runs, summary of finished ones (plots: `mlexp compare`).
 
     \b
@@ -254,17 +208,22 @@ def monitor_command(progress, summary, experiment, watch, tracking_uri) -> None:
       mlexp monitor --progress --watch 30
       mlexp monitor --summary --experiment digits-sweep
     """
+    monitor_with(values)
+
+
+def monitor_with(values: dict[str, Any]) -> None:
     from mlexp import monitor
     from mlexp.config import parse_value
     from mlexp.tracking import check_reachable, default_tracking_uri
 
-    uri = tracking_uri or default_tracking_uri()
+    uri = values["tracking_uri"] or default_tracking_uri()
     check_reachable(uri)
-    views = [monitor.progress] if parse_value("progress", bool, progress) else []
-    views += [monitor.summary] if parse_value("summary", bool, summary) else []
+    views = [monitor.progress] if parse_value("progress", bool, values["progress"] or "false") else []
+    views += [monitor.summary] if parse_value("summary", bool, values["summary"] or "false") else []
+    watch = float(values["watch"] or 0)
     while True:
         for show in views or [monitor.progress]:
-            click.echo(show(uri, split_names(experiment) or None))
+            click.echo(show(uri, split_names(values["experiment"]) or None))
         if watch <= 0:
             return
         time.sleep(watch)
@@ -353,36 +312,8 @@ def print_table(rows: list[dict]) -> None:
         click.echo("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
-def one_line(error: BaseException) -> str:
-    """A user error as one line (DataLoader workers wrap errors in a traceback text)."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split("MlexpError: ", 1)[-1]
-    return " ".join(text.split())
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning user errors into one line and exit status 2."""
-    rank = int(os.environ.get("RANK", "0"))
-    # MLflow announces schema creation/migration of a fresh SQLite store at INFO: noise for our users.
-    for noisy in ("mlflow.store.db.utils", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        cli.main(args=argv, prog_name="mlexp", standalone_mode=False)
-    except MlexpError as error:
-        if rank == 0:
-            print(f"mlexp: error: {one_line(error)}", file=sys.stderr)
-        sys.exit(2)
-    except click.UsageError as error:
-        if rank == 0:
-            hint = f" (see `mlexp {error.ctx.command_path.split(' ', 1)[-1]} --help`)" if error.ctx else ""
-            print(f"mlexp: error: {' '.join(error.format_message().split())}{hint}", file=sys.stderr)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        print("mlexp: aborted", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("mlexp: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
+    """The `mlexp` command: run the CLI, user errors as one line and exit status 2."""
+    with user_errors():
+        cli.main(args=join_list_options(sys.argv[1:] if argv is None else argv), prog_name="mlexp",
+                 standalone_mode=False)

@@ -7,14 +7,18 @@ run, aggregates per group and writes tables and plots; `run_compare()` is what t
 the MLproject entry point call: it also logs the outputs to an MLflow run.
 
 Accuracies are fractions (0..1) in the data and files, percentages in the printed tables.
-Runs that are not FINISHED (RUNNING, FAILED, KILLED) are listed, never averaged in.
+Training runs that are not FINISHED (RUNNING, FAILED, KILLED), or finished without a val/acc,
+are listed as not in the statistics; runs that are not training runs at all (sweep parents,
+earlier compare runs, runs without training tags, params or metrics) are only counted.
+
+Backbones are named as the sweep summary names them: the catalogue name (`resnet18_scratch`,
+`vit_small`), so pretrained and scratch runs are separate groups; `arch` is the architecture
+alone (`resnet18`), which is also what pretrained/scratch pairs are matched on.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,13 +28,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mlexp.compare_report import log_compare_run
 from mlexp.errors import MlexpError
+from mlexp.mlflow_internals import Reader
 from mlexp.query import FINISHED, RunRecord, fetch_runs, mlflow_client, resolve_experiments
 
-DEFAULT_GROUP_BY = ["backbone", "init", "strategy"]
-# Short names that mean mlexp's own tags (which, unlike the `backbone` param, carry no init suffix).
-TAG_ALIASES = {"backbone": "mlexp.backbone", "init": "mlexp.init", "strategy": "mlexp.strategy",
+DEFAULT_GROUP_BY = ["backbone", "strategy"]
+INITS = ("pretrained", "scratch")
+# Short names that mean mlexp's own tags (`arch` is the backbone without its init).
+TAG_ALIASES = {"arch": "mlexp.backbone", "init": "mlexp.init", "strategy": "mlexp.strategy",
                "dataset": "mlexp.dataset"}
+# What marks a training run (besides a `backbone` param): mlexp's tags, or a training metric.
+TRAINING_TAGS = ("mlexp.backbone", "mlexp.init", "mlexp.strategy", "mlexp.sweep_id", "mlexp.config_hash")
+TRAINING_METRIC_PREFIXES = ("train/", "val/", "epoch/", "best/")
 CURVE_KEYS = ("val/acc", "val/loss")
 PAIR_KEYS = ["dataset", "strategy", "seed", "fold"]  # what must match for a pretrained/scratch pair
 CONVERGENCE_FRACTION = 0.95
@@ -50,11 +60,13 @@ class CompareResult:
     groups: pd.DataFrame                   # one row per group: runs, <metric>_mean, <metric>_std
     pairs: pd.DataFrame                    # one row per matched pretrained/scratch pair
     pair_summary: pd.DataFrame             # per backbone (strategy "all") and per backbone x strategy
-    excluded: list[dict[str, Any]]         # runs left out of the statistics, and why
+    excluded: list[dict[str, Any]]         # training runs left out of the statistics, and why
+    ignored: dict[str, int] = field(default_factory=dict)  # kind -> count of runs that are not training runs
     curves: dict[str, pd.DataFrame] = field(default_factory=dict)  # key -> epoch x group mean
     files: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None              # the MLflow run the outputs were logged to
+    reads: dict[str, Any] = field(default_factory=dict)  # which MLflow doors answered (mlflow_internals)
 
 
 def compare(client_or_uri: Any, experiments: list[str], filter_string: str | None = None,
@@ -72,12 +84,14 @@ def compare(client_or_uri: Any, experiments: list[str], filter_string: str | Non
     warming = threading.Thread(target=warm_up, name="mlexp-plot-warm-up", daemon=True)
     if plots:
         warming.start()  # matplotlib's import and font loading overlap the server's work
+    reader = Reader(client)
     records, histories = fetch_runs(client, list(names), filter_string, CURVE_KEYS,
-                                    wants_history=lambda run: run.status == FINISHED)
+                                    wants_history=lambda run: run.status == FINISHED, reader=reader)
     fetched = time.perf_counter()
-    runs, excluded = run_table(records, histories, group_by, names)
+    runs, excluded, ignored = run_table(records, histories, group_by, names)
     result = CompareResult(names, filter_string, group_by, runs, group_table(runs, group_by),
-                           *paired_differences(runs), excluded=excluded)
+                           *paired_differences(runs), excluded=excluded, ignored=ignored)
+    result.reads = {"taken": dict(reader.taken), "fallbacks": list(reader.fallbacks)}
     result.curves = {key: mean_curves(runs, histories[key], group_by) for key in CURVE_KEYS}
     computed = time.perf_counter()
     if plots:
@@ -95,10 +109,47 @@ def field_value(run: RunRecord, name: str) -> str | None:
         return run.tags.get(name[5:])
     if name.startswith("params."):
         return run.param(name[7:])
-    value = run.tags.get(TAG_ALIASES.get(name, f"mlexp.{name}")) or run.tags.get(name) or run.param(name)
-    if value and name == "backbone" and "mlexp.backbone" not in run.tags:
-        value = value.removesuffix("_pretrained").removesuffix("_scratch")  # runs from before the tags
-    return value
+    if name == "backbone":
+        return backbone_name(run)
+    if name == "arch":
+        return arch_of(run)
+    return run.tags.get(TAG_ALIASES.get(name, f"mlexp.{name}")) or run.tags.get(name) or run.param(name)
+
+
+def arch_of(run: RunRecord) -> str | None:
+    """The architecture without init (tag mlexp.backbone): what pretrained/scratch pairs share."""
+    if "mlexp.backbone" in run.tags:
+        return run.tags["mlexp.backbone"]
+    name = run.param("backbone")  # runs from before the tags
+    return name.removesuffix("_pretrained").removesuffix("_scratch") if name else None
+
+
+def backbone_name(run: RunRecord) -> str | None:
+    """The backbone as the sweep summary names it: the logged (effective) catalogue name, e.g.
+    resnet18_scratch or vit_small; a plain timm name gets its init appended (convnext_tiny_scratch)."""
+    from mlexp.backbones import CATALOGUE
+
+    name, arch = run.param("backbone"), arch_of(run)
+    init = run.tags.get("mlexp.init") or run.param("init")
+    if name in CATALOGUE or not arch or init not in INITS:
+        return name or arch
+    if name and name.endswith(f"_{init}"):
+        return name
+    return arch if arch in CATALOGUE and f"{arch}_{init}" not in CATALOGUE else f"{arch}_{init}"
+
+
+def non_training_kind(run: RunRecord, parent_ids: set[str]) -> str | None:
+    """What a run is if it is not a training run (None for a training run)."""
+    if run.tags.get("mlexp.sweep") == "true":
+        return "sweep parent"
+    if run.tags.get("mlexp.kind") not in (None, "train"):
+        return f"{run.tags['mlexp.kind']} run"
+    if run.run_id in parent_ids:
+        return "parent run"
+    if (any(tag in run.tags for tag in TRAINING_TAGS) or run.param("backbone")
+            or any(key.startswith(TRAINING_METRIC_PREFIXES) for key in run.metrics)):
+        return None
+    return "no training tags, params or metrics"
 
 
 def check_group_by(records: list[RunRecord], group_by: list[str]) -> None:
@@ -107,8 +158,8 @@ def check_group_by(records: list[RunRecord], group_by: list[str]) -> None:
             raise MlexpError(f"--group-by {name!r} names a computed column; group by a tag or a param")
         if name != "experiment" and records and not any(field_value(run, name) is not None for run in records):
             params = sorted({key for run in records for key in run.params})
-            raise MlexpError(f"--group-by {name!r} is neither a tag nor a param of the selected runs; "
-                             f"try backbone, init, strategy, dataset or a param: {', '.join(params[:25])}")
+            raise MlexpError(f"--group-by {name!r} is neither a tag nor a param of the selected runs; try "
+                             f"backbone, arch, init, strategy, dataset or a param: {', '.join(params[:25])}")
 
 
 def value_at(points: list[tuple[int, float]], step: int) -> float:
@@ -121,27 +172,35 @@ def value_at(points: list[tuple[int, float]], step: int) -> float:
     return found
 
 
-def run_table(records: list[RunRecord], histories: dict, group_by: list[str],
-              experiments: dict[str, str]) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """Per-run quantities for every finished training run, and the list of runs left out."""
+def run_table(records: list[RunRecord], histories: dict, group_by: list[str], experiments: dict[str, str]
+              ) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, int]]:
+    """Per-run quantities for every finished training run, the training runs left out (and why),
+    and how many runs of each kind were not training runs."""
     val_acc = histories.get("val/acc", {})
-    usable = [run for run in records if run.status == FINISHED and (run.run_id in val_acc or "val/acc" in run.metrics)]
+    parent_ids = {run.tags["mlflow.parentRunId"] for run in records if "mlflow.parentRunId" in run.tags}
+    rows, excluded, ignored, training = [], [], {}, []
+    for run in records:
+        kind = non_training_kind(run, parent_ids)
+        if kind is not None:
+            ignored[kind] = ignored.get(kind, 0) + 1
+        else:
+            training.append(run)
+    usable = [run for run in training if run.status == FINISHED and (run.run_id in val_acc or "val/acc" in run.metrics)]
     check_group_by(usable, group_by)
     usable_ids = {run.run_id for run in usable}
-    rows, excluded = [], []
-    for run in records:
+    for run in training:
         experiment = experiments.get(run.experiment_id, run.experiment_id)
         if run.run_id in usable_ids:
             rows.append(run_row(run, val_acc.get(run.run_id, []), group_by, experiment))
         else:
-            reason = f"status {run.status}" if run.status != FINISHED else "no val/acc metric (not a training run)"
+            reason = f"status {run.status}" if run.status != FINISHED else "finished without a val/acc metric"
             excluded.append({"run_id": run.run_id, "run_name": run.run_name, "status": run.status,
                              "experiment": experiment, "reason": reason})
     runs = pd.DataFrame(rows)
     if runs.empty:
-        return pd.DataFrame(columns=["run_id", *group_by, *RUN_METRICS]), excluded
+        return pd.DataFrame(columns=["run_id", *group_by, *RUN_METRICS]), excluded, ignored
     runs["epochs_to_95"] = epochs_to_reach(runs, group_by)
-    return runs.drop(columns=["_val_acc_points"]), excluded
+    return runs.drop(columns=["_val_acc_points"]), excluded, ignored
 
 
 def run_row(run: RunRecord, points: list[tuple[int, float]], group_by: list[str], experiment: str) -> dict:
@@ -156,7 +215,7 @@ def run_row(run: RunRecord, points: list[tuple[int, float]], group_by: list[str]
     return {
         "run_id": run.run_id, "run_name": run.run_name, "experiment": experiment,
         **{name: experiment if name == "experiment" else field_value(run, name) or "-" for name in group_by},
-        **{f"_{name}": field_value(run, name) or "-" for name in ("backbone", "init", "dataset", "strategy")},
+        **{f"_{name}": field_value(run, name) or "-" for name in ("arch", "init", "dataset", "strategy")},
         "seed": run.param("seed") or "-", "fold": run.param("fold") or "-",
         "best_val_acc": m.get("best/val_acc", max((v for _, v in points), default=final_val)),
         "final_val_acc": final_val, "final_train_acc": final_train, "overfit_gap": final_train - final_val,
@@ -235,7 +294,7 @@ def paired_differences(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                     "scratch_best_val_acc", "diff_best_val_acc", "pretrained_time_s", "scratch_time_s"]
     if runs.empty:
         return pd.DataFrame(columns=pair_columns), pd.DataFrame()
-    frame = runs.rename(columns={"_backbone": "pair_backbone", "_init": "pair_init"})
+    frame = runs.rename(columns={"_arch": "pair_backbone", "_init": "pair_init"})
     frame = frame.assign(**{key: runs[f"_{key}"] for key in ("dataset", "strategy")})
     keys = ["pair_backbone", *PAIR_KEYS]
     sides = {}
@@ -271,11 +330,14 @@ def paired_differences(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 # --- the command -------------------------------------------------------------------------------------
 def run_compare(tracking_uri: str | None, experiments: list[str], filter_string: str | None = None,
                 group_by: list[str] | None = None, out_dir: Path | str = "mlexp-compare", *,
-                compare_experiment: str = "mlexp-compare", log_run: bool = True) -> CompareResult:
+                compare_experiment: str | None = None, log_run: bool = True, run_id: str | None = None
+                ) -> CompareResult:
     """`mlexp compare`: compare, then log the outputs to an MLflow run.
 
-    Under `mlflow run` that is the project's run (MLFLOW_RUN_ID, in the experiment `mlflow run`
-    chose); otherwise a new run in `compare_experiment`, kept apart from the training runs.
+    `run_id`: an existing run to log into (under `mlflow run`, the project's run, left for
+    `mlflow run` to end); otherwise a new run named after what it compares ("compare digits
+    by backbone,strategy") in `compare_experiment`, by default "<experiment>-compare": next
+    to the compared experiment in the MLflow UI, apart from its training runs.
     """
     from mlexp.tracking import check_reachable, default_tracking_uri
 
@@ -284,43 +346,18 @@ def run_compare(tracking_uri: str | None, experiments: list[str], filter_string:
     client = mlflow_client(uri)
     result = compare(client, experiments, filter_string, group_by, out_dir)
     if log_run:
-        result.run_id = log_compare_run(uri, result, Path(out_dir), compare_experiment)
+        default_experiment, run_name = compare_run_place(result)
+        result.run_id = log_compare_run(uri, result, Path(out_dir), compare_experiment or default_experiment, run_name,
+                                        run_id)
     return result
 
 
-def log_compare_run(tracking_uri: str, result: CompareResult, out_dir: Path, compare_experiment: str) -> str:
-    """Log summary params, metrics and out_dir (as artifacts under compare/) to the compare run
-    (under `mlflow run`: the entry point's run), through the tracking outbox."""
-    import mlexp
-    from mlexp import tracking
-
-    name = ("compare-" + "+".join(result.experiments.values()))[:250]
-    tracker = tracking.open_run(tracking_uri, compare_experiment, name, heartbeat=False,
-                                tags={"mlexp.kind": "compare", "mlexp.version": mlexp.__version__})
-    try:
-        statuses = [row["status"] for row in result.excluded]
-        metrics = {"runs": len(result.runs), "groups": len(result.groups), "excluded": len(result.excluded),
-                   "running": statuses.count("RUNNING"), "failed": statuses.count("FAILED")}
-        if not result.pair_summary.empty:  # each backbone's first row is over all its strategies
-            for row in result.pair_summary.drop_duplicates("backbone").to_dict("records"):
-                metrics[f"pretrain_gain/{row['backbone']}"] = row["mean_diff"]
-                metrics[f"pretrain_pairs/{row['backbone']}"] = row["n_pairs"]
-        # Prefixed: under `mlflow run` the entry point's own parameters are already on the run.
-        tracker.log_params({"compare.experiments": ",".join(result.experiments.values())[:6000],
-                            "compare.filter": result.filter_string or "", "compare.group_by": ",".join(result.group_by)})
-        tracker.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))},
-                            step=0)
-        tracker.log_artifacts(out_dir, "compare", copy=True)  # the user keeps out_dir
-    except BaseException as error:
-        tracker.finish("FAILED", error=f"{type(error).__name__}: {error}")
-        raise
-    if os.environ.get("MLFLOW_RUN_ID"):  # the project's run: `mlflow run` ends it
-        delivery = tracker.abandon(wait_s=tracking.run.grace_s())
-    else:
-        delivery = tracker.finish("FINISHED")
-    if not delivery.complete:
-        print(f"mlexp: compare run {delivery.run_id}: {delivery.describe()}", file=sys.stderr)
-    return tracker.run_id
+def compare_run_place(result: CompareResult) -> tuple[str, str]:
+    """The compare run's default experiment, next to the compared one, and its name:
+    ("digits-compare", "compare digits by backbone,strategy"), with the filter if there is one."""
+    compared = "+".join(result.experiments.values()) or "mlexp"
+    name = f"compare {compared} by {','.join(result.group_by)}"
+    return compared[:200] + "-compare", (name + (f" where {result.filter_string}" if result.filter_string else ""))[:250]
 
 
 def format_table(result: CompareResult) -> str:

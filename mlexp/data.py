@@ -217,10 +217,17 @@ def split_indices(labels: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, np.
     return np.sort(train_idx), np.sort(val_idx)
 
 
+def require_folder(path: Path, what: str) -> None:
+    """A data path must be an existing folder; say which of the two it is not."""
+    if path.is_dir():
+        return
+    problem = "is not a folder" if path.exists() else "does not exist"
+    raise MlexpError(f"{what} folder {path} {problem}; pass an ImageFolder path (one sub-folder per class), "
+                     "'digits' or 'synthetic'")
+
+
 def _image_folder(path: Path, what: str) -> CheckedImageFolder:
-    if not path.is_dir():
-        raise MlexpError(f"{what} folder {path} does not exist; pass an ImageFolder path "
-                         "(one sub-folder per class), 'digits' or 'synthetic'")
+    require_folder(path, what)
     try:
         folder = CheckedImageFolder(str(path))
     except FileNotFoundError as error:
@@ -236,8 +243,7 @@ def _folder_roots(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """The training folder (DATA/train if it exists, else DATA) and the validation folder
     (--val-dir, else DATA/val if it exists, else None: split the training folder)."""
     root = Path(cfg.data).expanduser()
-    if not root.is_dir():
-        raise MlexpError(f"data folder {root} does not exist; pass an ImageFolder path, 'digits' or 'synthetic'")
+    require_folder(root, "data")
     train_root = root / "train" if (root / "train").is_dir() else root
     if cfg.val_dir:
         return train_root, Path(cfg.val_dir).expanduser()
@@ -288,8 +294,7 @@ def check_data_source(cfg: TrainConfig) -> None:
     if val_root is None:
         check_split(train_counts, cfg, str(train_root))
         return
-    if not val_root.is_dir():
-        raise MlexpError(f"validation folder {val_root} does not exist")
+    require_folder(val_root, "validation")
     val_counts = _checked_counts(val_root, "validation")
     if sorted(val_counts) != sorted(train_counts):
         raise MlexpError(f"validation classes {sorted(val_counts)} differ from training classes "

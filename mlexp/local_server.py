@@ -31,6 +31,7 @@ def start_local_server(root: Path, timeout_s: float = 120.0, port: int | None = 
     another machine: its work then takes only CPU time the training leaves idle).
     """
     root = Path(root).resolve()  # the server runs with cwd=root: relative paths would nest
+    root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     artifacts = Path(artifacts) if artifacts else root / "artifacts"
     log = open(root / "server.log", "a")

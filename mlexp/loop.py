@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from mlexp.faults import crash_point
 
 LOG_EVERY = 10
+# Without a terminal (a log file, a pipe, a batch job) there is no bar: a progress line this often.
+PROGRESS_EVERY_S = float(os.environ.get("MLEXP_PROGRESS_S", "30"))
 _evaluations = 0  # evaluations run by this process (a fault-injection crash point counts them)
 
 
@@ -78,6 +80,27 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(group["lr"] for group in optimizer.param_groups)
 
 
+class Progress:
+    """Long work is never silent: a bar on a terminal (main process only); without one (a log
+    file, a pipe, a batch job), a line every PROGRESS_EVERY_S with step, loss and samples/s."""
+
+    def __init__(self, loader, accelerator: Accelerator, description: str) -> None:
+        quiet = not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE"))
+        # disable=None: tqdm hides the bar itself when the output is not a terminal
+        self.bar = tqdm(loader, desc=description, leave=False, unit="batch", disable=True if quiet else None)
+        self.lines = accelerator.is_main_process and self.bar.disable
+        self.description = description
+        self.steps = len(loader) // accelerator.gradient_accumulation_steps
+        self.last_line = time.perf_counter()
+
+    def show(self, record: StepRecord) -> None:
+        self.bar.set_postfix(loss=f"{record.loss:.4f}", samples_per_s=f"{record.samples_per_s:.0f}")
+        if self.lines and time.perf_counter() - self.last_line >= PROGRESS_EVERY_S:
+            self.last_line = time.perf_counter()
+            print(f"  {self.description}: step {record.batch}/{self.steps}  loss {record.loss:.4f}  "
+                  f"{record.samples_per_s:.0f} samples/s", flush=True)
+
+
 def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[list[StepRecord]], None],
                     description: str = "") -> EpochStats:
     accelerator = parts.accelerator
@@ -90,10 +113,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[l
     records: list[StepRecord] = []
     global_batch = 0
     epoch_start = last_step_time = time.perf_counter()
-    # Bars only on the main process and on a terminal (None: tqdm hides them when output is a
-    # file or pipe, where the per-epoch lines printed by train.py are the readable record).
-    quiet = not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE"))
-    bar = tqdm(loader, desc=description or f"epoch {epoch}", leave=False, unit="batch", disable=True if quiet else None)
+    progress = Progress(loader, accelerator, description or f"epoch {epoch}")
 
     def report() -> None:
         if not pending:
@@ -104,26 +124,10 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[l
         pending.clear()
         records.extend(new)
         on_steps(new)
-        bar.set_postfix(loss=f"{new[-1].loss:.4f}", samples_per_s=f"{new[-1].samples_per_s:.0f}")
+        progress.show(new[-1])
 
-    for images, labels in bar:
-        with accelerator.accumulate(parts.model):
-            targets = labels
-            if parts.mixup is not None:
-                images, targets = parts.mixup(images, labels)
-            if parts.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with accelerator.autocast():
-                logits = parts.model(images)
-                loss = parts.loss_fn(logits, targets)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                parts.strategy.drop_frozen_grads()
-                if parts.clip_grad > 0:
-                    accelerator.clip_grad_norm_(parts.model.parameters(), parts.clip_grad)
-            parts.optimizer.step()
-            parts.optimizer.zero_grad(set_to_none=True)
-
+    for images, labels in progress.bar:
+        loss, logits = forward_backward(parts, images, labels)
         batch_size = labels.shape[0]
         loss_sum += loss.detach() * batch_size
         correct += (logits.detach().argmax(dim=1) == labels).sum()
@@ -146,12 +150,34 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[l
             if len(pending) >= LOG_EVERY:
                 report()
     report()
-    bar.close()
+    progress.bar.close()
 
     totals = accelerator.reduce(torch.stack([loss_sum, correct, seen]), reduction="sum").tolist()
     return EpochStats(loss=totals[0] / max(totals[2], 1), loss_total=sum(r.loss for r in records),
                       acc=totals[1] / max(totals[2], 1), steps=len(records), samples=int(totals[2]),
                       time_s=time.perf_counter() - epoch_start)
+
+
+def forward_backward(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch: forward, backward and (on the accumulation boundary) the optimizer step."""
+    accelerator = parts.accelerator
+    with accelerator.accumulate(parts.model):
+        targets = labels
+        if parts.mixup is not None:
+            images, targets = parts.mixup(images, labels)
+        if parts.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = parts.model(images)
+            loss = parts.loss_fn(logits, targets)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            parts.strategy.drop_frozen_grads()
+            if parts.clip_grad > 0:
+                accelerator.clip_grad_norm_(parts.model.parameters(), parts.clip_grad)
+        parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+    return loss, logits
 
 
 @torch.no_grad()

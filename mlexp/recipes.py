@@ -203,6 +203,11 @@ def config_from_user_values(values: dict[str, object], world_size: int = 1) -> T
     return TrainConfig.from_strings(merged)
 
 
+def preset_fields() -> set[str]:
+    """The options some --recipe preset sets (and lr, which a preset may compute)."""
+    return set().union(*PRESETS.values()) | ({"lr"} if LR_PER_256 else set())
+
+
 def preset_rows() -> list[dict]:
     """One row per preset for `mlexp recipes`: name, what it is for, its settings."""
     rows = []

@@ -29,7 +29,7 @@ from mlexp.loop import TrainParts
 from mlexp.records import History
 from mlexp.tracking import server
 from mlexp.tracking.outbox import Outbox
-from mlexp.weights import file_sha256
+from mlexp.weight_sources import file_sha256
 
 LAST = "checkpoints/last"
 

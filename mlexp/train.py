@@ -8,10 +8,8 @@ or SIGTERM), never RUNNING.
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import subprocess
-import sys
 import time
 import threading
 from contextlib import contextmanager
@@ -34,9 +32,10 @@ from mlexp.finetune import attach_head, build_strategy
 from mlexp.loop import EvalResult, TrainParts, evaluate, train_one_epoch
 from mlexp.optim import build_optimizer, build_scheduler
 from mlexp.recipes import apply_init_adjustments, format_init_comparison, format_training_plan
-from mlexp.records import History, write_csvs, write_json
+from mlexp.records import History, training_info, epoch_metrics, epoch_record, step_metrics, write_csvs, write_json
 from mlexp.resume import ResumePoint, find_resume_point, restore, save_epoch_checkpoints
-from mlexp.weights import WeightsFile, default_export_path, locate_weights
+from mlexp.run_report import print_epoch, print_outcome, print_start, report_delivery
+from mlexp.weight_sources import WeightsFile, default_export_path, locate_weights
 
 
 @dataclass
@@ -95,7 +94,7 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
         except BaseException:
             release_accelerator(accelerator)
             raise
-    training = Training(tracker, resume is None)
+    training = Training(tracker, resume is None, tracking_uri)
     try:
         with sigterm_as_interrupt():
             result = _train(effective, spec, weights, accelerator, training, resume)
@@ -144,6 +143,7 @@ class Training:
 
     tracker: tracking.Tracker
     started: bool
+    tracking_uri: str
 
     def start(self) -> None:
         if not self.started:
@@ -159,11 +159,27 @@ class Training:
 def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | None, accelerator: Accelerator,
            training: Training, resume: ResumePoint | None) -> TrainResult:
     tracker = training.tracker
-    # --- build ------------------------------------------------------------------------------
     set_seed(cfg.seed)
     data = build_data(cfg)
     built = build_backbone(spec, data.num_classes, cfg.img_size, weights)
-    model = built.model
+    parts, train_loader, val_loader = build_parts(cfg, spec, built.model, data, accelerator)
+    history, start_epoch = restore(resume, parts) if resume else (History(), 1)
+    if accelerator.is_main_process:
+        print_start(cfg, spec, built, data, accelerator, tracker, training.tracking_uri)
+    if resume is None or resume.checkpoint_dir is None:  # a new run, or one killed before its first checkpoint
+        log_run_start(tracker, cfg, accelerator, built, parts.module, data)
+    training.start()
+    if resume and accelerator.is_main_process:
+        print(f"mlexp: resuming run {resume.run_id} after epoch {start_epoch - 1} (step {parts.global_step})"
+              if resume.checkpoint_dir else f"mlexp: run {resume.run_id} has no complete checkpoint yet: "
+              "starting it over from epoch 1 (points it already logged are kept, not logged twice)", flush=True)
+    train_epochs(parts, cfg, history, start_epoch, train_loader, val_loader, tracker)
+    return finish_run(parts, cfg, spec, built, history, val_loader, tracker)
+
+
+def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, data,
+                accelerator: Accelerator) -> tuple[TrainParts, DataLoader, DataLoader]:
+    """Head, strategy, optimizer, loaders, schedule and EMA around the built backbone."""
     attach_head(model, cfg.head, data.num_classes)
     strategy = build_strategy(model, spec.family, cfg)
     if cfg.channels_last:
@@ -185,49 +201,35 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
 
         # Warmup (decay ramps up from 0) so that short runs do not evaluate mostly-initial weights.
         parts.ema = ModelEmaV3(module, decay=cfg.ema_decay, use_warmup=True)
-    history, start_epoch = restore(resume, parts) if resume else (History(), 1)
-    if resume is None or resume.checkpoint_dir is None:  # a new run, or one killed before its first checkpoint
-        log_run_start(tracker, cfg, accelerator, built, module, data)
-    training.start()
-    if resume and accelerator.is_main_process:
-        print(f"mlexp: resuming run {resume.run_id} after epoch {start_epoch - 1} (step {parts.global_step})"
-              if resume.checkpoint_dir else f"mlexp: run {resume.run_id} has no complete checkpoint yet: "
-              "starting it over from epoch 1 (points it already logged are kept, not logged twice)", flush=True)
+    return parts, train_loader, val_loader
 
-    # --- epochs ------------------------------------------------------------------------------
+
+def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_epoch: int, train_loader,
+                 val_loader, tracker) -> None:
+    """The epochs: train, evaluate, record, checkpoint; until the last epoch or a stop."""
     def on_steps(records) -> None:
         history.add_steps(records)
-        for r in records:
-            tracker.log_metrics({"batch/loss": r.loss, "batch/lr": r.lr, "batch/samples_per_s": r.samples_per_s},
-                                step=r.step)
+        for record in records:
+            tracker.log_metrics(step_metrics(record), step=record.step)
 
+    strategy = parts.strategy
     for epoch in range(start_epoch, cfg.epochs + 1):
         set_seed(cfg.seed + epoch, device_specific=True)  # resume is deterministic from the epoch alone
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         stats = train_one_epoch(parts, train_loader, epoch, on_steps, f"epoch {epoch}/{cfg.epochs}")
-        val = evaluate(eval_model(parts), val_loader, accelerator, cfg.channels_last)
-        row = {"epoch": epoch, "samples": stats.samples, "avg_loss": stats.loss, "total_loss": stats.loss_total,
-               "train_acc": stats.acc, "val_loss": val.loss, "val_acc": val.acc, "epoch_time_sec": stats.time_s,
-               "learning_rate": history.steps[-1][4] if history.steps else cfg.lr, "phase": strategy.phase,
-               "trainable_params": strategy.trainable_params(), "checkpoint_path": "checkpoints/last",
-               "timestamp": tracking_time()}
+        val = evaluate(eval_model(parts), val_loader, parts.accelerator, cfg.channels_last)
+        lr = history.steps[-1][4] if history.steps else cfg.lr
+        row = epoch_record(epoch, stats, val, lr, strategy.phase, strategy.trainable_params())
         is_best = history.add_epoch(row)
-        tracker.log_metrics({"train/loss": stats.loss, "train/loss_total": stats.loss_total,
-                             "train/acc": stats.acc, "val/loss": val.loss, "val/acc": val.acc,
-                             "epoch/time_s": stats.time_s, "epoch/lr": row["learning_rate"],
-                             "train/phase": strategy.phase, "train/trainable_params": row["trainable_params"]},
-                            step=epoch)
-        if accelerator.is_main_process:
+        tracker.log_metrics(epoch_metrics(row), step=epoch)
+        if parts.accelerator.is_main_process:
             print_epoch(row, is_best)
         strategy.on_epoch_end(epoch, val.loss)
         stop = strategy.should_stop(epoch) or early_stop(cfg, history, epoch)
         save_epoch_checkpoints(parts, history, epoch, is_best, tracker, cfg)
         if stop:
             break
-
-    # --- the end: final weights, calibration, summary ------------------------------------------
-    return finish_run(parts, cfg, spec, built, history, val_loader, tracker)
 
 
 # --- building blocks ------------------------------------------------------------------------------
@@ -320,12 +322,6 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def tracking_time() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat()
-
-
 def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, model, data) -> None:
     """Params (effective), the distributed set-up, parameter counts, and config.json."""
     total = sum(p.numel() for p in model.parameters())
@@ -352,32 +348,18 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
         weights = final_weights_model(parts).state_dict()
         final = checkpoint.save_weights(weights, tracker.staging_dir("final") / checkpoint.WEIGHTS_FILE)
         if cfg.export_weights:  # later pretrained runs of this arch find these without a flag
-            exported = default_export_path(spec)
-            exported.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(final, exported)
+            exported = checkpoint.save_weights(weights, default_export_path(spec), metadata={
+                "mlexp.run_id": tracker.run_id or "", "mlexp.backbone": spec.name})
             print(f"mlexp: exported weights to {exported}")
         last_epoch = history.epochs[-1]["epoch"] if history.epochs else 0
-        total_time = sum(row["epoch_time_sec"] for row in history.epochs)
+        total_time = sum(history.column("epoch/time_s"))
         tracker.log_metrics({"best/val_acc": history.best_val_acc, "best/epoch": history.best_epoch,
                              "time/total_s": total_time,
                              "model/params_trainable": parts.strategy.trainable_params(), **calibration},
                             step=last_epoch)
-        info = {"backbone": spec.name, "arch": spec.arch, "timm_model": spec.timm_name, "init": spec.init,
-                "status": "FINISHED", "config": cfg.to_dict(),
-                "params": {"total": sum(p.numel() for p in parts.module.parameters()),
-                           "trainable": parts.strategy.trainable_params()},
-                "weights": {"source": built.weights_source, "path": built.weights_path,
-                            "sha256": built.weights_sha256},
-                "best_epoch": history.best_epoch, "best_val_acc": history.best_val_acc,
-                "epoch_losses": [row["avg_loss"] for row in history.epochs],
-                "epoch_val_acc": [row["val_acc"] for row in history.epochs],
-                "epoch_times": [row["epoch_time_sec"] for row in history.epochs],
-                "total_time_s": total_time, "calibration": calibration,
-                "artifacts": {"config": "config.json", "last": "checkpoints/last/",
-                              "best": "checkpoints/best/model.safetensors",
-                              "final": "checkpoints/final/model.safetensors",
-                              "epoch_metrics": "metrics/epoch_metrics.csv",
-                              "batch_metrics": "metrics/batch_metrics.csv"}}
+        info = training_info(spec, cfg, built, history, calibration,
+                             params={"total": sum(p.numel() for p in parts.module.parameters()),
+                                     "trainable": parts.strategy.trainable_params()})
         summary = write_json(info, tracker.staging_dir("summary") / "training_info.json").parent
         metrics = tracker.staging_dir("metrics")
         write_csvs(history, metrics)
@@ -388,46 +370,7 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
                        final_weights_model(parts), history)
 
 
-# --- what the user sees ------------------------------------------------------------------------
-def print_epoch(row: dict, is_best: bool) -> None:
-    print(f"epoch {row['epoch']:>3}  train loss {row['avg_loss']:.4f} acc {row['train_acc']:.3f}  "
-          f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  {row['epoch_time_sec']:.1f}s"
-          + ("  (best)" if is_best else ""), flush=True)
-
-
 KILLED_WAIT_S = 5.0  # Ctrl-C: a short wait for the sender, then the rest stays in the outbox
-LOGGED = ("params, tags, per-batch and per-epoch metrics, config.json, checkpoints/{last,best,final}, "
-          "summary/training_info.json, metrics/*.csv")
-
-
-def print_outcome(result: TrainResult, delivery, tracking_uri: str) -> None:
-    """What the run left, said as it is: FINISHED only where the store has everything."""
-    if delivery is None:
-        return
-    where = f"open it: {open_hint(tracking_uri)}"
-    if delivery.complete:
-        print(f"\nmlexp: run {delivery.run_id} FINISHED: best val acc {result.best_val_acc:.4f} at epoch "
-              f"{result.best_epoch}\n  logged: {LOGGED}\n  {where}", flush=True)
-        return
-    if delivery.offline:
-        print(f"\nmlexp: offline run {delivery.run_id} FINISHED: best val acc {result.best_val_acc:.4f} at epoch "
-              f"{result.best_epoch}; {delivery.describe()}", flush=True)
-        return
-    print(f"\nmlexp: run {delivery.run_id}: training finished (best val acc {result.best_val_acc:.4f} at epoch "
-          f"{result.best_epoch}), but {delivery.describe()}", flush=True)
-
-
-def report_delivery(delivery, accelerator: Accelerator) -> None:
-    """After a failure or interruption: where whatever the server lacks is kept."""
-    if delivery is not None and not delivery.complete and accelerator.is_main_process:
-        print(f"mlexp: run {delivery.run_id} ({delivery.status}): {delivery.describe()}", file=sys.stderr, flush=True)
-
-
-def open_hint(tracking_uri: str) -> str:
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri} in a browser"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
-
 
 
 @contextmanager

@@ -7,6 +7,7 @@ import time
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from mlexp.backbones import resolve_backbone
 from mlexp.config import TrainConfig
 
 
@@ -19,15 +20,17 @@ def log_run(client: MlflowClient, experiment: str, *, backbone: str = "resnet18"
             strategy: str = "full", seed: int = 1, fold: int = 0, val_acc: list[float] = (0.5, 0.7),
             train_acc: list[float] | None = None, epoch_time: float = 10.0, epochs: int | None = None,
             trainable: int = 1000, status: str = "FINISHED", dataset: str = "digits",
-            name: str | None = None, start_time: int | None = None, heartbeat: int | None = None) -> str:
-    """One run with the logging contract: effective params, mlexp tags, per-epoch metrics and,
-    once finished, the end-of-run summary. Statuses other than RUNNING end the run."""
+            name: str | None = None, start_time: int | None = None, heartbeat: int | None = None,
+            tags: dict[str, str] | None = None) -> str:
+    """One run with the logging contract: effective params (the backbone by its catalogue name,
+    as training logs it), mlexp tags, per-epoch metrics and, once finished, the end-of-run
+    summary. Statuses other than RUNNING end the run. `tags`: more tags (mlflow.parentRunId...)."""
     train_acc = list(train_acc) if train_acc is not None else [min(1.0, v + 0.05) for v in val_acc]
-    cfg = TrainConfig(backbone=f"{backbone}_{init}", init=init, strategy=strategy, seed=seed, folds=3, fold=fold,
-                      epochs=epochs or len(val_acc))
+    cfg = TrainConfig(backbone=resolve_backbone(backbone, init).name, init=init, strategy=strategy, seed=seed,
+                      folds=3, fold=fold, epochs=epochs or len(val_acc))
     params = cfg.to_params() | {"distributed_type": "NO", "num_processes": "1"}
     tags = {"mlexp.backbone": backbone, "mlexp.init": init, "mlexp.strategy": strategy, "mlexp.dataset": dataset,
-            "mlexp.version": "0.1.0", **({"mlexp.heartbeat": str(heartbeat)} if heartbeat else {})}
+            "mlexp.version": "0.1.0", **({"mlexp.heartbeat": str(heartbeat)} if heartbeat else {}), **(tags or {})}
     run = client.create_run(experiment_id(client, experiment), start_time=start_time,
                             run_name=name or f"{backbone}-{init}-{strategy}-s{seed}-f{fold}", tags=tags)
     now = int(time.time() * 1000)

@@ -121,7 +121,7 @@ def test_static_timm_facts_match_timm():
     from timm.models import get_pretrained_cfg
 
     from mlexp.backbones import _ARCHS, _family
-    from mlexp.weights import TimmSource, timm_source
+    from mlexp.weight_sources import TimmSource, timm_source
 
     for arch in _ARCHS:
         cfg = get_pretrained_cfg(arch.timm_name)  # the default tag, as timm.create_model(pretrained=True) uses

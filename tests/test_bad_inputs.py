@@ -25,7 +25,7 @@ from mlexp.config import MAX_IMG_SIZE, TrainConfig
 from mlexp.data import (CheckedImageFolder, check_data_source, check_split, class_image_counts,
                         load_rgb_image, split_indices)
 from mlexp.errors import MlexpError
-from mlexp.weights import file_sha256, locate_weights
+from mlexp.weight_sources import file_sha256, locate_weights
 from tests.helpers import run_mlexp, runs_in, subprocess_env
 
 

@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import uuid
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from matplotlib.colors import to_hex
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from scipy import stats
 
-import mlexp.query
 from mlexp.compare import compare, format_table, run_compare
+from mlexp.compare_report import (COLUMN_NOTES, PAIR_NOTES, best_acc_figure, curves_figure, group_rows,
+                                  group_styles, pair_rows, render_summary)
 from mlexp.errors import MlexpError
-from mlexp.query import _RestSource
+from mlexp.sweep import best_per_backbone
 from tests.run_factory import experiment_id, log_run
 
 T_975_DF2 = 4.302653  # t quantile for a two-sided 95% interval with 2 degrees of freedom (tables)
 FILES = ["groups.csv", "groups.md", "compare.json", "pairs.csv", "runs.csv", "val_acc_curves.png",
          "val_loss_curves.png", "best_acc_bar.png", "time_bar.png"]
+TIME_CELL = re.compile(r"^(-|[+-]?\d+\.\d)$")  # a number only: the unit is in the header
 
 
 def populate_pairs(client: MlflowClient, experiment: str) -> None:
@@ -34,23 +39,36 @@ def populate_pairs(client: MlflowClient, experiment: str) -> None:
         log_run(client, experiment, init="scratch", seed=seed, val_acc=val, epoch_time=20.0)
 
 
+def populate_others(client: MlflowClient, experiment: str) -> dict[str, str]:
+    """A sweep (parent, a trained child, a child that failed before training), training runs that
+    did not count (running, failed, finished with no epoch), and runs that are not training runs."""
+    eid = experiment_id(client, experiment)
+    parent = client.create_run(eid, run_name="sweep", tags={"mlexp.sweep": "true"}).info.run_id
+    child = {"mlflow.parentRunId": parent, "mlexp.sweep_id": parent}
+    log_run(client, experiment, backbone="vit_small", init="scratch", tags=child,
+            val_acc=[0.2, 0.3, 0.35, 0.4, 0.5, 0.55, 0.6])
+    untrained = client.create_run(eid, run_name="no_such_net-full-s1", tags=child).info.run_id
+    client.set_terminated(untrained, "FAILED")
+    client.set_terminated(parent)
+    earlier = client.create_run(eid, run_name="compare cmp-b", tags={"mlexp.kind": "compare"}).info.run_id
+    client.log_batch(earlier, metrics=[Metric("pretrain_gain/resnet18", 0.2, 0, 0), Metric("runs", 8, 0, 0)])
+    client.set_terminated(earlier)
+    client.set_terminated(client.create_run(eid, run_name="notebook").info.run_id)
+    return {"running": log_run(client, experiment, seed=5, val_acc=[0.3], status="RUNNING", epochs=3),
+            "failed": log_run(client, experiment, init="scratch", seed=6, val_acc=[0.1], status="FAILED"),
+            "untrained": untrained, "no_epoch": log_run(client, experiment, seed=7, val_acc=[], epochs=3)}
+
+
 @pytest.fixture(scope="module")
 def prebuilt(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """Two experiments: the pairs above, an unpaired scratch run, a linear probe, another backbone,
-    and runs that must stay out of the statistics (running, failed, a parent run without metrics).
-    Built once; each test gets a copy of the SQLite file."""
+    and the runs of populate_others. Built once; each test gets a copy of the SQLite file."""
     path = tmp_path_factory.mktemp("compare-store") / "mlflow.db"
     client = MlflowClient(f"sqlite:///{path}")
     populate_pairs(client, "cmp-a")
     log_run(client, "cmp-a", init="scratch", seed=4, val_acc=[0.1, 0.2, 0.3])
     log_run(client, "cmp-a", strategy="linear", val_acc=[0.4, 0.45], trainable=50)
-    log_run(client, "cmp-b", backbone="vit_small", init="scratch",
-            val_acc=[0.2, 0.3, 0.35, 0.4, 0.5, 0.55, 0.6])
-    running = log_run(client, "cmp-b", seed=5, val_acc=[0.3], status="RUNNING", epochs=3)
-    failed = log_run(client, "cmp-b", init="scratch", seed=6, val_acc=[0.1], status="FAILED")
-    parent = client.create_run(experiment_id(client, "cmp-b"), run_name="sweep-parent").info.run_id
-    client.set_terminated(parent)
-    return path, {"running": running, "failed": failed, "parent": parent}
+    return path, populate_others(client, "cmp-b")
 
 
 @pytest.fixture
@@ -68,13 +86,13 @@ def group(result, **keys) -> dict:
     return rows.iloc[0].to_dict()
 
 
-def test_groups_pairs_excluded_and_files(store, tmp_path):
-    client, special = store
+def test_groups_pairs_and_files(store, tmp_path):
+    client, _ = store
     result = compare(client, ["cmp-a", "cmp-b"], out_dir=tmp_path / "out")
 
     assert len(result.runs) == 9
-    assert result.groups["runs"].tolist() == [3, 1, 4, 1]  # sorted by backbone, init, strategy
-    pre = group(result, backbone="resnet18", init="pretrained", strategy="full")
+    assert result.groups["runs"].tolist() == [3, 1, 4, 1]  # sorted by backbone, strategy
+    pre = group(result, backbone="resnet18_pretrained", strategy="full")
     assert pre["best_val_acc_mean"] == pytest.approx((0.8 + 0.8 + 0.9) / 3)
     assert pre["best_val_acc_std"] == pytest.approx(0.0577350, abs=1e-6)  # sd of .8, .8, .9
     assert pre["final_val_acc_mean"] == pytest.approx(0.8)
@@ -87,14 +105,14 @@ def test_groups_pairs_excluded_and_files(store, tmp_path):
     # 95% of the group's best (.9) is .855: only seed 3 gets there, at epoch 3
     assert pre["epochs_to_95_mean"] == 3.0
     assert pre["gain_5_mean"] == pytest.approx((0.3 + 0.1 + 0.5) / 3)  # epoch 3 (last) minus epoch 1
-    scratch = group(result, backbone="resnet18", init="scratch", strategy="full")
+    scratch = group(result, backbone="resnet18_scratch", strategy="full")
     assert scratch["best_val_acc_mean"] == pytest.approx((0.5 + 0.6 + 0.65 + 0.3) / 4)
     assert math.isnan(group(result, strategy="linear")["best_val_acc_std"])  # one run: no std
     assert group(result, backbone="vit_small")["gain_5_mean"] == pytest.approx(0.5 - 0.2)  # epoch 5 - epoch 1
-    assert result.curves["val/acc"].loc[1, "resnet18/pretrained/full"] == pytest.approx(0.5)
+    assert result.curves["val/acc"].loc[1, "resnet18_pretrained/full"] == pytest.approx(0.5)
 
     # paired on seed (3 pairs); the unpaired seed-4 scratch run and vit_small (no pretrained) drop out
-    assert len(result.pairs) == 3
+    assert len(result.pairs) == 3 and set(result.pairs["backbone"]) == {"resnet18"}
     (summary,) = result.pair_summary.to_dict("records")
     assert (summary["backbone"], summary["strategy"], summary["n_pairs"]) == ("resnet18", "full", 3)
     assert summary["mean_diff"] == pytest.approx(0.25)
@@ -104,28 +122,106 @@ def test_groups_pairs_excluded_and_files(store, tmp_path):
     assert summary["p_value"] == pytest.approx(stats.ttest_rel([0.8, 0.8, 0.9], [0.5, 0.6, 0.65]).pvalue)
     assert summary["time_diff_s"] == pytest.approx(33.0 - 60.0)
 
-    excluded = {row["run_id"]: row for row in result.excluded}
-    assert set(excluded) == set(special.values())
-    assert excluded[special["running"]]["status"] == "RUNNING"
-    assert excluded[special["failed"]]["status"] == "FAILED"
-    assert "no val/acc" in excluded[special["parent"]]["reason"]
-    assert not set(excluded) & set(result.runs["run_id"])
-
     out = tmp_path / "out"
     assert all((out / name).is_file() for name in FILES)
     assert pd.read_csv(out / "groups.csv")["runs"].sum() == 9
     assert len(pd.read_csv(out / "pairs.csv")) == 3
     saved = json.loads((out / "compare.json").read_text())
     assert saved["pair_summary"][0]["mean_diff"] == pytest.approx(0.25)
-    assert {row["status"] for row in saved["excluded"]} == {"RUNNING", "FAILED", "FINISHED"}
     assert len(saved["groups"]) == 4
+    assert saved["mlflow_reads"] == {"taken": {"public-search": 1, "store-history-bulk": 2}, "fallbacks": []}
     for name in FILES:
         if name.endswith(".png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = format_table(result)
     assert "+25.0" in text and f"[{100 * (0.25 - half):+.1f}, {100 * (0.25 + half):+.1f}]" in text
-    assert "1 failed, 1 finished, 1 running" in text
-    assert "| backbone | init | strategy | runs |" in (out / "groups.md").read_text()
+    assert "| backbone | strategy | runs |" in (out / "groups.md").read_text()
+
+
+def test_only_training_runs_that_could_not_count_are_listed(store, tmp_path):
+    client, special = store
+    result = compare(client, ["cmp-a", "cmp-b"], out_dir=tmp_path / "out", plots=False)
+    excluded = {row["run_id"]: row for row in result.excluded}
+    assert set(excluded) == set(special.values())  # not the sweep parent, the compare run, the notebook run
+    assert excluded[special["running"]]["status"] == "RUNNING"
+    assert excluded[special["failed"]]["status"] == excluded[special["untrained"]]["status"] == "FAILED"
+    assert "without a val/acc" in excluded[special["no_epoch"]]["reason"]
+    assert not set(excluded) & set(result.runs["run_id"])
+    assert result.ignored == {"sweep parent": 1, "compare run": 1, "no training tags, params or metrics": 1}
+    text = format_table(result)
+    assert "Training runs not in the statistics (2 failed, 1 finished, 1 running)" in text
+    section = text.split("Training runs not in the statistics")[1]
+    assert "sweep" not in section.split("Not training runs")[0] and "notebook" not in text
+    assert "Not training runs, left out: 1 compare run, 1 no training tags, params or metrics, 1 sweep parent." in text
+    saved = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert {row["run_id"] for row in saved["excluded"]} == set(special.values())
+    assert saved["not_training_runs"] == result.ignored
+
+
+def test_backbones_are_named_as_in_the_sweep_summary(store, tmp_path):
+    client, _ = store
+    result = compare(client, ["cmp-a", "cmp-b"], out_dir=tmp_path / "out", plots=False)
+    finished = [run.info.run_id for name in ("cmp-a", "cmp-b")
+                for run in client.search_runs([experiment_id(client, name)], "attributes.status = 'FINISHED'")]
+    sweep_names = {row["backbone"] for row in best_per_backbone(client, "", finished)}
+    assert set(result.groups["backbone"]) == sweep_names == {"resnet18_pretrained", "resnet18_scratch", "vit_small"}
+    by_arch = compare(client, ["cmp-a", "cmp-b"], group_by=["arch", "init"], out_dir=tmp_path / "a", plots=False)
+    assert by_arch.groups[["arch", "init", "runs"]].values.tolist() == [
+        ["resnet18", "pretrained", 4], ["resnet18", "scratch", 4], ["vit_small", "scratch", 1]]
+
+
+def test_every_column_is_defined_under_its_table(store, tmp_path):
+    client, _ = store
+    result = compare(client, ["cmp-a", "cmp-b"], out_dir=tmp_path / "out", plots=False)
+    for markdown in (False, True):
+        text = render_summary(result, markdown)
+        for rows, notes in ((group_rows(result), COLUMN_NOTES), (pair_rows(result), PAIR_NOTES)):
+            for column in list(rows[0]) + (["±"] if notes is COLUMN_NOTES else []):
+                note = notes[column.split(" (")[0]]  # every column (a time column's unit aside) has one
+                line = rf"^- \*\*{re.escape(column)}\*\*: " if markdown else rf"^  {re.escape(column)} +"
+                assert re.search(line + re.escape(note) + "$", text, re.M), (column, markdown)
+    assert {"gain@5 pp", "ep to 95%", "gap pp", "±", "trainable"} <= set(COLUMN_NOTES)
+    assert {"p", "95% CI pp", "diff pp"} <= set(PAIR_NOTES)
+    assert (tmp_path / "out" / "groups.md").read_text() == render_summary(result, True)
+
+
+def test_one_time_unit_per_column(sqlite_uri, tmp_path):
+    client = MlflowClient(sqlite_uri)
+    log_run(client, "units", val_acc=[0.5, 0.6, 0.7], epoch_time=100.0)  # 300 s in all: minutes
+    log_run(client, "units", init="scratch", val_acc=[0.4, 0.5, 0.55], epoch_time=10.0)  # 30 s
+    result = compare(client, ["units"], out_dir=tmp_path / "out", plots=False)
+    rows, pairs = group_rows(result), pair_rows(result)
+    assert [(r["total time (min)"], r["epoch time (s)"]) for r in rows] == [("5.0", "100.0"), ("0.5", "10.0")]
+    assert pairs[0]["time diff (min)"] == "+4.5"
+    for table in (rows, pairs):
+        for column in [c for c in table[0] if "time" in c]:
+            assert re.search(r"\((s|min|h)\)$", column) and all(TIME_CELL.match(r[column]) for r in table), column
+    assert "total time (min)" in format_table(result)
+
+
+def test_plots_zoom_label_and_colour_each_group(sqlite_uri, tmp_path):
+    client = MlflowClient(sqlite_uri)
+    for seed, (pre, scr) in enumerate([(0.93, 0.88), (0.95, 0.89), (0.94, 0.9)], start=1):
+        log_run(client, "high", seed=seed, val_acc=[0.8, 0.9, pre])
+        log_run(client, "high", init="scratch", seed=seed, val_acc=[0.7, 0.85, scr])
+        log_run(client, "high", strategy="linear", seed=seed, val_acc=[0.75, 0.86, pre - 0.02])
+    result = compare(client, ["high"], out_dir=tmp_path / "out")
+    ax = best_acc_figure(result).axes[0]
+    low, high = ax.get_ylim()
+    lowest = (result.groups["best_val_acc_mean"] - result.groups["best_val_acc_std"]).min() * 100
+    assert 80 < low < lowest and high > result.groups["best_val_acc_mean"].max() * 100
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"{100 * m:.1f}" for m in result.groups["best_val_acc_mean"])
+    bar_colours = [to_hex(patch.get_facecolor()) for patch in ax.patches]
+    assert len(set(bar_colours)) == len(result.groups) == 3
+
+    styles = group_styles(result)
+    curves = curves_figure(result.curves["val/acc"] * 100, "Validation accuracy (%)", styles).axes[0]
+    ticks = [tick for tick in curves.get_xticks() if 1 <= tick <= 3]
+    assert ticks and all(float(tick).is_integer() for tick in ticks)
+    line_colours = {line.get_label(): to_hex(line.get_color()) for line in curves.lines}
+    assert len(set(line_colours.values())) == 3 and sorted(line_colours) == sorted(styles)
+    assert line_colours == {name: to_hex(style["color"]) for name, style in styles.items()}  # same as the bars
+    assert styles["resnet18_scratch/full"]["linestyle"] == "--"
 
 
 def test_group_by_param_tag_and_experiment_and_filter(store, tmp_path):
@@ -139,7 +235,7 @@ def test_group_by_param_tag_and_experiment_and_filter(store, tmp_path):
                             plots=False)
     assert dict(zip(by_experiment.groups["experiment"], by_experiment.groups["runs"])) == {"cmp-a": 8, "cmp-b": 1}
     scratch = compare(client, ["cmp-a", "cmp-b"], "tags.`mlexp.init` = 'scratch'", out_dir=tmp_path / "d")
-    assert len(scratch.runs) == 5 and set(scratch.runs["init"]) == {"scratch"}
+    assert len(scratch.runs) == 5 and set(scratch.runs["_init"]) == {"scratch"}
     assert [row["status"] for row in scratch.excluded] == ["FAILED"]
     assert scratch.pair_summary.empty
 
@@ -165,41 +261,48 @@ def test_empty_selection_writes_tables_without_plots(store, tmp_path):
     assert "No finished training runs match" in format_table(result)
 
 
-def test_live_server_rest_path_and_compare_run(server_uri, tmp_path, monkeypatch):
+def test_compare_run_is_logged_next_to_the_compared_experiment(store, sqlite_uri, tmp_path):
+    client, special = store
+    result = run_compare(sqlite_uri, ["cmp-a"], out_dir=tmp_path / "out")
+    logged = client.get_run(result.run_id)
+    assert client.get_experiment(logged.info.experiment_id).name == "cmp-a-compare"
+    assert logged.info.run_name == "compare cmp-a by backbone,strategy"
+    assert logged.info.status == "FINISHED" and logged.data.tags["mlexp.kind"] == "compare"
+    assert not client.search_runs(["0"])  # nothing in MLflow's "Default" experiment
+
+    filtered = run_compare(sqlite_uri, ["cmp-a", "cmp-b"], "params.lr = '0.001'", ["arch"], tmp_path / "f")
+    assert client.get_run(filtered.run_id).info.run_name == "compare cmp-a+cmp-b by arch where params.lr = '0.001'"
+    # --compare-experiment overrides: here the compared experiment itself; the next compare of it
+    # counts that run as not a training run, and lists nothing new.
+    inside = run_compare(sqlite_uri, ["cmp-b"], out_dir=tmp_path / "in", compare_experiment="cmp-b")
+    assert client.get_run(inside.run_id).info.experiment_id == experiment_id(client, "cmp-b")
+    again = compare(client, ["cmp-b"], out_dir=tmp_path / "again", plots=False)
+    assert again.ignored["compare run"] == 2 and {r["run_id"] for r in again.excluded} == set(special.values())
+
+
+def test_live_server_rest_path_and_compare_run(server_uri, tmp_path):
     client = MlflowClient(server_uri)
     experiment = f"cmp-live-{uuid.uuid4().hex[:6]}"
     populate_pairs(client, experiment)
     result = run_compare(server_uri, [experiment], out_dir=tmp_path / "out")
     (summary,) = result.pair_summary.to_dict("records")
     assert (summary["n_pairs"], summary["mean_diff"]) == (3, pytest.approx(0.25))
-    assert group(result, init="pretrained")["epoch_time_s_mean"] == pytest.approx(11.0)
+    assert group(result, backbone="resnet18_pretrained")["epoch_time_s_mean"] == pytest.approx(11.0)
+    assert result.reads == {"taken": {"rest-search": 1, "history-bulk": 2}, "fallbacks": []}
 
     logged = client.get_run(result.run_id)
     assert logged.info.status == "FINISHED"
-    assert client.get_experiment(logged.info.experiment_id).name == "mlexp-compare"
+    assert client.get_experiment(logged.info.experiment_id).name == f"{experiment}-compare"
+    assert logged.info.run_name == f"compare {experiment} by backbone,strategy"
     assert logged.data.metrics["pretrain_gain/resnet18"] == pytest.approx(0.25)
     assert logged.data.params["compare.experiments"] == experiment
     assert {f.path for f in client.list_artifacts(result.run_id, "compare")} >= {f"compare/{n}" for n in FILES}
 
-    # Under `mlflow run` the project's run is used (and left for `mlflow run` to end).
+    # Under `mlflow run` the entry point passes the project's run: used, and left for `mlflow run` to end
     project_run = client.create_run(experiment_id(client, "cmp-project")).info.run_id
-    monkeypatch.setenv("MLFLOW_RUN_ID", project_run)
-    again = run_compare(server_uri, [experiment], out_dir=tmp_path / "again")
+    again = run_compare(server_uri, [experiment], out_dir=tmp_path / "again", run_id=project_run)
     assert again.run_id == project_run and client.get_run(project_run).info.status == "RUNNING"
-    monkeypatch.delenv("MLFLOW_RUN_ID")
-
-    # The fallbacks return the same histories: replies cut at the point limit are split, and
-    # servers without the bulk endpoint are asked through the public bulk-interval endpoint.
-    monkeypatch.setattr(mlexp.query, "BULK_MAX_POINTS", 4)
-    split = compare(client, [experiment], out_dir=tmp_path / "split", plots=False)
-    pd.testing.assert_frame_equal(split.curves["val/acc"], result.curves["val/acc"])
-    source = _RestSource(client)
-    source.bulk_available = False
-    run_ids = result.runs["run_id"].tolist()
-    interval = source.histories(run_ids, "val/acc")
-    assert {run_id: sorted(points) for run_id, points in interval.items()} == {
-        run_id: sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val/acc"))
-        for run_id in run_ids}
+    assert client.get_run(project_run).data.tags["mlexp.kind"] == "compare"
 
 
 def test_unreachable_server_is_a_user_error(tmp_path):

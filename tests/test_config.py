@@ -10,7 +10,9 @@ import yaml
 from mlexp.cli import cli
 from mlexp.config import TrainConfig, config_fields
 from mlexp.errors import MlexpError
-from mlexp.mlproject import render
+from entrypoints.mlproject import ENTRY_POINTS, render
+from mlexp.cli import PRETRAIN_DEFAULTS
+from mlexp.recipes import preset_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,12 +33,21 @@ def test_train_parameters_cli_options_and_config_fields_are_one_set(entry_point)
         assert f"--{name.replace('_', '-')} {{{name}}}" in command
 
 
-def test_mlproject_defaults_are_the_config_defaults():
+@pytest.mark.parametrize("entry_point, own", [("train", {}), ("pretrain", PRETRAIN_DEFAULTS)])
+def test_mlproject_defaults_are_each_entry_points_own(entry_point, own):
+    """The command's own defaults; "" (not set) where a --recipe preset may set the value, so
+    a -P value always wins over the recipe; else the config field's default."""
     project = yaml.safe_load((ROOT / "MLproject").read_text())
-    params = project["entry_points"]["train"]["parameters"]
+    params = project["entry_points"][entry_point]["parameters"]
     for f in config_fields():
-        expected = "" if f.default is None else str(f.default)
-        assert params[f.name]["default"] == expected
+        if f.name in own:
+            expected = own[f.name]
+        elif f.name in preset_fields():
+            expected = ""
+        else:
+            expected = "" if f.default is None else str(f.default)
+        assert params[f.name]["default"] == expected, f.name
+    assert {"lr", "optimizer", "ema", "weight_decay"} <= preset_fields()
 
 
 def test_from_strings_parses_types_and_treats_empty_as_unset():
@@ -72,6 +83,8 @@ def test_params_are_every_field_flat():
 def test_every_entry_point_passes_exactly_its_commands_options():
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     for entry, spec in project["entry_points"].items():
-        command_name = spec["command"].split("--from-mlproject ")[1].split()[0]
+        module, command_name, _ = ENTRY_POINTS[entry]
+        assert spec["command"].startswith(f"python -m entrypoints.{module} ")
+        assert (ROOT / "entrypoints" / f"{module}.py").is_file()
         options = {p.name for p in cli.commands[command_name].params if not getattr(p, "hidden", False)}
         assert set(spec["parameters"]) == options, entry

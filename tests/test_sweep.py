@@ -16,15 +16,25 @@ from tests.helpers import ROOT, artifact_paths, runs_of, subprocess_env, write_p
 SMALL = ["--data", "digits", "--img-size", "16", "--batch-size", "64", "--epochs", "1", "--calibrate", "false"]
 
 
-def sweep(args: list[str]) -> None:
+def sweep(args: list[str], expect: int = 0) -> None:
     try:
         main(["sweep", *SMALL, *args])
+        code = 0
     except SystemExit as done:
-        assert done.code in (0, None)
+        code = done.code or 0
+    assert code == expect
 
 
 def children(client: MlflowClient, experiment: str) -> list:
     return [r for r in runs_of(client, experiment) if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_unknown_backbone_in_the_grid_stops_before_anything_starts(sqlite_uri, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mlexp", "sweep", "--backbones", "resnt18", *SMALL],
+                          env=subprocess_env(sqlite_uri), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "resnet18" in done.stderr and "Traceback" not in done.stderr
+    assert not runs_of(MlflowClient(sqlite_uri), "mlexp")
 
 
 def test_dry_run_prints_the_plan_and_creates_nothing(sqlite_uri, capsys):
@@ -55,17 +65,30 @@ def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, 
         assert child.data.params["lr"] == expected_lr
     [parent] = [r for r in runs_of(client, "sweep-e2e") if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.metrics["sweep/finished"] == 8
+    assert parent.info.run_name == "sweep resnet18+deit_small (8 runs)"
+    assert {key: parent.data.params[key] for key in ("sweep.backbones", "sweep.inits", "sweep.seeds", "sweep.size")} \
+        == {"sweep.backbones": "resnet18,deit_small", "sweep.inits": "pretrained,scratch", "sweep.seeds": "1,2",
+            "sweep.size": "8 runs"}
+    assert {r.info.run_name for r in first} >= {"resnet18_scratch-full-s1", "deit_small_pretrained-full-s2"}
     assert {"summary/sweep_summary.json", "summary/sweep_summary.txt"} <= artifact_paths(client, parent.info.run_id)
 
-    sweep(grid)  # the same sweep again: everything finished before, nothing new is trained
-    assert len(children(client, "sweep-e2e")) == 8
+    sweep(grid)  # the same sweep again: everything finished before, nothing is trained and no run is made
+    assert len(runs_of(client, "sweep-e2e")) == 9
 
-    sweep(["--backbones", "resnet18,no_such_net", "--scratch-only", "--seeds", "7", "--experiment", "sweep-fail"])
+    # resnet50 has no pretrained weights here: its configuration FAILS, the other trains, exit status 1
+    sweep(["--backbones", "resnet18", "resnet50", "--pretrained-only", "--seeds", "7", "--experiment", "sweep-fail"],
+          expect=1)
     failing = children(client, "sweep-fail")
-    statuses = sorted(r.info.status for r in failing)
-    assert statuses == ["FAILED", "FINISHED"]
+    assert sorted(r.info.status for r in failing) == ["FAILED", "FINISHED"]
     [failed] = [r for r in failing if r.info.status == "FAILED"]
-    assert "no_such_net" in failed.data.tags["mlexp.error"]
+    assert "resnet50" in failed.data.tags["mlexp.error"]
+    [parent] = [r for r in runs_of(client, "sweep-fail") if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED"
+    # every configuration failed: the parent is FAILED too
+    sweep(["--backbones", "resnet50", "--pretrained-only", "--experiment", "sweep-all-fail"], expect=1)
+    statuses = {("child" if "mlflow.parentRunId" in r.data.tags else "parent"): r.info.status
+                for r in runs_of(client, "sweep-all-fail")}
+    assert statuses == {"child": "FAILED", "parent": "FAILED"}
 
     # compare, through the MLflow Project entry point, against the same live server
     done = subprocess.run(

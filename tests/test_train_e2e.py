@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -63,7 +64,7 @@ def test_mlflow_run_train_against_a_live_server(server_uri, tmp_path):
 
     info_path = client.download_artifacts(run.info.run_id, "summary/training_info.json", str(tmp_path))
     info = json.loads(Path(info_path).read_text())
-    assert info["backbone"] == "resnet18_pretrained" and len(info["epoch_losses"]) == 3
+    assert info["backbone"] == "resnet18_pretrained" and len(info["epochs"]["train/loss"]) == 3
     assert info["params"]["total"] == info["params"]["trainable"] > 10_000_000
 
 
@@ -153,8 +154,15 @@ def test_single_process_run_logs_everything_to_a_sqlite_store(sqlite_uri, tmp_pa
                                     "checkpoints/epoch_002/model.safetensors"} == artifact_paths(client, result.run_id)
     batch_csv = client.download_artifacts(result.run_id, "metrics/batch_metrics.csv", str(tmp_path))
     header, *rows = Path(batch_csv).read_text().splitlines()
-    assert header == "epoch,batch,step,loss,learning_rate,samples_per_s,timestamp"
+    assert header == "epoch,batch,step,batch/loss,batch/lr,batch/samples_per_s,timestamp"
     assert len(rows) == len(steps(client, result.run_id, "batch/loss"))
+    # one record per epoch: the CSV's columns are the metric names, with MLflow's values
+    epoch_csv = client.download_artifacts(result.run_id, "metrics/epoch_metrics.csv", str(tmp_path))
+    with open(epoch_csv) as handle:
+        epochs = list(csv.DictReader(handle))
+    for name in EPOCH_METRICS:
+        logged = {m.step: m.value for m in client.get_metric_history(result.run_id, name)}
+        assert {int(row["epoch"]): float(row[name]) for row in epochs} == pytest.approx(logged), name
     assert all(m.value > 0 for m in client.get_metric_history(result.run_id, "batch/samples_per_s"))
     lrs = [m.value for m in sorted(client.get_metric_history(result.run_id, "batch/lr"), key=lambda m: m.step)]
     assert lrs[0] > lrs[-1] > 0  # the cosine schedule moved, step by step

@@ -15,7 +15,7 @@ from mlexp.train import early_stop
 def history_with(val_accs: list[float]) -> History:
     history = History()
     for epoch, acc in enumerate(val_accs, start=1):
-        history.add_epoch({"epoch": epoch, "val_acc": acc})
+        history.add_epoch({"epoch": epoch, "val/acc": acc})
     return history
 
 

@@ -56,7 +56,8 @@ TRAIN = ["train", "--img-size", "16", "--batch-size", "4", "--epochs", "1"]
     (["--batch-size", "0"], ["--batch-size must be positive"]),
     (["--val-split", "1.5"], ["--val-split"]),
     (["--epochs", "many"], ["--epochs must be a whole number"]),
-    (["--epoch", "3"], ["No such option", "--epoch"]),
+    (["--epoch", "3"], ["no such option --epoch; did you mean --epochs?"]),
+    (["--lrr", "3"], ["no such option --lrr; did you mean --lr?"]),  # only near misses, not --reprob
     (["--tracking-uri", "http://127.0.0.1:9"], ["cannot reach the MLflow tracking server"]),
     (["--resume", "0123456789abcdef0123456789abcdef"], ["cannot resume", "0123456789abcdef"]),
 ])
@@ -64,6 +65,11 @@ def test_bad_options_give_one_line_and_exit_2(args, fragments, sqlite_uri, capsy
     code, err = run_cli(TRAIN + ["--backbone", "resnet18_scratch", *args], capsys)
     assert_one_line_error(code, err, *fragments)
     assert no_run_left_running(sqlite_uri)
+
+
+def test_mistyped_command_suggests_the_command(capsys):
+    code, err = run_cli(["trian"], capsys)
+    assert_one_line_error(code, err, "no command 'trian'; did you mean train?", "(see `mlexp --help`)")
 
 
 def test_empty_and_single_class_folders(sqlite_uri, tmp_path, capsys):
@@ -75,7 +81,15 @@ def test_empty_and_single_class_folders(sqlite_uri, tmp_path, capsys):
     single = make_image_folder(tmp_path / "single", classes=1)
     code, err = run_cli(TRAIN + ["--backbone", "resnet18_scratch", "--data", str(single)], capsys)
     assert_one_line_error(code, err, "at least 2")
-    assert no_run_left_running(sqlite_uri)
+    a_file = tmp_path / "images.zip"
+    a_file.write_bytes(b"PK")
+    code, err = run_cli(TRAIN + ["--backbone", "resnet18_scratch", "--data", str(a_file)], capsys)
+    assert_one_line_error(code, err, "is not a folder")
+    code, err = run_cli(["sweep", "--backbones", "resnet18", "--data", str(empty)], capsys)
+    assert_one_line_error(code, err, "holds no images")
+    # errors found before training leave no run at all, not even a FAILED one
+    client = MlflowClient(sqlite_uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def test_unreadable_image_fails_the_run_cleanly(sqlite_uri, tmp_path, capsys):

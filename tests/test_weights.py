@@ -16,7 +16,7 @@ from timm.models import get_pretrained_cfg
 from mlexp.backbones import build_backbone, create_model, resolve_backbone
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
-from mlexp.weights import file_sha256, locate_weights, preflight, reachable
+from mlexp.weight_sources import file_sha256, locate_weights, preflight, reachable
 
 HEAD = ("fc.weight", "fc.bias")
 
@@ -324,7 +324,7 @@ def test_preflight_verdicts(empty_caches, tmp_path, monkeypatch, values, error):
 
 
 def test_torch_hub_dir_mirrors_torch(tmp_path, monkeypatch):
-    from mlexp.weights import _torch_hub_dir_from_env
+    from mlexp.weight_sources import _torch_hub_dir_from_env
 
     for torch_home, xdg in ((None, None), (None, str(tmp_path / "xdg")), (str(tmp_path / "th"), str(tmp_path))):
         for name, value in (("TORCH_HOME", torch_home), ("XDG_CACHE_HOME", xdg)):

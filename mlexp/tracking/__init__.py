@@ -28,7 +28,7 @@ from mlexp.tracking.server import check_reachable, client_for, default_tracking_
 
 __all__ = ["Tracker", "NullTracker", "RunTracker", "Delivery", "open_run", "create_child_run", "end_run",
            "offline_requested", "check_reachable", "client_for", "default_tracking_uri", "params_to_log",
-           "existing_params", "same_value"]
+           "existing_params", "same_value", "ui_hint"]
 
 
 class Tracker(Protocol):
@@ -104,6 +104,23 @@ def existing_params(tracker: Any) -> dict[str, str]:
         return dict(tracker.client.get_run(tracker.run_id).data.params)
     except Exception:  # noqa: BLE001
         return {}
+
+
+def ui_hint(tracking_uri: str, experiment_id: str | None = None) -> str:
+    """How to look at runs: one command that works as printed (for a local store), and the
+    address to open. The address names the experiment and MLflow 3's model-training view
+    (`workflowType=machine_learning`): without it the UI opens on its GenAI overview."""
+    import sys
+    from pathlib import Path
+
+    page = f"/#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else ""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}{page} in a browser"
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        tracking_uri = f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).resolve()}"  # works from any folder
+    mlflow = Path(sys.executable).parent / "mlflow"  # the mlflow of this environment, activated or not
+    return (f"{mlflow if mlflow.exists() else 'mlflow'} ui --backend-store-uri {tracking_uri}, "
+            f"then open http://127.0.0.1:5000{page}")
 
 
 def params_to_log(effective: dict[str, str], already: dict[str, str]) -> dict[str, str]:

@@ -216,8 +216,8 @@ def open_run(tracking_uri: str, experiment: str, run_name: str | None, *, run_id
              tags: dict[str, str] | None = None, offline: bool = False, heartbeat: bool = True) -> RunTracker:
     """Start, adopt or resume the run a process logs to.
 
-    `run_id`: a run created for us (a sweep's child); under `mlflow run` the entry point's run
-    (MLFLOW_RUN_ID) is adopted the same way. `resume_run_id`: continue that run; its status
+    `run_id`: a run created for us (a sweep's child, the run `mlflow run` created for an entry
+    point) is adopted. `resume_run_id`: continue that run; its status
     changes only when `mark_running` is called. `offline`: record everything locally.
     """
     tags = dict(tags or {})
@@ -225,7 +225,7 @@ def open_run(tracking_uri: str, experiment: str, run_name: str | None, *, run_id
         return _open_offline(experiment, run_name, run_id, resume_run_id, parent_run_id, tags)
     server.check_reachable(tracking_uri)
     client = server.client_for(tracking_uri)
-    existing = resume_run_id or run_id or (None if parent_run_id else os.environ.get("MLFLOW_RUN_ID"))
+    existing = resume_run_id or run_id
     if existing:
         box = claim(Outbox.find(existing) or Outbox.create(existing, run_id=existing, tracking_uri=tracking_uri,
                                                            experiment=experiment, experiment_id=None,

@@ -1,33 +1,25 @@
-"""Where pretrained weights come from, and loading them so that a bad file can never pass.
+"""Where pretrained weights come from: one decision tree, first match wins.
 
-Sources, first match wins:
   1. explicit `--weights`: a local .safetensors/.pth/.pt file (or a folder holding one),
-     runs:/RUN_ID/path, or a registered model models:/NAME/VERSION | models:/NAME@ALIAS,
-     both looked up in the run's own tracking store (never MLflow's global default, which
-     would create ./mlflow.db) and downloaded to a temporary folder that lives exactly as
-     long as the WeightsFile naming it;
-  2. the weights folder ($MLEXP_WEIGHTS_DIR, else ./weights/): <arch>.safetensors, <arch>.pth,
-     <catalogue name>.safetensors|.pth, <timm name>.safetensors|.pth;
+     runs:/RUN_ID/path or models:/NAME/VERSION|@ALIAS from the run's own tracking store (never
+     MLflow's global default, which would create ./mlflow.db), downloaded to a temporary folder
+     that lives exactly as long as the WeightsFile naming it;
+  2. the weights folder ($MLEXP_WEIGHTS_DIR, else ./weights/): <arch>, <catalogue name> or
+     <timm name>, each .safetensors or .pth;
   3. timm's own pretrained weights (Hugging Face Hub cache, else a download).
 
-Loading checks every tensor: all backbone tensors must come from the file with matching
-shapes, or it is an MlexpError, never a silent random init. Only the classifier may be left
-at its fresh initialisation, when its shape differs (another class count).
-
-Without network and without local weights this fails in well under 2 s: timm would wait
-~46 s on an unreachable hub, so the hub is probed first with a short (1.5 s) HTTP request.
-With the hub offline (HF_HUB_OFFLINE), `preflight` decides it before torch and timm are even
-imported (~3 s): this module imports neither at module level, and the catalogue knows each
-arch's hub repo without timm.
+Without network and without local weights this fails in well under 2 s: timm would wait ~46 s
+on an unreachable hub, so the hub is probed first with a short (1.5 s) HTTP request. The CLI's
+pre-check `preflight` is this same tree run with download=False (so the two cannot disagree);
+with the hub offline (HF_HUB_OFFLINE) it decides before torch and timm are imported (~3 s):
+this module imports neither at module level, and the catalogue knows each arch's hub repo
+without timm. Loading the located file is `mlexp.weight_loading`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import os
-import pickle
 import posixpath
 import shutil
 import sys
@@ -36,22 +28,15 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from mlexp.errors import MlexpError
 
 if TYPE_CHECKING:
-    import torch
-
     from mlexp.backbones import BackboneSpec
     from mlexp.config import TrainConfig
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
-_PREFIXES = ("module.", "_orig_mod.")
-# Buffers that checkpoints may carry or lack without changing the network.
-_IGNORABLE_SUFFIXES = ("num_batches_tracked", "relative_position_index", "attn_mask")
 PROBE_TIMEOUT_S = 1.5
 
 
@@ -71,13 +56,8 @@ def timm_source(timm_name: str) -> TimmSource | None:
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(timm_name)
-    if cfg is None:
-        return None
-    return TimmSource(cfg.hf_hub_id or "", cfg.hf_hub_filename or None, cfg.url or "", cfg.file or "")
-
-
-def _spec_source(spec: BackboneSpec) -> TimmSource | None:
-    return spec.timm_weights if spec.timm_weights is not None else timm_source(spec.timm_name)
+    return None if cfg is None else TimmSource(cfg.hf_hub_id or "", cfg.hf_hub_filename or None,
+                                               cfg.url or "", cfg.file or "")
 
 
 @dataclass(frozen=True)
@@ -109,12 +89,8 @@ def default_export_path(spec: BackboneSpec) -> Path:
 
 
 def candidate_filenames(spec: BackboneSpec) -> list[str]:
-    names = []
-    for stem in (spec.arch, spec.name, spec.timm_name):
-        for suffix in (".safetensors", ".pth"):
-            if f"{stem}{suffix}" not in names:
-                names.append(f"{stem}{suffix}")
-    return names
+    stems = (spec.arch, spec.name, spec.timm_name)
+    return list(dict.fromkeys(f"{stem}{suffix}" for stem in stems for suffix in (".safetensors", ".pth")))
 
 
 # --- locating ----------------------------------------------------------------------------
@@ -126,10 +102,9 @@ def preflight(cfg: TrainConfig) -> None:
     backbone, a --weights file that does not exist, or pretrained weights that cannot be had
     (none given, none in the weights folder, none in the hub cache, and the hub offline).
 
-    Call it before importing mlexp.train. It decides nothing the full path (run_training ->
-    locate_weights) would decide otherwise; what needs a network probe or MLflow (runs:/,
-    models:/) is left to that path. A resumed run takes its config from the run: not checked
-    here. A dry run only resolves the backbone (it loads no weights)."""
+    Call it before importing mlexp.train. The weights verdict is locate_weights(download=False),
+    the full path's own tree. A resumed run takes its config from the run: not checked here.
+    A dry run only resolves the backbone (it loads no weights)."""
     from mlexp.backbones import resolve_backbone
 
     if cfg.resume:
@@ -137,23 +112,10 @@ def preflight(cfg: TrainConfig) -> None:
     spec = resolve_backbone(cfg.backbone, cfg.init)
     if cfg.dry_run:
         return
-    if spec.init == "scratch":
-        if cfg.weights:
-            raise scratch_weights_error(spec)
-        return
-    if cfg.weights:
-        local = _explicit_local_path(cfg.weights)
-        if local is not None and local.is_dir():
-            _pick_weights_file(local, cfg.weights)
-        return
-    if _weights_dir_file(spec) is not None:
-        return
-    source = _spec_source(spec)
-    if source is None or not (source.hf_hub_id or source.url):
-        raise _no_timm_weights_error(spec)
-    flag = _hub_offline_flag()
-    if source.hf_hub_id and flag and _cached_timm_file(source) is None:
-        raise _unavailable_error(spec, f"{flag} is set")
+    if spec.init == "scratch" and cfg.weights:  # as build_backbone decides it
+        raise scratch_weights_error(spec)
+    if spec.init == "pretrained":
+        locate_weights(spec, cfg.weights, download=False)
 
 
 def scratch_weights_error(spec: BackboneSpec) -> MlexpError:
@@ -161,40 +123,48 @@ def scratch_weights_error(spec: BackboneSpec) -> MlexpError:
                       f"or use --init pretrained")
 
 
-def locate_weights(spec: BackboneSpec, weights: str | None, tracking_uri: str | None = None) -> WeightsFile:
+def locate_weights(spec: BackboneSpec, weights: str | None, tracking_uri: str | None = None,
+                   download: bool = True) -> WeightsFile | None:
     """The local file to load for a pretrained spec, from the first source that has one.
-
     `tracking_uri`: the store that runs:/ and models:/ weights come from (default: the one a
-    run would use, `mlexp.tracking.default_tracking_uri()`)."""
+    run would use, `mlexp.tracking.default_tracking_uri()`).
+
+    `download=False` (the pre-check): the same tree, fetching, hashing and probing nothing; the
+    same MlexpError where that much decides (no such file, hub offline and nothing cached),
+    runs:/ and models:/ left unchecked (they need MLflow); returns None."""
     if weights:
-        return explicit_weights(weights, tracking_uri)
+        return explicit_weights(weights, tracking_uri, download)
     path = _weights_dir_file(spec)
     if path is not None:
-        return WeightsFile(path.resolve(), "weights-dir", file_sha256(path), str(path))
-    return timm_weights(spec)
+        return _local_weights(path.resolve(), "weights-dir", str(path), download)
+    return timm_weights(spec, download)
+
+
+def _local_weights(path: Path, source: str, label: str, download: bool = True) -> WeightsFile | None:
+    """A WeightsFile for a file already on disk; None when only checking (hashing costs ~1 s per GB)."""
+    return WeightsFile(path, source, file_sha256(path), label) if download else None
 
 
 def _weights_dir_file(spec: BackboneSpec) -> Path | None:
-    folder = weights_dir()
-    for filename in candidate_filenames(spec):
-        path = folder / filename
-        if path.is_file():
-            return path
-    return None
+    paths = (weights_dir() / filename for filename in candidate_filenames(spec))
+    return next((path for path in paths if path.is_file()), None)
 
 
-def explicit_weights(weights: str, tracking_uri: str | None = None) -> WeightsFile:
+def explicit_weights(weights: str, tracking_uri: str | None = None,
+                     download: bool = True) -> WeightsFile | None:
     """--weights: a local file or folder, runs:/RUN_ID/path, or models:/NAME/VERSION|@ALIAS
     (those two from `tracking_uri`, see locate_weights)."""
     local = _explicit_local_path(weights)
-    if local is None:
-        if tracking_uri is None:
-            from mlexp.tracking import default_tracking_uri  # lazy: importing mlexp.weights stays light
+    if local is not None:
+        path = _pick_weights_file(local, weights) if local.is_dir() else local
+        return _local_weights(path.resolve(), "file", weights, download)
+    if not download:
+        return None
+    if tracking_uri is None:
+        from mlexp.tracking import default_tracking_uri  # lazy: importing this module stays light
 
-            tracking_uri = default_tracking_uri()
-        return _mlflow_weights(weights, tracking_uri)
-    path = _pick_weights_file(local, weights) if local.is_dir() else local
-    return WeightsFile(path.resolve(), "file", file_sha256(path), weights)
+        tracking_uri = default_tracking_uri()
+    return _mlflow_weights(weights, tracking_uri)
 
 
 def _mlflow_weights(uri: str, tracking_uri: str) -> WeightsFile:
@@ -242,10 +212,9 @@ def _download_mlflow(uri: str, tracking_uri: str, folder: Path) -> str:
 
 
 def _model_download_uri(uri: str, tracking_uri: str) -> str:
-    """Where a models:/NAME/VERSION|@ALIAS[/path] URI's files are, asked of the registry that
-    belongs to `tracking_uri` ($MLFLOW_REGISTRY_URI, else the tracking store, as MlflowClient
-    decides). MLflow's own models:/ download resolves the name in the global registry
-    whatever tracking_uri it is given, so the lookup is done here."""
+    """Where a models:/NAME/VERSION|@ALIAS[/path] URI's files are, asked of the registry of
+    `tracking_uri` ($MLFLOW_REGISTRY_URI, else the tracking store, as MlflowClient decides).
+    MLflow's own models:/ download uses the global registry whatever tracking_uri it is given."""
     from mlflow import MlflowClient
     from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
     from mlflow.store.artifact.utils.models import get_model_name_and_version
@@ -282,17 +251,20 @@ def _pick_weights_file(folder: Path, label: str) -> Path:
 # --- timm's own weights, or fail fast ------------------------------------------------------
 
 
-def timm_weights(spec: BackboneSpec) -> WeightsFile:
-    """timm's pretrained file from the HF cache, else downloaded, else a fast one-line error."""
-    cfg = _spec_source(spec)
+def timm_weights(spec: BackboneSpec, download: bool = True) -> WeightsFile | None:
+    """timm's pretrained file from the HF cache, else downloaded, else a fast one-line error.
+    `download=False`: only whether it could be had, by the offline flags (no network probe)."""
+    cfg = spec.timm_weights if spec.timm_weights is not None else timm_source(spec.timm_name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise _no_timm_weights_error(spec)
+        raise MlexpError(f"timm has no pretrained weights for {spec.timm_name}: "
+                         f"{_ways_to_provide(spec, network=False)}")
     cached = _cached_timm_file(cfg)
     if cached is not None:
-        return WeightsFile(cached, "timm", file_sha256(cached), str(cached))
-    unreachable = _offline_reason(cfg)
-    if unreachable:
+        return _local_weights(cached, "timm", str(cached), download)
+    if unreachable := _offline_reason(cfg, probe=download):
         raise _unavailable_error(spec, unreachable)
+    if not download:
+        return None
     try:
         path = _download_timm_file(cfg)
     except Exception as exc:  # hub/HTTP errors of many kinds; the message is what matters
@@ -300,11 +272,6 @@ def timm_weights(spec: BackboneSpec) -> WeightsFile:
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "
                          f"{_ways_to_provide(spec)}") from exc
     return WeightsFile(path, "timm", file_sha256(path), str(path))
-
-
-def _no_timm_weights_error(spec: BackboneSpec) -> MlexpError:
-    return MlexpError(f"timm has no pretrained weights for {spec.timm_name}: "
-                      f"{_ways_to_provide(spec, network=False)}")
 
 
 def _unavailable_error(spec: BackboneSpec, unreachable: str) -> MlexpError:
@@ -353,9 +320,8 @@ def torch_hub_dir() -> str:
     """torch.hub.get_dir() without importing torch: $TORCH_HOME/hub, where TORCH_HOME defaults
     to $XDG_CACHE_HOME/torch (~/.cache/torch). Once torch is loaded, torch's own answer (which
     honours torch.hub.set_dir)."""
-    if "torch.hub" in sys.modules:
-        return sys.modules["torch.hub"].get_dir()
-    return _torch_hub_dir_from_env()
+    hub = sys.modules.get("torch.hub")
+    return hub.get_dir() if hub is not None else _torch_hub_dir_from_env()
 
 
 def _torch_hub_dir_from_env() -> str:
@@ -394,16 +360,15 @@ def _hub_offline_flag() -> str | None:
     return None
 
 
-def _offline_reason(cfg: TimmSource) -> str | None:
-    """Why timm cannot download right now (None if it may): HF_HUB_OFFLINE, or a failed probe."""
-    if cfg.hf_hub_id:
-        flag = _hub_offline_flag()
-        if flag:
-            return f"{flag} is set"
-        url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/") + "/api/models"
-    else:
-        url = cfg.url
-    if not reachable(url):
+def _offline_reason(cfg: TimmSource, probe: bool = True) -> str | None:
+    """Why timm cannot download right now (None if it may): HF_HUB_OFFLINE, or a failed probe
+    (skipped with probe=False, the pre-check: it costs up to 1.5 s and the full path probes)."""
+    flag = _hub_offline_flag() if cfg.hf_hub_id else None
+    if flag:
+        return f"{flag} is set"
+    hub = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/") + "/api/models"
+    url = hub if cfg.hf_hub_id else cfg.url
+    if probe and not reachable(url):
         return f"{urlparse(url).netloc} does not answer"
     return None
 
@@ -430,124 +395,3 @@ def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     thread.start()
     thread.join(timeout)
     return bool(result and result[0])
-
-
-# --- reading and loading ------------------------------------------------------------------
-
-
-def read_state_dict(path: Path, label: str | None = None) -> dict[str, torch.Tensor]:
-    """A flat name -> tensor dict from .safetensors, or .pth/.pt/.bin loaded safely
-    (weights_only); unwraps {"model"|"state_dict"|"model_state_dict": ...} checkpoints and
-    strips DDP/torch.compile prefixes."""
-    label = label or str(path)
-    import torch
-
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise MlexpError(f"weights {label}: not a readable .safetensors file ({exc})") from exc
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise MlexpError(f"weights {label}: torch.load(weights_only=True) refused it ({first}); "
-                             f"save model.state_dict() (or use .safetensors) instead of a pickled "
-                             f"model") from exc
-    for _ in range(2):  # {"model": {"state_dict": ...}} also happens
-        if isinstance(state, dict):
-            for key in _WRAPPER_KEYS:
-                if isinstance(state.get(key), dict):
-                    state = state[key]
-                    break
-    if not isinstance(state, dict):
-        raise MlexpError(f"weights {label}: expected a state dict, found a {type(state).__name__}")
-    tensors = {_strip_prefixes(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise MlexpError(f"weights {label}: contains no tensors")
-    return tensors
-
-
-def _strip_prefixes(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key
-
-
-def timm_filter_fn(timm_name: str) -> Callable | None:
-    """timm's checkpoint adapter for this arch (resamples ViT position embeddings and Swin
-    relative-position tables to the model's size, converts torchvision VGG classifiers)."""
-    from timm.models import model_entrypoint, split_model_name_tag
-
-    module = importlib.import_module(model_entrypoint(split_model_name_tag(timm_name)[0]).__module__)
-    return getattr(module, "checkpoint_filter_fn", None) or getattr(module, "_filter_fn", None)
-
-
-def classifier_names(model: torch.nn.Module, timm_name: str) -> tuple[str, ...]:
-    from timm.models import get_pretrained_cfg
-
-    cfg = getattr(model, "pretrained_cfg", None) or get_pretrained_cfg(timm_name)
-    names = (cfg.get("classifier") if isinstance(cfg, dict) else getattr(cfg, "classifier", None)) or ()
-    return (names,) if isinstance(names, str) else tuple(names)
-
-
-def load_weights(model: torch.nn.Module, path: Path, timm_name: str, label: str | None = None) -> int:
-    """Load the file into `model`, checked; returns how many tensors came from it."""
-    label = label or str(path)
-    state = read_state_dict(path, label)
-    filter_fn = timm_filter_fn(timm_name)
-    if filter_fn is not None:
-        try:
-            takes_model = len(inspect.signature(filter_fn).parameters) > 1
-            state = filter_fn(state, model) if takes_model else filter_fn(state)
-        except Exception as exc:  # the adapter choked: the file is not this arch's
-            raise MlexpError(f"weights {label} do not fit {timm_name}: timm could not adapt them "
-                             f"({type(exc).__name__}: {exc})") from exc
-    return load_checked(model, state, classifier_names(model, timm_name), label, timm_name)
-
-
-def load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], head: tuple[str, ...],
-                 label: str, arch: str) -> int:
-    """Copy `state` into `model`: every non-classifier tensor must be present with its shape,
-    no foreign tensors may be left over; the classifier loads only if all its shapes match."""
-    target = model.state_dict()
-
-    def is_head(key: str) -> bool:
-        return any(key == h or key.startswith(h + ".") for h in head) or key.startswith("head_dist.")
-
-    body_keys = [k for k in target if not is_head(k)]
-    matched = [k for k in body_keys if k in state]
-    if not matched:
-        sample = ", ".join(list(state)[:3])
-        raise MlexpError(f"weights {label} match none of {arch}'s {len(body_keys)} tensors (the file has "
-                         f"{len(state)}, e.g. {sample}): they are for another architecture")
-    missing = [k for k in body_keys if k not in state and not k.endswith(_IGNORABLE_SUFFIXES)]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in matched
-             if state[k].shape != target[k].shape]
-    foreign = [k for k in state if k not in target and not is_head(k) and not k.endswith(_IGNORABLE_SUFFIXES)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})")
-    if wrong:
-        problems.append(f"{len(wrong)} with other shapes (e.g. {'; '.join(wrong[:3])})")
-    if foreign:
-        problems.append(f"{len(foreign)} not in the model (e.g. {', '.join(foreign[:3])})")
-    if problems:
-        raise MlexpError(f"weights {label} do not fit {arch}: {'; '.join(problems)}. Use weights saved "
-                         f"from the same architecture")
-    to_load = {k: state[k] for k in matched}
-    head_keys = [k for k in target if is_head(k)]
-    if head_keys and all(k in state and state[k].shape == target[k].shape for k in head_keys):
-        to_load.update({k: state[k] for k in head_keys})  # same class count: keep the classifier too
-    result = model.load_state_dict(to_load, strict=False)
-    if result.unexpected_keys:  # cannot happen after the checks above; a bug if it does
-        raise RuntimeError(f"unexpected keys after checking: {result.unexpected_keys[:5]}")
-    return len(to_load)

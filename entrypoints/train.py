@@ -1,0 +1,8 @@
+"""`mlflow run . -e train` (and `-e main`): `mlexp train` in the run MLflow created."""
+
+from entrypoints.project import run_entry_point
+from mlexp.cli import train_with
+from mlexp.cli_support import build_config
+
+if __name__ == "__main__":
+    run_entry_point("train", lambda values, run_id: train_with(build_config(values), run_id=run_id))
