@@ -49,10 +49,10 @@ def train_with(cfg: TrainConfig, run_id: str | None = None) -> None:
     """Train one run; `run_id`: log into that existing run (the one `mlflow run` created)."""
     from mlexp.weight_sources import preflight
 
-    preflight(cfg)  # unknown backbone, missing weights offline: fail before torch/timm load (~3 s)
+    spec = preflight(cfg)  # unknown backbone, missing weights offline: fail before torch/timm load (~3 s)
     from mlexp.train import run_training
 
-    run_training(cfg, run_id=run_id)
+    run_training(cfg, run_id=run_id, spec=spec)
 
 
 PRETRAIN_DEFAULTS = {"recipe": "pretrain", "init": "scratch", "export_weights": "true"}

@@ -13,21 +13,9 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from mlexp.config import TrainConfig
-
-
-def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights decay; biases and norm parameters (1-D tensors) do not."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        (no_decay if param.ndim <= 1 else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-    ]
 
 
 def build_optimizer(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:

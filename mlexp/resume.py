@@ -235,7 +235,7 @@ def _server_checkpoint(client, run_id: str, target: Path) -> tuple[Path, dict] |
 
     manifest = _server_manifest(client, run_id)
     if not manifest:
-        return None
+        return _newest_whole_folder(client, run_id, target)
     try:
         folder = server.download(client, run_id, f"{LAST}/{manifest['folder']}", target)
     except (MlflowException, OSError) as error:
@@ -246,3 +246,24 @@ def _server_checkpoint(client, run_id: str, target: Path) -> tuple[Path, dict] |
         raise MlexpError(f"run {run_id}'s checkpoint {manifest['folder']} does not match its manifest "
                          "(sha256); it cannot be resumed from safely")
     return folder, manifest
+
+
+def _newest_whole_folder(client, run_id: str, target: Path) -> tuple[Path, dict] | None:
+    """No manifest published yet (the process died, or the server went away, between a
+    checkpoint's files and its manifest): each epoch folder carries its own manifest, so
+    the newest folder whose files all match it is a whole checkpoint."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        folders = sorted((item.path for item in client.list_artifacts(run_id, LAST) if item.is_dir), reverse=True)
+    except MlflowException:
+        return None
+    for path in folders:
+        try:
+            folder = server.download(client, run_id, path, target)
+        except (MlflowException, OSError):
+            continue
+        manifest = verified(folder)
+        if manifest:
+            return folder, manifest
+    return None

@@ -17,7 +17,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from mlexp import tracking
-from mlexp.backbones import CATALOGUE, resolve_backbone
+from mlexp.backbones import CATALOGUE, BackboneSpec, resolve_backbone
 from mlexp.config import TrainConfig
 from mlexp.data import check_data_source
 from mlexp.errors import MlexpError
@@ -35,6 +35,7 @@ class PlanRow:
 
     index: int
     requested: TrainConfig
+    spec: BackboneSpec
     effective: TrainConfig
     config_hash: str
 
@@ -112,8 +113,9 @@ def backbone_inits(backbone: str, inits: list[str]) -> list[str]:
 
 
 def plan_row(index: int, requested: TrainConfig) -> PlanRow:
-    effective = apply_init_adjustments(requested, resolve_backbone(requested.backbone, requested.init))
-    return PlanRow(index, requested, effective, config_hash(effective))
+    spec = resolve_backbone(requested.backbone, requested.init)
+    effective = apply_init_adjustments(requested, spec)
+    return PlanRow(index, requested, spec, effective, config_hash(effective))
 
 
 def format_plan(rows: list[PlanRow]) -> str:
@@ -236,7 +238,7 @@ def run_child(run_training, tracking_uri: str, offline: bool, row: PlanRow, run_
     """Train one child; any failure ends that child FAILED with its error and the sweep goes on."""
     try:
         # the requested config: run_training applies the init adjustments itself (once)
-        run_training(row.requested.replace(dry_run=False, offline=offline), run_id=run_id)
+        run_training(row.requested.replace(dry_run=False, offline=offline), run_id=run_id, spec=row.spec)
         return True
     except KeyboardInterrupt:
         end_untrained_child(tracking_uri, offline, run_id, "KILLED", "interrupted")

@@ -51,10 +51,11 @@ class TrainResult:
 
 
 def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dict | None = None,
-                 track: bool = True) -> TrainResult:
+                 track: bool = True, spec: BackboneSpec | None = None) -> TrainResult:
     """Train one configuration and log it to MLflow (to nothing with track=False).
 
-    `run_id`: log into this existing run (a sweep creates its children first).
+    `run_id`: log into this existing run (a sweep creates its children first). `spec`: the
+    backbone already resolved from `cfg` (by the CLI's pre-check, or a sweep's plan).
     """
     tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri()
     offline = tracking.offline_requested(cfg.offline)
@@ -62,20 +63,20 @@ def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dic
         return delivered
     resume = find_resume_point(tracking_uri, cfg.resume, offline) if cfg.resume else None
     try:
-        return _run(cfg, resume, tracking_uri, offline, run_id, extra_tags, track)
+        return _run(cfg, resume, tracking_uri, offline, run_id, extra_tags, track, spec)
     finally:
         if resume is not None:
             resume.cleanup()
 
 
 def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offline: bool, run_id: str | None,
-         extra_tags: dict | None, track: bool) -> TrainResult:
+         extra_tags: dict | None, track: bool, spec: BackboneSpec | None) -> TrainResult:
     if resume:
         effective = resume.config  # already effective: adjustments are not applied twice
         spec = resolve_backbone(effective.backbone, effective.init)
         tracking_uri, offline = resume.tracking_uri or tracking_uri, resume.offline
     else:
-        spec = resolve_backbone(cfg.backbone, cfg.init)
+        spec = spec or resolve_backbone(cfg.backbone, cfg.init)
         effective = apply_init_adjustments(cfg, spec)
     if effective.dry_run:
         print(format_init_comparison([cfg]) + "\n\n" + format_training_plan([effective]))

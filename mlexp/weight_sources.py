@@ -96,7 +96,7 @@ def candidate_filenames(spec: BackboneSpec) -> list[str]:
 # --- locating ----------------------------------------------------------------------------
 
 
-def preflight(cfg: TrainConfig) -> None:
+def preflight(cfg: TrainConfig) -> BackboneSpec | None:
     """Reject, in milliseconds and before torch, timm or MLflow are imported, what the config
     alone shows cannot work: an unknown backbone, a contradicting --init, --weights on a scratch
     backbone, a --weights file that does not exist, or pretrained weights that cannot be had
@@ -104,18 +104,20 @@ def preflight(cfg: TrainConfig) -> None:
 
     Call it before importing mlexp.train. The weights verdict is locate_weights(download=False),
     the full path's own tree. A resumed run takes its config from the run: not checked here.
-    A dry run only resolves the backbone (it loads no weights)."""
+    A dry run only resolves the backbone (it loads no weights). Returns the resolved backbone
+    (None for a resume), which the run then uses: it is resolved once."""
     from mlexp.backbones import resolve_backbone
 
     if cfg.resume:
-        return
+        return None
     spec = resolve_backbone(cfg.backbone, cfg.init)
     if cfg.dry_run:
-        return
+        return spec
     if spec.init == "scratch" and cfg.weights:  # as build_backbone decides it
         raise scratch_weights_error(spec)
     if spec.init == "pretrained":
         locate_weights(spec, cfg.weights, download=False)
+    return spec
 
 
 def scratch_weights_error(spec: BackboneSpec) -> MlexpError:
