@@ -128,14 +128,13 @@ def backbone_name(run: RunRecord) -> str | None:
     """The backbone as the sweep summary names it: the logged (effective) catalogue name, e.g.
     resnet18_scratch or vit_small; a plain timm name gets its init appended (convnext_tiny_scratch)."""
     from mlexp.backbones import CATALOGUE
+    from mlexp.sweep import display_name
 
     name, arch = run.param("backbone"), arch_of(run)
     init = run.tags.get("mlexp.init") or run.param("init")
     if name in CATALOGUE or not arch or init not in INITS:
         return name or arch
-    if name and name.endswith(f"_{init}"):
-        return name
-    return arch if arch in CATALOGUE and f"{arch}_{init}" not in CATALOGUE else f"{arch}_{init}"
+    return display_name(name if name and name.endswith(f"_{init}") else arch, init)
 
 
 def non_training_kind(run: RunRecord, parent_ids: set[str]) -> str | None:

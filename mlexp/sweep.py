@@ -79,7 +79,7 @@ def expand_grid(base: TrainConfig, backbones: list[str], inits: list[str], strat
     """The numbered plan. A backbone named with its init (`resnet50_scratch`) keeps that init;
     one without a pretrained flavour (vit_small) is planned for scratch only."""
     rows: list[PlanRow] = []
-    folds = range(base.folds) if base.folds else [base.fold]
+    folds = grid_folds(base)
     for backbone in backbones:
         for init in backbone_inits(backbone, inits):
             for strategy in strategies:
@@ -89,6 +89,11 @@ def expand_grid(base: TrainConfig, backbones: list[str], inits: list[str], strat
                                                  fold=fold)
                         rows.append(plan_row(len(rows) + 1, requested))
     return rows
+
+
+def grid_folds(base: TrainConfig) -> list[int]:
+    """Every fold with --folds K, else the one --fold."""
+    return list(range(base.folds)) if base.folds else [base.fold]
 
 
 def backbone_inits(backbone: str, inits: list[str]) -> list[str]:
@@ -130,7 +135,7 @@ def format_plan(rows: list[PlanRow]) -> str:
 def grid_params(backbones: list[str], inits: list[str], strategies: list[str], seeds: list[int],
                 base: TrainConfig, rows: list[PlanRow]) -> dict[str, str]:
     """The parent run's params: each axis of the grid and its size."""
-    folds = [str(fold) for fold in range(base.folds)] if base.folds else [str(base.fold)]
+    folds = [str(fold) for fold in grid_folds(base)]
     axes = {"backbones": backbones, "inits": inits, "strategies": strategies, "seeds": [str(s) for s in seeds],
             "folds": folds}
     params = {f"sweep.{name}": ",".join(values) for name, values in axes.items()}

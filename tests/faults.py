@@ -43,6 +43,16 @@ def mlexp_process(args: list[str], env: dict[str, str], cwd: Path) -> subprocess
                             stderr=subprocess.STDOUT, text=True)
 
 
+def train_past_epoch_1(experiment: str, epochs: int, batch_size: int, env: dict[str, str],
+                       cwd: Path) -> tuple[subprocess.Popen, list[str]]:
+    """A tiny training in its own process, read until its first epoch ended: (process, lines seen)."""
+    proc = mlexp_process(["train", *TINY, "--epochs", str(epochs), "--batch-size", str(batch_size),
+                          "--experiment", experiment], env, cwd)
+    seen: list[str] = []
+    read_until(proc, "epoch   1", seen)
+    return proc, seen
+
+
 def read_until(proc: subprocess.Popen, prefix: str, seen: list[str], timeout_s: float = 300) -> None:
     """Read the process's output (kept in `seen`) until a line starting with `prefix`."""
     deadline = time.time() + timeout_s

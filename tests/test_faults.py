@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from mlexp import monitor
-from tests.faults import (TINY, RestartableServer, assert_complete, mlexp_process, only_run, read_until)
+from tests.faults import (TINY, RestartableServer, assert_complete, only_run, read_until, train_past_epoch_1)
 from tests.helpers import artifact_paths, run_mlexp, steps, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -36,10 +36,7 @@ def own_server(tmp_path):
 
 def test_server_stopped_30s_during_epoch_2_loses_nothing(own_server, tmp_path):
     env = subprocess_env(own_server.uri, MLEXP_GRACE_S="60")
-    proc = mlexp_process(["train", *TINY, "--epochs", "4", "--batch-size", "8", "--experiment", "outage30"],
-                         env, tmp_path)
-    seen: list[str] = []
-    read_until(proc, "epoch   1", seen)
+    proc, seen = train_past_epoch_1("outage30", 4, 8, env, tmp_path)
     own_server.stop()  # epoch 2 trains against a dead server
     stopped = time.time()
     read_until(proc, "epoch   4", seen)
@@ -58,10 +55,7 @@ def test_server_stopped_30s_during_epoch_2_loses_nothing(own_server, tmp_path):
 
 def test_server_gone_longer_than_training_then_sync(own_server, tmp_path):
     env = subprocess_env(own_server.uri, MLEXP_GRACE_S="3")
-    proc = mlexp_process(["train", *TINY, "--epochs", "3", "--batch-size", "16", "--experiment", "outage-long"],
-                         env, tmp_path)
-    seen: list[str] = []
-    read_until(proc, "epoch   1", seen)
+    proc, seen = train_past_epoch_1("outage-long", 3, 16, env, tmp_path)
     own_server.stop()
     output = "".join(seen) + proc.communicate(timeout=300)[0]
     # Its own work succeeded: exit 0, but no claim that the server has the results.
@@ -136,10 +130,7 @@ def final_weights(client: MlflowClient, run_id: str, folder: Path) -> dict[str, 
 
 def test_sigkill_during_an_outage_then_resume_and_sync(own_server, tmp_path):
     env = subprocess_env(own_server.uri, MLEXP_GRACE_S="60")
-    proc = mlexp_process(["train", *TINY, "--epochs", "3", "--batch-size", "16", "--experiment", "kill-outage"],
-                         env, tmp_path)
-    seen: list[str] = []
-    read_until(proc, "epoch   1", seen)
+    proc, seen = train_past_epoch_1("kill-outage", 3, 16, env, tmp_path)
     run_id = only_run(MlflowClient(own_server.uri), "kill-outage").info.run_id
     own_server.stop()
     read_until(proc, "epoch   2", seen)
@@ -243,10 +234,7 @@ def test_offline_run_killed_synced_then_resumed_continues_the_server_run(moment,
 def test_killed_run_shows_lost_then_reaped_then_resumed(server_uri, tmp_path):
     period = 2.0
     env = subprocess_env(server_uri, MLEXP_HEARTBEAT_S=str(period))
-    proc = mlexp_process(["train", *TINY, "--epochs", "3", "--batch-size", "8", "--experiment", "lost"],
-                         env, tmp_path)
-    seen: list[str] = []
-    read_until(proc, "epoch   1", seen)
+    proc, seen = train_past_epoch_1("lost", 3, 8, env, tmp_path)
     client = MlflowClient(server_uri)
     run_id = only_run(client, "lost").info.run_id
     assert "mlexp.heartbeat" in client.get_run(run_id).data.tags
@@ -309,10 +297,7 @@ def write_tiny_folder(root: Path) -> None:
 
 def test_sigterm_during_an_outage_keeps_everything_for_sync(own_server, tmp_path):
     env = subprocess_env(own_server.uri)
-    proc = mlexp_process(["train", *TINY, "--epochs", "3", "--batch-size", "16", "--experiment", "sigterm"],
-                         env, tmp_path)
-    seen: list[str] = []
-    read_until(proc, "epoch   1", seen)
+    proc, seen = train_past_epoch_1("sigterm", 3, 16, env, tmp_path)
     client = MlflowClient(own_server.uri)
     run_id = only_run(client, "sigterm").info.run_id
     own_server.stop()
