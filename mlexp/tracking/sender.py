@@ -7,7 +7,9 @@ the records logged before it, so a resume never starts from a checkpoint whose m
 server lacks. The run's final status is sent last, once both lanes are empty.
 
 A failed request is retried after a capped exponential backoff (0.5 s doubling to 30 s),
-with no limit while the run lives. The user is told once when the server goes away and
+with no limit while the run lives. Once the run has ended and only waits for the server
+(its grace period, `mlexp sync`), a sleeping lane retries at once and then every 2 s: a
+server that comes back during the wait must not be missed behind a 30 s backoff. The user is told once when the server goes away and
 once when it is back, with what was waiting.
 """
 
@@ -28,6 +30,7 @@ from mlexp.tracking.outbox import Outbox
 SEND_INTERVAL_S = 2.0
 BACKOFF_START_S = 0.5
 BACKOFF_CAP_S = 30.0
+DRAINING_RETRY_S = 2.0  # the backoff cap while the run's end waits only for the server
 READ_ROWS = 5000
 
 
@@ -91,6 +94,7 @@ class Sender:
         self.health = Health(outbox, client.tracking_uri, quiet)
         self._wakes = {"records": threading.Event(), "files": threading.Event()}
         self._stop = threading.Event()
+        self._draining = threading.Event()  # the run ended: everything left waits only for the server
         self._status_lock = threading.Lock()
         self.activity = time.monotonic()  # the last time anything moved (for `mlexp sync`'s patience)
         self._threads = [threading.Thread(target=self._lane, args=(name, step), name=f"mlexp-{name}", daemon=True)
@@ -108,6 +112,7 @@ class Sender:
     def wait_drained(self, timeout_s: float) -> bool:
         """Wait until the outbox is empty (True) or the time is up (False)."""
         deadline = time.monotonic() + timeout_s
+        self._draining.set()
         while not self.outbox.pending().empty:
             if time.monotonic() >= deadline:
                 return False
@@ -118,6 +123,7 @@ class Sender:
     def stop(self, join_s: float = 5.0) -> None:
         """Stop both lanes; a request in flight is abandoned, its row stays for a later send."""
         self._stop.set()
+        self._draining.set()
         self.wake()
         for thread in self._threads:
             thread.join(join_s)
@@ -134,7 +140,10 @@ class Sender:
                 failures += 1
                 self.health.failed(error)
                 delay = min(BACKOFF_CAP_S, BACKOFF_START_S * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)
-                self._stop.wait(delay)
+                if self._draining.is_set():
+                    self._stop.wait(min(delay, DRAINING_RETRY_S))
+                else:
+                    self._draining.wait(delay)  # a long backoff ends early when the run starts draining
                 continue
             if not progressed:
                 wake.wait(SEND_INTERVAL_S)
