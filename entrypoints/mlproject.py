@@ -27,12 +27,13 @@ ENTRY_POINTS = {
 
 
 def command_parameters(command: click.Command, own_defaults: dict[str, str]) -> list[tuple[str, str]]:
-    """(name, default) for each option of a command, in declaration order."""
+    """(name, default) for each option of a command, in declaration order (but --run-id: under
+    `mlflow run` the run is the one MLflow created)."""
     field_defaults = {f.name: f.default for f in config_fields()}
     from_recipes = preset_fields()
     params = []
     for param in command.params:
-        if not isinstance(param, click.Option) or param.hidden or param.name == "help":
+        if not isinstance(param, click.Option) or param.hidden or param.name in ("help", "run_id"):
             continue
         if param.name in own_defaults:
             default = own_defaults[param.name]

@@ -5,4 +5,6 @@ from mlexp.cli import train_with
 from mlexp.cli_support import build_config
 
 if __name__ == "__main__":
-    run_entry_point("train", lambda values, run_id: train_with(build_config(values), run_id=run_id))
+    # The run is the one `mlflow run` created: a --run-id of its own does not apply.
+    run_entry_point("train", lambda values, run_id: train_with(
+        build_config({k: v for k, v in values.items() if k != "run_id"}), run_id=run_id))

@@ -32,6 +32,9 @@ def cli() -> None:
 
 @cli.command(context_settings=CONTEXT)
 @config_options()
+@click.option("--run-id", "run_id", default="", metavar="RUN_ID",
+              help="Train into this existing MLflow run (a sweep creates its children first); a run that "
+                   "started training before continues from its newest checkpoint.")
 def train(**values: Any) -> None:
     """Train one backbone and log the run to MLflow.
 
@@ -42,7 +45,8 @@ def train(**values: Any) -> None:
       mlexp train --resume RUN_ID
       torchrun --nproc_per_node 2 -m mlexp train --backbone resnet18
     """
-    train_with(build_config(values))
+    run_id = values.pop("run_id") or None
+    train_with(build_config(values), run_id=run_id)
 
 
 def train_with(cfg: TrainConfig, run_id: str | None = None) -> None:
@@ -94,32 +98,59 @@ def comma_list(text: str) -> list[str]:
               help="Only the scratch flavour of each backbone.")
 @click.option("--strategies", default="full", show_default=True, help="Comma-separated: full, linear, gradual.")
 @click.option("--seeds", default="42", show_default=True, help="Comma-separated seeds.")
+@click.option("--parallel", default="", metavar="N",
+              help="Children training at once. (default: one per GPU (GPUs // --gpus-per-run); 1 on CPU, "
+                   "where N children share the cores, cores // N threads each; with Ray: the cluster's room)")
+@click.option("--gpus-per-run", "gpus_per_run", default="", metavar="K",
+              help="GPUs per child; K > 1 trains each child as a K-process DDP run (torchrun). "
+                   "(default: 1 on a GPU machine, 0 on CPU)")
+@click.option("--cpus-per-run", "cpus_per_run", default="", metavar="C",
+              help="CPU cores (threads) per child. (default: cores // N here; 1 per Ray task)")
+@click.option("--executor", default="local", metavar="[local|ray]",
+              help="local: children on this machine; ray: Ray tasks over a Ray cluster "
+                   "(pip install 'mlexp[ray]'). (default: local)")
+@click.option("--ray-address", "ray_address", default="", metavar="auto|HOST:PORT",
+              help="The Ray cluster to use (`ray start --head` prints it). (default: a new local Ray instance)")
+@click.option("--retry-failed", "retry_failed", is_flag=False, flag_value="true", default="false",
+              metavar="[BOOL]", help="Train again the configurations that FAILED in an earlier run of this sweep "
+                                     "(each resumes its run from its last checkpoint).")
 @config_options(exclude=SWEEP_AXES)
 def sweep(**values: Any) -> None:
     """Train a grid: backbones x inits x strategies x seeds x folds, as nested MLflow runs.
 
-    Every other option is a training option applied to each run (see `mlexp train --help`);
-    `--folds K` runs each configuration on all K folds. Configurations that already
-    FINISHED in the experiment are skipped, so re-running an interrupted sweep resumes it.
-    `--dry-run` prints the numbered plan and trains nothing. Exits 1 when a configuration
-    FAILED (the others still ran).
+    Each configuration trains in its own `mlexp train` process (its output in
+    mlexp-output/sweeps/PARENT_RUN/), --parallel N at a time; --executor ray spreads them
+    over a Ray cluster. Every other option is a training option applied to each run (see
+    `mlexp train --help`); `--folds K` runs each configuration on all K folds.
+
+    Configurations that already FINISHED in the experiment are skipped, and interrupted ones
+    resume their own run from their checkpoint, so re-running an interrupted sweep (or
+    Ctrl-C, then the same command) picks up where it stopped. Each configuration is claimed
+    on the tracking server first: two launchers of one grid never train it twice. A team
+    shares one `mlflow server` (README: a team server on PostgreSQL); a SQLite store is for
+    one machine. `--dry-run` prints the numbered plan. Exits 1 when a configuration FAILED.
 
     \b
     Examples:
       mlexp sweep --backbones resnet18,resnet50 --seeds 1,2,3 --folds 5 --epochs 10
-      mlexp sweep --backbones resnet18 resnet50 deit_small --scratch-only
+      mlexp sweep --backbones resnet18 resnet50 deit_small --scratch-only --parallel 2
+      mlexp sweep --backbones resnet50 --gpus-per-run 2            (8 GPUs: 4 DDP children at once)
+      mlexp sweep --executor ray --ray-address auto --tracking-uri http://mlflow.lab:5000
     """
     sweep_with(values)
 
 
 def sweep_with(values: dict[str, Any], parent_run_id: str | None = None) -> None:
     """Run the grid the sweep options describe; `parent_run_id`: the sweep's existing run."""
+    from mlexp.cli_support import user_values
     from mlexp.config import parse_value
-    from mlexp.sweep import INITS, run_sweep
+    from mlexp.sweep import run_sweep
+    from mlexp.sweep_plan import INITS
 
     axes = {name: comma_list(values.pop(name) or "") for name in ("backbones", "inits", "strategies", "seeds")}
     pretrained_only = parse_value("pretrained_only", bool, values.pop("pretrained_only") or "false")
     scratch_only = parse_value("scratch_only", bool, values.pop("scratch_only") or "false")
+    launch = {name: values.pop(name) or "" for name in LAUNCH_OPTIONS}
     if pretrained_only and scratch_only:
         raise MlexpError("--pretrained-only and --scratch-only exclude each other")
     inits = ["pretrained"] if pretrained_only else ["scratch"] if scratch_only else axes["inits"]
@@ -130,13 +161,48 @@ def sweep_with(values: dict[str, Any], parent_run_id: str | None = None) -> None
         if not axes[name]:
             raise MlexpError(f"--{name} needs at least one value")
     seeds = [parse_value("seeds", int, seed) for seed in axes["seeds"]]
-    base = build_config(values)
+    make_executor = executor_factory(launch)
+    gpus_per_run = parse_value("gpus_per_run", int, launch["gpus_per_run"]) if launch["gpus_per_run"] else 1
+    base = build_config(values, world_size=max(gpus_per_run, 1))
     for strategy in axes["strategies"]:
         base.replace(strategy=strategy)  # validates the name
-    result = run_sweep(base, axes["backbones"], inits, axes["strategies"], seeds, parent_run_id=parent_run_id)
-    if result.failed:
-        click.echo(f"mlexp: {len(result.failed)} configuration(s) FAILED; see the runs' mlexp.error tag", err=True)
+    # What each child gets: the training options as typed (the sweep's own run name is its parent's)
+    train_options = {name: value for name, value in user_values(values).items() if name != "run_name"}
+    result = run_sweep(base, axes["backbones"], inits, axes["strategies"], seeds, train_options, make_executor,
+                       retry_failed=parse_value("retry_failed", bool, launch["retry_failed"] or "false"),
+                       parent_run_id=parent_run_id)
+    if result.failed or result.killed:
+        what = f"{len(result.failed)} configuration(s) FAILED" if result.failed else "some configurations were KILLED"
+        click.echo(f"mlexp: {what}; see the runs' mlexp.error tag, or run the sweep again", err=True)
         sys.exit(1)
+
+
+LAUNCH_OPTIONS = ("parallel", "gpus_per_run", "cpus_per_run", "executor", "ray_address", "retry_failed")
+
+
+def executor_factory(launch: dict[str, str]):
+    """Parse the launch options now (a bad value fails before anything starts); the executor
+    itself is made once the plan is printed."""
+    from mlexp.config import parse_value
+
+    counts = {name: parse_value(name, int, launch[name]) if launch[name] else None
+              for name in ("parallel", "gpus_per_run", "cpus_per_run")}
+    executor = launch["executor"] or "local"
+    if executor not in ("local", "ray"):
+        raise MlexpError(f"--executor must be local or ray, got {executor!r}")
+    if launch["ray_address"] and executor != "ray":
+        raise MlexpError("--ray-address needs --executor ray")
+    from mlexp.launch import check_counts
+
+    check_counts(**counts)
+    if executor == "ray":
+        from mlexp.ray_executor import RayExecutor, import_ray
+
+        import_ray()  # not installed: one line now
+        return lambda: RayExecutor(launch["ray_address"] or None, **counts)
+    from mlexp.launch import make_local_executor
+
+    return lambda: make_local_executor(**counts)
 
 
 def split_names(values) -> list[str]:

@@ -52,12 +52,14 @@ def user_values(values: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None and value != ""}
 
 
-def build_config(values: dict[str, Any], defaults: dict[str, str] | None = None) -> TrainConfig:
-    """The config from the options the user set, over a command's own `defaults`."""
+def build_config(values: dict[str, Any], defaults: dict[str, str] | None = None,
+                 world_size: int | None = None) -> TrainConfig:
+    """The config from the options the user set, over a command's own `defaults`;
+    `world_size`: the processes it trains on (default: this one's, $WORLD_SIZE)."""
     from mlexp.recipes import config_from_user_values
 
     chosen = {**(defaults or {}), **user_values(values)}
-    return config_from_user_values(chosen, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    return config_from_user_values(chosen, world_size=world_size or int(os.environ.get("WORLD_SIZE", "1")))
 
 
 class Commands(click.Group):

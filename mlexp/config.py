@@ -12,6 +12,7 @@ not validate MLproject parameter types, so this is where that happens.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
@@ -181,6 +182,17 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+# Fields that say where and how a run is recorded, not what is trained: left out of its hash.
+BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "export_weights", "offline")
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """A stable hash of what is trained: two runs with one hash are the same configuration
+    (a sweep trains each once; `mlexp compare` counts each once)."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in BOOKKEEPING}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cli_name(field_name: str) -> str:

@@ -159,6 +159,23 @@ def find_resume_point(tracking_uri: str, run_id: str, offline: bool = False) -> 
                        tracking_uri, False, download_dir)
 
 
+def read_started_config(tracking_uri: str, run_id: str, offline: bool) -> TrainConfig | None:
+    """The effective config a run started training with (its config.json), None if it has not."""
+    box = Outbox.find(run_id)
+    values = box.get("config") if box is not None else None
+    if values is None and not offline:
+        values = server.read_json_artifact(server.client_for(tracking_uri), run_id, "config.json")
+    return TrainConfig.from_dict(values).replace(resume=None) if values is not None else None
+
+
+def started_before(tracking_uri: str, run_id: str, offline: bool) -> bool:
+    """Whether a run already started training (a created, untouched sweep child has not)."""
+    box = Outbox.find(run_id)
+    if box is not None and box.get("config") is not None:
+        return True
+    return not offline and server.artifact_exists(server.client_for(tracking_uri), run_id, "config.json")
+
+
 def _server_run_id(client, run_id: str, tracking_uri: str) -> str:
     from mlflow.exceptions import MlflowException
 

@@ -1,62 +1,36 @@
-"""Sweeps: a grid over backbones x inits x strategies x seeds x folds, as nested MLflow runs.
+"""Sweeps: a grid of configurations, each trained in its own process, as nested MLflow runs.
 
-The whole grid is planned before anything starts: a backbone name that does not exist is a
-user error (one line naming the closest names), not a sweep of FAILED runs. The sweep is a
-parent run named after its grid, with the grid's axes as params; each configuration is a
-child run carrying the hash of its effective config as a tag. A configuration that already
-FINISHED anywhere in the experiment is skipped, so re-running an interrupted sweep trains
-only what is missing (and a sweep with nothing left to train creates no run at all). A
-configuration that fails ends FAILED with its error and the sweep goes on.
+plan (`sweep_plan`) -> the grid's parent run (found or created, `claims`) -> children,
+N at a time on this machine (`launch`) or as Ray tasks over a cluster (`ray_executor`)
+-> summary. A configuration that FINISHED anywhere in the experiment is skipped, so
+re-running an interrupted sweep trains only what is missing, and resumes each interrupted
+child in its own run from its checkpoint (and a sweep with nothing left to train creates no
+run at all). Each configuration is claimed on the tracking server before it trains, so
+two launchers of one grid (or a launcher and a Ray retry) never train it twice; a launcher
+waits for the configurations another one holds. A configuration that fails ends FAILED
+with its error and the sweep goes on; `--retry-failed` trains the ones that failed before.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import traceback
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from mlexp import tracking
-from mlexp.backbones import CATALOGUE, BackboneSpec, resolve_backbone
+from mlexp import claims, tracking
 from mlexp.config import TrainConfig
 from mlexp.data import check_data_source
 from mlexp.errors import MlexpError
-from mlexp.recipes import apply_init_adjustments, format_init_comparison
-from mlexp.tracking.outbox import TERMINAL, Outbox
+from mlexp.launch import ChildJob, ChildOutcome
+from mlexp.recipes import format_init_comparison
+from mlexp.sweep_plan import (PlanRow, display_name, expand_grid, format_plan, grid_hash, grid_params,
+                              sweep_name)
+from mlexp.sweep_progress import SweepProgress
+from mlexp.tracking import server
 
-# Fields that say where and how a run is recorded, not what is trained: left out of the hash.
-BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "export_weights", "offline")
-INITS = ("pretrained", "scratch")
-
-
-@dataclass
-class PlanRow:
-    """One configuration of the grid: what the user asked for and its effective config."""
-
-    index: int
-    requested: TrainConfig
-    spec: BackboneSpec
-    effective: TrainConfig
-    config_hash: str
-
-    @property
-    def label(self) -> str:
-        cfg = self.effective
-        fold = f" fold {cfg.fold}" if cfg.folds else ""
-        return f"{display_name(cfg.backbone, cfg.init)} {cfg.strategy} seed {cfg.seed}{fold}"
-
-    @property
-    def run_name(self) -> str:
-        """Short, so the MLflow UI does not cut off seed and fold: resnet18_scratch-full-s42-f1."""
-        cfg = self.effective
-        fold = f"-f{cfg.fold}" if cfg.folds else ""
-        return f"{display_name(cfg.backbone, cfg.init)}-{cfg.strategy}-s{cfg.seed}{fold}"
-
-
-def display_name(backbone: str, init: str) -> str:
-    """The name the sweep summary and `mlexp compare` show: the catalogue name (resnet18_scratch),
-    or a timm model name with its init (convnext_tiny_scratch)."""
-    return backbone if backbone in CATALOGUE or backbone.endswith(f"_{init}") else f"{backbone}_{init}"
+POLL_S = 1.0  # how often the launcher looks at its children
+STATE_EVERY_S = 3.0  # how often it reads the grid's claims and runs from the server
 
 
 @dataclass
@@ -64,87 +38,25 @@ class SweepResult:
     parent_run_id: str | None
     finished: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # FINISHED before this sweep started
+    elsewhere: list[str] = field(default_factory=list)  # trained meanwhile by another launcher
+    killed: list[str] = field(default_factory=list)
     best: list[dict] = field(default_factory=list)
 
 
-def config_hash(cfg: TrainConfig) -> str:
-    """A stable hash of what is trained (bookkeeping fields excluded)."""
-    values = {k: v for k, v in cfg.to_dict().items() if k not in BOOKKEEPING}
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+@dataclass
+class Launch:
+    """How this launcher runs the grid: where (executor), as whom (owner), into which parent."""
 
-
-def expand_grid(base: TrainConfig, backbones: list[str], inits: list[str], strategies: list[str],
-                seeds: list[int]) -> list[PlanRow]:
-    """The numbered plan. A backbone named with its init (`resnet50_scratch`) keeps that init;
-    one without a pretrained flavour (vit_small) is planned for scratch only."""
-    rows: list[PlanRow] = []
-    folds = grid_folds(base)
-    for backbone in backbones:
-        for init in backbone_inits(backbone, inits):
-            for strategy in strategies:
-                for seed in seeds:
-                    for fold in folds:
-                        requested = base.replace(backbone=backbone, init=init, strategy=strategy, seed=seed,
-                                                 fold=fold)
-                        rows.append(plan_row(len(rows) + 1, requested))
-    return rows
-
-
-def grid_folds(base: TrainConfig) -> list[int]:
-    """Every fold with --folds K, else the one --fold."""
-    return list(range(base.folds)) if base.folds else [base.fold]
-
-
-def backbone_inits(backbone: str, inits: list[str]) -> list[str]:
-    """The inits to try for one backbone name: its own if the name fixes it. An unknown
-    name, or one with none of the asked inits, stops the sweep before anything starts."""
-    try:
-        fixed = resolve_backbone(backbone, "auto")
-        if backbone != fixed.arch:  # the name itself says pretrained or scratch
-            return [fixed.init]
-    except MlexpError:
-        pass  # a timm model name needs an explicit init: tried below
-    options, errors = [], []
-    for init in inits:
-        try:
-            resolve_backbone(backbone, init)
-            options.append(init)
-        except MlexpError as error:
-            errors.append(error)
-    if not options:  # unknown: the error names the closest names
-        raise errors[0] if errors else MlexpError(f"backbone {backbone}: no init to try")
-    return options
-
-
-def plan_row(index: int, requested: TrainConfig) -> PlanRow:
-    spec = resolve_backbone(requested.backbone, requested.init)
-    effective = apply_init_adjustments(requested, spec)
-    return PlanRow(index, requested, spec, effective, config_hash(effective))
-
-
-def format_plan(rows: list[PlanRow]) -> str:
-    lines = [f"Training plan: {len(rows)} configuration(s)"]
-    for row in rows:
-        cfg = row.effective
-        lines.append(f"  {row.index:>3}. {row.label:<42} epochs={cfg.epochs:<4} "
-                     f"lr={cfg.lr:<8g} warmup={cfg.warmup_epochs:<5g} wd={cfg.weight_decay:g}")
-    return "\n".join(lines)
-
-
-def grid_params(backbones: list[str], inits: list[str], strategies: list[str], seeds: list[int],
-                base: TrainConfig, rows: list[PlanRow]) -> dict[str, str]:
-    """The parent run's params: each axis of the grid and its size."""
-    folds = [str(fold) for fold in grid_folds(base)]
-    axes = {"backbones": backbones, "inits": inits, "strategies": strategies, "seeds": [str(s) for s in seeds],
-            "folds": folds}
-    params = {f"sweep.{name}": ",".join(values) for name, values in axes.items()}
-    params["sweep.size"] = f"{len(rows)} runs"
-    return params
-
-
-def sweep_name(backbones: list[str], rows: list[PlanRow]) -> str:
-    return f"sweep {'+'.join(backbones)} ({len(rows)} runs)"
+    executor: object  # launch.LocalExecutor or ray_executor.RayExecutor
+    tracking_uri: str
+    offline: bool
+    parent_run_id: str  # the grid's parent: claims live there and children nest under it
+    experiment_id: str | None
+    train_options: dict[str, str]  # the sweep's training options, as the user typed them
+    retry_failed: bool = False
+    log_dir: Path = Path("mlexp-output/sweeps")
+    owner: str = field(default_factory=claims.new_owner)
 
 
 def finished_hashes(client, experiment_id: str) -> dict[str, str]:
@@ -155,50 +67,6 @@ def finished_hashes(client, experiment_id: str) -> dict[str, str]:
             if "mlexp.config_hash" in run.data.tags}
 
 
-def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strategies: list[str],
-              seeds: list[int], parent_run_id: str | None = None) -> SweepResult:
-    """Train every configuration of the grid that has not finished before; summarise.
-    `parent_run_id`: an existing run to be the sweep's parent (the one `mlflow run` created)."""
-    rows = expand_grid(base, backbones, inits, strategies, seeds)
-    if base.dry_run:  # the configuration comparison, then the plan
-        print(format_init_comparison([row.requested for row in rows]) + "\n", flush=True)
-    print(format_plan(rows), flush=True)
-    if base.dry_run:
-        return SweepResult(None)
-    check_data_source(base)  # bad data is a user error before any run exists, not a sweep of FAILED children
-    uri = base.tracking_uri or tracking.default_tracking_uri()
-    offline = tracking.offline_requested(base.offline)
-    # Offline, the server's finished runs cannot be looked up: every configuration trains.
-    done = {} if offline else finished_before(uri, base.experiment)
-    if parent_run_id is None and rows and all(row.config_hash in done for row in rows):
-        print(f"\nEvery configuration FINISHED before (runs {', '.join(done[row.config_hash] for row in rows)}); "
-              "nothing to train.", flush=True)
-        return SweepResult(None, skipped=[done[row.config_hash] for row in rows])
-    parent = tracking.open_run(uri, base.experiment, base.run_name or sweep_name(backbones, rows),
-                               run_id=parent_run_id, offline=offline,
-                               tags={"mlexp.sweep": "true", "mlexp.sweep_size": str(len(rows))})
-    parent.log_params(grid_params(backbones, inits, strategies, seeds, base, rows))
-    result = SweepResult(parent.run_id)
-    try:
-        train_grid(parent, rows, done, uri, offline, result)
-        if not offline:
-            try:
-                result.best = best_per_backbone(parent.client, experiment_of(parent),
-                                                [*result.finished, *result.skipped])
-            except Exception as error:  # noqa: BLE001 - a summary read is no reason to fail the sweep
-                print(f"mlexp: no best-run summary: the server did not answer ({error})", flush=True)
-        report(parent, result)
-    except BaseException as error:
-        parent.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", error=str(error))
-        raise
-    every_one_failed = bool(result.failed) and not result.finished and not result.skipped
-    delivery = parent.finish("FAILED" if every_one_failed else "FINISHED",
-                             error="every configuration FAILED" if every_one_failed else None)
-    if not delivery.complete:
-        print(f"mlexp: sweep run {delivery.run_id}: {delivery.describe()}", flush=True)
-    return result
-
-
 def finished_before(tracking_uri: str, experiment: str) -> dict[str, str]:
     """config hash -> run id of the experiment's FINISHED runs (none if it does not exist yet)."""
     tracking.check_reachable(tracking_uri)
@@ -207,78 +75,268 @@ def finished_before(tracking_uri: str, experiment: str) -> dict[str, str]:
     return finished_hashes(client, found.experiment_id) if found is not None else {}
 
 
-def train_grid(parent: tracking.RunTracker, rows: list[PlanRow], done: dict[str, str], uri: str, offline: bool,
-               result: SweepResult) -> None:
-    from mlexp.train import run_training
+def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strategies: list[str],
+              seeds: list[int], train_options: dict[str, str], make_executor, retry_failed: bool = False,
+              parent_run_id: str | None = None) -> SweepResult:
+    """Train every configuration of the grid that has not finished before; summarise.
 
-    for row in rows:
-        print(f"\n[{row.index}/{len(rows)}] {row.label}", flush=True)
-        if row.config_hash in done:
-            print(f"  skipped: finished before as run {done[row.config_hash]}")
-            result.skipped.append(done[row.config_hash])
-            continue
-        try:
-            run_id = create_child(parent, row)
-        except Exception as error:  # noqa: BLE001 - the server is away: this one waits for the next sweep
-            print(f"  not started: its run could not be created ({error}); run the sweep again to train it",
-                  flush=True)
-            result.failed.append(f"(not created) {row.label}")
-            continue
-        if run_child(run_training, uri, offline, row, run_id):
-            result.finished.append(run_id)
-        else:
-            result.failed.append(run_id)
-
-
-def experiment_of(parent: tracking.RunTracker) -> str:
-    return parent.experiment_id()
-
-
-def create_child(parent: tracking.RunTracker, row: PlanRow) -> str:
-    tags = {"mlexp.sweep_id": parent.run_id, "mlexp.config_hash": row.config_hash}
-    return tracking.create_child_run(parent, row.run_name, tags)
-
-
-def run_child(run_training, tracking_uri: str, offline: bool, row: PlanRow, run_id: str) -> bool:
-    """Train one child; any failure ends that child FAILED with its error and the sweep goes on."""
+    `train_options`: the sweep's training options as typed (each child gets them).
+    `make_executor()`: the executor, made (and checked) before any run exists.
+    `parent_run_id`: an existing run to be the sweep's parent (the one `mlflow run` created).
+    """
+    rows = expand_grid(base, backbones, inits, strategies, seeds)
+    if base.dry_run:  # the configuration comparison, then the plan
+        print(format_init_comparison([row.requested for row in rows]) + "\n", flush=True)
+    print(format_plan(rows), flush=True)
+    if base.dry_run:
+        return SweepResult(None)
+    executor = make_executor()  # bad --parallel, --gpus-per-run, no Ray: a user error, no run created
     try:
-        # the requested config: run_training applies the init adjustments itself (once)
-        run_training(row.requested.replace(dry_run=False, offline=offline), run_id=run_id, spec=row.spec)
-        return True
-    except KeyboardInterrupt:
-        end_untrained_child(tracking_uri, offline, run_id, "KILLED", "interrupted")
+        check_data_source(base)  # bad data is a user error before any run exists
+        uri = absolute_uri(base.tracking_uri or tracking.default_tracking_uri())
+        offline = tracking.offline_requested(base.offline)
+        # Offline, the server's finished runs cannot be looked up: every configuration trains.
+        done = {} if offline else finished_before(uri, base.experiment)
+        if parent_run_id is None and rows and all(row.config_hash in done for row in rows):
+            print(f"\nEvery configuration FINISHED before (runs {', '.join(done[row.config_hash] for row in rows)});"
+                  " nothing to train.", flush=True)
+            return SweepResult(None, skipped=[done[row.config_hash] for row in rows])
+        name = base.run_name or sweep_name(backbones, rows)
+        parent, grid_parent, experiment_id = open_parent(uri, base.experiment, name, rows, parent_run_id, offline)
+        launch = Launch(executor, uri, offline, grid_parent, experiment_id,
+                        {**train_options, "tracking_uri": uri}, retry_failed)
+        return supervise(parent, launch, rows, done, grid_params(backbones, inits, strategies, seeds, base, rows))
+    finally:
+        executor.close()
+
+
+def absolute_uri(uri: str) -> str:
+    """A SQLite store by its absolute path: children (and Ray workers) may start elsewhere."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def open_parent(uri: str, experiment: str, name: str, rows: list[PlanRow], project_run_id: str | None,
+                offline: bool) -> tuple[tracking.RunTracker | None, str, str | None]:
+    """(the run this launcher reports into, the grid's parent run id, the experiment id).
+
+    The grid's parent is found or created on the server, safely when launchers race
+    (`claims.sweep_parent`). Usually this launcher reports into it too; not when another
+    launcher on this machine already does (None), nor under `mlflow run` when the grid
+    already had a parent (the project's run then reports, and points to the parent)."""
+    tags = {"mlexp.sweep": "true", "mlexp.sweep_size": str(len(rows)), claims.GRID_TAG: grid_hash(rows)}
+    if offline:
+        parent = tracking.open_run(uri, experiment, name, offline=True, tags=tags)
+        return parent, parent.run_id, None
+    client = tracking.client_for(uri)
+    if project_run_id:
+        experiment_id = client.get_run(project_run_id).info.experiment_id
+    else:
+        experiment_id = server.experiment_id_for(client, experiment)
+
+    def candidate() -> str:
+        if project_run_id:
+            client.set_tag(project_run_id, claims.GRID_TAG, tags[claims.GRID_TAG])
+            return project_run_id
+        return server.create_run(client, experiment_id, name, tags)
+
+    grid_parent, _ = claims.sweep_parent(client, experiment_id, tags[claims.GRID_TAG], candidate,
+                                         keep=project_run_id)
+    reporter = project_run_id or grid_parent
+    try:
+        parent = tracking.open_run(uri, experiment, name, run_id=reporter,
+                                   tags={**tags, "mlexp.sweep_parent": grid_parent})
+    except MlexpError:  # its outbox is held: another launcher on this machine reports this sweep
+        print(f"mlexp: joining sweep {grid_parent}, which another launcher on this machine reports; this one "
+              "trains what is left", flush=True)
+        return None, grid_parent, experiment_id
+    parent.mark_running()
+    return parent, grid_parent, experiment_id
+
+
+def supervise(parent: tracking.RunTracker | None, launch: Launch, rows: list[PlanRow], done: dict[str, str],
+              params: dict[str, str]) -> SweepResult:
+    """Run the grid and end the parent run with what is true of it."""
+    result = SweepResult(launch.parent_run_id)
+    if parent is not None:
+        parent.log_params(params)
+    try:
+        train_grid(parent, launch, rows, done, result)
+        if not launch.offline:
+            try:
+                client = tracking.client_for(launch.tracking_uri)
+                result.best = best_per_backbone(client, [*result.finished, *result.skipped, *result.elsewhere])
+            except Exception as error:  # noqa: BLE001 - a summary read is no reason to fail the sweep
+                print(f"mlexp: no best-run summary: the server did not answer ({error})", flush=True)
+        report(parent, result)
+    except BaseException as error:
+        if parent is not None:
+            parent.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", error=str(error))
         raise
-    except Exception as error:  # noqa: BLE001 - one bad configuration must not stop the sweep
-        message = str(error) if isinstance(error, MlexpError) else f"{type(error).__name__}: {error}"
-        if not isinstance(error, MlexpError):
-            traceback.print_exc()
-        end_untrained_child(tracking_uri, offline, run_id, "FAILED", message)
-        print(f"  FAILED: {message}", flush=True)
-        return False
+    if parent is None:
+        return result
+    every_one_failed = bool(result.failed) and not (result.finished or result.skipped or result.elsewhere)
+    delivery = parent.finish("FAILED" if every_one_failed else "FINISHED",
+                             error="every configuration FAILED" if every_one_failed else None)
+    if not delivery.complete:
+        print(f"mlexp: sweep run {delivery.run_id}: {delivery.describe()}", flush=True)
+    return result
 
 
-def end_untrained_child(tracking_uri: str, offline: bool, run_id: str, status: str, message: str) -> None:
-    """End a child whose training never opened it (it failed before); one that did has ended itself."""
+def train_grid(parent: tracking.RunTracker | None, launch: Launch, rows: list[PlanRow], done: dict[str, str],
+               result: SweepResult) -> None:
+    """Start children while there is room, as their claims allow; collect their outcomes."""
+    executor = launch.executor
+    total = len(rows)
+    pending = []
+    for row in rows:
+        if row.config_hash in done:
+            print(f"[{row.index}/{total}] {row.run_name}: FINISHED before as run {done[row.config_hash]}; skipped")
+            result.skipped.append(done[row.config_hash])
+        else:
+            pending.append(row)
+    jobs = {row.index: child_job(launch, row, total) for row in pending}
+    by_index = {row.index: row for row in rows}
+    progress = SweepProgress(total, len(result.skipped), concurrency=executor.parallel)
+    print(f"\nTraining {len(pending)} configuration(s), {executor.describe()}; logs in "
+          f"{launch.log_dir / launch.parent_run_id}/", flush=True)
+    state = None if launch.offline else claims.read_state(tracking.client_for(launch.tracking_uri),
+                                                          launch.experiment_id, launch.parent_run_id)
+    # --retry-failed: the configurations that had FAILED when this sweep started (once each)
+    failed_before = {h for h, run in state.children.items() if run.info.status == "FAILED"} if state else set()
+    state_at, waiting = time.monotonic(), set()
     try:
-        _end_untrained_child(tracking_uri, offline, run_id, status, message)
-    except Exception as error:  # noqa: BLE001 - the sweep goes on; the child shows as lost, reap ends it
-        print(f"  could not record how run {run_id} ended ({error})", flush=True)
+        while pending or executor.running:
+            for outcome in executor.poll():
+                finish_child(outcome, by_index[outcome.index], jobs[outcome.index], result, progress, parent,
+                             pending)
+            if pending and not launch.offline and time.monotonic() - state_at >= STATE_EVERY_S:
+                state, state_at = claims.read_state(tracking.client_for(launch.tracking_uri), launch.experiment_id,
+                                                    launch.parent_run_id), time.monotonic()
+            for row in list(pending):
+                if not executor.has_room():
+                    break
+                verdict = decide(row, state, launch, failed_before, waiting)
+                if verdict == "wait":
+                    continue
+                pending.remove(row)
+                if verdict != "start":
+                    record_elsewhere(row, verdict, state, result, progress, total)
+                    continue
+                run_id = executor.start(jobs[row.index])
+                if run_id is None:  # another launcher won this claim: look again later
+                    pending.append(row)
+                    state_at = 0.0
+                    continue
+                progress.started += 1
+                print(f"[{row.index}/{total}] started {row.run_name} (run {run_id}, {executor.where(row.index)})",
+                      flush=True)
+            progress.show(running=len(executor.running), remaining=len(pending))
+            if pending or executor.running:
+                time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        print(f"\nmlexp: interrupted: stopping {len(executor.running)} child run(s) (they end KILLED)", flush=True)
+        for outcome in executor.stop():
+            finish_child(outcome, by_index[outcome.index], jobs[outcome.index], result, progress, parent, pending)
+        print("mlexp: run the same command again to continue where the sweep stopped", flush=True)
+        raise
+    finally:
+        progress.close()
 
 
-def _end_untrained_child(tracking_uri: str, offline: bool, run_id: str, status: str, message: str) -> None:
-    box = Outbox.find(run_id)
-    if box is not None and box.info().status in TERMINAL:
+def decide(row: PlanRow, state: claims.GridState | None, launch: Launch, failed_before: set[str],
+           waiting: set[int]) -> str:
+    """What to do with a pending configuration now: start, wait (another launcher holds it),
+    or take it as ended elsewhere (FINISHED, or FAILED and not to be retried)."""
+    if state is None:  # offline: nobody else can hold it
+        return "start"
+    status = state.status(row.config_hash)
+    if status == "FINISHED":
+        return "FINISHED"
+    if status == "FAILED" and not (launch.retry_failed and row.config_hash in failed_before):
+        return "FAILED"
+    holder = state.held_elsewhere(row.config_hash, launch.owner)
+    if holder:
+        if row.index not in waiting:
+            waiting.add(row.index)
+            print(f"  {row.run_name}: being trained by launcher {holder}; waiting for it", flush=True)
+        return "wait"
+    return "start"
+
+
+def record_elsewhere(row: PlanRow, status: str, state: claims.GridState, result: SweepResult,
+                     progress: SweepProgress, total: int) -> None:
+    run_id = state.children[row.config_hash].info.run_id
+    if status == "FINISHED":
+        result.elsewhere.append(run_id)
+        progress.finished += 1
+    else:
+        result.failed.append(run_id)
+        progress.failed += 1
+    print(f"[{row.index}/{total}] {row.run_name}: {status} (run {run_id}"
+          + (", trained by another launcher)" if status == "FINISHED" else "; `--retry-failed` trains it again)"),
+          flush=True)
+
+
+def child_job(launch: Launch, row: PlanRow, total: int) -> ChildJob:
+    return ChildJob(index=row.index, total=total, label=row.label, run_name=row.run_name,
+                    config_hash=row.config_hash, train_args=row.train_args(launch.train_options),
+                    tracking_uri=launch.tracking_uri, experiment_id=launch.experiment_id,
+                    parent_run_id=launch.parent_run_id, owner=launch.owner,
+                    log_path=str(launch.log_dir / launch.parent_run_id / f"{row.index:03d}-{row.run_name}.log"),
+                    offline=launch.offline, retry_failed=launch.retry_failed,
+                    run_id=offline_child(launch, row) if launch.offline else None,
+                    env=forwarded_env(), gpus_per_run=getattr(launch.executor, "gpus_per_run", 0))
+
+
+def offline_child(launch: Launch, row: PlanRow) -> str:
+    from mlexp.tracking.run import create_offline_run
+    from mlexp.tracking.outbox import Outbox
+
+    parent = Outbox.find(launch.parent_run_id)
+    tags = {"mlexp.sweep_id": launch.parent_run_id, "mlexp.config_hash": row.config_hash,
+            "mlflow.runName": row.run_name}
+    return create_offline_run(parent.info().experiment or "mlexp", row.run_name, launch.parent_run_id,
+                              tags).info().local_id
+
+
+def forwarded_env() -> dict[str, str]:
+    """What a child needs from the launcher's environment wherever it runs (a Ray worker
+    starts with the cluster's): mlexp's, MLflow's and Hugging Face's settings."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k.startswith(("MLEXP_", "MLFLOW_", "HF_", "TIMM_", "TORCH_HOME"))}
+
+
+def finish_child(outcome: ChildOutcome, row: PlanRow, job: ChildJob, result: SweepResult, progress: SweepProgress,
+                 parent: tracking.RunTracker | None, pending: list[PlanRow]) -> None:
+    total = job.total
+    if outcome.status == "ELSEWHERE":  # a Ray task found the configuration claimed: look again later
+        pending.append(row)
         return
-    if box is None and not offline:
-        try:
-            if tracking.client_for(tracking_uri).get_run(run_id).info.status != "RUNNING":
-                return
-        except Exception:  # noqa: BLE001 - the server is away: record the end in the outbox anyway
-            pass
-    tracking.end_run(tracking_uri, run_id, status, message, offline=offline)
+    if outcome.status == "FINISHED":
+        result.finished.append(outcome.run_id)
+        progress.finished += 1
+        progress.durations.append(outcome.seconds)
+        acc = f"best val acc {outcome.best_val_acc:.4f}" if outcome.best_val_acc is not None else "best val acc -"
+        line = f"[{row.index}/{total}] FINISHED {row.run_name}  {acc}  {outcome.seconds:.1f} s"
+    elif outcome.status == "KILLED":
+        result.killed.append(outcome.run_id)
+        progress.killed += 1
+        line = f"[{row.index}/{total}] KILLED {row.run_name} (run {outcome.run_id}; resumable)"
+    else:
+        result.failed.append(outcome.run_id or f"(not started) {row.label}")
+        progress.failed += 1
+        line = f"[{row.index}/{total}] FAILED {row.run_name}: {outcome.message} (log: {job.log_path})"
+    progress.write(line)
+    if parent is not None:
+        parent.log_metrics({"sweep/finished": progress.finished + len(result.skipped), "sweep/failed": progress.failed,
+                            "sweep/running": max(progress.started - progress.ended, 0),
+                            "sweep/remaining": len(pending)}, step=progress.ended)
 
 
-def best_per_backbone(client, experiment_id: str, run_ids: list[str]) -> list[dict]:
+def best_per_backbone(client, run_ids: list[str]) -> list[dict]:
     """The final summary: the best run of each backbone by best/val_acc, named as `mlexp
     compare` and `mlexp backbones` name them (resnet18_pretrained, resnet18_scratch)."""
     best: dict[str, dict] = {}
@@ -296,7 +354,8 @@ def best_per_backbone(client, experiment_id: str, run_ids: list[str]) -> list[di
 
 
 def summary_text(result: SweepResult) -> str:
-    counts = {"finished": len(result.finished), "failed": len(result.failed), "skipped": len(result.skipped)}
+    counts = {"finished": len(result.finished), "finished by another launcher": len(result.elsewhere),
+              "failed": len(result.failed), "killed": len(result.killed), "skipped": len(result.skipped)}
     lines = [f"\nSweep {result.parent_run_id}: " + ", ".join(f"{n} {what}" for what, n in counts.items() if n)]
     if result.best:
         lines += ["", "Best run per backbone:",
@@ -308,14 +367,14 @@ def summary_text(result: SweepResult) -> str:
     return "\n".join(lines)
 
 
-def report(parent: tracking.RunTracker, result: SweepResult) -> None:
+def report(parent: tracking.RunTracker | None, result: SweepResult) -> None:
     text = summary_text(result)
     print(text, flush=True)
+    if parent is None:
+        return
     folder = parent.staging_dir("sweep-summary")
     (folder / "sweep_summary.txt").write_text(text.strip() + "\n")
     (folder / "sweep_summary.json").write_text(json.dumps(
-        {"finished": result.finished, "failed": result.failed, "skipped": result.skipped, "best": result.best},
-        indent=2))
-    parent.log_metrics({"sweep/finished": len(result.finished), "sweep/failed": len(result.failed),
-                        "sweep/skipped": len(result.skipped)}, step=0)
+        {"finished": result.finished, "failed": result.failed, "skipped": result.skipped,
+         "elsewhere": result.elsewhere, "killed": result.killed, "best": result.best}, indent=2))
     parent.log_artifacts(folder, "summary")

@@ -25,7 +25,7 @@ import mlexp
 from mlexp import checkpoint, tracking
 from mlexp.backbones import BackboneSpec, build_backbone, resolve_backbone
 from mlexp.calibration import calibrate
-from mlexp.config import TrainConfig
+from mlexp.config import TrainConfig, config_hash
 from mlexp.data import build_data, check_data_source, loader_kwargs
 from mlexp.errors import MlexpError
 from mlexp.finetune import attach_head, build_strategy
@@ -33,7 +33,8 @@ from mlexp.loop import EvalResult, TrainParts, evaluate, train_one_epoch
 from mlexp.optim import build_optimizer, build_scheduler
 from mlexp.recipes import apply_init_adjustments, format_init_comparison, format_training_plan
 from mlexp.records import History, training_info, epoch_metrics, epoch_record, step_metrics, write_csvs, write_json
-from mlexp.resume import ResumePoint, find_resume_point, restore, save_epoch_checkpoints
+from mlexp.resume import (ResumePoint, find_resume_point, read_started_config, restore, save_epoch_checkpoints,
+                          started_before)
 from mlexp.run_report import print_epoch, print_outcome, print_start, report_delivery
 from mlexp.weight_sources import WeightsFile, default_export_path, locate_weights
 
@@ -54,11 +55,16 @@ def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dic
                  track: bool = True, spec: BackboneSpec | None = None) -> TrainResult:
     """Train one configuration and log it to MLflow (to nothing with track=False).
 
-    `run_id`: log into this existing run (a sweep creates its children first). `spec`: the
-    backbone already resolved from `cfg` (by the CLI's pre-check, or a sweep's plan).
+    `run_id`: log into this existing run (a sweep creates its children first); a run that
+    already started training (a child whose process was killed, retried by Ray or by the
+    next sweep) continues from its newest checkpoint. `spec`: the backbone already resolved
+    from `cfg` (by the CLI's pre-check, or a sweep's plan).
     """
     tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri()
     offline = tracking.offline_requested(cfg.offline)
+    if run_id and not cfg.resume and started_before(tracking_uri, run_id, offline):
+        check_same_configuration(cfg, spec, run_id, tracking_uri, offline)
+        cfg = cfg.replace(resume=run_id)
     if cfg.resume and (delivered := deliver_finished_run(cfg.resume)) is not None:
         return delivered
     resume = find_resume_point(tracking_uri, cfg.resume, offline) if cfg.resume else None
@@ -114,6 +120,16 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
     if accelerator.is_main_process:
         print_outcome(result, delivery, tracking_uri)
     return result
+
+
+def check_same_configuration(cfg: TrainConfig, spec: BackboneSpec | None, run_id: str, tracking_uri: str,
+                             offline: bool) -> None:
+    """A run continues only the configuration it started with: never a different model."""
+    started = read_started_config(tracking_uri, run_id, offline)
+    planned = apply_init_adjustments(cfg, spec or resolve_backbone(cfg.backbone, cfg.init))
+    if started is not None and config_hash(started) != config_hash(planned):
+        raise MlexpError(f"run {run_id} was started with another configuration; it continues only with "
+                         f"`mlexp train --resume {run_id}`")
 
 
 def deliver_finished_run(run_id: str) -> TrainResult | None:
@@ -306,7 +322,7 @@ def default_run_name(spec: BackboneSpec, cfg: TrainConfig) -> str:
 def run_tags(spec: BackboneSpec, cfg: TrainConfig, extra: dict | None) -> dict[str, str]:
     tags = {"mlexp.backbone": spec.arch, "mlexp.init": spec.init, "mlexp.strategy": cfg.strategy,
             "mlexp.dataset": Path(cfg.data).name if cfg.data not in ("digits", "synthetic") else cfg.data,
-            "mlexp.version": mlexp.__version__}
+            "mlexp.version": mlexp.__version__, "mlexp.config_hash": config_hash(cfg)}
     commit = git_commit()
     if commit:
         tags["mlexp.git_commit"] = commit

@@ -12,7 +12,9 @@ import io
 import json
 import os
 import posixpath
+import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -53,6 +55,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
             raise MlexpError(f"cannot create the MLflow tracking store {tracking_uri} "
                              f"({error.strerror or error}); pass a --tracking-uri in a folder you can write, "
                              "or --offline") from None
+        create_sqlite_store(tracking_uri, store)
         return
     if not tracking_uri.startswith(("http://", "https://")):
         return
@@ -66,6 +69,19 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
         raise MlexpError(f"cannot reach the MLflow tracking server at {tracking_uri} ({reason}); "
                          "start it (`mlflow server --host 127.0.0.1 --port 5000`), pass another "
                          "--tracking-uri, or train with --offline and `mlexp sync` later") from None
+
+
+def create_sqlite_store(tracking_uri: str, store: Path) -> None:
+    """Create a new SQLite store under a file lock: MLflow's schema creation is not safe when
+    two processes start on a new store at once (two launchers: "table ... already exists")."""
+    import fcntl
+
+    if store.exists() and store.stat().st_size > 0:
+        return
+    with open(store.parent / f".{store.name}.mlexp-create.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not store.exists() or store.stat().st_size == 0:
+            client_for(tracking_uri).search_experiments(max_results=1)  # creates the tables
 
 
 def client_for(tracking_uri: str):
@@ -83,6 +99,31 @@ def is_permanent(error: BaseException) -> bool:
     return error_code(error) in PERMANENT_CODES and "database is locked" not in str(error)
 
 
+LOCKED_WAIT_S = 120.0
+_told_locked = False
+
+
+def retry_when_locked(call: Callable[[], Any], wait_s: float = LOCKED_WAIT_S) -> Any:
+    """`call()`, retried while a SQLite store answers "database is locked" (several processes
+    writing one file: a parallel sweep on one machine). The run goes on; the user is told once
+    that a shared server is the tool for many writers."""
+    global _told_locked
+    deadline, delay = time.monotonic() + wait_s, 0.2
+    while True:
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001 - only the lock is retried here
+            if "database is locked" not in str(error) or time.monotonic() > deadline:
+                raise
+        if not _told_locked:
+            _told_locked = True
+            print("mlexp: the SQLite tracking store is busy (database is locked); retrying. SQLite is for one "
+                  "machine and a few writers: for parallel sweeps and teams use an `mlflow server` "
+                  "(README: a team server on PostgreSQL)", file=sys.stderr, flush=True)
+        time.sleep(delay)
+        delay = min(2 * delay, 2.0)
+
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return (text[0] if text else type(error).__name__)[:200]
@@ -96,7 +137,7 @@ def experiment_id_for(client, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            return client.create_experiment(name, tags=EXPERIMENT_KIND)
+            return retry_when_locked(lambda: client.create_experiment(name, tags=EXPERIMENT_KIND))
         except MlflowException:
             found = client.get_experiment_by_name(name)  # another process created it first
             if found is None:
@@ -113,7 +154,8 @@ def create_run(client, experiment_id: str, run_name: str | None, tags: dict[str,
     all_tags = dict(tags)
     if run_name:
         all_tags["mlflow.runName"] = run_name
-    return client.create_run(experiment_id, start_time=start_time, run_name=run_name, tags=all_tags).info.run_id
+    return retry_when_locked(lambda: client.create_run(experiment_id, start_time=start_time, run_name=run_name,
+                                                       tags=all_tags)).info.run_id
 
 
 def find_run_by_local_id(client, local_id: str, experiment_id: str | None = None) -> str | None:
