@@ -49,6 +49,7 @@ class ChildJob:
     run_id: str | None = None  # offline sweeps: the child's local run, created by the launcher
     env: dict[str, str] = field(default_factory=dict)
     gpus_per_run: int = 0
+    cwd: str = field(default_factory=os.getcwd)  # the launcher's: relative paths (--data) mean the same
 
 
 @dataclass
@@ -113,6 +114,7 @@ def start_process(job: ChildJob, run_id: str, threads: int, gpus: list[str] | No
         # Its own session: Ctrl-C reaches the launcher alone, which then stops each child once.
         return subprocess.Popen(command(job, run_id), stdout=log, stderr=subprocess.STDOUT,
                                 env=child_env(job, threads, gpus), start_new_session=True,
+                                cwd=job.cwd if os.path.isdir(job.cwd) else None,
                                 preexec_fn=die_with_parent(on_parent_death))
 
 
@@ -176,7 +178,7 @@ def run_job(job: ChildJob, threads: int, on_parent_death: int = signal.SIGKILL,
     started = time.monotonic()
     run_id = claim_run(job)
     if run_id is None:
-        return ChildOutcome(job.index, "ELSEWHERE")
+        return finished_by_own_attempt(job) or ChildOutcome(job.index, "ELSEWHERE")
     process = start_process(job, run_id, threads, None, on_parent_death)
     try:
         exit_code = process.wait()
@@ -186,6 +188,16 @@ def run_job(job: ChildJob, threads: int, on_parent_death: int = signal.SIGKILL,
     if exit_code < 0 and not settle_kills:
         return ChildOutcome(job.index, "KILLED", run_id, exit_code, time.monotonic() - started)
     return settle(job, run_id, exit_code, time.monotonic() - started)
+
+
+def finished_by_own_attempt(job: ChildJob) -> ChildOutcome | None:
+    """A retry of a task whose training had FINISHED before its worker died: that outcome."""
+    client = server.client_for(job.tracking_uri)
+    state = claims.read_state(client, job.experiment_id, job.parent_run_id)
+    attempt, run = state.claims.get(job.config_hash), state.children.get(job.config_hash)
+    if run is None or attempt is None or attempt.owner != job.owner or run.info.status != "FINISHED":
+        return None
+    return ChildOutcome(job.index, "FINISHED", run.info.run_id, 0, 0.0, run.data.metrics.get("best/val_acc"))
 
 
 def stop_process(process: subprocess.Popen, wait_s: float = STOP_WAIT_S) -> None:
@@ -228,18 +240,15 @@ class LocalExecutor:
         return len(self.running) < self.parallel
 
     def start(self, job: ChildJob) -> str | None:
-        """Claim and start one child: its run id, or None when another launcher holds it."""
+        """Claim and start one child: where it runs (its run, its GPUs or threads), or None
+        when another launcher holds its configuration."""
         run_id = claim_run(job)
         if run_id is None:
             return None
         gpus = [self.free_gpus.pop(0) for _ in range(self.gpus_per_run)]
         process = start_process(job, run_id, self.threads, gpus if self.gpus_per_run else None, signal.SIGTERM)
         self.running[job.index] = Running(job, run_id, process, gpus, time.monotonic())
-        return run_id
-
-    def where(self, index: int) -> str:
-        gpus = self.running[index].gpus
-        return f"GPU {','.join(gpus)}" if gpus else f"{self.threads} thread(s)"
+        return f"run {run_id}, " + (f"GPU {','.join(gpus)}" if gpus else f"{self.threads} thread(s)")
 
     def poll(self) -> list[ChildOutcome]:
         outcomes = []

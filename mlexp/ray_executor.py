@@ -95,10 +95,7 @@ class RayExecutor:
 
     def start(self, job: ChildJob) -> str:
         self.running[job.index] = (self.task.remote(job, self.cpus_per_run), job, time.monotonic())
-        return "submitted to Ray"
-
-    def where(self, index: int) -> str:
-        return "a Ray task"
+        return "a Ray task: it claims the configuration where it runs"
 
     def poll(self, timeout: float = 0) -> list[ChildOutcome]:
         refs = {ref: index for index, (ref, _, _) in self.running.items()}

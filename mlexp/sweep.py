@@ -55,7 +55,7 @@ class Launch:
     experiment_id: str | None
     train_options: dict[str, str]  # the sweep's training options, as the user typed them
     retry_failed: bool = False
-    log_dir: Path = Path("mlexp-output/sweeps")
+    log_dir: Path = field(default_factory=lambda: Path.cwd() / "mlexp-output" / "sweeps")
     owner: str = field(default_factory=claims.new_owner)
 
 
@@ -200,7 +200,7 @@ def train_grid(parent: tracking.RunTracker | None, launch: Launch, rows: list[Pl
     by_index = {row.index: row for row in rows}
     progress = SweepProgress(total, len(result.skipped), concurrency=executor.parallel)
     print(f"\nTraining {len(pending)} configuration(s), {executor.describe()}; logs in "
-          f"{launch.log_dir / launch.parent_run_id}/", flush=True)
+          f"{relative(launch.log_dir / launch.parent_run_id)}/", flush=True)
     state = None if launch.offline else claims.read_state(tracking.client_for(launch.tracking_uri),
                                                           launch.experiment_id, launch.parent_run_id)
     # --retry-failed: the configurations that had FAILED when this sweep started (once each)
@@ -224,14 +224,13 @@ def train_grid(parent: tracking.RunTracker | None, launch: Launch, rows: list[Pl
                 if verdict != "start":
                     record_elsewhere(row, verdict, state, result, progress, total)
                     continue
-                run_id = executor.start(jobs[row.index])
-                if run_id is None:  # another launcher won this claim: look again later
+                where = executor.start(jobs[row.index])
+                if where is None:  # another launcher won this claim: look again later
                     pending.append(row)
                     state_at = 0.0
                     continue
                 progress.started += 1
-                print(f"[{row.index}/{total}] started {row.run_name} (run {run_id}, {executor.where(row.index)})",
-                      flush=True)
+                progress.write(f"[{row.index}/{total}] started {row.run_name} ({where})")
             progress.show(running=len(executor.running), remaining=len(pending))
             if pending or executor.running:
                 time.sleep(POLL_S)
@@ -243,6 +242,13 @@ def train_grid(parent: tracking.RunTracker | None, launch: Launch, rows: list[Pl
         raise
     finally:
         progress.close()
+
+
+def relative(path: Path) -> Path:
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def decide(row: PlanRow, state: claims.GridState | None, launch: Launch, failed_before: set[str],
@@ -328,7 +334,7 @@ def finish_child(outcome: ChildOutcome, row: PlanRow, job: ChildJob, result: Swe
     else:
         result.failed.append(outcome.run_id or f"(not started) {row.label}")
         progress.failed += 1
-        line = f"[{row.index}/{total}] FAILED {row.run_name}: {outcome.message} (log: {job.log_path})"
+        line = f"[{row.index}/{total}] FAILED {row.run_name}: {outcome.message} (log: {relative(Path(job.log_path))})"
     progress.write(line)
     if parent is not None:
         parent.log_metrics({"sweep/finished": progress.finished + len(result.skipped), "sweep/failed": progress.failed,

@@ -1,0 +1,90 @@
+"""`mlexp sweep --executor ray` on a real local Ray instance (2 CPUs, 127.0.0.1), as a user
+would start one with `ray start --head`; a worker SIGKILLed mid-training."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from mlexp import claims
+from mlexp.local_server import free_port
+from tests.helpers import run_mlexp, subprocess_env
+from tests.test_sweep_launch import FOUR, GRID, assert_each_trained_once, logs_of, sweep_runs
+
+pytest.importorskip("ray")
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> str:
+    port = free_port()
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
+                   timeout=180, env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+    yield f"127.0.0.1:{port}"
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=180)
+
+
+def trainer_of(run_id: str) -> tuple[int, int]:
+    """(pid, parent pid) of the `mlexp train` process training `run_id`: its parent is the Ray worker."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"train" in args and b"--run-id" in args and args[args.index(b"--run-id") + 1] == run_id.encode():
+            return int(proc.name), ppid
+    raise AssertionError(f"no training process for run {run_id}")
+
+
+def wait_for_epoch_2(folder: Path, timeout_s: float = 300) -> str:
+    """The run id of the first child whose log shows its second epoch (its first checkpoint is written)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for log in (folder / "mlexp-output" / "sweeps").glob("*/*.log"):
+            text = log.read_text()
+            if "\nepoch   2 " in text:
+                return re.search(r"--run-id (\w+)", text).group(1)
+        time.sleep(0.2)
+    raise AssertionError("no child reached its second epoch")
+
+
+@pytest.mark.slow
+def test_ray_trains_the_grid_and_a_killed_worker_resumes_the_same_run(server_uri, tmp_path, ray_address):
+    env = subprocess_env(server_uri)
+    ray = ["--executor", "ray", "--ray-address", ray_address]
+    done = run_mlexp([*FOUR, "--experiment", "ray-grid", *ray], env, tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = MlflowClient(server_uri)
+    parent, children = sweep_runs(client, "ray-grid")
+    assert len(children) == 4 and parent.info.status == "FINISHED"
+    assert_each_trained_once(client, children, epochs=1)
+    assert "as Ray tasks on 1 node(s), up to 2 at a time, 1 CPU(s) each" in done.stdout
+
+    # A worker process SIGKILLed in the middle of its training: Ray runs its task again, which
+    # takes the next claim attempt and resumes the same run from its last checkpoint.
+    launcher = subprocess.Popen([sys.executable, "-m", "mlexp", *GRID, "--seeds", "1,2", "--epochs", "20",
+                                 "--experiment", "ray-kill", *ray], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    victim = wait_for_epoch_2(tmp_path)
+    _, worker = trainer_of(victim)
+    os.kill(worker, signal.SIGKILL)
+    output = launcher.communicate(timeout=600)[0]
+    assert launcher.returncode == 0, output[-3000:]
+    parent, children = sweep_runs(client, "ray-kill")
+    assert len(children) == 2 and victim in {run.info.run_id for run in children}  # never a second run
+    assert_each_trained_once(client, children, epochs=20)  # one batch/loss point per step: no gap, no duplicate
+    [killed] = [run for run in children if run.info.run_id == victim]
+    attempts = [key for key in parent.data.params if key.startswith(f"{claims.CLAIM}.{killed.data.tags['mlexp.config_hash']}.")]
+    assert len(attempts) == 2  # the first run of the task, and Ray's retry
+    [log] = [log for log in logs_of(tmp_path, parent.info.run_id) if f"--run-id {victim}" in log.read_text()]
+    assert "mlexp: resuming run" in log.read_text()
