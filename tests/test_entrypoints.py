@@ -38,9 +38,10 @@ TRAINING_CASES = {
     # pretrain's own defaults (export on, its recipe) with export switched off and lr given
     "pretrain-no-export": ("pretrain", {**TINY, "export_weights": "false", "lr": "0.001", "warmup_epochs": "0"}),
     "pretrain-defaults": ("pretrain", {**TINY, "epochs": "1"}),
-    "sweep": ("sweep", {"backbones": "test_resnet", "inits": "scratch", "seeds": "3", "data": "digits",
+    # two children at once (each in its own process): `-P parallel=2` as `--parallel 2`
+    "sweep": ("sweep", {"backbones": "test_resnet", "inits": "scratch", "seeds": "3,4", "data": "digits",
                         "img_size": "16", "epochs": "1", "batch_size": "64", "recipe": "finetune",
-                        "lr": "0.001", "ema": "false"}),
+                        "lr": "0.001", "ema": "false", "parallel": "2"}),
 }
 
 
