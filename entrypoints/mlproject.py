@@ -15,6 +15,9 @@ from mlexp.cli import PRETRAIN_DEFAULTS, cli
 from mlexp.config import config_fields
 from mlexp.recipes import preset_fields
 
+# CLI options that are not project parameters: under `mlflow run` the run is the one MLflow created.
+NOT_PARAMETERS = ("run_id",)
+
 # entry point -> (module under entrypoints/, the CLI command it is, that command's own defaults)
 ENTRY_POINTS = {
     "main": ("train", "train", {}),
@@ -27,13 +30,12 @@ ENTRY_POINTS = {
 
 
 def command_parameters(command: click.Command, own_defaults: dict[str, str]) -> list[tuple[str, str]]:
-    """(name, default) for each option of a command, in declaration order (but --run-id: under
-    `mlflow run` the run is the one MLflow created)."""
+    """(name, default) for each option of a command, in declaration order (but NOT_PARAMETERS)."""
     field_defaults = {f.name: f.default for f in config_fields()}
     from_recipes = preset_fields()
     params = []
     for param in command.params:
-        if not isinstance(param, click.Option) or param.hidden or param.name in ("help", "run_id"):
+        if not isinstance(param, click.Option) or param.hidden or param.name == "help" or param.name in NOT_PARAMETERS:
             continue
         if param.name in own_defaults:
             default = own_defaults[param.name]

@@ -87,6 +87,8 @@ def command(job: ChildJob, run_id: str) -> list[str]:
 
 def child_env(job: ChildJob, threads: int, gpus: list[str] | None) -> dict[str, str]:
     env = {**os.environ, **job.env, "PYTHONUNBUFFERED": "1"}
+    if not job.offline:  # the sweep's store, by its absolute path (a --tracking-uri given is passed as given)
+        env["MLFLOW_TRACKING_URI"] = job.tracking_uri
     for name in THREAD_VARIABLES:  # N children never oversubscribe the cores
         env[name] = str(threads)
     if gpus is not None:

@@ -103,8 +103,7 @@ def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strateg
             return SweepResult(None, skipped=[done[row.config_hash] for row in rows])
         name = base.run_name or sweep_name(backbones, rows)
         parent, grid_parent, experiment_id = open_parent(uri, base.experiment, name, rows, parent_run_id, offline)
-        launch = Launch(executor, uri, offline, grid_parent, experiment_id,
-                        {**train_options, "tracking_uri": uri}, retry_failed)
+        launch = Launch(executor, uri, offline, grid_parent, experiment_id, train_options, retry_failed)
         return supervise(parent, launch, rows, done, grid_params(backbones, inits, strategies, seeds, base, rows))
     finally:
         executor.close()

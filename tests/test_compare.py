@@ -163,7 +163,7 @@ def test_backbones_are_named_as_in_the_sweep_summary(store, tmp_path):
     result = compare(client, ["cmp-a", "cmp-b"], out_dir=tmp_path / "out", plots=False)
     finished = [run.info.run_id for name in ("cmp-a", "cmp-b")
                 for run in client.search_runs([experiment_id(client, name)], "attributes.status = 'FINISHED'")]
-    sweep_names = {row["backbone"] for row in best_per_backbone(client, "", finished)}
+    sweep_names = {row["backbone"] for row in best_per_backbone(client, finished)}
     assert set(result.groups["backbone"]) == sweep_names == {"resnet18_pretrained", "resnet18_scratch", "vit_small"}
     by_arch = compare(client, ["cmp-a", "cmp-b"], group_by=["arch", "init"], out_dir=tmp_path / "a", plots=False)
     assert by_arch.groups[["arch", "init", "runs"]].values.tolist() == [

@@ -10,7 +10,7 @@ import yaml
 from mlexp.cli import cli
 from mlexp.config import TrainConfig, config_fields
 from mlexp.errors import MlexpError
-from entrypoints.mlproject import ENTRY_POINTS, render
+from entrypoints.mlproject import ENTRY_POINTS, NOT_PARAMETERS, render
 from mlexp.cli import PRETRAIN_DEFAULTS
 from mlexp.recipes import preset_fields
 
@@ -26,6 +26,7 @@ def test_train_parameters_cli_options_and_config_fields_are_one_set(entry_point)
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     mlproject_params = set(project["entry_points"][entry_point]["parameters"])
     cli_options = {p.name for p in cli.commands["train"].params if not getattr(p, "hidden", False)}
+    cli_options -= set(NOT_PARAMETERS)  # --run-id: under `mlflow run` the run is MLflow's
     fields = {f.name for f in config_fields()}
     assert mlproject_params == cli_options == fields
     command = project["entry_points"][entry_point]["command"]
@@ -87,4 +88,4 @@ def test_every_entry_point_passes_exactly_its_commands_options():
         assert spec["command"].startswith(f"python -m entrypoints.{module} ")
         assert (ROOT / "entrypoints" / f"{module}.py").is_file()
         options = {p.name for p in cli.commands[command_name].params if not getattr(p, "hidden", False)}
-        assert set(spec["parameters"]) == options, entry
+        assert set(spec["parameters"]) == options - set(NOT_PARAMETERS), entry
