@@ -53,7 +53,7 @@ def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, 
     write_pretrained_weights(weights, "deit_small_patch16_224", "deit_small")
     monkeypatch.setenv("MLEXP_WEIGHTS_DIR", str(weights))
     client = MlflowClient(server_uri)
-    grid = ["--backbones", "resnet18,deit_small", "--seeds", "1,2", "--experiment", "sweep-e2e"]
+    grid = ["--backbones", "resnet18,deit_small", "--seeds", "1,2", "--experiment", "sweep-e2e", "--parallel", "2"]
 
     sweep(grid)
     first = children(client, "sweep-e2e")

@@ -72,7 +72,8 @@ def test_parallel_2_trains_4_children_in_their_own_processes_at_most_2_at_once(s
 @pytest.mark.slow
 def test_two_launchers_of_one_grid_train_each_configuration_once(server_uri, tmp_path):
     env = subprocess_env(server_uri)
-    args = [sys.executable, "-m", "mlexp", *FOUR, "--experiment", "two-launchers"]
+    # one core per child: two launchers on 2 cores, each unaware of the other, must not oversubscribe
+    args = [sys.executable, "-m", "mlexp", *FOUR, "--experiment", "two-launchers", "--cpus-per-run", "1"]
     launchers = [subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True) for _ in range(2)]
     outputs = [launcher.communicate(timeout=600)[0] for launcher in launchers]

@@ -108,8 +108,9 @@ def test_accelerate_launch_multi_cpu_is_one_ddp_run(server_uri, tmp_path):
 @pytest.mark.slow
 def test_sigkill_in_second_epoch_then_resume_has_no_duplicate_and_no_gap(server_uri, tmp_path):
     env = subprocess_env(server_uri)
-    args = ["train", "--backbone", "resnet18_scratch", "--data", "digits", "--epochs", "3", "--img-size", "16",
-            "--batch-size", "8", "--scratch-epochs-mult", "1", "--experiment", "e2e-resume"]
+    # the tiny ResNet at batch 2: ~700 steps, ~6 s per epoch on one core, so the kill lands well inside epoch 2
+    args = ["train", "--backbone", "test_resnet", "--init", "scratch", "--data", "digits", "--epochs", "3",
+            "--img-size", "16", "--batch-size", "2", "--scratch-epochs-mult", "1", "--experiment", "e2e-resume"]
     proc = subprocess.Popen([sys.executable, "-m", "mlexp", *args], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = MlflowClient(server_uri)
@@ -136,7 +137,7 @@ def test_sigkill_in_second_epoch_then_resume_has_no_duplicate_and_no_gap(server_
     assert "resuming run" in resumed.stdout
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    steps_per_epoch = DIGITS_TRAIN_SIZE // 8
+    steps_per_epoch = DIGITS_TRAIN_SIZE // 2
     assert steps(client, run_id, "batch/loss") == list(range(1, 3 * steps_per_epoch + 1))
     for key in EPOCH_METRICS:
         assert steps(client, run_id, key) == [1, 2, 3], key
