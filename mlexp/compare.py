@@ -171,6 +171,22 @@ def value_at(points: list[tuple[int, float]], step: int) -> float:
     return found
 
 
+def duplicates(runs: list[RunRecord]) -> dict[str, str]:
+    """run id -> the run it repeats: finished runs of one configuration (one mlexp.config_hash)
+    count once, the first trained, never as independent seeds."""
+    first: dict[str, str] = {}
+    repeats: dict[str, str] = {}
+    for run in sorted(runs, key=lambda r: (r.start_time or 0, r.run_id)):
+        config = run.tags.get("mlexp.config_hash")
+        if config is None:
+            continue
+        if config in first:
+            repeats[run.run_id] = first[config]
+        else:
+            first[config] = run.run_id
+    return repeats
+
+
 def run_table(records: list[RunRecord], histories: dict, group_by: list[str], experiments: dict[str, str]
               ) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, int]]:
     """Per-run quantities for every finished training run, the training runs left out (and why),
@@ -185,12 +201,19 @@ def run_table(records: list[RunRecord], histories: dict, group_by: list[str], ex
         else:
             training.append(run)
     usable = [run for run in training if run.status == FINISHED and (run.run_id in val_acc or "val/acc" in run.metrics)]
+    duplicate_of = duplicates(usable)
+    usable = [run for run in usable if run.run_id not in duplicate_of]
     check_group_by(usable, group_by)
     usable_ids = {run.run_id for run in usable}
     for run in training:
         experiment = experiments.get(run.experiment_id, run.experiment_id)
         if run.run_id in usable_ids:
             rows.append(run_row(run, val_acc.get(run.run_id, []), group_by, experiment))
+        elif run.run_id in duplicate_of:
+            excluded.append({"run_id": run.run_id, "run_name": run.run_name, "status": "DUPLICATE",
+                             "experiment": experiment, "reason": f"the same configuration as run "
+                             f"{duplicate_of[run.run_id]} (mlexp.config_hash {run.tags['mlexp.config_hash']}): "
+                             "counted once"})
         else:
             reason = f"status {run.status}" if run.status != FINISHED else "finished without a val/acc metric"
             excluded.append({"run_id": run.run_id, "run_name": run.run_name, "status": run.status,

@@ -185,6 +185,19 @@ def test_every_column_is_defined_under_its_table(store, tmp_path):
     assert (tmp_path / "out" / "groups.md").read_text() == render_summary(result, True)
 
 
+def test_a_configuration_trained_twice_counts_once_and_is_listed(sqlite_uri, tmp_path):
+    client = MlflowClient(sqlite_uri)
+    first = log_run(client, "dups", seed=1, val_acc=[0.5, 0.8], tags={"mlexp.config_hash": "aaaa"}, start_time=1000)
+    again = log_run(client, "dups", seed=1, val_acc=[0.5, 0.9], tags={"mlexp.config_hash": "aaaa"}, start_time=2000)
+    other = log_run(client, "dups", seed=2, val_acc=[0.5, 0.7], tags={"mlexp.config_hash": "bbbb"}, start_time=3000)
+    result = compare(client, ["dups"], out_dir=tmp_path / "out", plots=False)
+    assert set(result.runs["run_id"]) == {first, other}  # the first of the two trainings, and the other configuration
+    assert result.groups["runs"].tolist() == [2]
+    [duplicate] = result.excluded
+    assert duplicate["run_id"] == again and duplicate["status"] == "DUPLICATE" and first in duplicate["reason"]
+    assert "1 duplicate" in format_table(result) and again in format_table(result)
+
+
 def test_one_time_unit_per_column(sqlite_uri, tmp_path):
     client = MlflowClient(sqlite_uri)
     log_run(client, "units", val_acc=[0.5, 0.6, 0.7], epoch_time=100.0)  # 300 s in all: minutes
