@@ -113,6 +113,8 @@ def progress(client_or_uri: Any = None, experiments: list[str] | None = None, no
     if not runs:
         return f"No runs in progress in {', '.join(names.values())}."
     now = time.time() if now is None else now
+    sweeps = [run for run in runs if run.tags.get("mlexp.sweep") == "true"]
+    runs = [run for run in runs if run not in sweeps]
     rows = []
     for run in sorted(runs, key=lambda r: (names.get(r.experiment_id, ""), r.start_time or 0)):
         done = latest_step(histories, run.run_id, "val/acc", "train/loss")
@@ -130,7 +132,18 @@ def progress(client_or_uri: Any = None, experiments: list[str] | None = None, no
     lost = sum(row["state"] != "running" for row in rows)
     note = (f"\n\n{lost} lost run(s): their process stopped without ending them. `mlexp reap` marks them "
             "FAILED; `mlexp train --resume RUN_ID` continues one.") if lost else ""
-    return f"{len(rows)} run(s) in progress\n\n" + table(rows) + note
+    head = "".join(sweep_line(run, names) + "\n" for run in sweeps)
+    return head + f"{len(rows)} run(s) in progress" + ("\n\n" + table(rows) if rows else "") + note
+
+
+def sweep_line(run: RunRecord, names: dict[str, str]) -> str:
+    """A running sweep's counts, as its launcher last logged them on the parent run."""
+    counts = {what: int(run.metrics.get(f"sweep/{what}", 0)) for what in ("finished", "running", "failed", "remaining")}
+    size = run.tags.get("mlexp.sweep_size", "?")
+    name = run.run_name if run.run_name.startswith("sweep") else f"sweep {run.run_name}"
+    return (f"{name} ({run.run_id[:8]}, {names.get(run.experiment_id, run.experiment_id)}): "
+            f"{counts['finished']} of {size} done, {counts['running']} running, {counts['failed']} failed, "
+            f"{counts['remaining']} remaining")
 
 
 def summary(client_or_uri: Any = None, experiments: list[str] | None = None) -> str:

@@ -36,6 +36,21 @@ def test_progress_shows_epoch_of_total_val_acc_and_eta(sqlite_uri):
     assert "elsewhere" in progress(client)  # no experiment named: all of them
 
 
+def test_progress_shows_a_running_sweep_and_its_children(sqlite_uri):
+    client = MlflowClient(sqlite_uri)
+    now_ms = int(time.time() * 1000)
+    parent = client.create_run(client.create_experiment("grid"), run_name="sweep resnet18 (8 runs)",
+                               tags={"mlexp.sweep": "true", "mlexp.sweep_size": "8"}).info.run_id
+    for key, value in {"finished": 3, "running": 2, "failed": 1, "remaining": 2}.items():
+        client.log_metric(parent, f"sweep/{key}", value, step=4)
+    log_run(client, "grid", val_acc=[0.5], epochs=3, status="RUNNING", name="resnet18_scratch-full-s4",
+            heartbeat=now_ms, tags={"mlflow.parentRunId": parent})
+    text = progress(client, ["grid"])
+    assert f"sweep resnet18 (8 runs) ({parent[:8]}, grid): 3 of 8 done, 2 running, 1 failed, 2 remaining" \
+        in text
+    assert "1 run(s) in progress" in text and "resnet18_scratch-full-s4" in text
+
+
 def test_progress_and_summary_edge_cases(sqlite_uri):
     client = MlflowClient(sqlite_uri)
     log_run(client, "quiet", val_acc=[0.5])
