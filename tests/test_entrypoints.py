@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -82,14 +83,23 @@ def training_configs(uri: str, experiment: str) -> list[dict]:
 
 
 def test_every_training_entry_point_gives_the_cli_config(tmp_path):
-    outcomes: dict[str, dict[str, list[dict]]] = {}
-    exported: dict[str, list[str]] = {}
-    for launcher in LAUNCHERS:
+    def run_cases(launcher: str) -> tuple[dict[str, list[dict]], list[str]]:
         env, home = launcher_env(tmp_path, launcher)
+        configs = {}
         for case, (entry, params) in TRAINING_CASES.items():
             launch(launcher, entry, {**params, "experiment": case}, env, home)
-            outcomes.setdefault(case, {})[launcher] = training_configs(env["MLFLOW_TRACKING_URI"], case)
-        exported[launcher] = sorted(path.name for path in (home / "weights").iterdir())
+            configs[case] = training_configs(env["MLFLOW_TRACKING_URI"], case)
+        return configs, sorted(path.name for path in (home / "weights").iterdir())
+
+    # Two launchers at a time, each in its own folder and store, one thread per process: 2 cores.
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(LAUNCHERS, pool.map(run_cases, LAUNCHERS)))
+    outcomes: dict[str, dict[str, list[dict]]] = {}
+    exported: dict[str, list[str]] = {}
+    for launcher, (configs, weights) in results.items():
+        for case, found in configs.items():
+            outcomes.setdefault(case, {})[launcher] = found
+        exported[launcher] = weights
     for case, by_launcher in outcomes.items():
         reference = by_launcher["mlexp"]
         assert reference, f"{case}: no training run"
@@ -114,16 +124,19 @@ def test_compare_and_monitor_entry_points_give_the_cli_output(tmp_path):
     for seed, (pre, scr) in enumerate([(0.9, 0.8), (0.92, 0.79), (0.91, 0.82)], start=1):
         log_run(client, "grid", init="pretrained", seed=seed, val_acc=[0.5, pre])
         log_run(client, "grid", init="scratch", seed=seed, val_acc=[0.4, scr])
-    tables, summaries = {}, {}
-    for launcher in LAUNCHERS:
+    def run_both(launcher: str) -> tuple[str, str]:
         home = tmp_path / launcher.replace(" ", "-")
         home.mkdir()
         env = subprocess_env(uri)
         launch(launcher, "compare", {"experiment": "grid", "group_by": "backbone,init", "out": str(home / "cmp"),
                                      "log_run": "false"}, env, home)
-        tables[launcher] = (home / "cmp" / "groups.csv").read_text()
         done = launch(launcher, "monitor", {"summary": "true", "experiment": "grid"}, env, home)
-        summaries[launcher] = done.stdout
+        return (home / "cmp" / "groups.csv").read_text(), done.stdout
+
+    with ThreadPoolExecutor(2) as pool:  # they only read the shared store
+        results = dict(zip(LAUNCHERS, pool.map(run_both, LAUNCHERS)))
+    tables = {launcher: table for launcher, (table, _) in results.items()}
+    summaries = {launcher: summary for launcher, (_, summary) in results.items()}
     assert "pretrained" in tables["mlexp"] and "91.0%" in summaries["mlexp"]
     assert all(table == tables["mlexp"] for table in tables.values()), tables
     assert all(summary == summaries["mlexp"] for summary in summaries.values()), summaries

@@ -147,24 +147,32 @@ def test_ctrl_c_ends_children_killed_and_the_same_command_resumes_them_in_their_
         assert "mlexp: resuming run" in log.read_text()
 
 
-def test_bad_launch_options_are_one_line_exit_2_and_create_no_run(sqlite_uri, tmp_path):
-    env = subprocess_env(sqlite_uri)
-    closed_port = free_closed_port()
+def test_bad_launch_options_are_one_line_exit_2_and_create_no_run(sqlite_uri, capsys, monkeypatch):
     cases = {
         ("--parallel", "0"): "--parallel must be at least 1",
         ("--gpus-per-run", "3"): "--gpus-per-run 3: this machine has no GPU(s)",
-        ("--executor", "ray", "--ray-address", f"127.0.0.1:{closed_port}"): "cannot reach the Ray cluster",
+        ("--executor", "ray", "--ray-address", f"127.0.0.1:{free_closed_port()}"): "cannot reach the Ray cluster",
     }
     for extra, expected in cases.items():
-        done = run_mlexp([*FOUR, *extra], env, tmp_path)
-        assert done.returncode == 2 and expected in done.stderr, (extra, done.stderr)
-        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    # Ray not installed: that process cannot import it (as where `mlexp[ray]` was not installed)
-    no_ray = "import sys; sys.modules['ray'] = None; from mlexp.cli import main; main(sys.argv[1:])"
-    done = subprocess.run([sys.executable, "-c", no_ray, *FOUR, "--executor", "ray"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "pip install 'mlexp[ray]'" in done.stderr and done.stderr.count("\n") == 1
+        assert exit_status([*FOUR, *extra]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed: `import ray` fails, as without mlexp[ray]
+    assert exit_status([*FOUR, "--executor", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'mlexp[ray]'" in err and err.count("\n") == 1
     assert not runs_of(MlflowClient(sqlite_uri), "mlexp")
+
+
+def exit_status(args: list[str]) -> int:
+    """`mlexp ARGS` in this process (as the console script runs it): its exit status."""
+    from mlexp.cli import main
+
+    try:
+        main(args)
+    except SystemExit as done:
+        return done.code or 0
+    return 0
 
 
 def free_closed_port() -> int:
@@ -178,3 +186,28 @@ def free_closed_port() -> int:
 
 def logs_of(tmp_path: Path, parent_id: str) -> list[Path]:
     return sorted((tmp_path / "mlexp-output" / "sweeps" / parent_id).glob("*.log"))
+
+
+@pytest.mark.slow
+def test_retry_failed_trains_a_failed_configuration_again_in_its_own_run(server_uri, tmp_path, capsys):
+    from tests.helpers import write_pretrained_weights
+
+    weights = tmp_path / "weights" / "test_resnet.safetensors"  # not there yet: the configuration fails
+    args = ["sweep", "--backbones", "test_resnet", "--inits", "pretrained", "--weights", str(weights),
+            "--data", "digits", "--img-size", "16", "--epochs", "1", "--calibrate", "false", "--experiment", "retry"]
+    client = MlflowClient(server_uri)
+    assert exit_status(args) == 1  # the launcher in this process, its children in their own
+    assert "] FAILED test_resnet_pretrained-full-s42: " in capsys.readouterr().out
+    _, [child] = sweep_runs(client, "retry")
+    assert child.info.status == "FAILED" and str(weights) in child.data.tags["mlexp.error"]
+
+    assert exit_status(args) == 1  # a FAILED configuration is not retrained unless asked
+    again = capsys.readouterr().out
+    assert "`--retry-failed` trains it again" in again and " started " not in again
+
+    write_pretrained_weights(weights.parent, "test_resnet", "test_resnet")
+    assert exit_status([*args, "--retry-failed"]) == 0, capsys.readouterr()
+    parent, [after] = sweep_runs(client, "retry")
+    assert after.info.run_id == child.info.run_id and after.info.status == "FINISHED"  # the same run
+    assert "mlexp.error" not in after.data.tags and parent.info.status == "FINISHED"
+    assert len(runs_of(client, "retry")) == 2

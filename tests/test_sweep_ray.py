@@ -72,7 +72,7 @@ def test_ray_trains_the_grid_and_a_killed_worker_resumes_the_same_run(server_uri
 
     # A worker process SIGKILLed in the middle of its training: Ray runs its task again, which
     # takes the next claim attempt and resumes the same run from its last checkpoint.
-    launcher = subprocess.Popen([sys.executable, "-m", "mlexp", *GRID, "--seeds", "1,2", "--epochs", "20",
+    launcher = subprocess.Popen([sys.executable, "-m", "mlexp", *GRID, "--seeds", "1,2", "--epochs", "10",
                                  "--experiment", "ray-kill", *ray], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     victim = wait_for_epoch_2(tmp_path)
@@ -82,7 +82,7 @@ def test_ray_trains_the_grid_and_a_killed_worker_resumes_the_same_run(server_uri
     assert launcher.returncode == 0, output[-3000:]
     parent, children = sweep_runs(client, "ray-kill")
     assert len(children) == 2 and victim in {run.info.run_id for run in children}  # never a second run
-    assert_each_trained_once(client, children, epochs=20)  # one batch/loss point per step: no gap, no duplicate
+    assert_each_trained_once(client, children, epochs=10)  # one batch/loss point per step: no gap, no duplicate
     [killed] = [run for run in children if run.info.run_id == victim]
     attempts = [key for key in parent.data.params if key.startswith(f"{claims.CLAIM}.{killed.data.tags['mlexp.config_hash']}.")]
     assert len(attempts) == 2  # the first run of the task, and Ray's retry
