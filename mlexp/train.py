@@ -261,15 +261,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 def release_accelerator(accelerator: Accelerator) -> None:
-    """Let the next run in this process (a sweep's next child) choose its own precision/accumulation.
-
-    Accelerate's state is a process-wide singleton; the process group itself is kept.
-    """
-    from accelerate.state import AcceleratorState, GradientState
-
+    """The run's end for Accelerate (its trackers, if any). Its state is process-wide: one
+    process trains one run (a sweep starts a process per child), so it is not reset here."""
     accelerator.end_training()
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
 
 
 def make_loaders(data, cfg: TrainConfig, num_processes: int) -> tuple[DataLoader, DataLoader]:
