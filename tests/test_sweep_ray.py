@@ -70,9 +70,10 @@ def test_ray_trains_the_grid_and_a_killed_worker_resumes_the_same_run(server_uri
     assert_each_trained_once(client, children, epochs=1)
     assert "as Ray tasks on 1 node(s), up to 2 at a time, 1 CPU(s) each" in done.stdout
 
-    # A worker process SIGKILLed in the middle of its training: Ray runs its task again, which
+    # The same four configurations with 10 epochs each (one is too short to kill in the middle):
+    # a worker process SIGKILLed in the middle of its training. Ray runs its task again, which
     # takes the next claim attempt and resumes the same run from its last checkpoint.
-    launcher = subprocess.Popen([sys.executable, "-m", "mlexp", *GRID, "--seeds", "1,2", "--epochs", "10",
+    launcher = subprocess.Popen([sys.executable, "-m", "mlexp", *GRID, "--seeds", "1,2,3,4", "--epochs", "10",
                                  "--experiment", "ray-kill", *ray], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     victim = wait_for_epoch_2(tmp_path)
@@ -81,7 +82,7 @@ def test_ray_trains_the_grid_and_a_killed_worker_resumes_the_same_run(server_uri
     output = launcher.communicate(timeout=600)[0]
     assert launcher.returncode == 0, output[-3000:]
     parent, children = sweep_runs(client, "ray-kill")
-    assert len(children) == 2 and victim in {run.info.run_id for run in children}  # never a second run
+    assert len(children) == 4 and victim in {run.info.run_id for run in children}  # never a second run
     assert_each_trained_once(client, children, epochs=10)  # one batch/loss point per step: no gap, no duplicate
     [killed] = [run for run in children if run.info.run_id == victim]
     attempts = [key for key in parent.data.params if key.startswith(f"{claims.CLAIM}.{killed.data.tags['mlexp.config_hash']}.")]
