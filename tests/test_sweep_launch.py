@@ -31,12 +31,12 @@ def sweep_runs(client: MlflowClient, experiment: str) -> tuple[object, list]:
     return parents[0], [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
 
 
-def assert_each_trained_once(client: MlflowClient, children: list, epochs: int) -> None:
+def assert_each_trained_once(client: MlflowClient, children: list, epochs: int, batch: int = BATCH) -> None:
     """FINISHED, one configuration per child, one batch/loss point per step: no duplicate, no gap."""
     assert all(run.info.status == "FINISHED" for run in children), [r.data.tags.get("mlexp.error") for r in children]
     assert len({run.data.tags["mlexp.config_hash"] for run in children}) == len(children)
     for run in children:
-        assert steps(client, run.info.run_id, "batch/loss") == list(range(1, epochs * (DIGITS_TRAIN // BATCH) + 1))
+        assert steps(client, run.info.run_id, "batch/loss") == list(range(1, epochs * (DIGITS_TRAIN // batch) + 1))
 
 
 def most_at_once(children: list) -> int:
