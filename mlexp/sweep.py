@@ -29,7 +29,7 @@ from mlexp.sweep_plan import (PlanRow, display_name, expand_grid, format_plan, g
 from mlexp.sweep_progress import SweepProgress
 from mlexp.tracking import server
 
-POLL_S = 1.0  # how often the launcher looks at its children
+POLL_S = 0.25  # how often the launcher looks at its children (a poll is cheap: no server request)
 STATE_EVERY_S = 3.0  # how often it reads the grid's claims and runs from the server
 
 
