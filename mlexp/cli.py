@@ -161,9 +161,10 @@ def sweep_with(values: dict[str, Any], parent_run_id: str | None = None) -> None
         if not axes[name]:
             raise MlexpError(f"--{name} needs at least one value")
     seeds = [parse_value("seeds", int, seed) for seed in axes["seeds"]]
-    make_executor = executor_factory(launch)
-    gpus_per_run = parse_value("gpus_per_run", int, launch["gpus_per_run"]) if launch["gpus_per_run"] else 1
-    base = build_config(values, world_size=max(gpus_per_run, 1))
+    counts = {name: parse_value(name, int, launch[name]) if launch[name] else None
+              for name in ("parallel", "gpus_per_run", "cpus_per_run")}
+    make_executor = executor_factory(launch, counts)
+    base = build_config(values, world_size=max(counts["gpus_per_run"] or 1, 1))  # a child's DDP processes
     for strategy in axes["strategies"]:
         base.replace(strategy=strategy)  # validates the name
     # What each child gets: the training options as typed (the sweep's own run name is its parent's)
@@ -180,13 +181,9 @@ def sweep_with(values: dict[str, Any], parent_run_id: str | None = None) -> None
 LAUNCH_OPTIONS = ("parallel", "gpus_per_run", "cpus_per_run", "executor", "ray_address", "retry_failed")
 
 
-def executor_factory(launch: dict[str, str]):
-    """Parse the launch options now (a bad value fails before anything starts); the executor
+def executor_factory(launch: dict[str, str], counts: dict[str, int | None]):
+    """Check the launch options now (a bad value fails before anything starts); the executor
     itself is made once the plan is printed."""
-    from mlexp.config import parse_value
-
-    counts = {name: parse_value(name, int, launch[name]) if launch[name] else None
-              for name in ("parallel", "gpus_per_run", "cpus_per_run")}
     executor = launch["executor"] or "local"
     if executor not in ("local", "ray"):
         raise MlexpError(f"--executor must be local or ray, got {executor!r}")

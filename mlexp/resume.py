@@ -145,7 +145,9 @@ def find_resume_point(tracking_uri: str, run_id: str, offline: bool = False) -> 
     if status == "FINISHED" or (info is not None and info.status == "FINISHED"):
         raise MlexpError(f"run {run_id} already FINISHED; nothing to resume (start a new run instead"
                          + (", and `mlexp sync` to send what it left" if status != "FINISHED" else "") + ")")
-    config = _config(box, client, run_id)
+    config = read_started_config(tracking_uri, run_id, offline=False, box=box)
+    if config is None:
+        raise MlexpError(f"cannot resume run {run_id}: it has no config.json (it was not started by mlexp train)")
     download_dir = Path(tempfile.mkdtemp(prefix="mlexp-resume-"))
     try:
         local = _local_checkpoint(box, download_dir)
@@ -159,21 +161,15 @@ def find_resume_point(tracking_uri: str, run_id: str, offline: bool = False) -> 
                        tracking_uri, False, download_dir)
 
 
-def read_started_config(tracking_uri: str, run_id: str, offline: bool) -> TrainConfig | None:
-    """The effective config a run started training with (its config.json), None if it has not."""
-    box = Outbox.find(run_id)
+def read_started_config(tracking_uri: str, run_id: str, offline: bool,
+                        box: Outbox | None = None) -> TrainConfig | None:
+    """The effective config a run started training with (its config.json), None if it has not.
+    `box`: the run's outbox on this machine, when the caller has it (an offline run synced since)."""
+    box = box or Outbox.find(run_id)
     values = box.get("config") if box is not None else None
     if values is None and not offline:
         values = server.read_json_artifact(server.client_for(tracking_uri), run_id, "config.json")
     return TrainConfig.from_dict(values).replace(resume=None) if values is not None else None
-
-
-def started_before(tracking_uri: str, run_id: str, offline: bool) -> bool:
-    """Whether a run already started training (a created, untouched sweep child has not)."""
-    box = Outbox.find(run_id)
-    if box is not None and box.get("config") is not None:
-        return True
-    return not offline and server.artifact_exists(server.client_for(tracking_uri), run_id, "config.json")
 
 
 def _server_run_id(client, run_id: str, tracking_uri: str) -> str:
@@ -200,15 +196,6 @@ def _local_resume_point(box: Outbox, run_id: str) -> ResumePoint:
     local = _local_checkpoint(box, download_dir)
     return ResumePoint(run_id, TrainConfig.from_dict(config).replace(resume=None), local[0] if local else None,
                        local[1]["epoch"] if local else 0, None, True, download_dir)
-
-
-def _config(box: Outbox | None, client, run_id: str) -> TrainConfig:
-    values = box.get("config") if box is not None else None
-    if values is None:
-        values = server.read_json_artifact(client, run_id, "config.json")
-    if values is None:
-        raise MlexpError(f"cannot resume run {run_id}: it has no config.json (it was not started by mlexp train)")
-    return TrainConfig.from_dict(values).replace(resume=None)
 
 
 def _local_checkpoint(box: Outbox | None, target: Path) -> tuple[Path, dict] | None:

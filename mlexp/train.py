@@ -33,8 +33,7 @@ from mlexp.loop import EvalResult, TrainParts, evaluate, train_one_epoch
 from mlexp.optim import build_optimizer, build_scheduler
 from mlexp.recipes import apply_init_adjustments, format_init_comparison, format_training_plan
 from mlexp.records import History, training_info, epoch_metrics, epoch_record, step_metrics, write_csvs, write_json
-from mlexp.resume import (ResumePoint, find_resume_point, read_started_config, restore, save_epoch_checkpoints,
-                          started_before)
+from mlexp.resume import ResumePoint, find_resume_point, read_started_config, restore, save_epoch_checkpoints
 from mlexp.run_report import print_epoch, print_outcome, print_start, report_delivery
 from mlexp.weight_sources import WeightsFile, default_export_path, locate_weights
 
@@ -62,8 +61,9 @@ def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dic
     """
     tracking_uri = cfg.tracking_uri or tracking.default_tracking_uri()
     offline = tracking.offline_requested(cfg.offline)
-    if run_id and not cfg.resume and started_before(tracking_uri, run_id, offline):
-        check_same_configuration(cfg, spec, run_id, tracking_uri, offline)
+    started = read_started_config(tracking_uri, run_id, offline) if run_id and not cfg.resume else None
+    if started is not None:  # it trained before (and was killed): continue it, the same configuration only
+        check_same_configuration(cfg, spec, started, run_id)
         cfg = cfg.replace(resume=run_id)
     if cfg.resume and (delivered := deliver_finished_run(cfg.resume)) is not None:
         return delivered
@@ -122,12 +122,11 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
     return result
 
 
-def check_same_configuration(cfg: TrainConfig, spec: BackboneSpec | None, run_id: str, tracking_uri: str,
-                             offline: bool) -> None:
+def check_same_configuration(cfg: TrainConfig, spec: BackboneSpec | None, started: TrainConfig,
+                             run_id: str) -> None:
     """A run continues only the configuration it started with: never a different model."""
-    started = read_started_config(tracking_uri, run_id, offline)
     planned = apply_init_adjustments(cfg, spec or resolve_backbone(cfg.backbone, cfg.init))
-    if started is not None and config_hash(started) != config_hash(planned):
+    if config_hash(started) != config_hash(planned):
         raise MlexpError(f"run {run_id} was started with another configuration; it continues only with "
                          f"`mlexp train --resume {run_id}`")
 

@@ -49,15 +49,23 @@ def most_at_once(children: list) -> int:
     return most
 
 
-@pytest.mark.slow
-def test_parallel_2_trains_4_children_in_their_own_processes_at_most_2_at_once(server_uri, tmp_path):
-    done = run_mlexp([*FOUR, "--experiment", "parallel", "--parallel", "2"], subprocess_env(server_uri), tmp_path)
+def parallel_2_sweep(uri: str, seeds: str, experiment: str, folder: Path):
+    """`mlexp sweep --parallel 2` of one tiny epoch per seed against `uri`, checked: every child
+    FINISHED under one FINISHED parent, trained once, two at once. (output, parent, children)"""
+    done = run_mlexp([*GRID, "--seeds", seeds, "--epochs", "1", "--experiment", experiment, "--parallel", "2"],
+                     subprocess_env(uri), folder)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    client = MlflowClient(server_uri)
-    parent, children = sweep_runs(client, "parallel")
-    assert len(children) == 4 and parent.info.status == "FINISHED"
+    client = MlflowClient(uri)
+    parent, children = sweep_runs(client, experiment)
+    assert len(children) == len(seeds.split(",")) and parent.info.status == "FINISHED"
     assert_each_trained_once(client, children, epochs=1)
     assert most_at_once(children) == 2
+    return done, parent, children
+
+
+@pytest.mark.slow
+def test_parallel_2_trains_4_children_in_their_own_processes_at_most_2_at_once(server_uri, tmp_path):
+    done, parent, children = parallel_2_sweep(server_uri, "1,2,3,4", "parallel", tmp_path)
     assert "2 at a time on this machine, 1 CPU thread(s) each" in done.stdout
     assert done.stdout.count(" started ") == 4 and done.stdout.count("] FINISHED ") == 4
     # a log per child, holding its own command and its own run's outcome

@@ -14,8 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlexp.local_server import free_port, start_local_server, stop_local_server
-from tests.helpers import run_mlexp, subprocess_env
-from tests.test_sweep_launch import GRID, assert_each_trained_once, most_at_once, sweep_runs
+from tests.test_sweep_launch import parallel_2_sweep
 
 
 @pytest.fixture
@@ -57,14 +56,7 @@ def postgres_uri():
 def test_a_parallel_sweep_against_a_team_server_on_postgresql(postgres_uri, tmp_path):
     proc, uri = start_local_server(tmp_path / "server", backend=postgres_uri)
     try:
-        done = run_mlexp([*GRID, "--seeds", "1,2", "--epochs", "1", "--experiment", "team", "--parallel", "2"],
-                         subprocess_env(uri), tmp_path)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        client = MlflowClient(uri)
-        parent, children = sweep_runs(client, "team")
-        assert len(children) == 2 and parent.info.status == "FINISHED"
-        assert_each_trained_once(client, children, epochs=1)
-        assert most_at_once(children) == 2
-        assert client.get_experiment_by_name("team").artifact_location.startswith("mlflow-artifacts:")  # served
+        parallel_2_sweep(uri, "1,2", "team", tmp_path)
+        assert MlflowClient(uri).get_experiment_by_name("team").artifact_location.startswith("mlflow-artifacts:")  # served
     finally:
         stop_local_server(proc)
