@@ -216,9 +216,21 @@ def split_names(values) -> list[str]:
               help="Comma-separated: backbone (named as in the sweep summary: resnet18_scratch), arch "
                    "(resnet18: both inits), init, strategy, dataset, experiment, any param (lr, epochs, ...) "
                    "or tags.X / params.X. (default: backbone,strategy)")
+@click.option("--metric", "metric", default="", metavar="KEY",
+              help="What the paired comparisons compare: any metric key of the runs. (default: test/acc when "
+                   "the runs have a test split, else best/val_acc, which is optimistically biased)")
+@click.option("--equal-budget", "equal_budget", is_flag=False, flag_value="true", default="false", metavar="[BOOL]",
+              help="Compare each pair at the epoch its shorter run stopped (from the val/acc curves), when the "
+                   "two sides trained for different numbers of epochs. (default: false)")
+@click.option("--between-backbones", "between_backbones", is_flag=False, flag_value="true", default="false",
+              metavar="[BOOL]", help="Also compare the architectures with each other, per init and strategy, "
+                                     "paired on seed and fold. (default: false)")
+@click.option("--features", "features", is_flag=False, flag_value="true", default="false", metavar="[BOOL]",
+              help="Load each backbone's paired pretrained and scratch models and compare their representations "
+                   "layer by layer on the validation images (linear CKA heatmaps). (default: false)")
 @click.option("--out", "out", default="mlexp-compare", metavar="DIR",
-              help="Folder for groups.csv/.md, pairs.csv, runs.csv, compare.json and the plots. "
-                   "(default: mlexp-compare)")
+              help="Folder for report.md, groups.csv/.md, comparisons.csv, pairs.csv, runs.csv, compare.json, "
+                   "the plots and features/. (default: mlexp-compare)")
 @click.option("--log-run", "log_run", is_flag=False, flag_value="true", default="true", metavar="[BOOL]",
               help="Log the outputs to an MLflow run (under `mlflow run`: the project's run). (default: true)")
 @click.option("--compare-experiment", "compare_experiment", default="", metavar="NAME",
@@ -227,11 +239,16 @@ def split_names(values) -> list[str]:
 @click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
               help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
 def compare_command(**values: Any) -> None:
-    """Compare finished runs: per-group accuracy, time and cost; pretrained vs scratch, paired.
+    """Compare finished runs: does pretraining help, which strategy wins, at what cost.
+
+    Pairs runs on seed and fold, reports each difference with a 95% bootstrap interval, a
+    permutation p-value (Holm-adjusted) and P(A beats B), and answers the research questions
+    in words in report.md.
 
     \b
     Examples:
       mlexp compare --experiment digits-sweep
+      mlexp compare --experiment digits-sweep --features --metric test/acc
       mlexp compare --experiment a b --group-by arch init --out report/
       mlexp compare --experiment digits-sweep --filter "params.epochs = '10'" --group-by strategy,lr
     """
@@ -247,7 +264,10 @@ def compare_with(values: dict[str, Any], run_id: str | None = None) -> None:
     result = run_compare(values["tracking_uri"] or None, split_names(values["experiment"]) or ["mlexp"],
                          values["filter"] or None, split_names([values["group_by"]]) or None, Path(out),
                          compare_experiment=values["compare_experiment"] or None,
-                         log_run=parse_value("log_run", bool, values["log_run"] or "true"), run_id=run_id)
+                         log_run=parse_value("log_run", bool, values["log_run"] or "true"), run_id=run_id,
+                         metric=values["metric"] or None,
+                         **{name: parse_value(name, bool, values[name] or "false")
+                            for name in ("equal_budget", "between_backbones", "features")})
     click.echo(format_table(result))
     click.echo(f"Wrote {len(result.files)} files to {out}/"
                + (f"; logged to MLflow run {result.run_id}" if result.run_id else ""))

@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mlexp import stats
 from mlexp.compare_report import log_compare_run
+from mlexp.comparisons import Metric, choose_metric, comparisons
 from mlexp.errors import MlexpError
 from mlexp.mlflow_internals import Reader
 from mlexp.query import FINISHED, RunRecord, fetch_runs, mlflow_client, resolve_experiments
@@ -42,7 +44,7 @@ TAG_ALIASES = {"arch": "mlexp.backbone", "init": "mlexp.init", "strategy": "mlex
 TRAINING_TAGS = ("mlexp.backbone", "mlexp.init", "mlexp.strategy", "mlexp.sweep_id", "mlexp.config_hash")
 TRAINING_METRIC_PREFIXES = ("train/", "val/", "epoch/", "best/")
 CURVE_KEYS = ("val/acc", "val/loss")
-PAIR_KEYS = ["dataset", "strategy", "seed", "fold"]  # what must match for a pretrained/scratch pair
+PAIR_FIELDS = ("arch", "init", "dataset", "strategy")  # kept per run (as _arch, ...) to match pairs on
 CONVERGENCE_FRACTION = 0.95
 EARLY_EPOCHS = 5
 # Per-run quantities aggregated per group (mean and std of each).
@@ -59,10 +61,14 @@ class CompareResult:
     runs: pd.DataFrame                     # one row per finished training run
     groups: pd.DataFrame                   # one row per group: runs, <metric>_mean, <metric>_std
     pairs: pd.DataFrame                    # one row per matched pretrained/scratch pair
-    pair_summary: pd.DataFrame             # per backbone (strategy "all") and per backbone x strategy
+    comparisons: pd.DataFrame              # every paired comparison (mlexp.comparisons), Holm-adjusted
+    metric: Metric                         # what the comparisons compare
     excluded: list[dict[str, Any]]         # training runs left out of the statistics, and why
     ignored: dict[str, int] = field(default_factory=dict)  # kind -> count of runs that are not training runs
-    curves: dict[str, pd.DataFrame] = field(default_factory=dict)  # key -> epoch x group mean
+    curves: dict[str, pd.DataFrame] = field(default_factory=dict)  # key -> group, epoch, n, mean, low, high
+    diff_curves: pd.DataFrame = field(default_factory=pd.DataFrame)  # backbone, epoch, n, mean, low, high
+    equal_budget: bool = False
+    features: list = field(default_factory=list)   # mlexp.features.FeatureComparison per backbone
     files: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None              # the MLflow run the outputs were logged to
@@ -71,8 +77,14 @@ class CompareResult:
 
 def compare(client_or_uri: Any, experiments: list[str], filter_string: str | None = None,
             group_by: list[str] | None = None, out_dir: Path | str = "mlexp-compare",
-            plots: bool = True) -> CompareResult:
-    """Query the runs of `experiments`, compute the statistics, write tables and plots to out_dir."""
+            plots: bool = True, *, metric: str | None = None, equal_budget: bool = False,
+            between_backbones: bool = False, features: bool = False) -> CompareResult:
+    """Query the runs of `experiments`, compute the statistics, write tables and plots to out_dir.
+
+    metric: what the comparisons compare (default: test/acc when the runs have it, else
+    best/val_acc); equal_budget: compare each pair at the epoch the shorter run stopped;
+    between_backbones: also compare architectures with each other; features: load the paired
+    pretrained and scratch models and compare their representations (CKA, mlexp.features)."""
     from mlexp.compare_report import warm_up, write_outputs
 
     started = time.perf_counter()
@@ -89,10 +101,19 @@ def compare(client_or_uri: Any, experiments: list[str], filter_string: str | Non
                                     wants_history=lambda run: run.status == FINISHED, reader=reader)
     fetched = time.perf_counter()
     runs, excluded, ignored = run_table(records, histories, group_by, names)
-    result = CompareResult(names, filter_string, group_by, runs, group_table(runs, group_by),
-                           *paired_differences(runs), excluded=excluded, ignored=ignored)
+    available = {key for run in records if run.run_id in set(runs["run_id"]) for key in run.metrics}
+    chosen = choose_metric(runs, metric, available | ({"best/val_acc"} if not runs.empty else set()))
+    runs["value"] = metric_values(runs, records, chosen)
+    table, pairs = comparisons(runs, chosen, equal_budget=equal_budget, between_backbones=between_backbones)
+    result = CompareResult(names, filter_string, group_by, runs, group_table(runs, group_by), pairs, table,
+                           chosen, excluded=excluded, ignored=ignored, equal_budget=equal_budget)
     result.reads = {"taken": dict(reader.taken), "fallbacks": list(reader.fallbacks)}
-    result.curves = {key: mean_curves(runs, histories[key], group_by) for key in CURVE_KEYS}
+    result.curves = {key: banded_curves(runs, histories[key], group_by) for key in CURVE_KEYS}
+    result.diff_curves = difference_curves(runs, histories["val/acc"])
+    if features:
+        from mlexp.features import compare_features
+
+        result.features = compare_features(client, runs, Path(out_dir))
     computed = time.perf_counter()
     if plots:
         warming.join()
@@ -220,9 +241,10 @@ def run_table(records: list[RunRecord], histories: dict, group_by: list[str], ex
                              "experiment": experiment, "reason": reason})
     runs = pd.DataFrame(rows)
     if runs.empty:
-        return pd.DataFrame(columns=["run_id", *group_by, *RUN_METRICS]), excluded, ignored
+        columns = ["run_id", *group_by, *(f"_{name}" for name in PAIR_FIELDS), "seed", "fold", *RUN_METRICS]
+        return pd.DataFrame(columns=[*columns, "_val_acc_points"]), excluded, ignored
     runs["epochs_to_95"] = epochs_to_reach(runs, group_by)
-    return runs.drop(columns=["_val_acc_points"]), excluded, ignored
+    return runs, excluded, ignored
 
 
 def run_row(run: RunRecord, points: list[tuple[int, float]], group_by: list[str], experiment: str) -> dict:
@@ -237,7 +259,7 @@ def run_row(run: RunRecord, points: list[tuple[int, float]], group_by: list[str]
     return {
         "run_id": run.run_id, "run_name": run.run_name, "experiment": experiment,
         **{name: experiment if name == "experiment" else field_value(run, name) or "-" for name in group_by},
-        **{f"_{name}": field_value(run, name) or "-" for name in ("arch", "init", "dataset", "strategy")},
+        **{f"_{name}": field_value(run, name) or "-" for name in PAIR_FIELDS},
         "seed": run.param("seed") or "-", "fold": run.param("fold") or "-",
         "best_val_acc": m.get("best/val_acc", max((v for _, v in points), default=final_val)),
         "final_val_acc": final_val, "final_train_acc": final_train, "overfit_gap": final_train - final_val,
@@ -262,100 +284,92 @@ def epochs_to_reach(runs: pd.DataFrame, group_by: list[str]) -> pd.Series:
 
 
 # --- per group ---------------------------------------------------------------------------------------
+METRIC_SUMMARY = ["n", "mean", "std", "ci_low", "ci_high", "median", "iqm"]
+
+
+def metric_values(runs: pd.DataFrame, records: list[RunRecord], metric: Metric) -> pd.Series:
+    """Each run's value of the compared metric (NaN where a run lacks it)."""
+    if metric.key == "best/val_acc":
+        return runs["best_val_acc"].astype(float)
+    latest = {run.run_id: run.metrics.get(metric.key, math.nan) for run in records}
+    return pd.Series([latest.get(run_id, math.nan) for run_id in runs["run_id"]], index=runs.index, dtype=float)
+
+
 def group_table(runs: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
-    """runs, and the mean and sample std (ddof=1; NaN for one run) of every per-run quantity."""
+    """runs, the mean and sample std (ddof=1; NaN for one run) of every per-run quantity, and
+    the compared metric's n, mean, std, 95% bootstrap interval, median and IQM (metric_*)."""
     columns = ["runs"] + [f"{m}_{s}" for m in RUN_METRICS for s in ("mean", "std")]
     if runs.empty:
-        return pd.DataFrame(columns=[*group_by, *columns])
+        return pd.DataFrame(columns=[*group_by, *columns, *(f"metric_{name}" for name in METRIC_SUMMARY)])
     grouped = runs.groupby(group_by, dropna=False, sort=True)
-    stats = grouped[RUN_METRICS].agg(["mean", "std"])
-    stats.columns = [f"{metric}_{stat}" for metric, stat in stats.columns]
-    stats.insert(0, "runs", grouped.size())
-    return stats.reset_index()
+    table = grouped[RUN_METRICS].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table.insert(0, "runs", grouped.size())
+    summaries = grouped["value"].apply(lambda values: pd.Series(stats.describe(values).__dict__)).unstack()
+    table = table.join(summaries[METRIC_SUMMARY].add_prefix("metric_"))
+    return table.reset_index()
 
 
 def group_label(row: pd.Series | dict, group_by: list[str]) -> str:
     return "/".join(str(row[name]) for name in group_by)
 
 
-def mean_curves(runs: pd.DataFrame, points_by_run: dict, group_by: list[str]) -> pd.DataFrame:
-    """epoch x group: the mean over the group's runs of a per-epoch metric."""
+def band(values: np.ndarray) -> tuple[int, float, float, float]:
+    """n, mean and a 95% t interval of one epoch's values (the curves' band; NaN below 2 runs).
+    A t band, not a bootstrap one: it is drawn per epoch and group, thousands of times on big sweeps."""
+    from scipy.stats import t as student
+
+    n = len(values)
+    mean = float(values.mean()) if n else math.nan
+    if n < 2:
+        return n, mean, math.nan, math.nan
+    half = float(student.ppf(0.975, n - 1)) * float(values.std(ddof=1)) / math.sqrt(n)
+    return n, mean, mean - half, mean + half
+
+
+def banded_curves(runs: pd.DataFrame, points_by_run: dict, group_by: list[str]) -> pd.DataFrame:
+    """group, epoch, n, mean, low, high: a per-epoch metric over each group's runs."""
+    columns = ["group", "epoch", "n", "mean", "low", "high"]
     if runs.empty:
-        return pd.DataFrame()
+        return pd.DataFrame(columns=columns)
     labels = {run_id: group_label(row, group_by) for run_id, row in zip(runs["run_id"], runs.to_dict("records"))}
     long = [(labels[run_id], step, value) for run_id, points in points_by_run.items() if run_id in labels
             for step, value in points]
     if not long:
-        return pd.DataFrame()
+        return pd.DataFrame(columns=columns)
     frame = pd.DataFrame(long, columns=["group", "epoch", "value"])
-    return frame.groupby(["epoch", "group"])["value"].mean().unstack("group").sort_index()
+    rows = [(group, epoch, *band(values.to_numpy(dtype=float)))
+            for (group, epoch), values in frame.groupby(["group", "epoch"], sort=True)["value"]]
+    return pd.DataFrame(rows, columns=columns)
 
 
-# --- pretrained minus scratch, paired -------------------------------------------------------------------
-def t_interval(differences: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """(low, high, two-sided p) of a paired t-test on the differences; NaN with fewer than 2 pairs."""
-    from scipy.special import stdtr, stdtrit
+def difference_curves(runs: pd.DataFrame, val_acc: dict) -> pd.DataFrame:
+    """backbone, epoch, n, mean, low, high: pretrained minus scratch val/acc per epoch, over the
+    pairs matched on dataset, strategy, seed and fold."""
+    from mlexp.comparisons import MATCH, pair_up
 
-    n = len(differences)
-    if n < 2:
-        return math.nan, math.nan, math.nan
-    mean, sd = float(np.mean(differences)), float(np.std(differences, ddof=1))
-    if sd == 0.0:
-        return mean, mean, (1.0 if mean == 0.0 else 0.0)
-    se = sd / math.sqrt(n)
-    half = float(stdtrit(n - 1, 0.5 + level / 2)) * se
-    return mean - half, mean + half, float(2 * stdtr(n - 1, -abs(mean) / se))
-
-
-def paired_differences(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Pretrained-minus-scratch best val acc per backbone, matched on dataset, strategy, seed and fold.
-
-    Duplicate runs of the same configuration are averaged first, so each pair counts once.
-    """
-    pair_columns = ["backbone", *PAIR_KEYS, "pretrained_run_id", "scratch_run_id", "pretrained_best_val_acc",
-                    "scratch_best_val_acc", "diff_best_val_acc", "pretrained_time_s", "scratch_time_s"]
-    if runs.empty:
-        return pd.DataFrame(columns=pair_columns), pd.DataFrame()
-    frame = runs.rename(columns={"_arch": "pair_backbone", "_init": "pair_init"})
-    frame = frame.assign(**{key: runs[f"_{key}"] for key in ("dataset", "strategy")})
-    keys = ["pair_backbone", *PAIR_KEYS]
-    sides = {}
-    for init in ("pretrained", "scratch"):
-        side = frame[frame["pair_init"] == init].groupby(keys, sort=True).agg(
-            run_id=("run_id", "first"), best=("best_val_acc", "mean"), time=("total_time_s", "mean"))
-        sides[init] = side.add_prefix(f"{init}_")
-    pairs = sides["pretrained"].join(sides["scratch"], how="inner").reset_index()
-    pairs = pairs.rename(columns={"pair_backbone": "backbone", "pretrained_best": "pretrained_best_val_acc",
-                                  "scratch_best": "scratch_best_val_acc", "pretrained_time": "pretrained_time_s",
-                                  "scratch_time": "scratch_time_s"})
-    pairs["diff_best_val_acc"] = pairs["pretrained_best_val_acc"] - pairs["scratch_best_val_acc"]
-    pairs = pairs[pair_columns]
-    summary = []
-    for backbone, per_backbone in pairs.groupby("backbone", sort=True):
-        strategies = sorted(per_backbone["strategy"].unique())
-        subsets = [("all", per_backbone)] + ([(s, per_backbone[per_backbone["strategy"] == s]) for s in strategies]
-                                             if len(strategies) > 1 else [])
-        for strategy, subset in subsets:
-            diffs = subset["diff_best_val_acc"].to_numpy(dtype=float)
-            low, high, p_value = t_interval(diffs)
-            summary.append({
-                "backbone": backbone, "strategy": strategy if len(strategies) > 1 else strategies[0],
-                "n_pairs": len(diffs), "pretrained_mean": subset["pretrained_best_val_acc"].mean(),
-                "scratch_mean": subset["scratch_best_val_acc"].mean(), "mean_diff": float(diffs.mean()),
-                "std_diff": float(diffs.std(ddof=1)) if len(diffs) > 1 else math.nan,
-                "ci95_low": low, "ci95_high": high, "p_value": p_value,
-                "time_diff_s": float((subset["pretrained_time_s"] - subset["scratch_time_s"]).mean()),
-            })
-    return pairs.reset_index(drop=True), pd.DataFrame(summary)
+    columns = ["backbone", "epoch", "n", "mean", "low", "high"]
+    rows = []
+    for arch, mine in runs.groupby("_arch", sort=True):
+        pairs = pair_up(mine, "_init", "pretrained", "scratch", ["_strategy", *MATCH])
+        by_epoch: dict[int, list[float]] = {}
+        for run_a, run_b in zip(pairs["run_id_a"], pairs["run_id_b"]):
+            scratch = dict(val_acc.get(run_b, []))
+            for epoch, value in val_acc.get(run_a, []):
+                if epoch in scratch:
+                    by_epoch.setdefault(epoch, []).append(value - scratch[epoch])
+        rows += [(arch, epoch, *band(np.array(values))) for epoch, values in sorted(by_epoch.items())]
+    return pd.DataFrame(rows, columns=columns)
 
 
 # --- the command -------------------------------------------------------------------------------------
 def run_compare(tracking_uri: str | None, experiments: list[str], filter_string: str | None = None,
                 group_by: list[str] | None = None, out_dir: Path | str = "mlexp-compare", *,
-                compare_experiment: str | None = None, log_run: bool = True, run_id: str | None = None
-                ) -> CompareResult:
+                compare_experiment: str | None = None, log_run: bool = True, run_id: str | None = None,
+                **options: Any) -> CompareResult:
     """`mlexp compare`: compare, then log the outputs to an MLflow run.
 
+    `options`: compare()'s metric, equal_budget, between_backbones and features.
     `run_id`: an existing run to log into (under `mlflow run`, the project's run, left for
     `mlflow run` to end); otherwise a new run named after what it compares ("compare digits
     by backbone,strategy") in `compare_experiment`, by default "<experiment>-compare": next
@@ -366,7 +380,7 @@ def run_compare(tracking_uri: str | None, experiments: list[str], filter_string:
     uri = tracking_uri or default_tracking_uri()
     check_reachable(uri)
     client = mlflow_client(uri)
-    result = compare(client, experiments, filter_string, group_by, out_dir)
+    result = compare(client, experiments, filter_string, group_by, out_dir, **options)
     if log_run:
         default_experiment, run_name = compare_run_place(result)
         result.run_id = log_compare_run(uri, result, Path(out_dir), compare_experiment or default_experiment, run_name,

@@ -35,8 +35,15 @@ DEFINITIONS = {
     "epochs_to_95": "first epoch whose val/acc reaches 95% of the best val acc in the run's group "
                     "(mean over the runs that reach it)",
     "gain_5": "val/acc at epoch min(5, last) minus val/acc at the first epoch logged",
-    "pairs": "pretrained and scratch runs of one arch matched on dataset, strategy, seed and fold; "
-             "mean_diff = mean of (pretrained - scratch) best_val_acc, 95% CI from the t distribution",
+    "pairs": "pretrained and scratch runs of one arch matched on dataset, strategy, seed and fold",
+    "comparisons": "one row per paired comparison (kind init, strategy, backbone, interaction, time, "
+                   "convergence): mean_diff = mean of A - B over matched pairs; ci_low/ci_high: 95% studentized "
+                   "bootstrap interval (none below 3 pairs or with zero spread); p_value: sign-flip permutation "
+                   "test (exact up to 16 pairs); p_holm: Holm-adjusted over the whole report; win_prob: share "
+                   "of pairs A wins (ties half) with a Wilson interval; detectable: smallest difference "
+                   "detectable at 80% power (n < 5)",
+    "metric_*": "the compared metric per group: n, mean, std, 95% bootstrap interval, median, "
+                "interquartile mean (n >= 4)",
     "std": "sample standard deviation (ddof=1); empty for a single run",
 }
 # What each column of the printed tables means (a time column's header adds its unit).
@@ -61,29 +68,55 @@ COLUMN_NOTES = {
                  "percentage points (early learning speed)",
     "±": "sample standard deviation over the group's runs (none for a single run)",
 }
-PAIR_NOTES = {
-    "backbone": "architecture whose pretrained and scratch runs are paired",
-    "strategy": "fine-tuning strategy of the pairs (all: every strategy together)",
-    "pairs": "pretrained/scratch run pairs matched on dataset, strategy, seed and fold",
-    "pretrained %": "best val acc of the paired pretrained runs, mean",
-    "scratch %": "best val acc of the paired scratch runs, mean",
-    "diff pp": "pretrained minus scratch best val acc, mean over the pairs, in percentage points",
-    "95% CI pp": "95% confidence interval of diff pp (paired t distribution)",
-    "p": "two-sided p-value of the paired t-test (no difference)",
-    "time diff": "pretrained minus scratch total training time, mean over the pairs",
+COMPARISON_NOTES = {
+    "backbone": "architecture (pretrained and scratch runs together)",
+    "init": "initial weights of both sides",
+    "strategy": "fine-tuning strategy of both sides (all: every strategy, matched on it)",
+    "A - B": "what is compared: A minus B",
+    "n": "matched pairs (same dataset, seed and fold; same strategy or init where those are not compared)",
+    "A": "mean of A over the pairs",
+    "B": "mean of B over the pairs",
+    "diff": "mean of A - B over the pairs",
+    "95% CI": "95% studentized bootstrap interval of diff (none below 3 pairs or when every pair differs "
+              "by the same amount)",
+    "P(A>B)": "share of pairs A wins (ties half), with its 95% Wilson interval",
+    "p (Holm)": "sign-flip permutation p-value of diff = 0 (exact up to 16 pairs), Holm-adjusted over every "
+                "comparison of the report",
+    "note": "what limits the row: too few pairs, unequal epoch budgets, the level reached",
+}
+METRIC_NOTES = {
+    "n": "runs with the metric",
+    "mean ± std": "mean and sample standard deviation over the group's runs",
+    "95% CI": "95% studentized bootstrap interval of the mean (none below 3 runs or with zero spread)",
+    "median": "median over the runs",
+    "IQM": "interquartile mean: mean of the middle 50% of runs (from 4 runs; robust to one diverged seed)",
+}
+KIND_TITLES = {
+    "init": "Pretrained minus scratch, {metric}",
+    "interaction": "Does pretraining help some backbones more? Gain of A minus gain of B, {metric}",
+    "strategy": "Strategy A minus strategy B, {metric}",
+    "backbone": "Backbone A minus backbone B, {metric}",
+    "time": "Training time, pretrained minus scratch",
+    "convergence": "Convergence, pretrained minus scratch: epochs to reach a level of val acc",
 }
 
 
 def write_outputs(result: CompareResult, out_dir: Path, plots: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [out_dir / name for name in ("groups.csv", "pairs.csv", "runs.csv", "groups.md", "compare.json")]
+    from mlexp.compare_answers import report_markdown
+
+    names = ("groups.csv", "pairs.csv", "comparisons.csv", "runs.csv", "groups.md", "compare.json", "report.md")
+    files = [out_dir / name for name in names]
     result.groups.to_csv(files[0], index=False)
-    result.pairs.to_csv(files[1], index=False)
-    result.runs.drop(columns=[c for c in result.runs.columns if c.startswith("_")]).to_csv(files[2], index=False)
-    files[3].write_text(render_summary(result, markdown=True))
-    files[4].write_text(json.dumps(summary_json(result), indent=2, allow_nan=False))
+    result.pairs.drop(columns=["points_a", "points_b"], errors="ignore").to_csv(files[1], index=False)
+    result.comparisons.to_csv(files[2], index=False)
+    result.runs.drop(columns=[c for c in result.runs.columns if c.startswith("_")]).to_csv(files[3], index=False)
+    files[4].write_text(render_summary(result, markdown=True))
+    files[5].write_text(json.dumps(summary_json(result), indent=2, allow_nan=False))
+    files[6].write_text(report_markdown(result))
     if plots and not result.groups.empty:
         files += plot_all(result, out_dir)
+    files += [path for feature in result.features for path in feature.files]
     return files
 
 
@@ -95,7 +128,10 @@ def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 def summary_json(result: CompareResult) -> dict[str, Any]:
     return {"experiments": result.experiments, "filter": result.filter_string, "group_by": result.group_by,
             "n_runs": len(result.runs), "groups": records(result.groups),
-            "pair_summary": records(result.pair_summary), "pairs": records(result.pairs),
+            "metric": result.metric.key, "equal_budget": result.equal_budget,
+            "comparisons": records(result.comparisons),
+            "pairs": records(result.pairs.drop(columns=["points_a", "points_b"], errors="ignore")),
+            "features": [feature.summary() for feature in result.features],
             "excluded": result.excluded, "not_training_runs": result.ignored, "mlflow_reads": result.reads,
             "definitions": DEFINITIONS}
 
@@ -148,15 +184,63 @@ def group_rows(result: CompareResult) -> list[dict[str, str]]:
     return rows
 
 
-def pair_rows(result: CompareResult) -> list[dict[str, str]]:
-    unit, size = time_unit(result.pair_summary["time_diff_s"])
+def metric_rows(result: CompareResult) -> list[dict[str, str]]:
+    """The compared metric per group: n, mean ± std, interval, median, IQM."""
+    show = value_format(result, "init")
     rows = []
-    for p in result.pair_summary.to_dict("records"):
-        ci = "-" if math.isnan(p["ci95_low"]) else f"[{100 * p['ci95_low']:+.1f}, {100 * p['ci95_high']:+.1f}]"
-        rows.append({"backbone": p["backbone"], "strategy": p["strategy"], "pairs": str(p["n_pairs"]),
-                     "pretrained %": pct(p["pretrained_mean"]), "scratch %": pct(p["scratch_mean"]),
-                     "diff pp": f"{100 * p['mean_diff']:+.1f}", "95% CI pp": ci,
-                     "p": number(p["p_value"], 3), f"time diff ({unit})": in_unit(p["time_diff_s"], size, "+")})
+    for g in result.groups.to_dict("records"):
+        ci = ("-" if pd.isna(g["metric_ci_low"])
+              else f"[{show(g['metric_ci_low'])}, {show(g['metric_ci_high'])}]")
+        spread = "" if pd.isna(g["metric_std"]) else f" ± {show(g['metric_std'])}"
+        rows.append({**{name: str(g[name]) for name in result.group_by}, "n": str(int(g["metric_n"])),
+                     "mean ± std": show(g["metric_mean"]) + spread, "95% CI": ci,
+                     "median": show(g["metric_median"]), "IQM": show(g["metric_iqm"])})
+    return rows
+
+
+def value_format(result: CompareResult, kind: str, signed: bool = False):
+    """How a kind's values print: the metric in % (pp for differences) if it is a fraction,
+    times in the unit of the time rows, epochs with one decimal."""
+    sign = "+" if signed else ""
+    if kind == "time":
+        unit, size = time_unit(result.comparisons.loc[result.comparisons["kind"] == "time", "a_mean"])
+        return lambda v: "-" if pd.isna(v) else f"{v / size:{sign}.1f}"
+    if kind == "convergence" or not result.metric.is_fraction:
+        digits = 1 if kind == "convergence" else 3
+        return lambda v: "-" if pd.isna(v) else f"{v:{sign}.{digits}f}"
+    return lambda v: "-" if pd.isna(v) else f"{100 * v:{sign}.1f}"
+
+
+def value_unit(result: CompareResult, kind: str) -> str:
+    if kind == "time":
+        return time_unit(result.comparisons.loc[result.comparisons["kind"] == "time", "a_mean"])[0]
+    if kind == "convergence":
+        return "epochs"
+    return "%" if result.metric.is_fraction else ""
+
+
+def p_text(p: float) -> str:
+    return "-" if pd.isna(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def comparison_rows(result: CompareResult, kind: str) -> list[dict[str, str]]:
+    show, diff = value_format(result, kind), value_format(result, kind, signed=True)
+    unit = value_unit(result, kind)
+    diff_unit = "pp" if unit == "%" else unit
+    rows = []
+    for c in result.comparisons[result.comparisons["kind"] == kind].to_dict("records"):
+        ci = (f"[{diff(c['ci_low'])}, {diff(c['ci_high'])}]" if not pd.isna(c["ci_low"])
+              else ("no spread" if c["n"] >= 3 else "n too small"))
+        win = "-" if pd.isna(c["win_prob"]) else f"{c['win_prob']:.2f} [{c['win_low']:.2f}, {c['win_high']:.2f}]"
+        scope = {"backbone": c["backbone"]} if kind not in ("interaction", "backbone") else {}
+        if kind in ("strategy", "backbone"):
+            scope["init"] = c["init"]
+        if kind in ("init", "backbone"):
+            scope["strategy"] = c["strategy"]
+        rows.append({**scope, "A - B": f"{c['a']} - {c['b']}", "n": str(c["n"]), f"A ({unit})": show(c["a_mean"]),
+                     f"B ({unit})": show(c["b_mean"]), f"diff ({diff_unit})": diff(c["mean_diff"]),
+                     f"95% CI ({diff_unit})": ci, "P(A>B)": win, "p (Holm)": p_text(c["p_holm"]),
+                     "note": c["note"] or "-"})
     return rows
 
 
@@ -173,7 +257,8 @@ def table(rows: list[dict[str, str]], markdown: bool) -> str:
 
 def legend(rows: list[dict[str, str]], notes: dict[str, str], markdown: bool) -> str:
     """What each column of the table means: one line per column that has a note, and ± if used."""
-    entries = [(column, notes[column.split(" (")[0]]) for column in rows[0] if column.split(" (")[0] in notes]
+    entries = [(column, notes[base]) for column in rows[0]
+               if (base := column if column in notes else column.split(" (")[0]) in notes]
     if "±" in notes and any(" ± " in value for row in rows for value in row.values()):
         entries.append(("±", notes["±"]))
     if markdown:
@@ -193,12 +278,21 @@ def render_summary(result: CompareResult, markdown: bool) -> str:
     else:
         rows = group_rows(result)
         parts += [table(rows, markdown), legend(rows, COLUMN_NOTES, markdown)]
-    parts.append(heading("Pretrained minus scratch, best val acc (paired on dataset, strategy, seed, fold)"))
-    if result.pair_summary.empty:
-        parts.append("No backbone has both pretrained and scratch runs with matching strategy, seed and fold.")
+    if not result.groups.empty:
+        rows = metric_rows(result)
+        parts += [heading(f"{result.metric.key} per group"), table(rows, markdown), legend(rows, METRIC_NOTES, markdown)]
+        if result.metric.biased_note:
+            parts.append(f"Note: {result.metric.biased_note}")
+    for kind, title in KIND_TITLES.items():
+        rows = comparison_rows(result, kind)
+        if rows:
+            parts += [heading(title.format(metric=result.metric.key)), table(rows, markdown)]
+    if result.comparisons.empty:
+        parts.append("No paired comparison: no backbone has both pretrained and scratch runs, and no backbone and "
+                     "init has two strategies, with matching dataset, seed and fold.")
     else:
-        rows = pair_rows(result)
-        parts += [table(rows, markdown), legend(rows, PAIR_NOTES, markdown)]
+        columns = {column: "" for kind in KIND_TITLES for row in comparison_rows(result, kind)[:1] for column in row}
+        parts.append(legend([columns], COMPARISON_NOTES, markdown))
     if result.excluded:
         parts += excluded_section(result, heading, markdown)
     if result.ignored:
@@ -236,13 +330,16 @@ def log_compare_run(tracking_uri: str, result: CompareResult, out_dir: Path, exp
         metrics = {"runs": len(result.runs), "groups": len(result.groups), "excluded": len(result.excluded),
                    "running": statuses.count("RUNNING"), "failed": statuses.count("FAILED"),
                    "not_training": sum(result.ignored.values())}
-        if not result.pair_summary.empty:  # each backbone's first row is over all its strategies
-            for row in result.pair_summary.drop_duplicates("backbone").to_dict("records"):
-                metrics[f"pretrain_gain/{row['backbone']}"] = row["mean_diff"]
-                metrics[f"pretrain_pairs/{row['backbone']}"] = row["n_pairs"]
+        gains = result.comparisons[result.comparisons["kind"] == "init"]
+        for row in gains.drop_duplicates("backbone").to_dict("records"):  # each backbone's first row: all strategies
+            name = row["backbone"].replace(" ", "_")
+            metrics[f"pretrain_gain/{name}"] = row["mean_diff"]
+            metrics[f"pretrain_pairs/{name}"] = row["n"]
+            metrics[f"pretrain_p_holm/{name}"] = row["p_holm"]
         # Prefixed: under `mlflow run` the entry point's own parameters are already on the run.
         tracker.log_params({"compare.experiments": ",".join(result.experiments.values())[:6000],
-                            "compare.filter": result.filter_string or "", "compare.group_by": ",".join(result.group_by)})
+                            "compare.filter": result.filter_string or "", "compare.group_by": ",".join(result.group_by),
+                            "compare.metric": result.metric.key, "compare.equal_budget": str(result.equal_budget)})
         tracker.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))},
                             step=0)
         tracker.log_artifacts(out_dir, "compare", copy=True)  # the user keeps out_dir
@@ -282,7 +379,9 @@ def plot_all(result: CompareResult, out_dir: Path) -> list[Path]:
                                     ("val/loss", "val_loss_curves.png", "Validation loss", 1.0)):
         curves = result.curves.get(key)
         if curves is not None and not curves.empty:
-            files.append(save(curves_figure(curves * scale, label, styles), out_dir / name))
+            files.append(save(curves_figure(curves, scale, label, styles), out_dir / name))
+    if not result.diff_curves.empty:
+        files.append(save(difference_figure(result.diff_curves), out_dir / "pretrain_gain_curves.png"))
     files.append(save(best_acc_figure(result, styles), out_dir / "best_acc_bar.png"))
     files.append(save(time_figure(result, styles), out_dir / "time_bar.png"))
     return files
@@ -314,24 +413,48 @@ def group_styles(result: CompareResult) -> dict[str, dict[str, Any]]:
             for i, name in enumerate(names)}
 
 
-def curves_figure(curves: pd.DataFrame, ylabel: str, styles: dict[str, dict[str, Any]]):
+def curves_figure(curves: pd.DataFrame, scale: float, ylabel: str, styles: dict[str, dict[str, Any]]):
+    """Each group's mean curve with its 95% band over runs (seeds and folds)."""
     from matplotlib.ticker import MaxNLocator
 
-    columns = 1 if len(curves.columns) <= 30 else 2
+    groups = list(dict.fromkeys(curves["group"]))
+    columns = 1 if len(groups) <= 30 else 2
     fig = new_figure(10 + 3 * (columns - 1), 5.5, right=0.68 - 0.12 * (columns - 1))
     ax = fig.add_subplot()
-    marker = "o" if len(curves.index) <= 30 else None
-    for group in curves.columns:
-        series = curves[group].dropna()
-        ax.plot(series.index, series.to_numpy(), marker=marker, markersize=3, linewidth=1.6, label=group,
-                **styles.get(group, {}))
+    marker = "o" if curves["epoch"].nunique() <= 30 else None
+    for group, rows in curves.groupby("group", sort=False):
+        style = styles.get(group, {})
+        ax.plot(rows["epoch"], rows["mean"] * scale, marker=marker, markersize=3, linewidth=1.6, label=group, **style)
+        ax.fill_between(rows["epoch"], rows["low"] * scale, rows["high"] * scale, alpha=0.15, linewidth=0,
+                        color=style.get("color"))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("Epoch")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel}: mean over each group's runs")
+    ax.set_title(f"{ylabel}: mean over each group's runs, 95% band")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7 if len(curves.columns) > 8 else 9, ncol=columns, loc="center left",
-              bbox_to_anchor=(1.01, 0.5))
+    ax.legend(fontsize=7 if len(groups) > 8 else 9, ncol=columns, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return fig
+
+
+def difference_figure(diffs: pd.DataFrame):
+    """Pretrained minus scratch val acc by epoch, per backbone, with the 95% band over pairs."""
+    from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
+
+    fig = new_figure(10, 5.5, right=0.75)
+    ax = fig.add_subplot()
+    palette = colormaps["tab10"].colors
+    for i, (backbone, rows) in enumerate(diffs.groupby("backbone", sort=True)):
+        colour = palette[i % len(palette)]
+        ax.plot(rows["epoch"], rows["mean"] * 100, marker="o", markersize=3, label=backbone, color=colour)
+        ax.fill_between(rows["epoch"], rows["low"] * 100, rows["high"] * 100, alpha=0.2, linewidth=0, color=colour)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel("Pretrained minus scratch val acc (pp)")
+    ax.set_title("Pretraining gain by epoch: mean over seed/fold pairs, 95% band")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 

@@ -43,6 +43,9 @@ class TrainConfig:
     val_dir: str | None = option(None, "A separate ImageFolder for validation (default: DATA/val if it "
                                  "exists, else a split of the training data).")
     val_split: float = option(0.2, "Fraction of the data held out for validation when there is no val dir.")
+    test_split: float = option(0.0, "Fraction of the data held out as a test set, the same for every seed and "
+                               "fold, evaluated once at the end with the best-on-validation weights (test/acc). "
+                               "0 = none; a DATA/test folder is used when it exists.")
     folds: int = option(0, "Use k-fold splits of the data instead of val-split (0 = off).")
     fold: int = option(0, "Which fold (0-based) is the validation fold when --folds is set.")
     img_size: int = option(32, f"Square input size in pixels (at most {MAX_IMG_SIZE}).")
@@ -138,6 +141,9 @@ class TrainConfig:
             raise MlexpError(f"--img-size must be at most {MAX_IMG_SIZE}, got {self.img_size}")
         if not 0.0 < self.val_split < 1.0:
             raise MlexpError(f"--val-split must be between 0 and 1 (exclusive), got {self.val_split}")
+        if not 0.0 <= self.test_split < 1.0 or (not self.folds and self.val_split + self.test_split >= 1.0):
+            raise MlexpError(f"--test-split must be in [0, 1) and leave data to train on with --val-split "
+                             f"{self.val_split}, got {self.test_split}")
         if self.folds == 1:
             raise MlexpError("--folds must be 0 (off) or at least 2")
         if self.folds and not 0 <= self.fold < self.folds:
@@ -188,10 +194,16 @@ class TrainConfig:
 BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "export_weights", "offline")
 
 
+# Fields added after runs were recorded with this hash: left out while at their default, so
+# those runs keep their hash (and stay resumable, and counted once by compare).
+ADDED_LATER = {"test_split": 0.0}
+
+
 def config_hash(cfg: TrainConfig) -> str:
     """A stable hash of what is trained: two runs with one hash are the same configuration
     (a sweep trains each once; `mlexp compare` counts each once)."""
-    values = {k: v for k, v in cfg.to_dict().items() if k not in BOOKKEEPING}
+    values = {k: v for k, v in cfg.to_dict().items()
+              if k not in BOOKKEEPING and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

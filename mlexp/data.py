@@ -49,6 +49,7 @@ class DataBundle:
     num_classes: int
     class_names: list[str]
     name: str  # logged as the mlexp.dataset tag
+    test_set: Dataset | None = None  # --test-split or DATA/test; evaluated once, with the best weights
 
 
 class ArrayImages(Dataset):
@@ -203,18 +204,31 @@ def build_transforms(cfg: TrainConfig, train: bool) -> transforms.Compose:
     return transforms.Compose(steps)
 
 
-def split_indices(labels: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Train and validation indices: the chosen k-fold, else a stratified val-split."""
+def split_indices(labels: np.ndarray, cfg: TrainConfig, test_split: float = 0.0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, validation and test indices. The test part (`test_split` of the data, stratified)
+    is held out first, with the fixed split seed: the same images for every seed and fold.
+    The rest is split as asked: the chosen k-fold, else a stratified val-split."""
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
     indices = np.arange(len(labels))
+    test_idx = np.array([], dtype=int)
+    if test_split > 0:
+        try:
+            indices, test_idx = train_test_split(indices, test_size=test_split, stratify=labels,
+                                                 random_state=SPLIT_SEED)
+        except ValueError as error:  # too few images per class for a stratified split
+            raise MlexpError(f"--test-split {test_split} cannot hold out a stratified test set from "
+                             f"{len(labels)} images: {error}") from None
+        indices, test_idx = np.sort(indices), np.sort(test_idx)
+    rest = labels[indices]
     if cfg.folds:
         folds = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=SPLIT_SEED)
-        train_idx, val_idx = list(folds.split(indices, labels))[cfg.fold]
-        return train_idx, val_idx
-    train_idx, val_idx = train_test_split(indices, test_size=cfg.val_split, stratify=labels,
+        train_idx, val_idx = list(folds.split(indices, rest))[cfg.fold]
+        return indices[train_idx], indices[val_idx], test_idx
+    train_idx, val_idx = train_test_split(np.arange(len(indices)), test_size=cfg.val_split, stratify=rest,
                                           random_state=SPLIT_SEED)
-    return np.sort(train_idx), np.sort(val_idx)
+    return np.sort(indices[train_idx]), np.sort(indices[val_idx]), test_idx
 
 
 def require_folder(path: Path, what: str) -> None:
@@ -250,6 +264,12 @@ def _folder_roots(cfg: TrainConfig) -> tuple[Path, Path | None]:
     return train_root, (root / "val" if (root / "val").is_dir() else None)
 
 
+def _test_root(cfg: TrainConfig) -> Path | None:
+    """DATA/test when the data folder has one (then --test-split is not needed)."""
+    root = Path(cfg.data).expanduser() / "test"
+    return root if cfg.data not in BUILT_IN and root.is_dir() else None
+
+
 def _folder_bundle(cfg: TrainConfig) -> DataBundle:
     train_root, val_root = _folder_roots(cfg)
     train_folder = _image_folder(train_root, "training")
@@ -261,24 +281,39 @@ def _folder_bundle(cfg: TrainConfig) -> DataBundle:
                              f"{train_folder.classes}")
         val_folder.transform = build_transforms(cfg, train=False)
         train_set, val_set = train_folder, val_folder
-    else:
+    test_root, test_set = _test_root(cfg), None
+    held_out = 0.0 if test_root else cfg.test_split  # a test folder wins over a split
+    if val_root is None or held_out:
         labels = np.array(train_folder.targets)
-        train_idx, val_idx = split_indices(labels, cfg)
-        val_folder = CheckedImageFolder(str(train_root), transform=build_transforms(cfg, train=False))
-        train_set, val_set = Subset(train_folder, train_idx), Subset(val_folder, val_idx)
+        train_idx, val_idx, test_idx = split_indices(labels, cfg, held_out)
+        plain = CheckedImageFolder(str(train_root), transform=build_transforms(cfg, train=False))
+        if val_root is None:
+            val_set = Subset(plain, val_idx)
+        else:  # a val folder, and the test split taken from the training folder
+            train_idx = np.sort(np.concatenate([train_idx, val_idx]))
+        train_set = Subset(train_folder, train_idx)
+        test_set = Subset(plain, test_idx) if held_out else None
+    if test_root is not None:
+        test_folder = _image_folder(test_root, "test")
+        if test_folder.classes != train_folder.classes:
+            raise MlexpError(f"test classes {test_folder.classes} differ from training classes {train_folder.classes}")
+        test_folder.transform = build_transforms(cfg, train=False)
+        test_set = test_folder
     return DataBundle(train_set, val_set, len(train_folder.classes), train_folder.classes,
-                      Path(cfg.data).expanduser().name)
+                      Path(cfg.data).expanduser().name, test_set)
 
 
 def build_data(cfg: TrainConfig) -> DataBundle:
     """The training and validation sets described by `cfg.data`."""
     if cfg.data in ("digits", "synthetic"):
         images, labels = digits_arrays() if cfg.data == "digits" else synthetic_arrays()
-        train_idx, val_idx = split_indices(labels, cfg)
+        train_idx, val_idx, test_idx = split_indices(labels, cfg, cfg.test_split)
         train_set = ArrayImages(images[train_idx], labels[train_idx], build_transforms(cfg, train=True))
         val_set = ArrayImages(images[val_idx], labels[val_idx], build_transforms(cfg, train=False))
+        test_set = (ArrayImages(images[test_idx], labels[test_idx], build_transforms(cfg, train=False))
+                    if len(test_idx) else None)
         num_classes = int(labels.max()) + 1
-        return DataBundle(train_set, val_set, num_classes, [str(c) for c in range(num_classes)], cfg.data)
+        return DataBundle(train_set, val_set, num_classes, [str(c) for c in range(num_classes)], cfg.data, test_set)
     return _folder_bundle(cfg)
 
 

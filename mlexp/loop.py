@@ -73,6 +73,7 @@ class TrainParts:
     clip_grad: float = 0.0
     channels_last: bool = False
     global_step: int = 0
+    best_weights: dict | None = None  # a CPU copy of the best epoch's weights, kept when there is a test set
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -26,7 +26,8 @@ def print_start(cfg: TrainConfig, spec: BackboneSpec, built, data, accelerator: 
     where = "offline (`mlexp sync` sends it)" if getattr(tracker, "offline", False) else tracking_uri
     run = f"run {tracker.run_id}" if tracker.run_id else "untracked"
     print(f"mlexp: {spec.name} ({spec.init}, weights: {describe_weights(built)}) | {data.name}: "
-          f"{len(data.train_set)} train / {len(data.val_set)} val images, {data.num_classes} classes, "
+          f"{len(data.train_set)} train / {len(data.val_set)} val"
+          f"{f' / {len(data.test_set)} test' if data.test_set is not None else ''} images, {data.num_classes} classes, "
           f"{cfg.img_size}px | {cfg.epochs} epochs{adjusted} | {accelerator.device.type}, {processes} | "
           f"{run} -> {where}", flush=True)
 

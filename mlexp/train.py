@@ -189,8 +189,11 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
         print(f"mlexp: resuming run {resume.run_id} after epoch {start_epoch - 1} (step {parts.global_step})"
               if resume.checkpoint_dir else f"mlexp: run {resume.run_id} has no complete checkpoint yet: "
               "starting it over from epoch 1 (points it already logged are kept, not logged twice)", flush=True)
-    train_epochs(parts, cfg, history, start_epoch, train_loader, val_loader, tracker)
-    return finish_run(parts, cfg, spec, built, history, val_loader, tracker)
+    test_loader = None
+    if data.test_set is not None:
+        test_loader = accelerator.prepare(DataLoader(data.test_set, shuffle=False, **loader_kwargs(cfg)))
+    train_epochs(parts, cfg, history, start_epoch, train_loader, val_loader, tracker, keep_best=test_loader is not None)
+    return finish_run(parts, cfg, spec, built, history, val_loader, tracker, test_loader)
 
 
 def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, data,
@@ -221,8 +224,9 @@ def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, da
 
 
 def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_epoch: int, train_loader,
-                 val_loader, tracker) -> None:
-    """The epochs: train, evaluate, record, checkpoint; until the last epoch or a stop."""
+                 val_loader, tracker, keep_best: bool = False) -> None:
+    """The epochs: train, evaluate, record, checkpoint; until the last epoch or a stop.
+    keep_best: keep a copy of the best epoch's weights (the test set is evaluated with them)."""
     def on_steps(records) -> None:
         history.add_steps(records)
         for record in records:
@@ -238,6 +242,9 @@ def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_ep
         lr = history.steps[-1][4] if history.steps else cfg.lr
         row = epoch_record(epoch, stats, val, lr, strategy.phase, strategy.trainable_params())
         is_best = history.add_epoch(row)
+        if is_best and keep_best:
+            parts.best_weights = {name: tensor.detach().to("cpu", copy=True)
+                                  for name, tensor in final_weights_model(parts).state_dict().items()}
         tracker.log_metrics(epoch_metrics(row), step=epoch)
         if parts.accelerator.is_main_process:
             print_epoch(row, is_best)
@@ -346,10 +353,29 @@ def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, mo
     tracker.log_artifacts(write_json(cfg.to_dict(), tracker.staging_dir("config") / "config.json").parent, "")
 
 
+def evaluate_test_set(parts: TrainParts, history: History, test_loader, tracker, last_epoch: int) -> None:
+    """test/acc and test/loss of the best-on-validation weights (test/epoch says whose: the best
+    epoch; after a resume that began past it, the final weights, and test/epoch says so)."""
+    import copy
+
+    model = copy.deepcopy(final_weights_model(parts))
+    epoch = last_epoch
+    if parts.best_weights is not None:
+        model.load_state_dict(parts.best_weights)
+        epoch = history.best_epoch
+    result = evaluate(model, test_loader, parts.accelerator, parts.channels_last)
+    if parts.accelerator.is_main_process:
+        tracker.log_metrics({"test/acc": result.acc, "test/loss": result.loss, "test/epoch": epoch}, step=last_epoch)
+        print(f"mlexp: test set ({len(result.labels)} images), weights of epoch {epoch}: acc {100 * result.acc:.2f}%, "
+              f"loss {result.loss:.4f}")
+
+
 def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, history: History, val_loader,
-               tracker) -> TrainResult:
+               tracker, test_loader=None) -> TrainResult:
     accelerator = parts.accelerator
     final_model = eval_model(parts)
+    if test_loader is not None:
+        evaluate_test_set(parts, history, test_loader, tracker, history.epochs[-1]["epoch"] if history.epochs else 0)
     calibration = {}
     if cfg.calibrate:
         final_eval: EvalResult = evaluate(final_model, val_loader, accelerator, cfg.channels_last)
