@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from mlexp import stats
+
 if TYPE_CHECKING:
     from mlexp.compare import CompareResult
 
@@ -50,8 +52,9 @@ class Numbers:
             return "no matched pairs"
         diff = self.diff(row["mean_diff"], kind)
         if pd.isna(row["ci_low"]):
-            interval = "no interval (" + ("every pair differs by the same amount" if row["n"] >= 3 else
-                                          f"{row['n']} pair(s); an interval needs at least 3") + ")"
+            interval = "no interval (" + (f"{row['n']} pair(s); an interval needs at least {stats.MIN_INTERVAL_N}"
+                                          if row["n"] < stats.MIN_INTERVAL_N else "every pair differs by the same "
+                                          "amount" if row["std_diff"] == 0 else "ties among the pairs") + ")"
         else:
             interval = f"95% CI [{self.diff(row['ci_low'], kind)}, {self.diff(row['ci_high'], kind)}]"
         return f"{diff}, {interval}, n = {row['n']} pairs, p (Holm) = {p_value(row['p_holm'])}"

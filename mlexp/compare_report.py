@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from mlexp import stats
+
 if TYPE_CHECKING:
     from mlexp.compare import CompareResult
 
@@ -38,7 +40,7 @@ DEFINITIONS = {
     "pairs": "pretrained and scratch runs of one arch matched on dataset, strategy, seed and fold",
     "comparisons": "one row per paired comparison (kind init, strategy, backbone, interaction, time, "
                    "convergence): mean_diff = mean of A - B over matched pairs; ci_low/ci_high: 95% studentized "
-                   "bootstrap interval (none below 3 pairs or with zero spread); p_value: sign-flip permutation "
+                   "bootstrap interval (none below 4 pairs, with zero spread or ties); p_value: sign-flip permutation "
                    "test (exact up to 16 pairs); p_holm: Holm-adjusted over the whole report; win_prob: share "
                    "of pairs A wins (ties half) with a Wilson interval; detectable: smallest difference "
                    "detectable at 80% power (n < 5)",
@@ -77,8 +79,8 @@ COMPARISON_NOTES = {
     "A": "mean of A over the pairs",
     "B": "mean of B over the pairs",
     "diff": "mean of A - B over the pairs",
-    "95% CI": "95% studentized bootstrap interval of diff (none below 3 pairs or when every pair differs "
-              "by the same amount)",
+    "95% CI": "95% studentized bootstrap interval of diff; none below 4 pairs (n too small), when every pair "
+              "differs by the same amount (no spread) or when ties leave too few distinct resamples (ties)",
     "P(A>B)": "share of pairs A wins (ties half), with its 95% Wilson interval",
     "p (Holm)": "sign-flip permutation p-value of diff = 0 (exact up to 16 pairs), Holm-adjusted over every "
                 "comparison of the report",
@@ -87,7 +89,7 @@ COMPARISON_NOTES = {
 METRIC_NOTES = {
     "n": "runs with the metric",
     "mean ± std": "mean and sample standard deviation over the group's runs",
-    "95% CI": "95% studentized bootstrap interval of the mean (none below 3 runs or with zero spread)",
+    "95% CI": "95% studentized bootstrap interval of the mean (none below 4 runs, with zero spread or ties)",
     "median": "median over the runs",
     "IQM": "interquartile mean: mean of the middle 50% of runs (from 4 runs; robust to one diverged seed)",
 }
@@ -230,7 +232,7 @@ def comparison_rows(result: CompareResult, kind: str) -> list[dict[str, str]]:
     rows = []
     for c in result.comparisons[result.comparisons["kind"] == kind].to_dict("records"):
         ci = (f"[{diff(c['ci_low'])}, {diff(c['ci_high'])}]" if not pd.isna(c["ci_low"])
-              else ("no spread" if c["n"] >= 3 else "n too small"))
+              else "n too small" if c["n"] < stats.MIN_INTERVAL_N else "no spread" if c["std_diff"] == 0 else "ties")
         win = "-" if pd.isna(c["win_prob"]) else f"{c['win_prob']:.2f} [{c['win_low']:.2f}, {c['win_high']:.2f}]"
         scope = {"backbone": c["backbone"]} if kind not in ("interaction", "backbone") else {}
         if kind in ("strategy", "backbone"):

@@ -82,7 +82,7 @@ def pair_up(frame: pd.DataFrame, column: str, a: str, b: str, keys: list[str], v
         sides.append(part.groupby(keys, sort=True, dropna=False).agg(
             value=(value, "mean"), epochs=("epochs_run", "mean"), run_id=("run_id", "first"),
             points=("_val_acc_points", "first")))
-    return sides[0].join(sides[1], lsuffix="_a", rsuffix="_b", how="inner").reset_index()
+    return sides[0].add_suffix("_a").join(sides[1].add_suffix("_b"), how="inner").reset_index()
 
 
 def at_epoch(points: list[tuple[int, float]], epoch: float, best_so_far: bool) -> float:
@@ -160,14 +160,14 @@ def comparisons(runs: pd.DataFrame, metric: Metric, *, equal_budget: bool = Fals
         mine = runs[runs["_arch"] == arch]
         if not set(mine["_init"]) >= {"pretrained", "scratch"}:
             continue
-        strategies = sorted(mine["_strategy"].unique())
-        pairs = compare_on("init", {"backbone": arch, "strategy": "all" if len(strategies) > 1 else strategies[0]},
-                           mine, "_init", "pretrained", "scratch", init_keys)
+        per_strategy = {strategy: pair_up(mine[mine["_strategy"] == strategy], "_init", "pretrained", "scratch",
+                                          init_keys) for strategy in sorted(mine["_strategy"].unique())}
+        per_strategy = {strategy: pairs for strategy, pairs in per_strategy.items() if not pairs.empty}
+        label = "all" if len(per_strategy) > 1 else next(iter(per_strategy), "-")
+        pairs = compare_on("init", {"backbone": arch, "strategy": label}, mine, "_init", "pretrained", "scratch",
+                           init_keys)
         pair_frames.append(pairs.assign(backbone=arch))
         gains[arch] = pairs.assign(gain=pairs["value_a"] - pairs["value_b"])
-        per_strategy = {strategy: pair_up(mine[mine["_strategy"] == strategy], "_init", "pretrained", "scratch",
-                                          init_keys) for strategy in strategies}
-        per_strategy = {strategy: pairs for strategy, pairs in per_strategy.items() if not pairs.empty}
         if len(per_strategy) > 1:  # else the row above is that one strategy's
             for strategy, pairs in per_strategy.items():
                 compare_on("init", {"backbone": arch, "strategy": strategy}, None, "_init", "pretrained", "scratch",

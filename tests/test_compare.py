@@ -17,15 +17,15 @@ from mlflow.entities import Metric
 from scipy import stats
 
 from mlexp.compare import compare, format_table, run_compare
-from mlexp.compare_report import (COLUMN_NOTES, PAIR_NOTES, best_acc_figure, curves_figure, group_rows,
-                                  group_styles, pair_rows, render_summary)
+from mlexp.compare_report import (COLUMN_NOTES, COMPARISON_NOTES, KIND_TITLES, METRIC_NOTES, best_acc_figure,
+                                  comparison_rows, curves_figure, group_rows, group_styles, metric_rows,
+                                  render_summary)
 from mlexp.errors import MlexpError
 from mlexp.sweep import best_per_backbone
 from tests.run_factory import experiment_id, log_run
 
-T_975_DF2 = 4.302653  # t quantile for a two-sided 95% interval with 2 degrees of freedom (tables)
-FILES = ["groups.csv", "groups.md", "compare.json", "pairs.csv", "runs.csv", "val_acc_curves.png",
-         "val_loss_curves.png", "best_acc_bar.png", "time_bar.png"]
+FILES = ["groups.csv", "groups.md", "compare.json", "pairs.csv", "comparisons.csv", "runs.csv", "report.md",
+         "val_acc_curves.png", "val_loss_curves.png", "pretrain_gain_curves.png", "best_acc_bar.png", "time_bar.png"]
 TIME_CELL = re.compile(r"^(-|[+-]?\d+\.\d)$")  # a number only: the unit is in the header
 
 
@@ -109,32 +109,45 @@ def test_groups_pairs_and_files(store, tmp_path):
     assert scratch["best_val_acc_mean"] == pytest.approx((0.5 + 0.6 + 0.65 + 0.3) / 4)
     assert math.isnan(group(result, strategy="linear")["best_val_acc_std"])  # one run: no std
     assert group(result, backbone="vit_small")["gain_5_mean"] == pytest.approx(0.5 - 0.2)  # epoch 5 - epoch 1
-    assert result.curves["val/acc"].loc[1, "resnet18_pretrained/full"] == pytest.approx(0.5)
+    curve = result.curves["val/acc"].set_index(["group", "epoch"])
+    first = curve.loc[("resnet18_pretrained/full", 1)]  # seeds at epoch 1: .5, .6, .4
+    assert (first["n"], first["mean"]) == (3, pytest.approx(0.5))
+    half = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)  # the band: a t interval over the 3 runs
+    assert (first["low"], first["high"]) == (pytest.approx(0.5 - half), pytest.approx(0.5 + half))
+    # the compared metric per group: n, mean, interval, median
+    assert (pre["metric_n"], pre["metric_mean"], pre["metric_median"]) == (3, pytest.approx(0.8333333), 0.8)
+    assert math.isnan(pre["metric_ci_low"])  # 3 runs: no interval (a bootstrap-t interval needs 4)
 
     # paired on seed (3 pairs); the unpaired seed-4 scratch run and vit_small (no pretrained) drop out
     assert len(result.pairs) == 3 and set(result.pairs["backbone"]) == {"resnet18"}
-    (summary,) = result.pair_summary.to_dict("records")
-    assert (summary["backbone"], summary["strategy"], summary["n_pairs"]) == ("resnet18", "full", 3)
-    assert summary["mean_diff"] == pytest.approx(0.25)
-    half = T_975_DF2 * 0.05 / math.sqrt(3)
-    assert summary["ci95_low"] == pytest.approx(0.25 - half, abs=1e-6)
-    assert summary["ci95_high"] == pytest.approx(0.25 + half, abs=1e-6)
-    assert summary["p_value"] == pytest.approx(stats.ttest_rel([0.8, 0.8, 0.9], [0.5, 0.6, 0.65]).pvalue)
-    assert summary["time_diff_s"] == pytest.approx(33.0 - 60.0)
+    rows = {row["kind"]: row for row in result.comparisons.to_dict("records")}
+    assert set(rows) == {"init", "time", "convergence", "strategy"}  # strategy: full vs linear, seed 1 only
+    gain = rows["init"]
+    assert (gain["backbone"], gain["strategy"], gain["n"]) == ("resnet18", "full", 3)
+    assert gain["mean_diff"] == pytest.approx(0.25)  # differences .3, .2, .25
+    assert math.isnan(gain["ci_low"]) and "n = 3: an interval needs at least 4 (run 1 more)" in gain["note"]
+    assert gain["p_value"] == pytest.approx(2 / 8)  # all 3 positive: 2 of the 8 sign patterns are as extreme
+    # Holm over the report's four p-values (init .25, time .25, convergence .5, strategy 1): 4 x .25
+    assert [rows[k]["p_value"] for k in ("time", "convergence", "strategy")] == [0.25, 0.5, 1.0]
+    assert gain["p_holm"] == 1.0 and rows["convergence"]["p_holm"] == 1.0
+    assert (gain["win_prob"], gain["win_low"], gain["win_high"]) == (1.0, pytest.approx(0.4385, abs=1e-4), 1.0)
+    assert "n = 3 < 5" in gain["note"]
+    assert rows["time"]["mean_diff"] == pytest.approx(33.0 - 60.0)
 
     out = tmp_path / "out"
     assert all((out / name).is_file() for name in FILES)
     assert pd.read_csv(out / "groups.csv")["runs"].sum() == 9
     assert len(pd.read_csv(out / "pairs.csv")) == 3
     saved = json.loads((out / "compare.json").read_text())
-    assert saved["pair_summary"][0]["mean_diff"] == pytest.approx(0.25)
+    assert saved["comparisons"][0]["mean_diff"] == pytest.approx(0.25) and saved["metric"] == "best/val_acc"
     assert len(saved["groups"]) == 4
     assert saved["mlflow_reads"] == {"taken": {"public-search": 1, "store-history-bulk": 2}, "fallbacks": []}
     for name in FILES:
         if name.endswith(".png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = format_table(result)
-    assert "+25.0" in text and f"[{100 * (0.25 - half):+.1f}, {100 * (0.25 + half):+.1f}]" in text
+    assert "+25.0" in text and "n too small" in text
+    assert "0.000" not in text  # no p-value of zero
     assert "| backbone | strategy | runs |" in (out / "groups.md").read_text()
 
 
@@ -175,13 +188,19 @@ def test_every_column_is_defined_under_its_table(store, tmp_path):
     result = compare(client, ["cmp-a", "cmp-b"], out_dir=tmp_path / "out", plots=False)
     for markdown in (False, True):
         text = render_summary(result, markdown)
-        for rows, notes in ((group_rows(result), COLUMN_NOTES), (pair_rows(result), PAIR_NOTES)):
+        tables = [(group_rows(result), COLUMN_NOTES), (metric_rows(result), METRIC_NOTES)]
+        tables += [(comparison_rows(result, kind), COMPARISON_NOTES) for kind in KIND_TITLES
+                   if comparison_rows(result, kind)]
+        assert len(tables) == 6  # groups, metric, init, strategy, time, convergence
+        for rows, notes in tables:
             for column in list(rows[0]) + (["±"] if notes is COLUMN_NOTES else []):
-                note = notes[column.split(" (")[0]]  # every column (a time column's unit aside) has one
+                if notes is METRIC_NOTES and column in result.group_by:
+                    continue  # the groups are defined under the first table
+                note = notes.get(column, notes.get(column.split(" (")[0]))  # each has one (a unit aside)
                 line = rf"^- \*\*{re.escape(column)}\*\*: " if markdown else rf"^  {re.escape(column)} +"
                 assert re.search(line + re.escape(note) + "$", text, re.M), (column, markdown)
     assert {"gain@5 pp", "ep to 95%", "gap pp", "±", "trainable"} <= set(COLUMN_NOTES)
-    assert {"p", "95% CI pp", "diff pp"} <= set(PAIR_NOTES)
+    assert {"p (Holm)", "95% CI", "diff", "P(A>B)"} <= set(COMPARISON_NOTES)
     assert (tmp_path / "out" / "groups.md").read_text() == render_summary(result, True)
 
 
@@ -203,10 +222,10 @@ def test_one_time_unit_per_column(sqlite_uri, tmp_path):
     log_run(client, "units", val_acc=[0.5, 0.6, 0.7], epoch_time=100.0)  # 300 s in all: minutes
     log_run(client, "units", init="scratch", val_acc=[0.4, 0.5, 0.55], epoch_time=10.0)  # 30 s
     result = compare(client, ["units"], out_dir=tmp_path / "out", plots=False)
-    rows, pairs = group_rows(result), pair_rows(result)
+    rows, times = group_rows(result), comparison_rows(result, "time")
     assert [(r["total time (min)"], r["epoch time (s)"]) for r in rows] == [("5.0", "100.0"), ("0.5", "10.0")]
-    assert pairs[0]["time diff (min)"] == "+4.5"
-    for table in (rows, pairs):
+    assert (times[0]["diff (min)"], times[0]["95% CI (min)"]) == ("+4.5", "n too small")  # one pair
+    for table in (rows, times):
         for column in [c for c in table[0] if "time" in c]:
             assert re.search(r"\((s|min|h)\)$", column) and all(TIME_CELL.match(r[column]) for r in table), column
     assert "total time (min)" in format_table(result)
@@ -228,13 +247,14 @@ def test_plots_zoom_label_and_colour_each_group(sqlite_uri, tmp_path):
     assert len(set(bar_colours)) == len(result.groups) == 3
 
     styles = group_styles(result)
-    curves = curves_figure(result.curves["val/acc"] * 100, "Validation accuracy (%)", styles).axes[0]
+    curves = curves_figure(result.curves["val/acc"], 100.0, "Validation accuracy (%)", styles).axes[0]
     ticks = [tick for tick in curves.get_xticks() if 1 <= tick <= 3]
     assert ticks and all(float(tick).is_integer() for tick in ticks)
     line_colours = {line.get_label(): to_hex(line.get_color()) for line in curves.lines}
     assert len(set(line_colours.values())) == 3 and sorted(line_colours) == sorted(styles)
     assert line_colours == {name: to_hex(style["color"]) for name, style in styles.items()}  # same as the bars
     assert styles["resnet18_scratch/full"]["linestyle"] == "--"
+    assert len(curves.collections) == 3  # a 95% band under each group's mean curve (3 seeds each)
 
 
 def test_group_by_param_tag_and_experiment_and_filter(store, tmp_path):
@@ -250,7 +270,7 @@ def test_group_by_param_tag_and_experiment_and_filter(store, tmp_path):
     scratch = compare(client, ["cmp-a", "cmp-b"], "tags.`mlexp.init` = 'scratch'", out_dir=tmp_path / "d")
     assert len(scratch.runs) == 5 and set(scratch.runs["_init"]) == {"scratch"}
     assert [row["status"] for row in scratch.excluded] == ["FAILED"]
-    assert scratch.pair_summary.empty
+    assert scratch.comparisons.empty
 
 
 def test_user_errors_are_one_line(store, tmp_path):
@@ -269,7 +289,7 @@ def test_user_errors_are_one_line(store, tmp_path):
 def test_empty_selection_writes_tables_without_plots(store, tmp_path):
     client, _ = store
     result = compare(client, ["cmp-a"], "tags.`mlexp.backbone` = 'none'", out_dir=tmp_path / "out")
-    assert result.groups.empty and result.pair_summary.empty
+    assert result.groups.empty and result.comparisons.empty
     assert (tmp_path / "out" / "compare.json").is_file() and not (tmp_path / "out" / "best_acc_bar.png").exists()
     assert "No finished training runs match" in format_table(result)
 
@@ -298,8 +318,8 @@ def test_live_server_rest_path_and_compare_run(server_uri, tmp_path):
     experiment = f"cmp-live-{uuid.uuid4().hex[:6]}"
     populate_pairs(client, experiment)
     result = run_compare(server_uri, [experiment], out_dir=tmp_path / "out")
-    (summary,) = result.pair_summary.to_dict("records")
-    assert (summary["n_pairs"], summary["mean_diff"]) == (3, pytest.approx(0.25))
+    summary = result.comparisons.iloc[0]
+    assert (summary["kind"], summary["n"], summary["mean_diff"]) == ("init", 3, pytest.approx(0.25))
     assert group(result, backbone="resnet18_pretrained")["epoch_time_s_mean"] == pytest.approx(11.0)
     assert result.reads == {"taken": {"rest-search": 1, "history-bulk": 2}, "fallbacks": []}
 
