@@ -53,27 +53,29 @@ def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, 
     write_pretrained_weights(weights, "deit_small_patch16_224", "deit_small")
     monkeypatch.setenv("MLEXP_WEIGHTS_DIR", str(weights))
     client = MlflowClient(server_uri)
-    grid = ["--backbones", "resnet18,deit_small", "--seeds", "1,2", "--experiment", "sweep-e2e", "--parallel", "2"]
+    grid = ["--backbones", "resnet18,deit_small", "--seeds", "1,2,3", "--test-split", "0.2", "--experiment",
+            "sweep-e2e", "--parallel", "2"]
 
     sweep(grid)
     first = children(client, "sweep-e2e")
-    assert len(first) == 8 and all(r.info.status == "FINISHED" for r in first)
+    assert len(first) == 12 and all(r.info.status == "FINISHED" for r in first)
+    assert all(0 < r.data.metrics["test/acc"] <= 1 and r.data.metrics["test/epoch"] == 1 for r in first)
     assert {(r.data.tags["mlexp.backbone"], r.data.tags["mlexp.init"]) for r in first} == {
         ("resnet18", "pretrained"), ("resnet18", "scratch"), ("deit_small", "pretrained"), ("deit_small", "scratch")}
     for child in first:  # the scratch multipliers are applied exactly once
         expected_lr = "0.0015" if child.data.tags["mlexp.init"] == "scratch" else "0.001"
         assert child.data.params["lr"] == expected_lr
     [parent] = [r for r in runs_of(client, "sweep-e2e") if "mlflow.parentRunId" not in r.data.tags]
-    assert parent.data.metrics["sweep/finished"] == 8
-    assert parent.info.run_name == "sweep resnet18+deit_small (8 runs)"
+    assert parent.data.metrics["sweep/finished"] == 12
+    assert parent.info.run_name == "sweep resnet18+deit_small (12 runs)"
     assert {key: parent.data.params[key] for key in ("sweep.backbones", "sweep.inits", "sweep.seeds", "sweep.size")} \
-        == {"sweep.backbones": "resnet18,deit_small", "sweep.inits": "pretrained,scratch", "sweep.seeds": "1,2",
-            "sweep.size": "8 runs"}
+        == {"sweep.backbones": "resnet18,deit_small", "sweep.inits": "pretrained,scratch", "sweep.seeds": "1,2,3",
+            "sweep.size": "12 runs"}
     assert {r.info.run_name for r in first} >= {"resnet18_scratch-full-s1", "deit_small_pretrained-full-s2"}
     assert {"summary/sweep_summary.json", "summary/sweep_summary.txt"} <= artifact_paths(client, parent.info.run_id)
 
     sweep(grid)  # the same sweep again: everything finished before, nothing is trained and no run is made
-    assert len(runs_of(client, "sweep-e2e")) == 9
+    assert len(runs_of(client, "sweep-e2e")) == 13
 
     # resnet50 has no pretrained weights here: its configuration FAILS, the other trains, exit status 1
     sweep(["--backbones", "resnet18", "resnet50", "--pretrained-only", "--seeds", "7", "--experiment", "sweep-fail"],
@@ -90,24 +92,43 @@ def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, 
                 for r in runs_of(client, "sweep-all-fail")}
     assert statuses == {"child": "FAILED", "parent": "FAILED"}
 
-    # compare, through the MLflow Project entry point, against the same live server
+    # compare with the feature comparison, through the MLflow Project entry point, against the same live server
     done = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "compare", "--env-manager", "local",
-         "--experiment-name", "compare-e2e", "-P", "experiment=sweep-e2e", "-P", f"out={tmp_path / 'cmp'}"],
+         "--experiment-name", "compare-e2e", "-P", "experiment=sweep-e2e", "-P", f"out={tmp_path / 'cmp'}",
+         "-P", "features=true"],
         env=subprocess_env(server_uri), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     [compare_run] = runs_of(client, "compare-e2e")
     assert compare_run.info.status == "FINISHED"
     files = artifact_paths(client, compare_run.info.run_id)
-    for name in ("groups.csv", "groups.md", "compare.json", "pairs.csv", "val_acc_curves.png", "val_loss_curves.png",
-                 "best_acc_bar.png", "time_bar.png"):
-        assert any(path.endswith(name) for path in files), name
+    logged = ["report.md", "comparisons.csv", "groups.csv", "groups.md", "compare.json", "pairs.csv",
+              "val_acc_curves.png", "val_loss_curves.png", "pretrain_gain_curves.png", "best_acc_bar.png",
+              "time_bar.png"]
+    logged += [f"features/{arch}_{name}" for arch in ("resnet18", "deit_small")
+               for name in ("cka.png", "cka.csv", "cka_by_layer.csv")]
+    for name in logged:
+        assert f"compare/{name}" in files, name
     report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert report["metric"] == "test/acc"  # the runs have a test split
     groups = report["groups"]
-    assert len(groups) == 4 and all(group["runs"] == 2 for group in groups)
-    # paired pretrained-minus-scratch rows, matched on seed (and fold), for both backbones
+    assert len(groups) == 4 and all(group["runs"] == 3 and group["metric_n"] == 3 for group in groups)
+    # paired pretrained-minus-scratch rows, matched on seed (and fold), for both backbones; and their interaction
     assert {pair["backbone"] for pair in report["pairs"]} == {"resnet18", "deit_small"}
-    summary = {row["backbone"]: row for row in report["pair_summary"]}
-    assert set(summary) == {"resnet18", "deit_small"} and all(row["n_pairs"] == 2 for row in summary.values())
-    assert all(row["ci95_low"] <= row["mean_diff"] <= row["ci95_high"] for row in summary.values())
+    rows = report["comparisons"]
+    gains = {row["backbone"]: row for row in rows if row["kind"] == "init"}
+    assert set(gains) == {"resnet18", "deit_small", "all backbones"}
+    assert [gains[arch]["n"] for arch in ("resnet18", "deit_small", "all backbones")] == [3, 3, 6]
+    assert [row["kind"] for row in rows].count("interaction") == 1
+    assert all(row["p_holm"] >= row["p_value"] > 0 for row in rows if row["n"])
+    answers = (tmp_path / "cmp" / "report.md").read_text()
+    for number in range(1, 8):
+        assert f"## {number}. " in answers
+    assert "n = 3 pairs" in answers and "linear CKA between pretrained and scratch" in answers
+    features = {row["backbone"]: row for row in report["features"]}
+    assert features["resnet18"]["layers"] == ["act1", "layer1", "layer2", "layer3", "layer4", "pre_logits"]
+    assert len(features["deit_small"]["layers"]) == 13 and not features["deit_small"]["problem"]
+    for row in features.values():
+        assert all(-0.2 < value <= 1.0 + 1e-9 for value in row["same_layer_cka"])
+        assert set(row["to_init"]) == {"pretrained", "scratch"}  # the weights file, and the seed's init
     assert "resnet18" in done.stdout and "deit_small" in done.stdout  # the terminal table
