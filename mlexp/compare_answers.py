@@ -121,8 +121,12 @@ def how_much(result: CompareResult, say: Numbers) -> list[str]:
         text = (f"{scope}: pretrained {say.value(row['a_mean'])} against scratch {say.value(row['b_mean'])}, "
                 f"{say.evidence(row)}")
         if say.fraction and row["b_mean"] < 1:
-            reduction = (row["mean_diff"]) / (1 - row["b_mean"])
-            text += f"; pretraining removes {100 * reduction:.0f}% of scratch's errors (relative error reduction)"
+            reduction = row["mean_diff"] / (1 - row["b_mean"])
+            text += (f"; pretraining removes {100 * reduction:.0f}% of scratch's errors (relative error reduction)"
+                     if reduction >= 0 else f"; pretraining adds {100 * -reduction:.0f}% to scratch's errors "
+                     "(relative error increase)")
+        if "unequal budget" in (row["note"] or ""):
+            text += "; " + next(part for part in row["note"].split("; ") if part.startswith("unequal budget"))
         if not conclusive(row):
             text += f"; not enough evidence that it changes accuracy ({why_not(row)})"
         answers.append(text + ".")
@@ -185,7 +189,7 @@ def strategy_winner(result: CompareResult, say: Numbers) -> list[str]:
         means = mine.groupby("_strategy")["value"].mean().dropna().sort_values(ascending=False)
         if len(means) < 2:
             answers.append(f"{arch} ({init}): only {', '.join(means.index) or 'no'} strategy trained; train others "
-                           "(`--strategies linear_probe,gradual_unfreeze,full`) to answer this.")
+                           "(`--strategies full,linear,gradual`) to answer this.")
             continue
         best, second = means.index[0], means.index[1]
         row = rows[(rows["backbone"] == arch) & (rows["init"] == init) & (rows["a"].isin([best, second]))
