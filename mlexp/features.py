@@ -190,9 +190,11 @@ class FeatureComparison:
             text += ": their representations overlap only partly"
         else:
             text += ": they learned similar representations"
-        moved = [f"the {init} model's penultimate features have CKA {values[-1]:.2f} with its initial weights'"
-                 for init, values in self.to_init.items()]
-        return text + ("; " + " and ".join(moved) if moved else "") + "."
+        moved = [f"{values[-1]:.2f} ({init})" for init, values in self.to_init.items()]
+        if moved:
+            text += ("; against the models' own initial weights, the penultimate features have CKA "
+                     + " and ".join(moved) + " (lower: training moved further from the start)")
+        return text + "."
 
     def summary(self) -> dict:
         return {"backbone": self.backbone, "pretrained_run": self.pretrained_run, "scratch_run": self.scratch_run,

@@ -341,3 +341,36 @@ def test_live_server_rest_path_and_compare_run(server_uri, tmp_path):
 def test_unreachable_server_is_a_user_error(tmp_path):
     with pytest.raises(MlexpError, match="cannot reach"):
         run_compare("http://127.0.0.1:9", ["x"], out_dir=tmp_path)
+
+
+def test_two_equal_pairs_unequal_budgets_and_the_report(sqlite_uri, tmp_path):
+    """The demo's case: two seed pairs that differ by the same -0.8 points, scratch trained one
+    epoch longer. No zero-width interval, no p of 0; the budget is flagged and can be equalised."""
+    client = MlflowClient(sqlite_uri)
+    for seed, base in ((1, 0.97), (2, 0.98)):
+        log_run(client, "demo", seed=seed, val_acc=[0.90, 0.95, base])
+        log_run(client, "demo", init="scratch", seed=seed, val_acc=[0.85, 0.93, base - 0.002, base + 0.008])
+        log_run(client, "demo", backbone="deit_small", seed=seed, val_acc=[0.7, 0.8, 0.8 + seed / 100])
+        log_run(client, "demo", backbone="deit_small", init="scratch", seed=seed, val_acc=[0.6, 0.7, 0.7])
+    result = compare(client, ["demo"], out_dir=tmp_path / "out", between_backbones=True)
+    text = format_table(result)
+    assert not re.search(r"\[([+-]?\d+\.\d), \1\]", text) and "0.000" not in text
+    gains = result.comparisons[result.comparisons["kind"] == "init"].set_index("backbone")
+    resnet = gains.loc["resnet18"]
+    assert resnet["mean_diff"] == pytest.approx(-0.008) and resnet["p_value"] == 0.5 and math.isnan(resnet["ci_low"])
+    assert "unequal budget: pretrained trained 3 epochs against scratch's 4" in resnet["note"]
+    assert set(result.comparisons["kind"]) == {"init", "interaction", "backbone", "time", "convergence"}
+    backbone_rows = result.comparisons[result.comparisons["kind"] == "backbone"]
+    assert set(zip(backbone_rows["init"], backbone_rows["a"], backbone_rows["b"])) == {
+        ("pretrained", "deit_small", "resnet18"), ("scratch", "deit_small", "resnet18")}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Not enough evidence" in report and "n = 2 pairs" in report and "p (Holm) = 0.000" not in report
+    assert "unequal budget" in report and "adds" in report  # a negative gain: a relative error increase
+
+    equal = compare(client, ["demo"], out_dir=tmp_path / "eq", plots=False, equal_budget=True)
+    at_three = equal.comparisons.query("kind == 'init' and backbone == 'resnet18'").iloc[0]
+    # at epoch 3 the scratch runs' best is base - 0.002: pretrained leads by +0.2 points in both pairs
+    assert at_three["mean_diff"] == pytest.approx(0.002) and "compared at epoch 3" in at_three["note"]
+
+    with pytest.raises(MlexpError, match="--metric 'test/acc' is not a metric of the compared runs"):
+        compare(client, ["demo"], out_dir=tmp_path / "bad", plots=False, metric="test/acc")
