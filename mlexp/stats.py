@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 LEVEL = 0.95
-RESAMPLES = 10_000
+RESAMPLES = 20_000
 EXACT_BOOTSTRAP_MAX_N = 6
 EXACT_PERMUTATION_MAX_N = 16
 # With 2 values a bootstrap has 4 resamples and its interval collapses; with 3 the
