@@ -68,6 +68,7 @@ class CompareResult:
     curves: dict[str, pd.DataFrame] = field(default_factory=dict)  # key -> group, epoch, n, mean, low, high
     diff_curves: pd.DataFrame = field(default_factory=pd.DataFrame)  # backbone, epoch, n, mean, low, high
     equal_budget: bool = False
+    lacking_metric: list[str] = field(default_factory=list)  # runs without the compared metric (left out of it)
     features: list = field(default_factory=list)   # mlexp.features.FeatureComparison per backbone
     files: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -101,12 +102,16 @@ def compare(client_or_uri: Any, experiments: list[str], filter_string: str | Non
                                     wants_history=lambda run: run.status == FINISHED, reader=reader)
     fetched = time.perf_counter()
     runs, excluded, ignored = run_table(records, histories, group_by, names)
-    available = {key for run in records if run.run_id in set(runs["run_id"]) for key in run.metrics}
-    chosen = choose_metric(runs, metric, available | ({"best/val_acc"} if not runs.empty else set()))
+    used = [run for run in records if run.run_id in set(runs["run_id"])]
+    available = {key for run in used for key in run.metrics}
+    everywhere = set.intersection(*(set(run.metrics) for run in used)) if used else set()
+    chosen = choose_metric(metric, available, everywhere, equal_budget)
     runs["value"] = metric_values(runs, records, chosen)
+    missing = runs.loc[runs["value"].isna(), "run_id"].tolist()
     table, pairs = comparisons(runs, chosen, equal_budget=equal_budget, between_backbones=between_backbones)
     result = CompareResult(names, filter_string, group_by, runs, group_table(runs, group_by), pairs, table,
-                           chosen, excluded=excluded, ignored=ignored, equal_budget=equal_budget)
+                           chosen, excluded=excluded, ignored=ignored, equal_budget=equal_budget,
+                           lacking_metric=missing)
     result.reads = {"taken": dict(reader.taken), "fallbacks": list(reader.fallbacks)}
     result.curves = {key: banded_curves(runs, histories[key], group_by) for key in CURVE_KEYS}
     result.diff_curves = difference_curves(runs, histories["val/acc"])

@@ -31,6 +31,7 @@ class Numbers:
     def __init__(self, result: CompareResult):
         self.fraction = result.metric.is_fraction
         self.metric = result.metric.key
+        self.higher = result.metric.higher_is_better
 
     def value(self, v: float, kind: str = "metric") -> str:
         if kind == "time":
@@ -88,13 +89,13 @@ def why_not(row: dict) -> str:
     return f"the interval excludes zero, but the adjusted p is {p_value(row['p_holm'])} with {row['n']} pairs"
 
 
-def verdict(row: dict, better: str, worse: str) -> str:
+def verdict(row: dict, better: str, worse: str, higher_is_better: bool = True) -> str:
     """"pretrained is better" / "not enough evidence ..." from the sign, the interval and p."""
     if not row["n"]:
         return "nothing to compare"
     if not conclusive(row):
         return f"not enough evidence of a difference between {better} and {worse} ({why_not(row)})"
-    return f"{better} is better" if row["mean_diff"] > 0 else f"{worse} is better"
+    return f"{better} is better" if (row["mean_diff"] > 0) == higher_is_better else f"{worse} is better"
 
 
 # --- the answers --------------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def which_init(result: CompareResult, say: Numbers) -> list[str]:
     answers = []
     for row in chosen.to_dict("records"):
         where = "over all backbones" if row["backbone"] == "all backbones" else f"for {row['backbone']}"
-        answers.append(f"{capital(verdict(row, 'pretrained', 'scratch'))} {where} on {say.metric}: "
+        answers.append(f"{capital(verdict(row, 'pretrained', 'scratch', say.higher))} {where} on {say.metric}: "
                        f"pretrained minus scratch {say.evidence(row)}.")
     return answers
 
@@ -120,7 +121,7 @@ def how_much(result: CompareResult, say: Numbers) -> list[str]:
         scope = row["backbone"] + ("" if row["strategy"] in ("all", "-") else f" ({row['strategy']})")
         text = (f"{scope}: pretrained {say.value(row['a_mean'])} against scratch {say.value(row['b_mean'])}, "
                 f"{say.evidence(row)}")
-        if say.fraction and row["b_mean"] < 1:
+        if say.fraction and result.metric.higher_is_better and row["b_mean"] < 1:
             reduction = row["mean_diff"] / (1 - row["b_mean"])
             text += (f"; pretraining removes {100 * reduction:.0f}% of scratch's errors (relative error reduction)"
                      if reduction >= 0 else f"; pretraining adds {100 * -reduction:.0f}% to scratch's errors "
@@ -186,7 +187,8 @@ def strategy_winner(result: CompareResult, say: Numbers) -> list[str]:
     answers = []
     rows = rows_of(result, "strategy")
     for (arch, init), mine in runs.groupby(["_arch", "_init"], sort=True):
-        means = mine.groupby("_strategy")["value"].mean().dropna().sort_values(ascending=False)
+        means = mine.groupby("_strategy")["value"].mean().dropna().sort_values(
+            ascending=not result.metric.higher_is_better)
         if len(means) < 2:
             answers.append(f"{arch} ({init}): only {', '.join(means.index) or 'no'} strategy trained; train others "
                            "(`--strategies full,linear,gradual`) to answer this.")
@@ -201,6 +203,9 @@ def strategy_winner(result: CompareResult, say: Numbers) -> list[str]:
         record = row.iloc[0].to_dict()
         if record["a"] != best:  # state it as best minus runner-up
             record = flip(record)
+        if conclusive(record) and (record["mean_diff"] > 0) != result.metric.higher_is_better:
+            record, best, second = flip(record), second, best  # paired on seeds, the runner-up wins
+            means = means[[best, second]]
         claim = (f"{best} wins" if conclusive(record) else
                  f"{best} has the best mean, but not enough evidence it beats {second} ({why_not(record)})")
         answers.append(f"{arch} ({init}): {claim}: {say.value(means.iloc[0])} against {second}'s "

@@ -285,6 +285,9 @@ def render_summary(result: CompareResult, markdown: bool) -> str:
         parts += [heading(f"{result.metric.key} per group"), table(rows, markdown), legend(rows, METRIC_NOTES, markdown)]
         if result.metric.biased_note:
             parts.append(f"Note: {result.metric.biased_note}")
+        if result.lacking_metric:
+            parts.append(f"Note: {len(result.lacking_metric)} of {len(result.runs)} runs have no "
+                         f"{result.metric.key} and are left out of its statistics and pairs (see runs.csv).")
     for kind, title in KIND_TITLES.items():
         rows = comparison_rows(result, kind)
         if rows:

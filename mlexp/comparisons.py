@@ -45,6 +45,10 @@ class Metric:
     key: str
 
     @property
+    def higher_is_better(self) -> bool:
+        return not any(word in self.key for word in ("loss", "error", "time", "ece"))
+
+    @property
     def is_fraction(self) -> bool:
         return any(word in self.key for word in ("acc", "f1", "top5", "precision", "recall"))
 
@@ -59,8 +63,12 @@ class Metric:
         return None
 
 
-def choose_metric(runs: pd.DataFrame, requested: str | None, available: set[str]) -> Metric:
-    """--metric, else test/acc when the runs have a test split, else best/val_acc."""
+CURVE_METRICS = (BEST_VAL, "val/acc")  # what --equal-budget can read at an earlier epoch
+
+
+def choose_metric(requested: str | None, available: set[str], everywhere: set[str], equal_budget: bool) -> Metric:
+    """--metric, else test/acc when every run has a test split, else best/val_acc.
+    `available`: metric keys some run has; `everywhere`: keys every run has."""
     from mlexp.errors import MlexpError
 
     if requested:
@@ -68,8 +76,11 @@ def choose_metric(runs: pd.DataFrame, requested: str | None, available: set[str]
             keys = sorted(key for key in available if not key.startswith(("train/batch", "sys/")))
             raise MlexpError(f"--metric {requested!r} is not a metric of the compared runs; "
                              f"they have: {', '.join(keys[:30]) or 'none'}")
+        if equal_budget and requested not in CURVE_METRICS:
+            raise MlexpError(f"--equal-budget reads the val/acc curves at an earlier epoch; {requested!r} has no "
+                             f"such curve: compare {' or '.join(CURVE_METRICS)} with it, or drop --equal-budget")
         return Metric(requested)
-    return Metric("test/acc" if "test/acc" in available else BEST_VAL)
+    return Metric("test/acc" if "test/acc" in everywhere and not equal_budget else BEST_VAL)
 
 
 # --- matching ------------------------------------------------------------------------------------
@@ -116,6 +127,8 @@ def budget_note(pairs: pd.DataFrame, a: str, b: str, equal_budget: bool) -> str:
 def comparison_row(kind: str, scope: dict[str, str], a: str, b: str, pairs: pd.DataFrame, note: str = "",
                    level: float = math.nan, unit=lambda value: f"{value:.3g}") -> dict:
     result = stats.paired(pairs["value_a"], pairs["value_b"]) if not pairs.empty else stats.paired([], [])
+    if not pairs.empty:  # the side means over the pairs the difference is over
+        pairs = pairs[np.isfinite(pairs["value_a"].astype(float)) & np.isfinite(pairs["value_b"].astype(float))]
     notes = [text for text in (note, stats.no_interval_reason(result) if result.n else "no matched pairs")
              if text]
     if 0 < result.n < stats.SMALL_N and math.isfinite(result.detectable):

@@ -42,7 +42,8 @@ class TrainConfig:
     data: str = option("digits", "An ImageFolder path, 'digits' (built-in, offline) or 'synthetic'.")
     val_dir: str | None = option(None, "A separate ImageFolder for validation (default: DATA/val if it "
                                  "exists, else a split of the training data).")
-    val_split: float = option(0.2, "Fraction of the data held out for validation when there is no val dir.")
+    val_split: float = option(0.2, "Fraction of the data (after any --test-split) held out for validation when "
+                              "there is no val dir.")
     test_split: float = option(0.0, "Fraction of the data held out as a test set, the same for every seed and "
                                "fold, evaluated once at the end with the best-on-validation weights (test/acc). "
                                "0 = none; a DATA/test folder is used when it exists.")

@@ -266,8 +266,9 @@ def _folder_roots(cfg: TrainConfig) -> tuple[Path, Path | None]:
 
 def _test_root(cfg: TrainConfig) -> Path | None:
     """DATA/test when the data folder has one (then --test-split is not needed)."""
-    root = Path(cfg.data).expanduser() / "test"
-    return root if cfg.data not in BUILT_IN and root.is_dir() else None
+    data = Path(cfg.data).expanduser()
+    # Only beside DATA/train: without it DATA itself is the training folder, and test/ one of its classes.
+    return data / "test" if cfg.data not in BUILT_IN and (data / "train").is_dir() and (data / "test").is_dir() else None
 
 
 def _folder_bundle(cfg: TrainConfig) -> DataBundle:

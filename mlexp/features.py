@@ -180,6 +180,8 @@ class FeatureComparison:
         if self.problem:
             return f"{self.backbone}: not computed ({self.problem})."
         same = self.diagonal()
+        if not np.isfinite(same).all():
+            return f"{self.backbone}: not computed (a layer's output was constant over the validation images)."
         low = int(np.nanargmin(same))
         text = (f"{self.backbone} (seed {self.seed} pair, {self.images} validation images): linear CKA between "
                 f"pretrained and scratch is {same[0]:.2f} at the first layer ({self.layers[0]}), {same[-1]:.2f} at "
@@ -283,7 +285,9 @@ def compare_features(client, runs: pd.DataFrame, out_dir: Path) -> list[FeatureC
             pairs = pair_up(mine, "_init", "pretrained", "scratch", ["_strategy", *MATCH])
             if pairs.empty:
                 continue
-            first = pairs.sort_values(["seed", "fold"]).iloc[0]
+            order = pairs.assign(_seed=pd.to_numeric(pairs["seed"], errors="coerce"),
+                                 _fold=pd.to_numeric(pairs["fold"], errors="coerce"))
+            first = order.sort_values(["_seed", "_fold", "seed", "fold"]).iloc[0]  # the lowest seed, numerically
             results.append(compare_backbone(client, arch, first["run_id_a"], first["run_id_b"], out_dir,
                                             Path(workdir)))
     return results

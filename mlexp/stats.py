@@ -21,6 +21,7 @@ papers on comparing trained models ask (Bouthillier et al. 2021; Agarwal et al. 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -111,11 +112,24 @@ def no_interval_reason(summary: Summary) -> str | None:
 
 
 # --- bootstrap ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
 def resample_indices(n: int, seed: int) -> np.ndarray:
-    """Every ordered resample of n items (n <= 6), else RESAMPLES seeded draws: shape (B, n)."""
+    """Every ordered resample of n items (n <= 6), else RESAMPLES seeded draws: shape (B, n).
+    Cached (read-only): a report resamples many samples of the same size with the same seed."""
     if n <= EXACT_BOOTSTRAP_MAX_N:
-        return np.array(list(itertools.product(range(n), repeat=n)), dtype=np.int64)
-    return np.random.default_rng(seed).integers(0, n, size=(RESAMPLES, n))
+        indices = np.array(list(itertools.product(range(n), repeat=n)), dtype=np.int64)
+    else:
+        indices = np.random.default_rng(seed).integers(0, n, size=(RESAMPLES, n))
+    indices.flags.writeable = False
+    return indices
+
+
+@functools.lru_cache(maxsize=32)
+def sign_patterns(n: int) -> np.ndarray:
+    """Every pattern of n signs (2^n x n), for the exact permutation test."""
+    signs = (1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)).astype(float)
+    signs.flags.writeable = False
+    return signs
 
 
 def bootstrap_t_interval(x: np.ndarray, seed: int = SEED, level: float = LEVEL) -> tuple[float, float]:
@@ -154,12 +168,14 @@ def sign_flip_p(diffs, seed: int = SEED) -> float:
     if n == 0:
         return math.nan
     observed = abs(d.mean())
+    # Sums in another order differ in their last bits: a relative tolerance lets the observed
+    # pattern (and its mirror) always count as "at least as extreme".
+    tolerance = 1e-9 * max(observed, float(np.abs(d).max()))
     if n <= EXACT_PERMUTATION_MAX_N:
-        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)  # every sign pattern
-        flipped = np.abs(signs @ d) / n
-        return float(np.mean(flipped >= observed - 1e-12))
+        flipped = np.abs(sign_patterns(n) @ d) / n
+        return float(np.mean(flipped >= observed - tolerance))
     signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(RESAMPLES, n))
-    hits = int(np.sum(np.abs(signs @ d) / n >= observed - 1e-12))
+    hits = int(np.sum(np.abs(signs @ d) / n >= observed - tolerance))
     return (1 + hits) / (1 + RESAMPLES)
 
 

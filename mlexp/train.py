@@ -363,6 +363,9 @@ def evaluate_test_set(parts: TrainParts, history: History, test_loader, tracker,
     if parts.best_weights is not None:
         model.load_state_dict(parts.best_weights)
         epoch = history.best_epoch
+    elif history.best_epoch != last_epoch and parts.accelerator.is_main_process:
+        print(f"mlexp: WARNING: the best epoch ({history.best_epoch}) was before this resume began: the test set "
+              f"is evaluated with the final weights (epoch {last_epoch}); test/epoch says so", flush=True)
     result = evaluate(model, test_loader, parts.accelerator, parts.channels_last)
     if parts.accelerator.is_main_process:
         tracker.log_metrics({"test/acc": result.acc, "test/loss": result.loss, "test/epoch": epoch}, step=last_epoch)

@@ -374,3 +374,7 @@ def test_two_equal_pairs_unequal_budgets_and_the_report(sqlite_uri, tmp_path):
 
     with pytest.raises(MlexpError, match="--metric 'test/acc' is not a metric of the compared runs"):
         compare(client, ["demo"], out_dir=tmp_path / "bad", plots=False, metric="test/acc")
+    with pytest.raises(MlexpError, match="--equal-budget reads the val/acc curves"):
+        compare(client, ["demo"], out_dir=tmp_path / "bad", plots=False, metric="val/loss", equal_budget=True)
+    by_loss = compare(client, ["demo"], out_dir=tmp_path / "loss", plots=False, metric="val/loss")
+    assert not by_loss.metric.higher_is_better and by_loss.metric.key == "val/loss"

@@ -38,3 +38,25 @@ def test_schedule_warms_up_linearly_then_follows_the_schedule(scheduler):
         assert (f(29), f(30), f(60)) == pytest.approx((1.0, 0.5, 0.25))
     else:
         assert f(99) == 1.0
+
+
+def test_test_split_is_held_out_first_disjoint_and_the_same_for_every_seed_and_fold():
+    from mlexp.config import TrainConfig
+    from mlexp.data import build_data, digits_arrays
+
+    images = digits_arrays()[0]
+    keys = {image.tobytes(): index for index, image in enumerate(images)}
+    assert len(keys) > 1700  # digits images are (nearly all) distinct, so they identify themselves
+
+    def indices(dataset) -> set[int]:
+        return {keys[image.tobytes()] for image in dataset.images}
+
+    splits = []
+    for seed, folds, fold in ((1, 0, 0), (2, 0, 0), (1, 3, 0), (1, 3, 2)):
+        data = build_data(TrainConfig(data="digits", test_split=0.2, seed=seed, folds=folds, fold=fold))
+        test, train, val = indices(data.test_set), indices(data.train_set), indices(data.val_set)
+        assert not test & train and not test & val and not train & val
+        assert len(data.test_set) == 360  # ceil(0.2 x 1,797)
+        splits.append(test)
+    assert all(test == splits[0] for test in splits)  # one test set for every seed and fold
+    assert build_data(TrainConfig(data="digits")).test_set is None
