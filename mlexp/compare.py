@@ -322,13 +322,13 @@ def group_label(row: pd.Series | dict, group_by: list[str]) -> str:
 def band(values: np.ndarray) -> tuple[int, float, float, float]:
     """n, mean and a 95% t interval of one epoch's values (the curves' band; NaN below 2 runs).
     A t band, not a bootstrap one: it is drawn per epoch and group, thousands of times on big sweeps."""
-    from scipy.stats import t as student
+    from scipy.special import stdtrit  # Student t quantile (scipy.special: no scipy.stats import)
 
     n = len(values)
     mean = float(values.mean()) if n else math.nan
     if n < 2:
         return n, mean, math.nan, math.nan
-    half = float(student.ppf(0.975, n - 1)) * float(values.std(ddof=1)) / math.sqrt(n)
+    half = float(stdtrit(n - 1, 0.975)) * float(values.std(ddof=1)) / math.sqrt(n)
     return n, mean, mean - half, mean + half
 
 

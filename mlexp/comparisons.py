@@ -86,14 +86,33 @@ def choose_metric(requested: str | None, available: set[str], everywhere: set[st
 # --- matching ------------------------------------------------------------------------------------
 def pair_up(frame: pd.DataFrame, column: str, a: str, b: str, keys: list[str], value: str = "value") -> pd.DataFrame:
     """Runs with `column` == a next to runs with `column` == b that share `keys` (one row per
-    match; several runs with the same keys, which differ in some other param, are averaged)."""
+    match, sorted by keys; several runs with the same keys, which differ in some other param,
+    are averaged). Plain dictionaries: compare makes many of these, and a pandas groupby and
+    join each would cost more than the statistics."""
     sides = []
     for side in (a, b):
         part = frame[frame[column] == side]
-        sides.append(part.groupby(keys, sort=True, dropna=False).agg(
-            value=(value, "mean"), epochs=("epochs_run", "mean"), run_id=("run_id", "first"),
-            points=("_val_acc_points", "first")))
-    return sides[0].add_suffix("_a").join(sides[1].add_suffix("_b"), how="inner").reset_index()
+        matched: dict[tuple, list] = {}
+        for *key, number, epochs, run_id, points in zip(*(part[k] for k in keys), part[value], part["epochs_run"],
+                                                         part["run_id"], part["_val_acc_points"]):
+            matched.setdefault(tuple(key), []).append((number, epochs, run_id, points))
+        sides.append(matched)
+    rows = []
+    for key in sorted(sides[0].keys() & sides[1].keys(), key=lambda k: tuple(map(str, k))):
+        row = dict(zip(keys, key))
+        for suffix, found in zip(("_a", "_b"), (sides[0][key], sides[1][key])):
+            row.update({f"value{suffix}": finite_mean([f[0] for f in found]),
+                        f"epochs{suffix}": finite_mean([f[1] for f in found]),
+                        f"run_id{suffix}": found[0][2], f"points{suffix}": found[0][3]})
+        rows.append(row)
+    columns = [*keys, *(f"{name}{suffix}" for suffix in ("_a", "_b") for name in ("value", "epochs", "run_id", "points"))]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def finite_mean(values: list[float]) -> float:
+    """The mean of the finite values (NaN if none), as a pandas groupby mean skips NaN."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def at_epoch(points: list[tuple[int, float]], epoch: float, best_so_far: bool) -> float:
@@ -173,12 +192,11 @@ def comparisons(runs: pd.DataFrame, metric: Metric, *, equal_budget: bool = Fals
         mine = runs[runs["_arch"] == arch]
         if not set(mine["_init"]) >= {"pretrained", "scratch"}:
             continue
-        per_strategy = {strategy: pair_up(mine[mine["_strategy"] == strategy], "_init", "pretrained", "scratch",
-                                          init_keys) for strategy in sorted(mine["_strategy"].unique())}
-        per_strategy = {strategy: pairs for strategy, pairs in per_strategy.items() if not pairs.empty}
+        every = pair_up(mine, "_init", "pretrained", "scratch", init_keys)
+        per_strategy = {strategy: pairs.reset_index(drop=True) for strategy, pairs in every.groupby("_strategy")}
         label = "all" if len(per_strategy) > 1 else next(iter(per_strategy), "-")
-        pairs = compare_on("init", {"backbone": arch, "strategy": label}, mine, "_init", "pretrained", "scratch",
-                           init_keys)
+        pairs = compare_on("init", {"backbone": arch, "strategy": label}, None, "_init", "pretrained", "scratch",
+                           init_keys, pairs=every)
         pair_frames.append(pairs.assign(backbone=arch))
         gains[arch] = pairs.assign(gain=pairs["value_a"] - pairs["value_b"])
         if len(per_strategy) > 1:  # else the row above is that one strategy's

@@ -31,6 +31,8 @@ import numpy as np
 LEVEL = 0.95
 RESAMPLES = 20_000
 EXACT_BOOTSTRAP_MAX_N = 6
+CHUNK = 2_000
+LARGE_N = 64
 EXACT_PERMUTATION_MAX_N = 16
 # With 2 values a bootstrap has 4 resamples and its interval collapses; with 3 the
 # bootstrap-t interval covered 85% in simulation, not 95% (benchmarks/stats_coverage.py).
@@ -112,22 +114,46 @@ def no_interval_reason(summary: Summary) -> str | None:
 
 
 # --- bootstrap ---------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def resample_indices(n: int, seed: int) -> np.ndarray:
-    """Every ordered resample of n items (n <= 6), else RESAMPLES seeded draws: shape (B, n).
-    Cached (read-only): a report resamples many samples of the same size with the same seed."""
+def resamples(n: int) -> int:
+    """How many random resamples for n values. An endpoint's Monte Carlo error scales with the
+    standard error sd / sqrt(n): from LARGE_N values a quarter of RESAMPLES keeps it as small
+    (and keeps compare over thousands of runs quick)."""
+    return RESAMPLES if n < LARGE_N else RESAMPLES // 4
+
+
+@functools.lru_cache(maxsize=8)
+def exact_resamples(n: int) -> np.ndarray:
+    """Every ordered resample of n <= EXACT_BOOTSTRAP_MAX_N items, as index rows (n^n x n)."""
+    draws = np.array(list(itertools.product(range(n), repeat=n)), dtype=np.int64)
+    draws.flags.writeable = False
+    return draws
+
+
+def resample_moments(centred: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample std of every resample: all of them up to 6 values, else RESAMPLES seeded
+    draws, taken in chunks (a 20,000 x n index array would not fit in cache for large n)."""
+    n = len(centred)
     if n <= EXACT_BOOTSTRAP_MAX_N:
-        indices = np.array(list(itertools.product(range(n), repeat=n)), dtype=np.int64)
+        chunks = [exact_resamples(n)]
     else:
-        indices = np.random.default_rng(seed).integers(0, n, size=(RESAMPLES, n))
-    indices.flags.writeable = False
-    return indices
+        rng, total = np.random.default_rng(seed), resamples(n)
+        chunks = (rng.integers(0, n, size=(min(CHUNK, total - start), n)) for start in range(0, total, CHUNK))
+    means, sds = [], []
+    for draws in chunks:
+        samples = centred[draws]
+        means.append(samples.mean(axis=1))
+        sds.append(samples.std(axis=1, ddof=1))
+    return np.concatenate(means), np.concatenate(sds)
 
 
 @functools.lru_cache(maxsize=32)
-def sign_patterns(n: int) -> np.ndarray:
-    """Every pattern of n signs (2^n x n), for the exact permutation test."""
-    signs = (1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)).astype(float)
+def sign_patterns(n: int, seed: int) -> np.ndarray:
+    """Every pattern of n signs (2^n x n) up to EXACT_PERMUTATION_MAX_N, else RESAMPLES seeded
+    random ones (cached, read-only)."""
+    if n <= EXACT_PERMUTATION_MAX_N:
+        signs = (1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)).astype(float)
+    else:
+        signs = 1.0 - 2.0 * np.random.default_rng(seed).integers(0, 2, size=(resamples(n), n))
     signs.flags.writeable = False
     return signs
 
@@ -141,10 +167,9 @@ def bootstrap_t_interval(x: np.ndarray, seed: int = SEED, level: float = LEVEL) 
     sd = float(x.std(ddof=1))
     if sd <= 1e-12 * max(1.0, abs(float(x.mean()))):
         return math.nan, math.nan
-    samples = x[resample_indices(n, seed)]
-    means, sds = samples.mean(axis=1), samples.std(axis=1, ddof=1)
+    means, sds = resample_moments(x - x.mean(), seed)  # of centred values: t* = mean* / se*
     varied = sds > 1e-9 * sd  # a resample of one repeated value has no t statistic (sd 0, or rounding noise)
-    t = (means[varied] - x.mean()) / (sds[varied] / math.sqrt(n))
+    t = means[varied] / (sds[varied] / math.sqrt(n))
     t_low, t_high = np.quantile(t, [(1 - level) / 2, (1 + level) / 2])
     se = sd / math.sqrt(n)
     low, high = float(x.mean() - t_high * se), float(x.mean() - t_low * se)
@@ -154,10 +179,9 @@ def bootstrap_t_interval(x: np.ndarray, seed: int = SEED, level: float = LEVEL) 
 
 
 def interquartile_mean(x: np.ndarray) -> float:
-    """Mean of the middle 50% (rliable's IQM): robust to one diverged seed."""
-    from scipy.stats import trim_mean
-
-    return float(trim_mean(x, 0.25))
+    """Mean of the middle 50% (rliable's IQM; scipy's trim_mean(x, 0.25)): robust to one diverged seed."""
+    cut = int(0.25 * len(x))
+    return float(np.sort(x)[cut:len(x) - cut].mean())
 
 
 # --- tests -------------------------------------------------------------------------------------
@@ -171,12 +195,10 @@ def sign_flip_p(diffs, seed: int = SEED) -> float:
     # Sums in another order differ in their last bits: a relative tolerance lets the observed
     # pattern (and its mirror) always count as "at least as extreme".
     tolerance = 1e-9 * max(observed, float(np.abs(d).max()))
+    flipped = np.abs(sign_patterns(n, seed) @ d) / n
     if n <= EXACT_PERMUTATION_MAX_N:
-        flipped = np.abs(sign_patterns(n) @ d) / n
         return float(np.mean(flipped >= observed - tolerance))
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(RESAMPLES, n))
-    hits = int(np.sum(np.abs(signs @ d) / n >= observed - tolerance))
-    return (1 + hits) / (1 + RESAMPLES)
+    return (1 + int(np.sum(flipped >= observed - tolerance))) / (1 + len(flipped))
 
 
 def holm(p_values) -> np.ndarray:
@@ -194,11 +216,11 @@ def holm(p_values) -> np.ndarray:
 
 def wilson_interval(successes: float, n: int, level: float = LEVEL) -> tuple[float, float]:
     """Wilson score interval of a proportion (sensible at 0/n and n/n, unlike the normal one)."""
-    from scipy.stats import norm
+    from statistics import NormalDist
 
     if n == 0:
         return math.nan, math.nan
-    z = float(norm.ppf((1 + level) / 2))
+    z = NormalDist().inv_cdf((1 + level) / 2)
     phat = successes / n
     centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -208,9 +230,9 @@ def wilson_interval(successes: float, n: int, level: float = LEVEL) -> tuple[flo
 def detectable_difference(std: float, n: int, power: float = POWER, level: float = LEVEL) -> float:
     """Smallest true mean difference a paired test of n pairs detects with `power`, given the
     observed spread of the differences (t approximation; NaN when the spread is unknown)."""
-    from scipy.stats import t as student
+    from scipy.special import stdtrit  # Student t quantiles (scipy.special: no scipy.stats import)
 
     if n < 2 or not math.isfinite(std) or std <= 0:
         return math.nan
     df = n - 1
-    return float((student.ppf((1 + level) / 2, df) + student.ppf(power, df)) * std / math.sqrt(n))
+    return float((stdtrit(df, (1 + level) / 2) + stdtrit(df, power)) * std / math.sqrt(n))
