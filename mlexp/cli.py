@@ -269,7 +269,7 @@ def compare_with(values: dict[str, Any], run_id: str | None = None) -> None:
                          **{name: parse_value(name, bool, values[name] or "false")
                             for name in ("equal_budget", "between_backbones", "features")})
     click.echo(format_table(result))
-    click.echo(f"Wrote {len(result.files)} files to {out}/"
+    click.echo(f"Wrote {len(result.files)} files to {out}/ (the research questions answered: {out}/report.md)"
                + (f"; logged to MLflow run {result.run_id}" if result.run_id else ""))
 
 

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlexp.cli import main
-from tests.helpers import ROOT, artifact_paths, runs_of, subprocess_env, write_pretrained_weights
+from tests.helpers import artifact_paths, runs_of, subprocess_env, write_pretrained_weights
 
 SMALL = ["--data", "digits", "--img-size", "16", "--batch-size", "64", "--epochs", "1", "--calibrate", "false"]
 
@@ -47,7 +47,7 @@ def test_dry_run_prints_the_plan_and_creates_nothing(sqlite_uri, capsys):
 
 
 @pytest.mark.slow
-def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, tmp_path, monkeypatch):
+def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, tmp_path, monkeypatch, capsys):
     weights = tmp_path / "weights"
     write_pretrained_weights(weights, "resnet18", "resnet18")
     write_pretrained_weights(weights, "deit_small_patch16_224", "deit_small")
@@ -92,13 +92,15 @@ def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, 
                 for r in runs_of(client, "sweep-all-fail")}
     assert statuses == {"child": "FAILED", "parent": "FAILED"}
 
-    # compare with the feature comparison, through the MLflow Project entry point, against the same live server
-    done = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "compare", "--env-manager", "local",
-         "--experiment-name", "compare-e2e", "-P", "experiment=sweep-e2e", "-P", f"out={tmp_path / 'cmp'}",
-         "-P", "features=true"],
-        env=subprocess_env(server_uri), cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # compare with the feature comparison against the same live server (in this process: the
+    # entry points' own test runs compare through `mlflow run`, and MLproject is the CLI's options)
+    capsys.readouterr()
+    try:
+        main(["compare", "--experiment", "sweep-e2e", "--out", str(tmp_path / "cmp"), "--features", "--tracking-uri",
+              server_uri, "--compare-experiment", "compare-e2e"])
+    except SystemExit as done:
+        assert not done.code
+    printed = capsys.readouterr().out
     [compare_run] = runs_of(client, "compare-e2e")
     assert compare_run.info.status == "FINISHED"
     files = artifact_paths(client, compare_run.info.run_id)
@@ -131,4 +133,4 @@ def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, 
     for row in features.values():
         assert all(-0.2 < value <= 1.0 + 1e-9 for value in row["same_layer_cka"])
         assert set(row["to_init"]) == {"pretrained", "scratch"}  # the weights file, and the seed's init
-    assert "resnet18" in done.stdout and "deit_small" in done.stdout  # the terminal table
+    assert "resnet18" in printed and "deit_small" in printed and "report.md" in printed  # the terminal table
