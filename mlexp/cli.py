@@ -217,8 +217,8 @@ def split_names(values) -> list[str]:
                    "(resnet18: both inits), init, strategy, dataset, experiment, any param (lr, epochs, ...) "
                    "or tags.X / params.X. (default: backbone,strategy)")
 @click.option("--metric", "metric", default="", metavar="KEY",
-              help="What the paired comparisons compare: any metric key of the runs. (default: test/acc when "
-                   "the runs have a test split, else best/val_acc, which is optimistically biased)")
+              help="What the paired comparisons compare: any metric key of the runs. (default: test/acc when every run has "
+                   "a test split, else best/val_acc, which is optimistically biased)")
 @click.option("--equal-budget", "equal_budget", is_flag=False, flag_value="true", default="false", metavar="[BOOL]",
               help="Compare each pair at the epoch its shorter run stopped (from the val/acc curves), when the "
                    "two sides trained for different numbers of epochs. (default: false)")
