@@ -430,12 +430,14 @@ def curves_figure(curves: pd.DataFrame, scale: float, ylabel: str, styles: dict[
     for group, rows in curves.groupby("group", sort=False):
         style = styles.get(group, {})
         ax.plot(rows["epoch"], rows["mean"] * scale, marker=marker, markersize=3, linewidth=1.6, label=group, **style)
-        ax.fill_between(rows["epoch"], rows["low"] * scale, rows["high"] * scale, alpha=0.15, linewidth=0,
+        # Accuracies lie in [0, 100] and losses above 0: a t band over 2-3 runs can reach past both.
+        low, high = (rows["low"] * scale).clip(lower=0), rows["high"] * scale
+        ax.fill_between(rows["epoch"], low, high.clip(upper=100) if scale == 100 else high, alpha=0.15, linewidth=0,
                         color=style.get("color"))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("Epoch")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel}: mean over each group's runs, 95% band")
+    ax.set_title(f"{ylabel}: mean over each group's runs, 95% t band (wide with few runs)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7 if len(groups) > 8 else 9, ncol=columns, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
