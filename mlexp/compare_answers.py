@@ -143,7 +143,8 @@ def interaction(result: CompareResult, say: Numbers) -> list[str]:
     answers = []
     for row in rows.to_dict("records"):
         if conclusive(row):
-            bigger, smaller = (row["a"], row["b"]) if row["mean_diff"] > 0 else (row["b"], row["a"])
+            # a larger gain in the metric's good direction (up for accuracy, down for a loss)
+            bigger, smaller = (row["a"], row["b"]) if (row["mean_diff"] > 0) == say.higher else (row["b"], row["a"])
             lead = f"Yes: pretraining helps {bigger} more than {smaller}"
         else:
             lead = f"Not enough evidence that pretraining helps {row['a']} and {row['b']} differently ({why_not(row)})"
