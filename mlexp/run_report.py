@@ -57,7 +57,9 @@ def print_outcome(result, delivery, tracking_uri: str) -> None:
     if delivery.complete:
         where = f"open it: {tracking.ui_hint(tracking_uri, run_experiment_id(tracking_uri, delivery.run_id))}"
         print(f"\nmlexp: run {delivery.run_id} FINISHED: best val acc {result.best_val_acc:.4f} at epoch "
-              f"{result.best_epoch}\n  logged: {LOGGED}\n  {where}", flush=True)
+              f"{result.best_epoch}\n  logged: {LOGGED}"
+              + (", evaluation/{test,val}/ (per-class table, confusion matrix)" if result.tested else "")
+              + f"\n  {where}", flush=True)
         return
     if delivery.offline:
         print(f"\nmlexp: offline run {delivery.run_id} FINISHED: best val acc {result.best_val_acc:.4f} at epoch "

@@ -48,6 +48,7 @@ class TrainResult:
     model: torch.nn.Module | None = field(default=None, repr=False)  # the final (EMA) weights, unwrapped
     history: History | None = field(default=None, repr=False)
     delivered_s: float | None = None  # from the end of training until the server had everything
+    tested: bool = False  # a test set was evaluated (evaluation/{test,val}/ logged)
 
 
 def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dict | None = None,
@@ -193,7 +194,7 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
     if data.test_set is not None:
         test_loader = accelerator.prepare(DataLoader(data.test_set, shuffle=False, **loader_kwargs(cfg)))
     train_epochs(parts, cfg, history, start_epoch, train_loader, val_loader, tracker, keep_best=test_loader is not None)
-    return finish_run(parts, cfg, spec, built, history, val_loader, tracker, test_loader)
+    return finish_run(parts, cfg, spec, built, history, val_loader, tracker, test_loader, data.class_names)
 
 
 def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, data,
@@ -353,32 +354,43 @@ def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, mo
     tracker.log_artifacts(write_json(cfg.to_dict(), tracker.staging_dir("config") / "config.json").parent, "")
 
 
-def evaluate_test_set(parts: TrainParts, history: History, test_loader, tracker, last_epoch: int) -> None:
-    """test/acc and test/loss of the best-on-validation weights (test/epoch says whose: the best
-    epoch; after a resume that began past it, the final weights, and test/epoch says so)."""
-    import copy
+def evaluate_test_set(parts: TrainParts, history: History, test_loader, val_loader, tracker, last_epoch: int,
+                      class_names: list[str]) -> None:
+    """The end-of-run report (mlexp.evaluation) of the test set, and of the validation set,
+    with the best-on-validation weights. test/epoch says whose weights they were: the best
+    epoch; after a resume that began past it, the final weights."""
+    from mlexp.evaluation import best_weights_model, split_metrics, write_report
 
-    model = copy.deepcopy(final_weights_model(parts))
-    epoch = last_epoch
-    if parts.best_weights is not None:
-        model.load_state_dict(parts.best_weights)
-        epoch = history.best_epoch
-    elif history.best_epoch != last_epoch and parts.accelerator.is_main_process:
+    model = best_weights_model(final_weights_model(parts), parts.best_weights)
+    epoch = history.best_epoch if parts.best_weights is not None else last_epoch
+    if parts.best_weights is None and history.best_epoch != last_epoch and parts.accelerator.is_main_process:
         print(f"mlexp: WARNING: the best epoch ({history.best_epoch}) was before this resume began: the test set "
               f"is evaluated with the final weights (epoch {last_epoch}); test/epoch says so", flush=True)
-    result = evaluate(model, test_loader, parts.accelerator, parts.channels_last)
-    if parts.accelerator.is_main_process:
-        tracker.log_metrics({"test/acc": result.acc, "test/loss": result.loss, "test/epoch": epoch}, step=last_epoch)
-        print(f"mlexp: test set ({len(result.labels)} images), weights of epoch {epoch}: acc {100 * result.acc:.2f}%, "
-              f"loss {result.loss:.4f}")
+    test = evaluate(model, test_loader, parts.accelerator, parts.channels_last)
+    val = evaluate(model, val_loader, parts.accelerator, parts.channels_last)
+    if not parts.accelerator.is_main_process:
+        return
+    test_metrics, val_metrics = split_metrics(test), split_metrics(val)
+    logged = {f"test/{key}": value for key, value in test_metrics.items()}
+    # val/acc and val/loss are the per-epoch curves: the end-of-run report adds the rest
+    logged |= {f"val/{key}": value for key, value in val_metrics.items() if key not in ("acc", "loss")}
+    tracker.log_metrics({**logged, "test/epoch": epoch}, step=last_epoch)
+    for split, result in (("test", test), ("val", val)):
+        folder = tracker.staging_dir(f"evaluation-{split}")
+        write_report(result, class_names, folder)
+        tracker.log_artifacts(folder, f"evaluation/{split}")
+    print(f"mlexp: test set ({len(test.labels)} images), weights of epoch {epoch}: acc {100 * test.acc:.2f}%, "
+          f"balanced acc {100 * test_metrics['balanced_acc']:.2f}%, macro F1 {test_metrics['macro_f1']:.4f}, "
+          f"loss {test.loss:.4f}")
 
 
 def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, history: History, val_loader,
-               tracker, test_loader=None) -> TrainResult:
+               tracker, test_loader=None, class_names: list[str] | None = None) -> TrainResult:
     accelerator = parts.accelerator
     final_model = eval_model(parts)
     if test_loader is not None:
-        evaluate_test_set(parts, history, test_loader, tracker, history.epochs[-1]["epoch"] if history.epochs else 0)
+        evaluate_test_set(parts, history, test_loader, val_loader, tracker,
+                          history.epochs[-1]["epoch"] if history.epochs else 0, class_names or [])
     calibration = {}
     if cfg.calibrate:
         final_eval: EvalResult = evaluate(final_model, val_loader, accelerator, cfg.channels_last)
@@ -406,7 +418,7 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
         tracker.log_artifacts(summary, "summary")
         tracker.log_artifacts(metrics, "metrics")
     return TrainResult(tracker.run_id, "FINISHED", history.best_val_acc, history.best_epoch, cfg,
-                       final_weights_model(parts), history)
+                       final_weights_model(parts), history, tested=test_loader is not None)
 
 
 KILLED_WAIT_S = 5.0  # Ctrl-C: a short wait for the sender, then the rest stays in the outbox

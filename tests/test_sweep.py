@@ -60,6 +60,9 @@ def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, 
     first = children(client, "sweep-e2e")
     assert len(first) == 12 and all(r.info.status == "FINISHED" for r in first)
     assert all(0 < r.data.metrics["test/acc"] <= 1 and r.data.metrics["test/epoch"] == 1 for r in first)
+    assert all({"test/balanced_acc", "test/macro_f1", "test/top5", "val/macro_f1"} <= set(r.data.metrics) for r in first)
+    assert {f"evaluation/{split}/{name}" for split in ("test", "val") for name in
+            ("per_class.csv", "confusion_matrix.csv", "confusion_matrix.png")} <= artifact_paths(client, first[0].info.run_id)
     assert {(r.data.tags["mlexp.backbone"], r.data.tags["mlexp.init"]) for r in first} == {
         ("resnet18", "pretrained"), ("resnet18", "scratch"), ("deit_small", "pretrained"), ("deit_small", "scratch")}
     for child in first:  # the scratch multipliers are applied exactly once

@@ -60,3 +60,26 @@ def test_test_split_is_held_out_first_disjoint_and_the_same_for_every_seed_and_f
         splits.append(test)
     assert all(test == splits[0] for test in splits)  # one test set for every seed and fold
     assert build_data(TrainConfig(data="digits")).test_set is None
+
+
+def test_end_of_run_report_by_hand(tmp_path):
+    import pandas as pd
+    import torch
+
+    from mlexp.evaluation import split_metrics, write_report
+    from mlexp.loop import EvalResult
+
+    # 6 classes, 6 images: classes 0-4 right, the class-5 image predicted as class 0
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    logits = torch.eye(6)[[0, 1, 2, 3, 4, 0]] * 5 + torch.arange(6) * 0.1  # class 5 second for the last image
+    result = EvalResult(loss=0.5, acc=5 / 6, logits=logits, labels=labels)
+    metrics = split_metrics(result)
+    assert metrics["balanced_acc"] == pytest.approx(5 / 6)  # recall 1 for five classes, 0 for one
+    assert metrics["macro_f1"] == pytest.approx((4 * 1 + 2 / 3 + 0) / 6)  # class 0: precision 1/2, recall 1
+    assert metrics["top5"] == 1.0
+    files = write_report(result, [f"c{i}" for i in range(6)], tmp_path)
+    table = pd.read_csv(files[0])
+    assert table["support"].tolist() == [1] * 6 and table.loc[5, "recall"] == 0
+    confusion = pd.read_csv(files[1], index_col=0)
+    assert confusion.loc["c5", "c0"] == 1 and int(confusion.values.sum()) == 6
+    assert files[2].read_bytes()[:4] == b"\x89PNG"
