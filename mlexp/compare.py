@@ -102,7 +102,8 @@ def compare(client_or_uri: Any, experiments: list[str], filter_string: str | Non
                                     wants_history=lambda run: run.status == FINISHED, reader=reader)
     fetched = time.perf_counter()
     runs, excluded, ignored = run_table(records, histories, group_by, names)
-    used = [run for run in records if run.run_id in set(runs["run_id"])]
+    compared = set(runs["run_id"])  # once: a set built per record would cost O(runs^2) over thousands
+    used = [run for run in records if run.run_id in compared]
     available = {key for run in used for key in run.metrics}
     everywhere = set.intersection(*(set(run.metrics) for run in used)) if used else set()
     chosen = choose_metric(metric, available, everywhere, equal_budget)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from mlexp import stats
+from mlexp.compare_report import p_text
 
 if TYPE_CHECKING:
     from mlexp.compare import CompareResult
@@ -58,7 +59,7 @@ class Numbers:
                                           "amount" if row["std_diff"] == 0 else "ties among the pairs") + ")"
         else:
             interval = f"95% CI [{self.diff(row['ci_low'], kind)}, {self.diff(row['ci_high'], kind)}]"
-        return f"{diff}, {interval}, n = {row['n']} pairs, p (Holm) = {p_value(row['p_holm'])}"
+        return f"{diff}, {interval}, n = {row['n']} pairs, p (Holm) = {p_text(row['p_holm'])}"
 
 
 def duration(seconds: float) -> str:
@@ -68,10 +69,6 @@ def duration(seconds: float) -> str:
         if seconds >= 2 * size:
             return f"{seconds / size:.1f} {unit}"
     return f"{seconds:.1f} s"
-
-
-def p_value(p: float) -> str:
-    return "-" if pd.isna(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def conclusive(row: dict) -> bool:
@@ -86,7 +83,7 @@ def why_not(row: dict) -> str:
         return "no interval"
     if row["ci_low"] <= 0 <= row["ci_high"]:
         return "the interval spans zero"
-    return f"the interval excludes zero, but the adjusted p is {p_value(row['p_holm'])} with {row['n']} pairs"
+    return f"the interval excludes zero, but the adjusted p is {p_text(row['p_holm'])} with {row['n']} pairs"
 
 
 def verdict(row: dict, better: str, worse: str, higher_is_better: bool = True) -> str:
