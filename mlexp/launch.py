@@ -27,6 +27,7 @@ from mlexp.tracking import server
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 STOP_WAIT_S = 60.0  # Ctrl-C: how long the children get to end their runs KILLED
+LEFTOVER_STALL_S = 15.0  # a dead child's unsent records: give up when nothing moves for this long
 
 
 @dataclass
@@ -145,8 +146,25 @@ def run_result(job: ChildJob, run_id: str) -> tuple[str | None, float | None]:
         run = server.client_for(job.tracking_uri).get_run(run_id)
     except Exception:  # noqa: BLE001 - the server is away: the outbox knows how the run ended
         return local, None
+    if local in TERMINAL and run.info.status == "RUNNING":
+        run = deliver_leftovers(box, run_id, job.tracking_uri) or run
     status = local if local in TERMINAL and run.info.status == "RUNNING" else run.info.status
     return status, run.data.metrics.get("best/val_acc")
+
+
+def deliver_leftovers(box, run_id: str, tracking_uri: str):
+    """A child whose time to send its last records ran out (a kill, or Ctrl-C's few seconds to
+    end its run KILLED) left them in its outbox: send them now, so the server, not only this
+    launcher, says how the run ended. The run as the server then has it (None if unreachable)."""
+    from mlexp.tracking.sync import sync_outbox
+
+    try:
+        sync_outbox(box, None, False, stall=LEFTOVER_STALL_S)
+        return server.client_for(tracking_uri).get_run(run_id)
+    except Exception as error:  # noqa: BLE001 - the outbox keeps them for `mlexp sync`
+        print(f"  run {run_id}: its last records wait in its outbox ({server.first_line(error)}); "
+              "`mlexp sync --all` sends them", flush=True)
+        return None
 
 
 def end_untrained(job: ChildJob, run_id: str, status: str, message: str) -> None:

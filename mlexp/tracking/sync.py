@@ -79,7 +79,7 @@ def label(box: Outbox) -> str:
     return f"{name}({info.run_id or info.local_id}{', offline' if info.offline and not info.run_id else ''})"
 
 
-def sync_outbox(box: Outbox, to: str | None, dry_run: bool) -> SyncResult:
+def sync_outbox(box: Outbox, to: str | None, dry_run: bool, stall: float | None = None) -> SyncResult:
     info = box.info()
     name = label(box)  # before the sync: an offline run is still named by its local id
     before = box.pending()
@@ -100,7 +100,7 @@ def sync_outbox(box: Outbox, to: str | None, dry_run: bool) -> SyncResult:
         client = server.client_for(uri)
         run_id = info.run_id or ensure_server_run(box, client, uri)
         sender = Sender(box, client, run_id, quiet=True).start()
-        drain(box, sender)
+        drain(box, sender, stall_s() if stall is None else stall)
         sender.stop()
         after = box.pending()
         note = f" -> run {run_id} at {uri}" if not info.run_id else ""
@@ -115,10 +115,10 @@ def sync_outbox(box: Outbox, to: str | None, dry_run: bool) -> SyncResult:
         box.close()
 
 
-def drain(box: Outbox, sender: Sender) -> None:
-    """Until the outbox is empty, or nothing has moved (no row sent, no block uploaded) for stall_s()."""
+def drain(box: Outbox, sender: Sender, stall: float) -> None:
+    """Until the outbox is empty, or nothing has moved (no row sent, no block uploaded) for `stall` seconds."""
     while not box.pending().empty:
-        if time.monotonic() - sender.activity > stall_s():
+        if time.monotonic() - sender.activity > stall:
             return
         sender.wake()
         time.sleep(0.1)
