@@ -26,6 +26,7 @@ ENTRY_POINTS = {
     "sweep": ("sweep", "sweep", {}),
     "compare": ("compare", "compare", {}),
     "monitor": ("monitor", "monitor", {}),
+    "evaluate": ("evaluate", "evaluate", {}),
 }
 
 

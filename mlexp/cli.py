@@ -273,6 +273,76 @@ def compare_with(values: dict[str, Any], run_id: str | None = None) -> None:
                + (f"; logged to MLflow run {result.run_id}" if result.run_id else ""))
 
 
+@cli.command("evaluate", context_settings=CONTEXT)
+@click.option("--model", "model", default="", metavar="URI",
+              help="The model: runs:/RUN_ID (its best-on-validation model; runs:/RUN_ID/final for the last "
+                   "epoch's), models:/NAME@ALIAS, models:/NAME/VERSION or models:/MODEL_ID.")
+@click.option("--data", "data", default="", metavar="FOLDER",
+              help="An image folder with one sub-folder per class, the same classes the model was trained on.")
+@click.option("--experiment", "experiment", default="mlexp-evaluate", metavar="NAME",
+              help="Experiment for the evaluation run (ignored under `mlflow run`). (default: mlexp-evaluate)")
+@click.option("--run-name", "run_name", default="", metavar="TEXT",
+              help="Name of the evaluation run. (default: evaluate-MODEL-FOLDER)")
+@click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
+              help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+def evaluate_command(**values: Any) -> None:
+    """Evaluate a trained model on an image folder, with the transforms it was trained with.
+
+    Logs an evaluation run linked to the model: test/acc, test/loss, test/top5, test/balanced_acc,
+    test/macro_f1, and under evaluation/test/ the per-class table, the confusion matrix (CSV and
+    PNG) and every image's prediction (predictions.csv).
+
+    \b
+    Examples:
+      mlexp evaluate --model models:/digits-classifier@champion --data /data/digits/test
+      mlexp evaluate --model runs:/RUN_ID --data /data/new-photos
+    """
+    evaluate_with(values)
+
+
+def evaluate_with(values: dict[str, Any], run_id: str | None = None) -> None:
+    from mlexp.model_commands import evaluate_model
+
+    if not values["model"] or not values["data"]:
+        raise MlexpError("say what to evaluate on what: --model URI --data FOLDER")
+    evaluate_model(values["model"], values["data"], values["tracking_uri"] or None,
+                   values["experiment"] or "mlexp-evaluate", values["run_name"] or None, run_id=run_id, echo=click.echo)
+
+
+@cli.command("register", context_settings=CONTEXT)
+@click.option("--name", "name", default="", metavar="NAME", help="The registered model's name.")
+@click.option("--experiment", "experiment", multiple=True, metavar="NAME",
+              help="Register the best model of these experiments (repeat or comma-separate). (default: mlexp)")
+@click.option("--metric", "metric", default="val/acc", metavar="KEY",
+              help="How 'best' is chosen: a validation metric of the runs' best models (lower wins for a loss). "
+                   "(default: val/acc)")
+@click.option("--model", "model", default="", metavar="URI",
+              help="Register this model instead (runs:/RUN_ID, models:/MODEL_ID, ...).")
+@click.option("--alias", "alias", default="champion", metavar="ALIAS",
+              help="The alias to point at the new version (it moves when you register again). (default: champion)")
+@click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
+              help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+def register_command(**values: Any) -> None:
+    """Register the best run's best model under a name, and point an alias at it.
+
+    Then `mlflow models serve -m models:/NAME@champion --env-manager local` serves it,
+    `mlexp evaluate --model models:/NAME@champion` evaluates it, and `mlexp train --weights
+    models:/NAME@champion` fine-tunes from it.
+
+    \b
+    Examples:
+      mlexp register --name digits-classifier --experiment digits-sweep
+      mlexp register --name digits-classifier --model runs:/RUN_ID --alias challenger
+    """
+    from mlexp.model_commands import register_best
+
+    if not values["name"]:
+        raise MlexpError("say under which name: --name NAME")
+    register_best(values["name"], split_names(values["experiment"]) or ["mlexp"], values["tracking_uri"] or None,
+                  values["metric"] or "val/acc", values["alias"] or "champion", values["model"] or None,
+                  echo=click.echo)
+
+
 @cli.command("monitor", context_settings=CONTEXT)
 @click.option("--progress", is_flag=False, flag_value="true", default="false", metavar="[BOOL]",
               help="Runs still training: epoch of total, val acc, epoch time, ETA (the default).")

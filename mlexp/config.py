@@ -46,7 +46,9 @@ class TrainConfig:
                               "there is no val dir.")
     test_split: float = option(0.0, "Fraction of the data held out as a test set, the same for every seed and "
                                "fold, evaluated once at the end with the best-on-validation weights (test/acc). "
-                               "0 = none; a DATA/test folder is used when it exists.")
+                               "0 = none; a DATA/test folder (or --test-dir) is used when it exists.")
+    test_dir: str | None = option(None, "A separate ImageFolder for the test set (default: DATA/test beside "
+                                  "DATA/train if it exists, else --test-split of the data).")
     folds: int = option(0, "Use k-fold splits of the data instead of val-split (0 = off).")
     fold: int = option(0, "Which fold (0-based) is the validation fold when --folds is set.")
     img_size: int = option(32, f"Square input size in pixels (at most {MAX_IMG_SIZE}).")
@@ -114,6 +116,9 @@ class TrainConfig:
                            "($MLEXP_OFFLINE=1 does the same); send it later with `mlexp sync --to URI`.")
     export_weights: bool = option(False, "Also write the final weights to the weights folder, where "
                                   "later pretrained runs of this backbone find them.")
+    system_metrics: bool = option(True, "Record CPU, memory, disk and network use (and GPU use where NVIDIA's "
+                                  "management library is installed: mlexp[gpu]) as system/* metrics every "
+                                  "$MLEXP_SYSTEM_METRICS_S seconds (default 10).")
     dry_run: bool = option(False, "Print the effective configuration and the plan; train nothing.")
 
     def __post_init__(self) -> None:
@@ -192,12 +197,13 @@ class TrainConfig:
 
 
 # Fields that say where and how a run is recorded, not what is trained: left out of its hash.
-BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "export_weights", "offline")
+BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "export_weights", "offline",
+               "system_metrics")
 
 
 # Fields added after runs were recorded with this hash: left out while at their default, so
 # those runs keep their hash (and stay resumable, and counted once by compare).
-ADDED_LATER = {"test_split": 0.0}
+ADDED_LATER = {"test_split": 0.0, "test_dir": None}
 
 
 def config_hash(cfg: TrainConfig) -> str:

@@ -265,7 +265,9 @@ def _folder_roots(cfg: TrainConfig) -> tuple[Path, Path | None]:
 
 
 def _test_root(cfg: TrainConfig) -> Path | None:
-    """DATA/test when the data folder has one (then --test-split is not needed)."""
+    """--test-dir, else DATA/test when the data folder has one (then --test-split is not needed)."""
+    if cfg.test_dir:
+        return Path(cfg.test_dir).expanduser()
     data = Path(cfg.data).expanduser()
     # Only beside DATA/train: without it DATA itself is the training folder, and test/ one of its classes.
     return data / "test" if cfg.data not in BUILT_IN and (data / "train").is_dir() and (data / "test").is_dir() else None
@@ -321,6 +323,11 @@ def build_data(cfg: TrainConfig) -> DataBundle:
 def check_data_source(cfg: TrainConfig) -> None:
     """Cheap up-front check (before any MLflow run starts) that the data exists, has at least
     2 non-empty classes, and can be split as asked (see check_split)."""
+    if cfg.test_dir:
+        if cfg.data in BUILT_IN:
+            raise MlexpError(f"--test-dir goes with an image-folder --data, not the built-in {cfg.data!r} "
+                             "(use --test-split)")
+        require_folder(Path(cfg.test_dir).expanduser(), "test")
     if cfg.data in BUILT_IN:
         labels = (digits_arrays() if cfg.data == "digits" else synthetic_arrays())[1]
         check_split({str(c): int(n) for c, n in enumerate(np.bincount(labels))}, cfg, f"--data {cfg.data}")

@@ -46,8 +46,8 @@ def print_epoch(row: dict, is_best: bool) -> None:
           + ("  (best)" if is_best else ""), flush=True)
 
 
-LOGGED = ("params, tags, per-batch and per-epoch metrics, config.json, checkpoints/{last,best,final}, "
-          "summary/training_info.json, metrics/*.csv")
+LOGGED = ("params, tags, datasets, per-batch and per-epoch metrics, config.json, checkpoints/{last,best,final}, "
+          "summary/training_info.json, metrics/*.csv, logged models best and final")
 
 
 def print_outcome(result, delivery, tracking_uri: str) -> None:
@@ -58,7 +58,7 @@ def print_outcome(result, delivery, tracking_uri: str) -> None:
         where = f"open it: {tracking.ui_hint(tracking_uri, run_experiment_id(tracking_uri, delivery.run_id))}"
         print(f"\nmlexp: run {delivery.run_id} FINISHED: best val acc {result.best_val_acc:.4f} at epoch "
               f"{result.best_epoch}\n  logged: {LOGGED}"
-              + (", evaluation/{test,val}/ (per-class table, confusion matrix)" if result.tested else "")
+              + f", evaluation/{'{test,val}' if result.tested else 'val'}/ (per-class table, confusion matrix)"
               + f"\n  {where}", flush=True)
         return
     if delivery.offline:

@@ -27,6 +27,7 @@ from mlexp.backbones import BackboneSpec, build_backbone, resolve_backbone
 from mlexp.calibration import calibrate
 from mlexp.config import TrainConfig, config_hash
 from mlexp.data import build_data, check_data_source, loader_kwargs
+from mlexp.datasets import describe_splits
 from mlexp.errors import MlexpError
 from mlexp.finetune import attach_head, build_strategy
 from mlexp.loop import EvalResult, TrainParts, evaluate, train_one_epoch
@@ -48,7 +49,7 @@ class TrainResult:
     model: torch.nn.Module | None = field(default=None, repr=False)  # the final (EMA) weights, unwrapped
     history: History | None = field(default=None, repr=False)
     delivered_s: float | None = None  # from the end of training until the server had everything
-    tested: bool = False  # a test set was evaluated (evaluation/{test,val}/ logged)
+    tested: bool = False  # a test set was evaluated (evaluation/test/ logged beside evaluation/val/)
 
 
 def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dict | None = None,
@@ -103,17 +104,21 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
             release_accelerator(accelerator)
             raise
     training = Training(tracker, resume is None, tracking_uri)
+    system = start_system_metrics(tracker, effective)
     try:
         with sigterm_as_interrupt():
             result = _train(effective, spec, weights, accelerator, training, resume)
     except KeyboardInterrupt:
+        stop_system_metrics(system)
         report_delivery(training.end("KILLED", "interrupted", wait_s=KILLED_WAIT_S), accelerator)
         raise
     except BaseException as error:
+        stop_system_metrics(system)
         report_delivery(training.end("FAILED", f"{type(error).__name__}: {error}"), accelerator)
         raise
     finally:
         release_accelerator(accelerator)
+    stop_system_metrics(system)
     ended = time.perf_counter()
     delivery = training.end("FINISHED")
     if delivery is not None and delivery.complete:
@@ -183,8 +188,10 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
     history, start_epoch = restore(resume, parts) if resume else (History(), 1)
     if accelerator.is_main_process:
         print_start(cfg, spec, built, data, accelerator, tracker, training.tracking_uri)
+    splits = [split.to_dict() for split in describe_splits(data, cfg.data)]
     if resume is None or resume.checkpoint_dir is None:  # a new run, or one killed before its first checkpoint
         log_run_start(tracker, cfg, accelerator, built, parts.module, data)
+        tracker.log_inputs(splits)
     training.start()
     if resume and accelerator.is_main_process:
         print(f"mlexp: resuming run {resume.run_id} after epoch {start_epoch - 1} (step {parts.global_step})"
@@ -193,8 +200,11 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
     test_loader = None
     if data.test_set is not None:
         test_loader = accelerator.prepare(DataLoader(data.test_set, shuffle=False, **loader_kwargs(cfg)))
-    train_epochs(parts, cfg, history, start_epoch, train_loader, val_loader, tracker, keep_best=test_loader is not None)
-    return finish_run(parts, cfg, spec, built, history, val_loader, tracker, test_loader, data.class_names)
+    elif accelerator.is_main_process:
+        print("mlexp: no test set (no DATA/test, --test-dir or --test-split): the test evaluation is skipped",
+              flush=True)
+    train_epochs(parts, cfg, history, start_epoch, train_loader, val_loader, tracker)
+    return finish_run(parts, cfg, spec, built, history, val_loader, tracker, test_loader, data, splits)
 
 
 def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, data,
@@ -225,9 +235,9 @@ def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, da
 
 
 def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_epoch: int, train_loader,
-                 val_loader, tracker, keep_best: bool = False) -> None:
-    """The epochs: train, evaluate, record, checkpoint; until the last epoch or a stop.
-    keep_best: keep a copy of the best epoch's weights (the test set is evaluated with them)."""
+                 val_loader, tracker) -> None:
+    """The epochs: train, evaluate, record, checkpoint; until the last epoch or a stop. A copy
+    of the best epoch's weights is kept (the end-of-run report and the `best` model use them)."""
     def on_steps(records) -> None:
         history.add_steps(records)
         for record in records:
@@ -243,7 +253,7 @@ def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_ep
         lr = history.steps[-1][4] if history.steps else cfg.lr
         row = epoch_record(epoch, stats, val, lr, strategy.phase, strategy.trainable_params())
         is_best = history.add_epoch(row)
-        if is_best and keep_best:
+        if is_best:
             parts.best_weights = {name: tensor.detach().to("cpu", copy=True)
                                   for name, tensor in final_weights_model(parts).state_dict().items()}
         tracker.log_metrics(epoch_metrics(row), step=epoch)
@@ -354,43 +364,48 @@ def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, mo
     tracker.log_artifacts(write_json(cfg.to_dict(), tracker.staging_dir("config") / "config.json").parent, "")
 
 
-def evaluate_test_set(parts: TrainParts, history: History, test_loader, val_loader, tracker, last_epoch: int,
-                      class_names: list[str]) -> None:
-    """The end-of-run report (mlexp.evaluation) of the test set, and of the validation set,
-    with the best-on-validation weights. test/epoch says whose weights they were: the best
-    epoch; after a resume that began past it, the final weights."""
+def evaluate_splits(parts: TrainParts, history: History, test_loader, val_loader, tracker, last_epoch: int,
+                    class_names: list[str]) -> list[str]:
+    """The end-of-run report (mlexp.evaluation) of the test set (when there is one) and of the
+    validation set, with the best-on-validation weights; the metric keys it logged (at the last
+    epoch's step). test/epoch says whose weights they were: the best epoch; after a resume that
+    began past it, the final weights."""
     from mlexp.evaluation import best_weights_model, split_metrics, write_report
 
     model = best_weights_model(final_weights_model(parts), parts.best_weights)
     epoch = history.best_epoch if parts.best_weights is not None else last_epoch
     if parts.best_weights is None and history.best_epoch != last_epoch and parts.accelerator.is_main_process:
-        print(f"mlexp: WARNING: the best epoch ({history.best_epoch}) was before this resume began: the test set "
-              f"is evaluated with the final weights (epoch {last_epoch}); test/epoch says so", flush=True)
-    test = evaluate(model, test_loader, parts.accelerator, parts.channels_last)
-    val = evaluate(model, val_loader, parts.accelerator, parts.channels_last)
+        print(f"mlexp: WARNING: the best epoch ({history.best_epoch}) was before this resume began: the end-of-run "
+              f"report uses the final weights (epoch {last_epoch}); test/epoch says so", flush=True)
+    results = {"val": evaluate(model, val_loader, parts.accelerator, parts.channels_last)}
+    if test_loader is not None:
+        results["test"] = evaluate(model, test_loader, parts.accelerator, parts.channels_last)
     if not parts.accelerator.is_main_process:
-        return
-    test_metrics, val_metrics = split_metrics(test), split_metrics(val)
-    logged = {f"test/{key}": value for key, value in test_metrics.items()}
+        return []
     # val/acc and val/loss are the per-epoch curves: the end-of-run report adds the rest
-    logged |= {f"val/{key}": value for key, value in val_metrics.items() if key not in ("acc", "loss")}
-    tracker.log_metrics({**logged, "test/epoch": epoch}, step=last_epoch)
-    for split, result in (("test", test), ("val", val)):
+    logged = {f"val/{key}": value for key, value in split_metrics(results["val"]).items() if key not in ("acc", "loss")}
+    if "test" in results:
+        logged |= {f"test/{key}": value for key, value in split_metrics(results["test"]).items()}
+        logged["test/epoch"] = epoch
+    tracker.log_metrics(logged, step=last_epoch)
+    for split, result in results.items():
         folder = tracker.staging_dir(f"evaluation-{split}")
         write_report(result, class_names, folder)
         tracker.log_artifacts(folder, f"evaluation/{split}")
-    print(f"mlexp: test set ({len(test.labels)} images), weights of epoch {epoch}: acc {100 * test.acc:.2f}%, "
-          f"balanced acc {100 * test_metrics['balanced_acc']:.2f}%, macro F1 {test_metrics['macro_f1']:.4f}, "
-          f"loss {test.loss:.4f}")
+    if "test" in results:
+        test = split_metrics(results["test"])
+        print(f"mlexp: test set ({len(results['test'].labels)} images), weights of epoch {epoch}: acc "
+              f"{100 * test['acc']:.2f}%, balanced acc {100 * test['balanced_acc']:.2f}%, macro F1 "
+              f"{test['macro_f1']:.4f}, loss {test['loss']:.4f}")
+    return list(logged)
 
 
 def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, history: History, val_loader,
-               tracker, test_loader=None, class_names: list[str] | None = None) -> TrainResult:
+               tracker, test_loader, data, splits: list[dict]) -> TrainResult:
     accelerator = parts.accelerator
     final_model = eval_model(parts)
-    if test_loader is not None:
-        evaluate_test_set(parts, history, test_loader, val_loader, tracker,
-                          history.epochs[-1]["epoch"] if history.epochs else 0, class_names or [])
+    last_epoch = history.epochs[-1]["epoch"] if history.epochs else 0
+    reported = evaluate_splits(parts, history, test_loader, val_loader, tracker, last_epoch, data.class_names)
     calibration = {}
     if cfg.calibrate:
         final_eval: EvalResult = evaluate(final_model, val_loader, accelerator, cfg.channels_last)
@@ -402,7 +417,6 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
             exported = checkpoint.save_weights(weights, default_export_path(spec), metadata={
                 "mlexp.run_id": tracker.run_id or "", "mlexp.backbone": spec.name})
             print(f"mlexp: exported weights to {exported}")
-        last_epoch = history.epochs[-1]["epoch"] if history.epochs else 0
         total_time = sum(history.column("epoch/time_s"))
         tracker.log_metrics({"best/val_acc": history.best_val_acc, "best/epoch": history.best_epoch,
                              "time/total_s": total_time,
@@ -417,8 +431,46 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
         tracker.log_artifacts(final.parent, "checkpoints/final")
         tracker.log_artifacts(summary, "summary")
         tracker.log_artifacts(metrics, "metrics")
+        log_models(tracker, parts, cfg, spec, history, data, splits, reported, last_epoch)
     return TrainResult(tracker.run_id, "FINISHED", history.best_val_acc, history.best_epoch, cfg,
                        final_weights_model(parts), history, tested=test_loader is not None)
+
+
+def log_models(tracker, parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, history: History, data,
+               splits: list[dict], reported: list[str], last_epoch: int) -> None:
+    """The best and final weights as MLflow logged models (mlexp.logged_models), at their epochs'
+    steps, linked to those epochs' metrics (the best one also to the end-of-run report, which
+    its weights produced) and through them to the splits."""
+    from mlexp.logged_models import MODEL_TAG, MODEL_TYPE, example_images, staged_model
+    from mlexp.records import EPOCH_METRICS
+
+    config, example = cfg.to_dict(), example_images(data.val_set)
+    datasets = {split["context"]: split for split in splits}
+    tags = {MODEL_TAG: MODEL_TYPE, "mlexp.backbone": spec.arch, "mlexp.init": spec.init,
+            "mlexp.strategy": cfg.strategy}
+    final_weights = final_weights_model(parts).state_dict()
+    best_weights = parts.best_weights or final_weights  # a resume begun past the best epoch: the final weights
+    best_step = history.best_epoch if parts.best_weights is not None else last_epoch
+    for name, weights, step, extra in (("best", best_weights, best_step, reported + ["best/val_acc"]),
+                                       ("final", final_weights, last_epoch, [])):
+        folder = staged_model(tracker, name, config, data.class_names, weights, example)
+        metrics = [[key, step] for key in EPOCH_METRICS] + [[key, last_epoch] for key in extra]
+        tracker.log_model(folder, name, step, {"metrics": metrics, "datasets": datasets, "tags": tags,
+                                               "params": cfg.to_params(), "model_type": MODEL_TYPE})
+
+
+def start_system_metrics(tracker, cfg: TrainConfig):
+    """System metrics for a tracked run (mlexp.system_metrics), numbered on from a resumed run's."""
+    if not cfg.system_metrics or isinstance(tracker, tracking.NullTracker):
+        return None
+    from mlexp.system_metrics import SystemMetrics
+
+    return SystemMetrics(tracker, tracker.last_step("system/cpu_utilization_percentage")).start()
+
+
+def stop_system_metrics(system) -> None:
+    if system is not None:
+        system.stop()
 
 
 KILLED_WAIT_S = 5.0  # Ctrl-C: a short wait for the sender, then the rest stays in the outbox

@@ -297,6 +297,13 @@ class Outbox:
                                                              json.dumps(meta or {})))
             return int(cursor.lastrowid)
 
+    def add_operation(self, op: str, meta: dict, after_seq: int = 0) -> int:
+        """An operation with no files of its own (inputs, metric links), in the files' order."""
+        with self.transaction() as db:
+            cursor = db.execute("INSERT INTO files (op, local_path, artifact_path, bytes, after_seq, meta) "
+                                "VALUES (?, NULL, '', 0, ?, ?)", (op, after_seq, json.dumps(meta)))
+            return int(cursor.lastrowid)
+
     def drop_superseded(self, artifact_prefix: str) -> None:
         """Forget unsent uploads under `artifact_prefix` that a newer one replaces (an older
         epoch's resume checkpoint during an outage), so the outbox holds one, not one per epoch.

@@ -122,6 +122,28 @@ class RunTracker:
                                meta={"epoch": epoch})
         self._wake()
 
+    def log_inputs(self, splits: list[dict], model_ids: list[str] | None = None) -> None:
+        """The run's data splits (mlexp.datasets) and the logged models it used, as MLflow inputs."""
+        self.outbox.add_operation("inputs", {"splits": splits, "models": model_ids or []})
+        self._wake()
+
+    def link_metrics(self, model_id: str, metrics: list, datasets: dict) -> None:
+        """Link these [key, step] points to an existing logged model, once they are on the server."""
+        self.outbox.add_operation("link_metrics", {"model_id": model_id, "metrics": metrics, "datasets": datasets},
+                                  after_seq=self.outbox.last_record_seq())
+        self._wake()
+
+    def log_model(self, model_dir: Path, name: str, step: int, meta: dict) -> None:
+        """A saved MLflow model folder as a logged model of this run at `step`, once the metrics
+        logged before it are on the server (they are linked to it)."""
+        self.outbox.add_upload(model_dir, f"logged-models/{name}", op="logged_model",
+                               after_seq=self.outbox.last_record_seq(), meta={**meta, "name": name, "step": step})
+        self._wake()
+
+    def last_step(self, key: str) -> int:
+        """The highest step this run already holds for `key` (0 for a new run)."""
+        return max(self._resume_steps.get(key, 0), self.outbox.max_steps().get(key, 0))
+
     def experiment_id(self) -> str:
         """The run's experiment on the server (online runs)."""
         return self.outbox.info().experiment_id or self.client.get_run(self.run_id).info.experiment_id

@@ -202,10 +202,10 @@ class Sender:
         if op is None:
             return False
         seq, kind, local_path, artifact_path, after_seq, meta = op
-        if kind == "manifest" and self.outbox.records_before(after_seq):
+        if kind in ("manifest", "logged_model", "link_metrics") and self.outbox.records_before(after_seq):
             return False  # the metrics this checkpoint covers go first; the records lane wakes us
         try:
-            if not Path(local_path).is_dir():  # never "deliver" an upload whose files are gone
+            if local_path and not Path(local_path).is_dir():  # never "deliver" an upload whose files are gone
                 raise FileNotFoundError(f"the outbox's copy {local_path} is missing")
             if kind == "upload":
                 server.upload_folder(self.client, self.run_id, Path(local_path), artifact_path,
@@ -213,6 +213,15 @@ class Sender:
             elif kind == "manifest":
                 crash_point("manifest", json.loads(meta).get("epoch"))
                 server.publish_manifest(self.client, self.run_id, Path(local_path), artifact_path)
+            elif kind == "logged_model":
+                server.publish_logged_model(self.client, self.run_id, Path(local_path), json.loads(meta))
+            elif kind == "inputs":
+                described = json.loads(meta)
+                server.log_inputs(self.client, self.run_id, described.get("splits", []), described.get("models", []))
+            elif kind == "link_metrics":
+                described = json.loads(meta)
+                server.link_metrics(self.client, self.run_id, described["model_id"], described["metrics"],
+                                    described.get("datasets", {}))
         except Exception as error:
             if not (server.is_permanent(error) or isinstance(error, FileNotFoundError)):
                 raise
