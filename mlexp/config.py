@@ -116,6 +116,8 @@ class TrainConfig:
                            "($MLEXP_OFFLINE=1 does the same); send it later with `mlexp sync --to URI`.")
     export_weights: bool = option(False, "Also write the final weights to the weights folder, where "
                                   "later pretrained runs of this backbone find them.")
+    log_models: bool = option(True, "Log the best and final weights as MLflow logged models (pyfunc: images in, "
+                              "class probabilities out) for `mlexp evaluate`, `mlexp register` and serving.")
     system_metrics: bool = option(True, "Record CPU, memory, disk and network use (and GPU use where NVIDIA's "
                                   "management library is installed: mlexp[gpu]) as system/* metrics every "
                                   "$MLEXP_SYSTEM_METRICS_S seconds (default 10).")
@@ -198,7 +200,7 @@ class TrainConfig:
 
 # Fields that say where and how a run is recorded, not what is trained: left out of its hash.
 BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "export_weights", "offline",
-               "system_metrics")
+               "system_metrics", "log_models")
 
 
 # Fields added after runs were recorded with this hash: left out while at their default, so

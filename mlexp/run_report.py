@@ -47,7 +47,7 @@ def print_epoch(row: dict, is_best: bool) -> None:
 
 
 LOGGED = ("params, tags, datasets, per-batch and per-epoch metrics, config.json, checkpoints/{last,best,final}, "
-          "summary/training_info.json, metrics/*.csv, logged models best and final")
+          "summary/training_info.json, metrics/*.csv")
 
 
 def print_outcome(result, delivery, tracking_uri: str) -> None:
@@ -58,6 +58,7 @@ def print_outcome(result, delivery, tracking_uri: str) -> None:
         where = f"open it: {tracking.ui_hint(tracking_uri, run_experiment_id(tracking_uri, delivery.run_id))}"
         print(f"\nmlexp: run {delivery.run_id} FINISHED: best val acc {result.best_val_acc:.4f} at epoch "
               f"{result.best_epoch}\n  logged: {LOGGED}"
+              + (", logged models best and final" if result.effective.log_models else "")
               + f", evaluation/{'{test,val}' if result.tested else 'val'}/ (per-class table, confusion matrix)"
               + f"\n  {where}", flush=True)
         return

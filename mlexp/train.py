@@ -431,7 +431,8 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
         tracker.log_artifacts(final.parent, "checkpoints/final")
         tracker.log_artifacts(summary, "summary")
         tracker.log_artifacts(metrics, "metrics")
-        log_models(tracker, parts, cfg, spec, history, data, splits, reported, last_epoch)
+        if cfg.log_models:
+            log_models(tracker, parts, cfg, spec, history, data, splits, reported, last_epoch)
     return TrainResult(tracker.run_id, "FINISHED", history.best_val_acc, history.best_epoch, cfg,
                        final_weights_model(parts), history, tested=test_loader is not None)
 

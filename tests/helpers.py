@@ -47,7 +47,8 @@ def contract_artifacts(last_epoch: int) -> set[str]:
     return {"config.json", "checkpoints/last/manifest.json", f"{checkpoint}/model.safetensors",
             f"{checkpoint}/training_state.pt", f"{checkpoint}/manifest.json", "checkpoints/best/model.safetensors",
             "checkpoints/final/model.safetensors", "summary/training_info.json", "metrics/epoch_metrics.csv",
-            "metrics/batch_metrics.csv"}
+            "metrics/batch_metrics.csv", "evaluation/val/per_class.csv", "evaluation/val/confusion_matrix.csv",
+            "evaluation/val/confusion_matrix.png"}
 
 
 def runs_of(client: MlflowClient, experiment: str) -> list:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -157,6 +158,19 @@ def test_single_process_run_logs_everything_to_a_sqlite_store(sqlite_uri, tmp_pa
     assert run.data.params["backbone"] == "resnet18_scratch" and run.data.params["init"] == "scratch"
     assert contract_artifacts(2) | {"checkpoints/epoch_001/model.safetensors",
                                     "checkpoints/epoch_002/model.safetensors"} == artifact_paths(client, result.run_id)
+    # The best and final weights as logged models of the run, at their steps, on its three splits' datasets.
+    models = {m.name: m for m in client.search_logged_models([run.info.experiment_id],
+                                                             filter_string=f"source_run_id = '{result.run_id}'")}
+    assert sorted(models) == ["best", "final"] and all(m.status == "READY" for m in models.values())
+    assert {o.model_id: o.step for o in run.outputs.model_outputs} == {models["best"].model_id: result.best_epoch,
+                                                                      models["final"].model_id: 2}
+    assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["synthetic-train", "synthetic-val"]
+    import mlflow.pyfunc
+
+    served = mlflow.pyfunc.load_model(f"models:/{models['final'].model_id}")
+    images = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
+    probabilities = served.predict(images)
+    assert probabilities.shape == (3, 10) and list(probabilities.columns) == [str(c) for c in range(10)]
     batch_csv = client.download_artifacts(result.run_id, "metrics/batch_metrics.csv", str(tmp_path))
     header, *rows = Path(batch_csv).read_text().splitlines()
     assert header == "epoch,batch,step,batch/loss,batch/lr,batch/samples_per_s,timestamp"
