@@ -4,7 +4,9 @@
 `step=N` (after optimizer step N), `eval=N` (inside the N-th evaluation of this process),
 `checkpoint=EPOCH` (a resume checkpoint written, not yet handed to the outbox),
 `upload=ARTIFACT/FILE` (before that file's upload), `manifest=EPOCH` (before a
-checkpoint's manifest is published). A real SIGKILL, as from the OOM killer or a lost
+checkpoint's manifest is published), `logged_model=NAME` (the logged model created on the
+server, its files not yet uploaded), `status=STATUS` (everything sent but the run's final
+status). A real SIGKILL, as from the OOM killer or a lost
 node: nothing gets to clean up. Unset (always, outside tests), a check costs one comparison.
 """
 

@@ -82,3 +82,7 @@ def assert_complete(client: MlflowClient, run_id: str, epochs: int, batch_size: 
         assert steps(client, run_id, key) == list(range(1, epochs + 1)), key
     assert artifact_paths(client, run_id) == contract_artifacts(epochs)
     assert "mlexp.error" not in run.data.tags
+    # Its two logged models, once each and complete, and its splits as dataset inputs.
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert sorted((m.name, str(m.status)) for m in models) == [("best", "READY"), ("final", "READY")]
+    assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["digits-train", "digits-val"]

@@ -74,8 +74,9 @@ def test_server_gone_longer_than_training_then_sync(own_server, tmp_path):
     assert again.returncode == 0 and "nothing to sync" in again.stdout
 
 
-# Twenty moments over two epochs of 22 steps: during steps, during evaluation, before each
-# checkpoint file's upload, before each manifest, and during the final uploads.
+# Twenty-two moments over two epochs of 22 steps: during steps, during evaluation, before each
+# checkpoint file's upload, before each manifest, during the final uploads, half-way through
+# publishing a logged model, and before the final status.
 KILL_MOMENTS = [
     "step=1", "step=10", "step=15", "step=22", "eval=1",
     "upload=config.json", "upload=checkpoints/best/model.safetensors",
@@ -86,10 +87,12 @@ KILL_MOMENTS = [
     "upload=checkpoints/last/epoch_0002/model.safetensors",
     "upload=checkpoints/last/epoch_0002/training_state.pt", "manifest=2",
     "upload=checkpoints/final/model.safetensors", "upload=metrics/batch_metrics.csv",
+    "logged_model=best",  # the logged model created on the server, its files not yet uploaded
+    "status=FINISHED",  # everything on the server but the final status
 ]
 
 
-def test_sigkill_at_twenty_moments_then_resume_gives_the_uninterrupted_model(server_uri, tmp_path):
+def test_sigkill_at_twenty_two_moments_then_resume_gives_the_uninterrupted_model(server_uri, tmp_path):
     args = ["train", *TINY, "--epochs", "2", "--batch-size", "64", "--seed", "7"]
     env = subprocess_env(server_uri)
     baseline = run_mlexp([*args, "--experiment", "kill-baseline"], env, tmp_path)
@@ -116,7 +119,7 @@ def test_sigkill_at_twenty_moments_then_resume_gives_the_uninterrupted_model(ser
     # Two at a time, one thread each (subprocess_env sets OMP_NUM_THREADS=1): 2 cores.
     with ThreadPoolExecutor(2) as pool:
         outputs = list(pool.map(kill_and_resume, range(len(KILL_MOMENTS))))
-    assert len(KILL_MOMENTS) == 20
+    assert len(KILL_MOMENTS) == 22
     # Every path was taken: from a checkpoint, from scratch in the same run, and delivering a finished run.
     assert any("resuming run" in output for output in outputs)
     assert any("starting it over" in output for output in outputs)

@@ -188,6 +188,7 @@ class Sender:
                 return False
             if info.status != "RUNNING" and self._has_other_pending():
                 return False
+            crash_point("status", info.status)
             server.set_status(self.client, self.run_id, info.status, info.end_time)
             self.health.ok()
             self.outbox.mark_status_sent(info.status)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlexp.errors import MlexpError
+from mlexp.faults import crash_point
 
 # MLflow reads these at every request; set before the first one.
 os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = os.environ.get("MLEXP_HTTP_RETRIES", "1")
@@ -343,6 +344,7 @@ def publish_logged_model(client, run_id: str, local_dir: Path, meta: dict) -> st
         params=meta.get("params"), model_type=meta.get("model_type"))
     if model.status == LoggedModelStatus.READY:
         return model.model_id
+    crash_point("logged_model", meta["name"])
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=meta["step"])])
     link_metrics(client, run_id, model.model_id, meta.get("metrics", []), meta.get("datasets", {}))
     described = Model.load(str(local_dir))  # the MLmodel file says which logged model it is
