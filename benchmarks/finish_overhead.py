@@ -10,7 +10,7 @@ and prints, per pair and as medians, the seconds from the last epoch's val/acc p
 run's end time on the server, and the difference full - plain.
 
     python benchmarks/finish_overhead.py                       # resnet18, digits, 3 pairs
-    python benchmarks/finish_overhead.py --backbone resnet50_scratch --img-size 64 --pairs 2
+    python benchmarks/finish_overhead.py --backbone resnet50 --img-size 64 --pairs 2
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def one_run(uri: str, way: str, args: argparse.Namespace, workdir: Path, index: 
     name = f"{way}-{index}"
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1", TQDM_DISABLE="1",
                MLEXP_OUTBOX_DIR=str(workdir / "outbox"))
-    command = [sys.executable, "-m", "mlexp", "train", "--backbone", args.backbone, "--data", "digits",
+    command = [sys.executable, "-m", "mlexp", "train", "--backbone", args.backbone, "--init", "scratch", "--data", "digits",
                "--img-size", str(args.img_size), "--epochs", str(args.epochs), "--scratch-epochs-mult", "1",
                "--test-split", "0.2", "--experiment", "finish-overhead", "--run-name", name, *WAYS[way]]
     done = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True)
@@ -52,7 +52,7 @@ def one_run(uri: str, way: str, args: argparse.Namespace, workdir: Path, index: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="resnet18_scratch")
+    parser.add_argument("--backbone", default="resnet18", help="trained from scratch")
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=3)
