@@ -129,8 +129,10 @@ def test_racing_claims_on_the_server_have_exactly_one_winner(server_uri):
 def test_ctrl_c_ends_children_killed_and_the_same_command_resumes_them_in_their_runs(server_uri, tmp_path):
     env = subprocess_env(server_uri, MLEXP_PROGRESS_S="1")
     args = [*GRID, "--seeds", "1,2", "--epochs", "10", "--parallel", "2", "--experiment", "interrupted"]
+    inherited = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
     launcher = subprocess.Popen([sys.executable, "-m", "mlexp", *args], env=env, cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=as_from_a_terminal)
     client = MlflowClient(server_uri)
     deadline = time.time() + 300
     # Both children in their second epoch (the first one's checkpoint is in their outboxes), read
@@ -143,7 +145,7 @@ def test_ctrl_c_ends_children_killed_and_the_same_command_resumes_them_in_their_
         time.sleep(0.1)
     launcher.send_signal(signal.SIGINT)
     output = launcher.communicate(timeout=300)[0]
-    assert launcher.returncode == 130, output[-3000:]
+    assert launcher.returncode == 130, f"pytest's SIGINT handler and mask: {inherited}\n{output[-3000:]}"
     parent, children = sweep_runs(client, "interrupted")
     assert parent.info.status == "KILLED" and sorted(run.info.status for run in children) == ["KILLED", "KILLED"]
     assert "run the same command again" in output
@@ -156,6 +158,13 @@ def test_ctrl_c_ends_children_killed_and_the_same_command_resumes_them_in_their_
     assert_each_trained_once(client, children_after, epochs=10)
     for log in logs_of(tmp_path, parent.info.run_id):  # each child's log: its first part, then its resume
         assert "mlexp: resuming run" in log.read_text()
+
+
+def as_from_a_terminal() -> None:
+    """The launcher gets Ctrl-C as a user's shell delivers it: SIGINT neither blocked nor
+    ignored, whatever earlier in-process code left in this pytest process."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_bad_launch_options_are_one_line_exit_2_and_create_no_run(sqlite_uri, capsys, monkeypatch):
