@@ -17,6 +17,10 @@ from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+# The store every reading or registering command talks to (training takes it from TrainConfig).
+tracking_uri_option = click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
+                                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                        "sqlite:///mlflow.db).")
 
 
 @click.group(cls=Commands, context_settings=CONTEXT)
@@ -236,8 +240,7 @@ def split_names(values) -> list[str]:
 @click.option("--compare-experiment", "compare_experiment", default="", metavar="NAME",
               help="Experiment for that run when not under `mlflow run`. (default: the compared "
                    "experiment's name + \"-compare\", e.g. digits-compare)")
-@click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
-              help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+@tracking_uri_option
 def compare_command(**values: Any) -> None:
     """Compare finished runs: does pretraining help, which strategy wins, at what cost.
 
@@ -283,8 +286,7 @@ def compare_with(values: dict[str, Any], run_id: str | None = None) -> None:
               help="Experiment for the evaluation run (ignored under `mlflow run`). (default: mlexp-evaluate)")
 @click.option("--run-name", "run_name", default="", metavar="TEXT",
               help="Name of the evaluation run. (default: evaluate-MODEL-FOLDER)")
-@click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
-              help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+@tracking_uri_option
 def evaluate_command(**values: Any) -> None:
     """Evaluate a trained model on an image folder, with the transforms it was trained with.
 
@@ -320,8 +322,7 @@ def evaluate_with(values: dict[str, Any], run_id: str | None = None) -> None:
               help="Register this model instead (runs:/RUN_ID, models:/MODEL_ID, ...).")
 @click.option("--alias", "alias", default="champion", metavar="ALIAS",
               help="The alias to point at the new version (it moves when you register again). (default: champion)")
-@click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
-              help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+@tracking_uri_option
 def register_command(**values: Any) -> None:
     """Register the best run's best model under a name, and point an alias at it.
 
@@ -351,8 +352,7 @@ def register_command(**values: Any) -> None:
 @click.option("--experiment", "experiment", multiple=True, metavar="NAME",
               help="Only these experiments (repeat or comma-separate; default: all).")
 @click.option("--watch", type=float, default=0.0, metavar="SECONDS", help="Refresh every SECONDS until Ctrl-C.")
-@click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
-              help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+@tracking_uri_option
 def monitor_command(**values: Any) -> None:
     """Training monitor: progress of running runs, summary of finished ones (plots: `mlexp compare`).
 
@@ -419,8 +419,7 @@ def sync_command(run, every, to, dry_run) -> None:
               help="Only these experiments (repeat or comma-separate; default: all).")
 @click.option("--dry-run", "dry_run", is_flag=False, flag_value="true", default="false", metavar="[BOOL]",
               help="List the lost runs; change nothing.")
-@click.option("--tracking-uri", "tracking_uri", default="", metavar="TEXT",
-              help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+@tracking_uri_option
 def reap_command(experiment, dry_run, tracking_uri) -> None:
     """Mark lost runs FAILED: RUNNING runs whose heartbeat stopped (killed process, lost machine).
 

@@ -169,6 +169,8 @@ def resolve(client, uri: str):
     it is not a model mlexp logged."""
     from mlflow.exceptions import MlflowException
 
+    from mlexp.tracking.server import first_line
+
     try:
         model = _logged_model(client, uri)
     except MlflowException as error:
@@ -218,10 +220,6 @@ def download_classifier(client, model, folder: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"{model.artifact_location.rstrip('/')}/artifacts/{CLASSIFIER_ARTIFACT}",
         dst_path=str(folder), tracking_uri=client.tracking_uri))
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def staged_model(tracker, name: str, config: dict, class_names: list[str], weights: dict, example: np.ndarray) -> Path:

@@ -107,18 +107,18 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
     system = start_system_metrics(tracker, effective)
     try:
         with sigterm_as_interrupt():
-            result = _train(effective, spec, weights, accelerator, training, resume)
+            try:
+                result = _train(effective, spec, weights, accelerator, training, resume)
+            finally:  # before the run ends: no sample may follow its final status
+                stop_system_metrics(system)
     except KeyboardInterrupt:
-        stop_system_metrics(system)
         report_delivery(training.end("KILLED", "interrupted", wait_s=KILLED_WAIT_S), accelerator)
         raise
     except BaseException as error:
-        stop_system_metrics(system)
         report_delivery(training.end("FAILED", f"{type(error).__name__}: {error}"), accelerator)
         raise
     finally:
         release_accelerator(accelerator)
-    stop_system_metrics(system)
     ended = time.perf_counter()
     delivery = training.end("FINISHED")
     if delivery is not None and delivery.complete:
