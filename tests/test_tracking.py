@@ -160,3 +160,37 @@ def test_an_upload_whose_files_vanished_is_kept_aside_not_delivered(sqlite_uri):
     assert not result.complete and result.after.rejected == 1
     assert MlflowClient(sqlite_uri).list_artifacts(tracker.run_id, "gone") == []
     assert "is missing" in Outbox.find(tracker.run_id).rejected()[0][1]
+
+
+def test_two_runs_logging_the_same_datasets_at_once_both_get_them(server_uri):
+    """A parallel sweep's children log identical splits into one experiment at the same moment:
+    MLflow's store can refuse the second insert of a dataset; both runs must still get it."""
+    import threading
+
+    from mlexp.tracking import server
+
+    client = MlflowClient(server_uri)
+    experiment = client.create_experiment("dataset-race")
+    runs = [client.create_run(experiment).info.run_id for _ in range(2)]
+    rounds = 12
+    for round_ in range(rounds):
+        splits = [{"context": "train", "name": f"set{round_}-train", "digest": f"d{round_:04d}",
+                   "source": "/data", "num_images": 10, "num_classes": 2}]
+        start = threading.Barrier(2)
+        errors = []
+
+        def log(run_id: str) -> None:
+            start.wait()
+            try:
+                server.log_inputs(client, run_id, splits, [])
+            except Exception as error:  # noqa: BLE001 - collected and asserted on below
+                errors.append(error)
+
+        threads = [threading.Thread(target=log, args=(run_id,)) for run_id in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+    for run_id in runs:
+        assert len(client.get_run(run_id).inputs.dataset_inputs) == rounds

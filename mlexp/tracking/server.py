@@ -324,7 +324,27 @@ def log_inputs(client, run_id: str, splits: list[dict], model_ids: list[str]) ->
 
     from mlexp.datasets import mlflow_inputs
 
-    client.log_inputs(run_id, datasets=mlflow_inputs(splits), models=[LoggedModelInput(m) for m in model_ids] or None)
+    inputs = mlflow_inputs(splits)
+    models = [LoggedModelInput(m) for m in model_ids] or None
+    for attempt in range(INPUT_RACE_RETRIES):
+        try:
+            client.log_inputs(run_id, datasets=inputs, models=models)
+            return
+        except Exception as error:
+            # MLflow's SQL store inserts a dataset after looking for it: two runs of one experiment
+            # logging the same split at once (a parallel sweep) can both miss it, and the second
+            # insert fails on the unique key. The dataset exists now, so trying again succeeds.
+            if not is_unique_key_race(error) or attempt == INPUT_RACE_RETRIES - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+INPUT_RACE_RETRIES = 5
+
+
+def is_unique_key_race(error: BaseException) -> bool:
+    text = str(error)
+    return "UNIQUE constraint failed" in text or "duplicate key value violates unique constraint" in text
 
 
 def publish_logged_model(client, run_id: str, local_dir: Path, meta: dict) -> str:
