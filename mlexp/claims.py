@@ -69,29 +69,41 @@ def sweep_parent(client, experiment_id: str, grid_hash: str, create_candidate,
     `create_candidate()` creates a new run (tagged with the grid hash) and returns its id;
     it is called only when the grid has no parent yet, and its run is deleted again when
     another launcher's candidate won the race (but `keep`: a run `mlflow run` created)."""
-    from mlflow.exceptions import MlflowException
 
     lock = f"{LOCK_PREFIX}/{experiment_id}/sweep-{grid_hash}"
+    # The lock is read before the runs are listed: a run the lock names was created before
+    # the lock, so the listing that follows holds it (unless someone deleted it since).
+    named = lock_value(client, lock)
     existing = grid_runs(client, experiment_id, grid_hash)
     if existing:
-        named = lock_value(client, lock)
-        return (named if named in existing else existing[0]), False
+        if named in existing:
+            return named, False
+        if named is None:
+            # Candidates but no lock yet: a race is being settled. Settle it as one more
+            # contender would, for the oldest candidate; whoever creates the lock decides.
+            return decide(client, lock, existing[0]), False
+        return existing[0], False  # the named parent was deleted by hand: the oldest left
     candidate = create_candidate()
+    winner = decide(client, lock, candidate)
+    if winner != candidate and candidate != keep:
+        client.delete_run(candidate)
+    return winner, winner == candidate
+
+
+def decide(client, lock: str, proposed: str) -> str:
+    """Create the lock naming `proposed`; the run the lock names, whoever created it."""
+    from mlflow.exceptions import MlflowException
+
     try:
         lock_id = server.retry_when_locked(
-            lambda: client.create_experiment(lock, tags={"mlexp.parent_run_id": candidate,
+            lambda: client.create_experiment(lock, tags={"mlexp.parent_run_id": proposed,
                                                          "mlexp.note": "marks a sweep's parent run; hidden"}))
     except MlflowException as error:
         if server.error_code(error) != "RESOURCE_ALREADY_EXISTS":
             raise
-        winner = lock_value(client, lock)
-        if winner and winner != candidate:
-            if candidate != keep:
-                client.delete_run(candidate)
-            return winner, False
-        return candidate, True
+        return lock_value(client, lock) or proposed  # its tags are written with it, in one transaction
     client.delete_experiment(lock_id)  # deleted: out of the experiment list, its name still taken
-    return candidate, True
+    return proposed
 
 
 def grid_runs(client, experiment_id: str, grid_hash: str) -> list[str]:

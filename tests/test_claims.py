@@ -7,7 +7,9 @@ import sqlite3
 import threading
 import time
 
+import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from mlexp import claims
 from mlexp.tracking import server
@@ -44,6 +46,30 @@ def test_a_claim_is_taken_over_only_when_its_trainer_is_gone(sqlite_uri):
     assert claims.claim(client, experiment_id, parent, "h1", "launcher-c", retry_failed=True) is None
     assert sorted(claims.attempts(client.get_run(parent).data.params).values(), key=lambda a: a.number)[-1] \
         .owner == "launcher-c"
+
+
+def test_a_launcher_arriving_mid_race_joins_the_candidate_that_wins(sqlite_uri):
+    """The moment between two launchers creating their candidate parents and either creating
+    the lock: a third launcher must not pick a parent on its own, or two parents result."""
+    client = MlflowClient(sqlite_uri)
+    experiment_id = client.create_experiment("mid-race")
+    tags = {claims.GRID_TAG: "g1"}
+    first = client.create_run(experiment_id, tags=tags, start_time=1000).info.run_id  # launcher A's candidate
+    second = client.create_run(experiment_id, tags=tags, start_time=2000).info.run_id  # launcher B's candidate
+
+    def never():
+        raise AssertionError("a launcher that finds candidates creates none")
+
+    late, created = claims.sweep_parent(client, experiment_id, "g1", never)
+    assert (late, created) == (first, False)  # the oldest candidate, decided by creating the lock
+    lock = f"{claims.LOCK_PREFIX}/{experiment_id}/sweep-g1"
+    # B, finishing its own race, tries to name its candidate in the lock: too late
+    with pytest.raises(MlflowException, match="already exists"):
+        client.create_experiment(lock, tags={"mlexp.parent_run_id": second})
+    assert claims.lock_value(client, lock) == first
+    assert claims.decide(client, lock, second) == first and claims.decide(client, lock, first) == first
+    later, _ = claims.sweep_parent(client, experiment_id, "g1", never)
+    assert later == first
 
 
 def test_a_locked_sqlite_store_is_retried_and_explained_once(tmp_path, capsys, monkeypatch):

@@ -99,7 +99,8 @@ def test_two_launchers_of_one_grid_train_each_configuration_once(server_uri, tmp
 @pytest.mark.slow
 def test_racing_claims_on_the_server_have_exactly_one_winner(server_uri):
     """The race itself, made tight: 8 threads released together by a barrier each try to
-    create the grid's parent, then each tries to claim one configuration's first attempt."""
+    create the grid's parent (some a few milliseconds late, so they arrive while the first
+    ones are settling it), then each tries to claim one configuration's first attempt."""
     client = MlflowClient(server_uri)
     experiment_id = client.create_experiment("claims-race")
     barrier = threading.Barrier(8)
@@ -107,6 +108,7 @@ def test_racing_claims_on_the_server_have_exactly_one_winner(server_uri):
 
     def contender(index: int) -> None:
         barrier.wait()
+        time.sleep(0.04 * (index % 4))
         create = lambda: client.create_run(experiment_id, tags={claims.GRID_TAG: "g1"}).info.run_id  # noqa: E731
         parent, _ = claims.sweep_parent(client, experiment_id, "g1", create)
         parents.append(parent)
