@@ -52,6 +52,11 @@ class TrainConfig:
     folds: int = option(0, "Use k-fold splits of the data instead of val-split (0 = off).")
     fold: int = option(0, "Which fold (0-based) is the validation fold when --folds is set.")
     img_size: int = option(32, f"Square input size in pixels (at most {MAX_IMG_SIZE}).")
+    train_crop: str = option("auto", "Training geometry: timm's random-resized crop (validation: resize and "
+                             "center-crop by the model's crop_pct), or the whole image resized (tiny images "
+                             "such as digits). 'auto': random-resized on image folders, resize on the built-in "
+                             "sets. Mean, std and interpolation always follow the backbone's timm data config.",
+                             ("auto", "random-resized", "resize"))
 
     # --- optimisation -----------------------------------------------------------------
     epochs: int = option(3, "Number of training epochs (before scratch adjustments).")
@@ -67,7 +72,9 @@ class TrainConfig:
     gamma: float = option(0.1, "Step schedule: decay factor.")
     grad_accum: int = option(1, "Gradient accumulation steps per optimizer step.")
     clip_grad: float = option(0.0, "Clip gradient norm to this value (0 = off).")
-    mixed_precision: str = option("no", "Mixed precision (fp16 needs a GPU).", ("no", "bf16", "fp16"))
+    mixed_precision: str = option("auto", "Mixed precision. 'auto': bf16 on a GPU that supports it, fp16 with a "
+                                  "gradient scaler on one that does not, none on CPU (fp16 needs a GPU).",
+                                  ("auto", "no", "bf16", "fp16"))
 
     # --- initialisation strategy (pretrained vs scratch) -------------------------------
     scratch_lr_mult: float = option(1.5, "Scratch init: learning-rate multiplier.")
@@ -90,19 +97,25 @@ class TrainConfig:
     mixup: float = option(0.0, "Mixup alpha (0 = off).")
     cutmix: float = option(0.0, "CutMix alpha (0 = off).")
     aa: str | None = option(None, "RandAugment policy, e.g. rand-m9-mstd0.5 (timm syntax).")
-    hflip: float = option(0.0, "Random horizontal flip probability.")
+    hflip: float | None = option(None, "Random horizontal flip probability (default: 0.5 with random-resized "
+                                 "crops, 0 with --train-crop resize).")
+    color_jitter: float = option(0.4, "Colour jitter strength with random-resized crops (timm's; 0 = off; "
+                                 "RandAugment (--aa) replaces it).")
     reprob: float = option(0.0, "Random erasing probability.")
     ema: bool = option(False, "Keep an EMA of the weights; evaluate and checkpoint it.")
     ema_decay: float = option(0.999, "EMA decay per optimizer step.")
     early_stop_patience: int = option(0, "Stop when val accuracy has not improved for this many epochs "
                                       "(0 = off).")
     calibrate: bool = option(True, "Fit temperature scaling on the validation split after training.")
-    channels_last: bool = option(False, "Use channels_last memory format.")
+    channels_last: str = option("auto", "channels_last memory format. 'auto': on a GPU, for convolutional "
+                                "backbones (where cuDNN is faster with it).", ("auto", "true", "false"))
     compile: bool = option(False, "Compile the model with torch.compile.")
 
     # --- run bookkeeping -----------------------------------------------------------------
     seed: int = option(42, "Random seed.")
-    workers: int = option(0, "DataLoader worker processes.")
+    workers: int = option(-1, "DataLoader worker processes per training process. -1 or 'auto': for image "
+                          "folders, this process's share of the CPUs (up to 8); 0 for the built-in in-memory "
+                          "sets, which need no decoding.")
     checkpoint_every: int = option(0, "Also keep a weights snapshot every N epochs under "
                                    "checkpoints/epoch_NNN/ (0 = off; last/best/final are always kept).")
     experiment: str = option("mlexp", "MLflow experiment name (ignored under `mlflow run`, "
@@ -140,7 +153,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise MlexpError(f"--{cli_name(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("weight_decay", "warmup_epochs", "clip_grad", "label_smoothing", "mixup", "cutmix",
-                        "hflip", "reprob", "workers", "checkpoint_every", "early_stop_patience", "folds", "gradual_patience",
+                        "reprob", "color_jitter", "checkpoint_every", "early_stop_patience", "folds", "gradual_patience",
                         "momentum", "gamma")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -158,7 +171,11 @@ class TrainConfig:
             raise MlexpError(f"--fold must be in 0..{self.folds - 1} for --folds {self.folds}, got {self.fold}")
         if not 0.0 < self.llrd_decay <= 1.0:
             raise MlexpError(f"--llrd-decay must be in (0, 1], got {self.llrd_decay}")
-        for name in ("hflip", "reprob", "label_smoothing"):
+        if self.workers < AUTO:
+            raise MlexpError(f"--workers must be 'auto' (-1) or a number of processes, got {self.workers}")
+        if self.hflip is not None and not 0.0 <= self.hflip < 1.0:
+            raise MlexpError(f"--hflip must be in [0, 1), got {self.hflip}")
+        for name in ("reprob", "label_smoothing"):
             if getattr(self, name) >= 1.0:
                 raise MlexpError(f"--{cli_name(name)} must be below 1, got {getattr(self, name)}")
 
@@ -191,8 +208,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A recorded config (config.json): a field it lacks takes the value that reproduces
+        what the run trained with (ADDED_LATER); an old boolean of a now three-way field its
+        word."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        restored = {**ADDED_LATER, **{k: v for k, v in values.items() if k in known}}
+        for name in TRISTATE_FIELDS:
+            if isinstance(restored.get(name), bool):
+                restored[name] = "true" if restored[name] else "false"
+        return cls(**restored)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -203,9 +227,13 @@ BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "e
                "system_metrics", "log_models")
 
 
-# Fields added after runs were recorded with this hash: left out while at their default, so
-# those runs keep their hash (and stay resumable, and counted once by compare).
-ADDED_LATER = {"test_split": 0.0, "test_dir": None}
+# Fields added after runs were recorded, with the value that reproduces those runs: left out of
+# the hash while at it, so those runs keep their hash (and stay resumable, and counted once by
+# compare), and given to their recorded configs (they trained on plain resizes, no jitter).
+ADDED_LATER = {"test_split": 0.0, "test_dir": None, "train_crop": "resize", "color_jitter": 0.0}
+AUTO = -1  # --workers auto
+TRISTATE = ("auto", "true", "false")
+TRISTATE_FIELDS = ("channels_last",)
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -241,6 +269,10 @@ def parse_value(name: str, annotation: Any, raw: Any) -> Any:
             return raw
         raw = str(raw)
     text = raw.strip()
+    if name in TRISTATE_FIELDS and text.lower() in _TRUE | _FALSE:
+        return "true" if text.lower() in _TRUE else "false"
+    if kind is int and text.lower() == "auto" and name == "workers":
+        return AUTO
     try:
         if kind is bool:
             if text.lower() in _TRUE:

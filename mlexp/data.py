@@ -1,7 +1,7 @@
 """Data: the built-in `digits` and `synthetic` sets, ImageFolder trees, splits and transforms.
 
-Every source yields 8-bit RGB PIL images, so one transform pipeline (resize, RandAugment,
-flip, normalise, random erasing) serves them all; `load_rgb_image` brings any image file
+Every source yields 8-bit RGB PIL images, so one transform pipeline (mlexp.transforms: the
+backbone's own timm data config) serves them all; `load_rgb_image` brings any image file
 (16-bit, float, palette, with alpha, ...) there by its real range. Splits (val-split and
 k-fold) use a fixed split seed, not the training seed: runs that differ only in `--seed`
 are evaluated on the same validation images, which is what makes seed-paired comparisons
@@ -25,16 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
-from torchvision import datasets, transforms
+from torchvision import datasets
 
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
+from mlexp.transforms import BUILT_IN, build_transforms
 
 SPLIT_SEED = 0
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-BUILT_IN = ("digits", "synthetic")
 # Transparent pixels have no colour of their own (what RGBA stores under alpha 0 is often
 # black or garbage), so images with alpha are flattened onto one fixed background.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -181,27 +179,6 @@ def synthetic_arrays(num_classes: int = 10, per_class: int = 64, size: int = 32)
             images.append(image.astype(np.uint8))
             labels.append(label)
     return np.stack(images), np.array(labels, dtype=np.int64)
-
-
-def build_transforms(cfg: TrainConfig, train: bool) -> transforms.Compose:
-    """Resize, then (training only) RandAugment and flips, normalise, random erasing."""
-    steps: list = [transforms.Resize((cfg.img_size, cfg.img_size))]
-    if train and cfg.aa:
-        from timm.data.auto_augment import rand_augment_transform
-
-        if not cfg.aa.startswith("rand"):
-            raise MlexpError(f"--aa must be a RandAugment policy such as rand-m9-mstd0.5, got {cfg.aa!r}")
-        try:
-            steps.append(rand_augment_transform(cfg.aa, {"translate_const": int(cfg.img_size * 0.45),
-                                                         "img_mean": (124, 116, 104)}))
-        except (ValueError, AssertionError, KeyError) as error:
-            raise MlexpError(f"--aa {cfg.aa!r} is not a valid RandAugment policy ({error})") from None
-    if train and cfg.hflip > 0:
-        steps.append(transforms.RandomHorizontalFlip(cfg.hflip))
-    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if train and cfg.reprob > 0:
-        steps.append(transforms.RandomErasing(p=cfg.reprob, value="random"))
-    return transforms.Compose(steps)
 
 
 def split_indices(labels: np.ndarray, cfg: TrainConfig, test_split: float = 0.0
@@ -404,6 +381,80 @@ def _either(fixes: list[str]) -> str:
     return fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])}, or {fixes[-1]}"
 
 
-def loader_kwargs(cfg: TrainConfig) -> dict:
-    return {"batch_size": cfg.batch_size, "num_workers": cfg.workers,
-            "persistent_workers": cfg.workers > 0, "pin_memory": torch.cuda.is_available()}
+PREFETCH_BATCHES = 2  # per worker: enough to hide one slow image, without holding many batches
+
+
+def loader_kwargs(cfg: TrainConfig, workers: int) -> dict:
+    """Batches for an accelerator: `workers` decoding processes that live for the whole run
+    (no re-fork each epoch), pinned memory on a GPU so copies can overlap compute."""
+    kwargs = {"batch_size": cfg.batch_size, "num_workers": workers, "pin_memory": torch.cuda.is_available()}
+    if workers > 0:
+        kwargs |= {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES}
+    return kwargs
+
+
+class EpochSeeded(Dataset):
+    """A training set whose random augmentations depend on (seed, epoch, image) only.
+
+    With workers that persist across epochs, each worker's random stream would run on from
+    epoch to epoch, so a run resumed at epoch k would see other crops than an uninterrupted
+    one. Seeding each image from (seed, epoch, index) makes the crops the same whatever the
+    number of workers and wherever the run restarted. The epoch lives in shared memory, so
+    workers forked once see each new epoch; in the main process (no workers) the global
+    random states are put back after each image, so training's own randomness is untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+        self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch[0] = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        import random
+
+        from torch.utils.data import get_worker_info
+
+        seed = (self.seed * 1_000_003 + int(self.epoch[0]) * 7_919 + index * 104_729) % 2**32
+        in_worker = get_worker_info() is not None
+        if not in_worker:
+            states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            if not in_worker:
+                random.setstate(states[0])
+                np.random.set_state(states[1])
+                torch.set_rng_state(states[2])
+
+
+def loader_samples_per_s(dataset: Dataset, cfg: TrainConfig, workers: int, max_batches: int = 30,
+                         max_seconds: float = 3.0) -> float:
+    """The loader alone (decoding and augmentation, no model): training images per second
+    over up to `max_batches` batches or `max_seconds`, from the first batch on (worker
+    start-up left out) when there are two or more. Next to perf/samples_per_s it says
+    whether the loader or the model is the bottleneck. Random states are left as they were."""
+    import time
+
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, shuffle=False, **{**loader_kwargs(cfg, workers), "persistent_workers": False})
+    with torch.random.fork_rng(devices=[]):
+        began = time.perf_counter()
+        started, counted, first_batch = began, 0, 0
+        for images, _ in loader:
+            if not first_batch:
+                first_batch, started = len(images), time.perf_counter()
+                continue
+            counted += len(images)
+            if counted >= max_batches * cfg.batch_size or time.perf_counter() - started >= max_seconds:
+                break
+        if not counted:  # a single batch: its time is all there is
+            counted, started = first_batch, began
+        return counted / max(time.perf_counter() - started, 1e-9)

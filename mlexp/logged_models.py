@@ -72,7 +72,7 @@ def load_classifier(folder: Path) -> Classifier:
     from mlexp.backbones import create_model, resolve_backbone
     from mlexp.checkpoint import WEIGHTS_FILE, load_weights
     from mlexp.config import TrainConfig
-    from mlexp.data import build_transforms
+    from mlexp.transforms import build_transforms
     from mlexp.finetune import attach_head
 
     described = json.loads((folder / CLASSIFIER_FILE).read_text())

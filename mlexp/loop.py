@@ -72,6 +72,7 @@ class TrainParts:
     ema: object | None = None  # timm ModelEmaV3
     clip_grad: float = 0.0
     channels_last: bool = False
+    workers: int = 0  # DataLoader worker processes (--workers resolved)
     global_step: int = 0
     best_weights: dict | None = None  # a CPU copy of the best epoch's weights, kept when there is a test set
 

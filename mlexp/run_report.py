@@ -25,10 +25,11 @@ def print_start(cfg: TrainConfig, spec: BackboneSpec, built, data, accelerator: 
     processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
     where = "offline (`mlexp sync` sends it)" if getattr(tracker, "offline", False) else tracking_uri
     run = f"run {tracker.run_id}" if tracker.run_id else "untracked"
+    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
     print(f"mlexp: {spec.name} ({spec.init}, weights: {describe_weights(built)}) | {data.name}: "
           f"{len(data.train_set)} train / {len(data.val_set)} val"
           f"{f' / {len(data.test_set)} test' if data.test_set is not None else ''} images, {data.num_classes} classes, "
-          f"{cfg.img_size}px | {cfg.epochs} epochs{adjusted} | {accelerator.device.type}, {processes} | "
+          f"{cfg.img_size}px | {cfg.epochs} epochs{adjusted} | {accelerator.device.type} {precision}, {processes} | "
           f"{run} -> {where}", flush=True)
 
 

@@ -26,7 +26,8 @@ from mlexp import checkpoint, tracking
 from mlexp.backbones import BackboneSpec, build_backbone, resolve_backbone
 from mlexp.calibration import calibrate
 from mlexp.config import TrainConfig, config_hash
-from mlexp.data import build_data, check_data_source, loader_kwargs
+from mlexp import hardware
+from mlexp.data import BUILT_IN, EpochSeeded, build_data, check_data_source, loader_kwargs, loader_samples_per_s
 from mlexp.datasets import describe_splits
 from mlexp.errors import MlexpError
 from mlexp.finetune import attach_head, build_strategy
@@ -190,8 +191,11 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
         print_start(cfg, spec, built, data, accelerator, tracker, training.tracking_uri)
     splits = [split.to_dict() for split in describe_splits(data, cfg.data)]
     if resume is None or resume.checkpoint_dir is None:  # a new run, or one killed before its first checkpoint
-        log_run_start(tracker, cfg, accelerator, built, parts.module, data)
+        log_run_start(tracker, cfg, accelerator, built, parts, data)
         tracker.log_inputs(splits)
+        if accelerator.is_main_process:  # once per run: is the loader or the model the bottleneck?
+            rate = loader_samples_per_s(train_loader.dataset, cfg, parts.workers)
+            tracker.log_metrics({"perf/loader_samples_per_s": rate}, step=0)
     training.start()
     if resume and accelerator.is_main_process:
         print(f"mlexp: resuming run {resume.run_id} after epoch {start_epoch - 1} (step {parts.global_step})"
@@ -199,7 +203,8 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
               "starting it over from epoch 1 (points it already logged are kept, not logged twice)", flush=True)
     test_loader = None
     if data.test_set is not None:
-        test_loader = accelerator.prepare(DataLoader(data.test_set, shuffle=False, **loader_kwargs(cfg)))
+        test_loader = accelerator.prepare(DataLoader(data.test_set, shuffle=False,
+                                                     **loader_kwargs(cfg, parts.workers)))
     elif accelerator.is_main_process:
         print("mlexp: no test set (no DATA/test, --test-dir or --test-split): the test evaluation is skipped",
               flush=True)
@@ -212,10 +217,13 @@ def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, da
     """Head, strategy, optimizer, loaders, schedule and EMA around the built backbone."""
     attach_head(model, cfg.head, data.num_classes)
     strategy = build_strategy(model, spec.family, cfg)
-    if cfg.channels_last:
+    channels_last = hardware.choose_channels_last(cfg.channels_last, accelerator.device.type,
+                                                  hardware.is_convolutional(model))
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(strategy.param_groups(cfg.weight_decay), cfg)
-    train_loader, val_loader = make_loaders(data, cfg, accelerator.num_processes)
+    workers = hardware.worker_count(cfg, built_in=cfg.data in BUILT_IN)
+    train_loader, val_loader = make_loaders(data, cfg, accelerator.num_processes, workers)
     module = model  # wrappers below share its parameters; it is what gets saved and loaded
     if cfg.compile:
         model = torch.compile(model)
@@ -225,7 +233,7 @@ def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, da
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     parts = TrainParts(accelerator, model, optimizer, scheduler, make_loss(cfg), strategy, module,
                        mixup=make_mixup(cfg, data.num_classes), clip_grad=cfg.clip_grad,
-                       channels_last=cfg.channels_last)
+                       channels_last=channels_last, workers=workers)
     if cfg.ema:
         from timm.utils import ModelEmaV3
 
@@ -248,8 +256,10 @@ def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_ep
         set_seed(cfg.seed + epoch, device_specific=True)  # resume is deterministic from the epoch alone
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
+        if hasattr(train_loader.dataset, "set_epoch"):  # EpochSeeded: this epoch's augmentations
+            train_loader.dataset.set_epoch(epoch)
         stats = train_one_epoch(parts, train_loader, epoch, on_steps, f"epoch {epoch}/{cfg.epochs}")
-        val = evaluate(eval_model(parts), val_loader, parts.accelerator, cfg.channels_last)
+        val = evaluate(eval_model(parts), val_loader, parts.accelerator, parts.channels_last)
         lr = history.steps[-1][4] if history.steps else cfg.lr
         row = epoch_record(epoch, stats, val, lr, strategy.phase, strategy.trainable_params())
         is_best = history.add_epoch(row)
@@ -271,10 +281,13 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     cpu = not torch.cuda.is_available()
     if cfg.mixed_precision == "fp16" and cpu:
         raise MlexpError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
+    hardware.configure_cuda()
     # cpu=True is what makes torchrun/accelerate launch on a CPU-only machine use DDP over gloo
-    # (MULTI_CPU); without it each process silently trains alone.
-    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    # (MULTI_CPU); without it each process silently trains alone. Pinned batches are copied
+    # to the GPU without blocking, so the copy overlaps the previous step's compute.
+    return Accelerator(cpu=cpu, mixed_precision=hardware.device_precision(cfg.mixed_precision),
+                       gradient_accumulation_steps=cfg.grad_accum,
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=not cpu))
 
 
 def release_accelerator(accelerator: Accelerator) -> None:
@@ -283,12 +296,13 @@ def release_accelerator(accelerator: Accelerator) -> None:
     accelerator.end_training()
 
 
-def make_loaders(data, cfg: TrainConfig, num_processes: int) -> tuple[DataLoader, DataLoader]:
+def make_loaders(data, cfg: TrainConfig, num_processes: int, workers: int) -> tuple[DataLoader, DataLoader]:
     # Drop the ragged last batch when a full one exists: mixup needs even batches and
     # BatchNorm cannot train on a batch of one.
     drop_last = len(data.train_set) >= cfg.batch_size * num_processes
-    train = DataLoader(data.train_set, shuffle=True, drop_last=drop_last, **loader_kwargs(cfg))
-    val = DataLoader(data.val_set, shuffle=False, **loader_kwargs(cfg))
+    train = DataLoader(EpochSeeded(data.train_set, cfg.seed), shuffle=True, drop_last=drop_last,
+                       **loader_kwargs(cfg, workers))
+    val = DataLoader(data.val_set, shuffle=False, **loader_kwargs(cfg, workers))
     if len(train) == 0:
         raise MlexpError(f"the training set ({len(data.train_set)} images) is smaller than one batch; "
                          "lower --batch-size")
@@ -350,18 +364,27 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, model, data) -> None:
-    """Params (effective), the distributed set-up, parameter counts, and config.json."""
-    total = sum(p.numel() for p in model.parameters())
+def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, parts: TrainParts, data) -> None:
+    """Params (effective), the distributed set-up, what `auto` became on this machine, the
+    data config (timm's, for this backbone), parameter counts, and config.json."""
+    from mlexp.transforms import data_config
+
+    total = sum(p.numel() for p in parts.module.parameters())
+    chosen = {"mixed_precision": accelerator.mixed_precision, "channels_last": str(parts.channels_last).lower(),
+              "workers": str(parts.workers), **hardware.configure_cuda()}
+    transforms = data_config(cfg)
     params = {**cfg.to_params(), "distributed_type": str(accelerator.distributed_type.value),
               "num_processes": str(accelerator.num_processes),
               "global_batch_size": str(cfg.batch_size * cfg.grad_accum * accelerator.num_processes),
               "num_classes": str(data.num_classes), "weights_source": built.weights_source,
-              "weights_sha256": built.weights_sha256 or "", "weights_path": built.weights_path or ""}
+              "weights_sha256": built.weights_sha256 or "", "weights_path": built.weights_path or "",
+              **{f"effective.{key}": value for key, value in chosen.items()},
+              **{f"data.{key}": str(value) for key, value in transforms.items()}}
     tracker.log_params(tracking.params_to_log(params, tracking.existing_params(tracker)))
     tracker.log_metrics({"model/params_total": total}, step=0)
     tracker.remember("config", cfg.to_dict())  # a resume on this machine needs it before the server has it
-    tracker.log_artifacts(write_json(cfg.to_dict(), tracker.staging_dir("config") / "config.json").parent, "")
+    recorded = {**cfg.to_dict(), "data_config": transforms, "effective": chosen}
+    tracker.log_artifacts(write_json(recorded, tracker.staging_dir("config") / "config.json").parent, "")
 
 
 def evaluate_splits(parts: TrainParts, history: History, test_loader, val_loader, tracker, last_epoch: int,
@@ -408,7 +431,7 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
     reported = evaluate_splits(parts, history, test_loader, val_loader, tracker, last_epoch, data.class_names)
     calibration = {}
     if cfg.calibrate:
-        final_eval: EvalResult = evaluate(final_model, val_loader, accelerator, cfg.channels_last)
+        final_eval: EvalResult = evaluate(final_model, val_loader, accelerator, parts.channels_last)
         calibration = calibrate(final_eval.logits, final_eval.labels)
     if accelerator.is_main_process:
         weights = final_weights_model(parts).state_dict()
@@ -419,7 +442,7 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
             print(f"mlexp: exported weights to {exported}")
         total_time = sum(history.column("epoch/time_s"))
         tracker.log_metrics({"best/val_acc": history.best_val_acc, "best/epoch": history.best_epoch,
-                             "time/total_s": total_time,
+                             "time/total_s": total_time, **hardware.peak_memory_mb(),
                              "model/params_trainable": parts.strategy.trainable_params(), **calibration},
                             step=last_epoch)
         info = training_info(spec, cfg, built, history, calibration,

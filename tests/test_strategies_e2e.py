@@ -91,7 +91,7 @@ def test_gradual_unfreezing_under_torchrun_keeps_ranks_identical(server_uri, tmp
 
 
 def test_compiled_channels_last_run_saves_plain_weights_that_resume_and_reuse_can_load(sqlite_uri, tmp_path):
-    result = run_training(TrainConfig(backbone="resnet18_scratch", epochs=1, compile=True, channels_last=True,
+    result = run_training(TrainConfig(backbone="resnet18_scratch", epochs=1, compile=True, channels_last="true",
                                       grad_accum=2, experiment="compiled", data="synthetic", img_size=16,
                                       batch_size=32, calibrate=False))
     client = MlflowClient(sqlite_uri)

@@ -1,0 +1,84 @@
+"""What the machine decides: precision, memory format, loader workers, cuDNN/TF32 settings,
+and the peak memory a run used. Each `auto` option is resolved here, from the device's
+capabilities, so the rules can be tested on any machine (they are pure functions of them)."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import torch
+
+from mlexp.config import AUTO, TrainConfig
+
+MAX_AUTO_WORKERS = 8  # past this, decoding rarely gains and each worker holds its prefetched batches
+
+
+def choose_precision(requested: str, device_type: str, bf16_supported: bool) -> str:
+    """`--mixed-precision` resolved: bf16 on a GPU that supports it (no scaler needed), fp16
+    (Accelerate adds the gradient scaler) on an older GPU, none on CPU and other devices."""
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        return "bf16" if bf16_supported else "fp16"
+    return "no"
+
+
+def device_precision(requested: str) -> str:
+    """choose_precision for this machine's accelerator."""
+    if torch.cuda.is_available():
+        return choose_precision(requested, "cuda", torch.cuda.is_bf16_supported())
+    return choose_precision(requested, "cpu", False)
+
+
+def is_convolutional(model: torch.nn.Module) -> bool:
+    """More than one 2-D convolution: a CNN. ViTs and Swins have one (their patch embedding)."""
+    return sum(isinstance(module, torch.nn.Conv2d) for module in model.modules()) > 1
+
+
+def choose_channels_last(requested: str, device_type: str, convolutional: bool) -> bool:
+    """`--channels-last` resolved: on a GPU, for CNNs (cuDNN's NHWC kernels are faster, most of
+    all under bf16/fp16); elsewhere it gains nothing or slows CPU convolutions down."""
+    if requested != "auto":
+        return requested == "true"
+    return device_type == "cuda" and convolutional
+
+
+def worker_count(cfg: TrainConfig, built_in: bool, environ: dict[str, str] | None = None,
+                 cpus: int | None = None) -> int:
+    """`--workers` resolved, per training process: 0 for in-memory sets (nothing to decode;
+    worker processes would only add copies); else this process's share of the CPUs: the
+    threads a sweep launcher gave it (OMP_NUM_THREADS), or the CPUs over the processes
+    `accelerate launch`/torchrun start on this machine (LOCAL_WORLD_SIZE), up to 8."""
+    if cfg.workers != AUTO:
+        return cfg.workers
+    if built_in:
+        return 0
+    environ = os.environ if environ is None else environ
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    share = environ.get("OMP_NUM_THREADS")
+    if share and share.isdigit() and int(share) > 0:
+        cpus = min(cpus, int(share))
+    else:
+        cpus //= max(1, int(environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(MAX_AUTO_WORKERS, cpus))
+
+
+def configure_cuda() -> dict[str, str]:
+    """TF32 matmuls and convolutions (Ampere and later: ~8x the fp32 rate, the precision
+    bf16 training has anyway) and cuDNN's benchmark mode (fixed input sizes: it picks the
+    fastest kernels once). What was set, for the run's params; nothing on CPU."""
+    if not torch.cuda.is_available():
+        return {}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return {"tf32": "true", "cudnn_benchmark": "true"}
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """The process's peak resident memory, and its accelerator's peak allocation, in MiB."""
+    peaks = {"perf/peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}  # KiB on Linux
+    if torch.cuda.is_available():
+        peaks["perf/peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peaks

@@ -1,0 +1,201 @@
+"""The data pipeline follows the backbone's timm data config; every image mode arrives as a
+3-channel tensor of the right range; `auto` options resolve from the device's capabilities;
+loader workers change nothing but speed."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+
+from mlexp import hardware
+from mlexp.config import TrainConfig, config_hash
+from mlexp.data import CheckedImageFolder, EpochSeeded
+from mlexp.transforms import build_transforms, data_config
+from tests.helpers import run_mlexp, subprocess_env
+
+# Two backbones whose pretrained configs differ: ImageNet statistics and crop 0.95 (ResNet
+# strikes back weights), mean = std = 0.5 and crop 0.9 (AugReg ViT).
+MODELS = {"resnet18": dict(backbone="resnet18", init="scratch"),
+          "vit_small_patch16_224.augreg_in21k": dict(backbone="vit_small_patch16_224.augreg_in21k", init="scratch")}
+
+
+def photo(size=(96, 80), seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("timm_name", list(MODELS))
+def test_transforms_are_timms_for_the_models_own_data_config(timm_name, tmp_path):
+    cfg = TrainConfig(data=str(tmp_path), img_size=64, **MODELS[timm_name])
+    # timm's train.py: the data config of the model itself, at the run's input size
+    reference = resolve_data_config({"input_size": (3, 64, 64)}, model=timm.create_model(timm_name))
+    ours = data_config(cfg)
+    assert (tuple(ours["mean"]), tuple(ours["std"])) == (reference["mean"], reference["std"])
+    assert ours["interpolation"] == reference["interpolation"] and ours["crop_pct"] == reference["crop_pct"]
+    assert ours["train_crop"] == "random-resized" and ours["hflip"] == 0.5  # an image folder's defaults
+    image = photo()
+    theirs_eval = create_transform(**reference, is_training=False)
+    assert torch.equal(build_transforms(cfg, train=False)(image), theirs_eval(image))
+    theirs_train = create_transform(**reference, is_training=True, hflip=0.5, color_jitter=0.4, re_mode="pixel")
+    for seed in range(3):  # random-resized crop, flip, jitter: the same draws give the same tensor
+        random.seed(seed), torch.manual_seed(seed)
+        mine = build_transforms(cfg, train=True)(image)
+        random.seed(seed), torch.manual_seed(seed)
+        assert torch.equal(mine, theirs_train(image))
+    assert mine.shape == (3, 64, 64)
+
+
+def test_the_two_models_really_differ_and_tiny_images_keep_a_plain_resize():
+    resnet = data_config(TrainConfig(**MODELS["resnet18"]))
+    vit = data_config(TrainConfig(**MODELS["vit_small_patch16_224.augreg_in21k"]))
+    assert vit["mean"] == [0.5, 0.5, 0.5] and resnet["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    digits = TrainConfig(data="digits", img_size=16, **MODELS["resnet18"])
+    assert data_config(digits)["train_crop"] == "resize" and data_config(digits)["hflip"] == 0.0
+    image = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).convert("RGB")
+    whole = build_transforms(digits, train=True)(image)
+    assert whole.shape == (3, 16, 16) and torch.equal(whole, build_transforms(digits, train=False)(image))
+
+
+def test_every_image_mode_loads_as_a_3_channel_tensor_of_the_right_range(tmp_path):
+    """Grayscale, RGBA, palette and 16-bit PNGs through the folder and the run's transform."""
+    folder = tmp_path / "modes"
+    ramp = np.tile(np.linspace(0, 1, 32), (32, 1))
+    files = {
+        "gray": Image.fromarray((ramp * 255).round().astype(np.uint8)),  # L
+        "sixteen": Image.fromarray((ramp * 65535).round().astype(np.uint16)),  # I;16
+        "rgba": Image.fromarray(np.dstack([(ramp * 255).astype(np.uint8)] * 3 + [np.full((32, 32), 255, np.uint8)])),
+        "palette": Image.fromarray((ramp * 255).round().astype(np.uint8)).convert("P"),
+    }
+    for name, image in files.items():
+        (folder / name).mkdir(parents=True)
+        image.save(folder / name / "0.png")
+    assert Image.open(folder / "sixteen" / "0.png").mode == "I;16"
+    assert Image.open(folder / "palette" / "0.png").mode == "P"
+    assert Image.open(folder / "rgba" / "0.png").mode == "RGBA"
+    cfg = TrainConfig(data=str(folder), img_size=32, train_crop="resize", **MODELS["resnet18"])
+    config = data_config(cfg)
+    mean, std = torch.tensor(config["mean"]).view(3, 1, 1), torch.tensor(config["std"]).view(3, 1, 1)
+    dataset = CheckedImageFolder(folder, transform=build_transforms(cfg, train=False))
+    for tensor, label in dataset:
+        pixels = tensor * std + mean  # back to 0..1
+        name = dataset.classes[label]
+        assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32, name
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5, name
+        assert pixels.min() < 0.02 and pixels.max() > 0.98, name  # the full ramp, not clipped or flat
+        assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[1], pixels[2], atol=1e-5)
+
+
+def test_augmentations_depend_on_seed_epoch_and_image_only():
+    cfg = TrainConfig(data="folder", img_size=32, **MODELS["resnet18"])
+
+    class Photos(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return build_transforms(cfg, train=True)(photo(seed=index)), index
+
+    seeded = EpochSeeded(Photos(), seed=7)
+    seeded.set_epoch(1)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    first = [seeded[i][0] for i in range(4)]
+    assert torch.equal(torch.rand(1), expected)  # training's own random stream is untouched
+    seeded.set_epoch(2)
+    assert not torch.equal(seeded[0][0], first[0])  # a new epoch, new crops
+    seeded.set_epoch(1)
+    assert all(torch.equal(seeded[i][0], first[i]) for i in (3, 1))  # any order, any process: the same
+    loader = torch.utils.data.DataLoader(seeded, batch_size=2, num_workers=2, persistent_workers=True)
+    for epoch in (2, 1):  # workers forked once see each new epoch
+        seeded.set_epoch(epoch)
+        batches = torch.cat([images for images, _ in loader])
+    assert all(torch.equal(batches[i], first[i]) for i in range(4))
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
+def test_mixed_precision_auto_follows_the_device(bf16, expected):
+    assert hardware.choose_precision("auto", "cuda", bf16) == expected
+    assert hardware.choose_precision("auto", "cpu", False) == "no"
+    assert hardware.choose_precision("auto", "mps", True) == "no"
+    assert hardware.choose_precision("no", "cuda", bf16) == "no"  # asked for: kept
+    assert hardware.choose_precision("fp16", "cuda", True) == "fp16"
+    assert hardware.device_precision("auto") == ("no" if not torch.cuda.is_available() else
+                                                 "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+
+
+def test_channels_last_auto_is_for_cnns_on_a_gpu_and_workers_share_the_cpus():
+    cnn, vit = timm.create_model("test_resnet"), timm.create_model("test_vit")
+    assert hardware.is_convolutional(cnn) and not hardware.is_convolutional(vit)
+    assert hardware.choose_channels_last("auto", "cuda", True) is True
+    assert hardware.choose_channels_last("auto", "cuda", False) is False
+    assert hardware.choose_channels_last("auto", "cpu", True) is False
+    assert hardware.choose_channels_last("true", "cpu", False) is True
+    folder = TrainConfig(data="photos")
+    assert hardware.worker_count(folder, built_in=False, environ={}, cpus=16) == 8
+    assert hardware.worker_count(folder, built_in=False, environ={"LOCAL_WORLD_SIZE": "4"}, cpus=16) == 4
+    assert hardware.worker_count(folder, built_in=False, environ={"OMP_NUM_THREADS": "3"}, cpus=16) == 3
+    assert hardware.worker_count(folder, built_in=False, environ={"LOCAL_WORLD_SIZE": "8"}, cpus=4) == 1
+    assert hardware.worker_count(folder, built_in=True, environ={}, cpus=16) == 0
+    assert hardware.worker_count(folder.replace(workers=0), built_in=False, environ={}, cpus=16) == 0
+    assert TrainConfig.from_strings({"workers": "auto"}).workers == -1
+
+
+def test_configs_recorded_before_these_options_keep_their_meaning_and_hash():
+    recorded = TrainConfig().to_dict()
+    for name in ("train_crop", "color_jitter"):
+        del recorded[name]
+    recorded |= {"channels_last": False, "hflip": 0.0, "workers": 0, "mixed_precision": "no"}
+    old = TrainConfig.from_dict(recorded)
+    assert (old.train_crop, old.color_jitter, old.channels_last) == ("resize", 0.0, "false")
+    assert config_hash(old) == config_hash(TrainConfig.from_dict(recorded | {"train_crop": "resize"}))
+    assert config_hash(old) != config_hash(old.replace(train_crop="random-resized"))
+
+
+def write_photo_folder(root: Path, per_class: int = 24) -> Path:
+    """A small folder of JPEG photos: random crops of scikit-learn's two sample photos."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    for name, image in zip(("china", "flower"), load_sample_images().images):
+        for part, count in (("train", per_class), ("val", per_class // 3)):
+            (root / part / name).mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                top, left = rng.integers(0, image.shape[0] - 96), rng.integers(0, image.shape[1] - 96)
+                Image.fromarray(image[top:top + 96, left:left + 96]).save(root / part / name / f"{index}.jpg")
+    return root
+
+
+def test_image_folders_use_workers_by_default_and_workers_change_nothing_but_speed(sqlite_uri, tmp_path):
+    data = write_photo_folder(tmp_path / "photos")
+    env = subprocess_env(sqlite_uri, OMP_NUM_THREADS="2")
+    common = ["train", "--backbone", "test_resnet", "--init", "scratch", "--data", str(data), "--img-size", "32",
+              "--epochs", "2", "--batch-size", "8", "--experiment", "workers", "--log-models", "false"]
+    for name, extra in (("auto", []), ("none", ["--workers", "0"])):
+        done = run_mlexp([*common, "--run-name", name, *extra], env, tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+    client = MlflowClient(sqlite_uri)
+    runs = {run.info.run_name: run for run in client.search_runs(
+        [client.get_experiment_by_name("workers").experiment_id])}
+    auto, none = runs["auto"], runs["none"]
+    timm_config = resolve_data_config({}, model=timm.create_model("test_resnet"))
+    assert auto.data.params["workers"] == "-1" and auto.data.params["effective.workers"] == "2"
+    assert none.data.params["effective.workers"] == "0"
+    for run in (auto, none):
+        assert run.data.metrics["perf/loader_samples_per_s"] > 0 and run.data.metrics["perf/peak_mem_mb"] > 100
+        assert run.data.params["data.train_crop"] == "random-resized"
+        assert run.data.params["effective.mixed_precision"] == "no"  # auto, on a CPU
+        config = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json")).read_text())
+        assert config["data_config"]["interpolation"] == timm_config["interpolation"]
+        assert config["data_config"]["mean"] == list(timm_config["mean"]) and config["effective"]["channels_last"] == "false"
+    losses = {name: [point.value for point in sorted(client.get_metric_history(run.info.run_id, "batch/loss"),
+                                                     key=lambda point: point.step)] for name, run in runs.items()}
+    assert len(losses["auto"]) == 12 and losses["auto"] == losses["none"]  # the same crops, the same model
