@@ -64,16 +64,22 @@ def worker_count(cfg: TrainConfig, built_in: bool, environ: dict[str, str] | Non
     return max(1, min(MAX_AUTO_WORKERS, cpus))
 
 
-def configure_cuda() -> dict[str, str]:
+def configure_cuda() -> None:
     """TF32 matmuls and convolutions (Ampere and later: ~8x the fp32 rate, the precision
     bf16 training has anyway) and cuDNN's benchmark mode (fixed input sizes: it picks the
-    fastest kernels once). What was set, for the run's params; nothing on CPU."""
+    fastest kernels once). Nothing on CPU."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def cuda_settings() -> dict[str, str]:
+    """What configure_cuda left set, for the run's params (empty on CPU)."""
     if not torch.cuda.is_available():
         return {}
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    return {"tf32": "true", "cudnn_benchmark": "true"}
+    return {"tf32": str(torch.backends.cuda.matmul.allow_tf32).lower(),
+            "cudnn_benchmark": str(torch.backends.cudnn.benchmark).lower()}
 
 
 def peak_memory_mb() -> dict[str, float]:

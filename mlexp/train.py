@@ -371,7 +371,7 @@ def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, pa
 
     total = sum(p.numel() for p in parts.module.parameters())
     chosen = {"mixed_precision": accelerator.mixed_precision, "channels_last": str(parts.channels_last).lower(),
-              "workers": str(parts.workers), **hardware.configure_cuda()}
+              "workers": str(parts.workers), **hardware.cuda_settings()}
     transforms = data_config(cfg)
     params = {**cfg.to_params(), "distributed_type": str(accelerator.distributed_type.value),
               "num_processes": str(accelerator.num_processes),
