@@ -10,9 +10,13 @@ alternate, pair after pair (who goes first alternates too).
 
 Training throughput is each tool's own figure for an epoch's training phase (images / the
 seconds from the epoch's first batch request to its last update; validation left out):
-mlexp's `epoch/time_s` and step count, timm's average update time. The first epoch (worker
-start-up, first allocations) is left out when there are more. Accuracy: each run's final
+mlexp's printed epoch time (its `epoch/time_s`) over its full batches, timm's average update
+time. The first epoch (worker start-up, first allocations) is left out when there are more. Accuracy: each run's final
 validation top-1.
+
+The tracking server is a local process on this machine. A team's server runs elsewhere, so
+by default it runs at nice 19 here (as in tracking_overhead.py): it gets the CPU the training
+leaves idle. `--server-nice 0` measures the co-located server as it is.
 
     python benchmarks/vs_timm.py --timm-train ~/pytorch-image-models/train.py
         # CPU: resnet18 at 128 px on a folder of real JPEG photos (benchmarks/photo_folder.py)
@@ -44,6 +48,7 @@ from mlexp.local_server import start_local_server, stop_local_server  # noqa: E4
 
 TOOLS = ("mlexp", "timm")
 # timm logs each epoch's last update as: Train: E [ N/N (100%)] ... (AVG_S s, RATE/s) ...
+MLEXP_EPOCH = re.compile(r"^epoch +\d+ .*val loss \S+ acc (\S+) +([\d.]+)s", re.MULTILINE)
 TIMM_LAST_UPDATE = re.compile(r"Train: (\d+) \[\s*(\d+)/(\d+) .*?\(([\d.]+)s,\s*([\d.]+)/s\)")
 
 
@@ -57,8 +62,6 @@ def model_interpolation(model: str, img_size: int) -> str:
 
 
 def mlexp_run(args, data: Path, seed: int, uri: str, workdir: Path, name: str) -> dict:
-    from mlflow import MlflowClient
-
     command = [sys.executable, "-m", "mlexp", "train", "--backbone", args.model, "--init", "scratch",
                "--data", str(data), "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
                "--epochs", str(args.epochs), "--optimizer", "adamw", "--lr", str(args.lr),
@@ -67,21 +70,16 @@ def mlexp_run(args, data: Path, seed: int, uri: str, workdir: Path, name: str) -
                "--scratch-wd-mult", "1", "--llrd-decay", "1", "--label-smoothing", "0.1", "--hflip", "0.5",
                "--color-jitter", "0.4", "--train-crop", "random-resized", "--workers", str(args.workers),
                "--mixed-precision", args.mixed_precision, "--calibrate", "false", "--seed", str(seed),
-               "--experiment", "vs-timm", "--run-name", name]
+               "--experiment", "vs-timm", "--run-name", name, "--offline", str(args.offline).lower()]
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1", TQDM_DISABLE="1",
                MLEXP_OUTBOX_DIR=str(workdir / "outbox"))
     done = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"mlexp {name} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    client = MlflowClient(uri)
-    [run] = client.search_runs([client.get_experiment_by_name("vs-timm").experiment_id],
-                               f"attributes.run_name = '{name}'")
-    times = [point.value for point in sorted(client.get_metric_history(run.info.run_id, "epoch/time_s"),
-                                             key=lambda point: point.step)]
-    steps = len(client.get_metric_history(run.info.run_id, "batch/loss")) // len(times)
-    rates = [steps * args.batch_size / seconds for seconds in times]
-    return {"rates": rates, "val_acc": run.data.metrics["val/acc"] * 100,
-            "loader": run.data.metrics.get("perf/loader_samples_per_s")}
+    # mlexp prints each epoch as: epoch N  train loss .. acc ..  val loss .. acc A  T.Ts
+    epochs = MLEXP_EPOCH.findall(done.stdout)
+    images = len(list((data / "train").glob("*/*"))) // args.batch_size * args.batch_size  # full batches
+    return {"rates": [images / float(seconds) for _, seconds in epochs], "val_acc": float(epochs[-1][0]) * 100}
 
 
 def timm_run(args, data: Path, seed: int, workdir: Path, name: str) -> dict:
@@ -135,6 +133,10 @@ def main() -> None:
     parser.add_argument("--mixed-precision", default=None, choices=("no", "bf16", "fp16"),
                         help="default: bf16 on a GPU, no on CPU")
     parser.add_argument("--pairs", type=int, default=3, help="throughput: runs of each tool, alternating")
+    parser.add_argument("--train-images", type=int, default=80, help="generated folder: training images per class")
+    parser.add_argument("--server-nice", type=int, default=19, help="the local tracking server's nice value")
+    parser.add_argument("--offline", action="store_true", help="mlexp records offline (no uploads during "
+                        "training): its loop against timm's, without the server's share of the CPU")
     parser.add_argument("--seeds", help="accuracy parity instead: one run of each tool per seed, e.g. 1,2")
     args = parser.parse_args()
 
@@ -151,11 +153,13 @@ def main() -> None:
     args.channels_last = args.device == "cuda"  # mlexp's auto choice for CNNs on a GPU; timm is told the same
     with tempfile.TemporaryDirectory(prefix="mlexp-vs-timm-") as folder:
         workdir = Path(folder)
-        data = args.data or make_photo_folder(workdir / "photos")
+        data = args.data or make_photo_folder(workdir / "photos", train=args.train_images,
+                                              val=max(1, args.train_images // 4))
         args.num_classes = len([path for path in (data / "train").iterdir() if path.is_dir()])
         print(f"{args.model} at {args.img_size}px, batch {args.batch_size}, {args.epochs} epochs, "
-              f"{args.workers} workers, {args.device} {args.mixed_precision}, data {data}", flush=True)
-        server, uri = start_local_server(workdir / "server")
+              f"{args.workers} workers, {args.device} {args.mixed_precision}, data {data}, "
+              f"server at nice {args.server_nice}{', mlexp offline' if args.offline else ''}", flush=True)
+        server, uri = start_local_server(workdir / "server", nice=args.server_nice)
         try:
             if args.seeds:
                 parity(args, data, uri, workdir)
@@ -174,9 +178,8 @@ def throughput(args, data: Path, uri: str, workdir: Path) -> None:
             result = (mlexp_run(args, data, 42, uri, workdir, name) if tool == "mlexp"
                       else timm_run(args, data, 42, workdir, name))
             rates[tool].append(steady(result["rates"]))
-            loader = f", loader alone {result['loader']:.0f}/s" if result.get("loader") else ""
             print(f"  {name}: {rates[tool][-1]:.1f} samples/s (epochs: "
-                  f"{', '.join(f'{rate:.1f}' for rate in result['rates'])}){loader}", flush=True)
+                  f"{', '.join(f'{rate:.1f}' for rate in result['rates'])})", flush=True)
         print(f"pair {index + 1}: mlexp {rates['mlexp'][-1]:.1f}, timm {rates['timm'][-1]:.1f} samples/s, "
               f"ratio {rates['mlexp'][-1] / rates['timm'][-1]:.3f}", flush=True)
     ours, theirs = statistics.median(rates["mlexp"]), statistics.median(rates["timm"])
