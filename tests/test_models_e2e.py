@@ -38,8 +38,11 @@ pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # A tiny network trained fast enough to overshoot: its validation accuracy peaks before the last
 # epoch, so the best and the final weights differ (what the test-set check needs).
+# 8x8 digits saved as PNGs: a folder of tiny images, so the whole image is resized (a random
+# crop would cut the digit away), as the README tells users of such folders.
 TRAIN = ["--backbone", "test_resnet", "--init", "scratch", "--img-size", "16", "--scratch-epochs-mult", "1",
-         "--calibrate", "false", "--epochs", "8", "--lr", "0.02", "--early-stop-patience", "1"]
+         "--calibrate", "false", "--epochs", "8", "--lr", "0.02", "--early-stop-patience", "1",
+         "--train-crop", "resize"]
 
 
 def page_text(url: str) -> str:
