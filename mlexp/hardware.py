@@ -11,6 +11,8 @@ import torch
 
 from mlexp.config import AUTO, TrainConfig
 
+# The options whose `auto` this module resolves: each run logs what it became as effective.NAME.
+RESOLVED = ("mixed_precision", "channels_last", "workers")
 MAX_AUTO_WORKERS = 8  # past this, decoding rarely gains and each worker holds its prefetched batches
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tests.helpers import (DIGITS_TRAIN_SIZE, ROOT, artifact_paths, contract_artifacts, run_mlexp, runs_of, steps,
                            subprocess_env, torchrun_train, write_pretrained_weights)
 
+from mlexp import hardware
 from mlexp.config import TrainConfig, config_fields
 from mlexp.recipes import preset_fields
 
@@ -45,10 +46,14 @@ def test_mlflow_run_train_against_a_live_server(server_uri, tmp_path):
     for f in config_fields():  # every effective field, under its name or (changed by mlexp) effective.NAME
         assert f.name in params or f"effective.{f.name}" in params
     assert params["effective.backbone"] == "resnet18_pretrained" and params["effective.init"] == "pretrained"
-    # effective.* twins: what mlexp resolved, and the options a recipe may set, left empty ("not set")
+    # effective.* twins: what mlexp resolved (the catalogue name, what `auto` became on this
+    # machine), and the options a recipe may set, left empty ("not set")
     twins = {k.removeprefix("effective.") for k in params if k.startswith("effective.")}
     defaults = TrainConfig().to_params()
-    assert twins == {"backbone", "init"} | {name for name in preset_fields() if defaults[name] != ""}
+    assert twins == {"backbone", "init", *hardware.RESOLVED, *hardware.cuda_settings()} | {
+        name for name in preset_fields() if defaults[name] != ""}
+    assert params["effective.mixed_precision"] == hardware.device_precision("auto")  # "no" on a CPU
+    assert params["effective.workers"] == "0"  # digits: in memory, nothing to decode
     assert params["lr"] in ("", "''") and params["effective.lr"] == "0.001"
     assert params["distributed_type"] == "NO" and params["num_processes"] == "1"
     assert params["weights_source"] == "weights-dir" and len(params["weights_sha256"]) == 64
