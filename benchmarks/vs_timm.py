@@ -53,12 +53,11 @@ TIMM_LAST_UPDATE = re.compile(r"Train: (\d+) \[\s*(\d+)/(\d+) .*?\(([\d.]+)s,\s*
 
 
 def model_interpolation(model: str, img_size: int) -> str:
-    from timm.data import resolve_data_config
-    from timm.models import get_pretrained_cfg
+    """The interpolation of the model's timm data config: mlexp's own choice, told to timm."""
+    from mlexp.config import TrainConfig
+    from mlexp.transforms import data_config
 
-    pretrained = get_pretrained_cfg(model)
-    return resolve_data_config({"input_size": (3, img_size, img_size)},
-                               pretrained_cfg=pretrained.to_dict() if pretrained else {})["interpolation"]
+    return data_config(TrainConfig(backbone=model, init="scratch", img_size=img_size))["interpolation"]
 
 
 def mlexp_run(args, data: Path, seed: int, uri: str, workdir: Path, name: str) -> dict:

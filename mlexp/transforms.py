@@ -66,7 +66,6 @@ def data_config(cfg: TrainConfig) -> dict:
 def build_transforms(cfg: TrainConfig, train: bool) -> transforms.Compose:
     """The training (`train`) or evaluation transform of the run: see the module docstring."""
     config = data_config(cfg)
-    size, mean, std = cfg.img_size, tuple(config["mean"]), tuple(config["std"])
     if config["train_crop"] == "resize":
         return _resize_pipeline(cfg, config, train)
     from timm.data import create_transform
@@ -75,9 +74,9 @@ def build_transforms(cfg: TrainConfig, train: bool) -> transforms.Compose:
         _check_aa(cfg.aa)
     try:
         return create_transform(
-            size, is_training=train, hflip=config["hflip"], vflip=0.0,
+            cfg.img_size, is_training=train, hflip=config["hflip"], vflip=0.0,
             color_jitter=cfg.color_jitter, auto_augment=cfg.aa or None, interpolation=config["interpolation"],
-            mean=mean, std=std, re_prob=cfg.reprob, re_mode="pixel",
+            mean=tuple(config["mean"]), std=tuple(config["std"]), re_prob=cfg.reprob, re_mode="pixel",
             crop_pct=config["crop_pct"], crop_mode=config["crop_mode"])
     except (ValueError, AssertionError, KeyError) as error:
         raise MlexpError(f"--aa {cfg.aa!r} is not a valid RandAugment policy ({error})") from None
