@@ -29,7 +29,7 @@ from torchvision import datasets
 
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
-from mlexp.transforms import BUILT_IN, build_transforms
+from mlexp.transforms import BUILT_IN, build_transforms, check_aa
 
 SPLIT_SEED = 0
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -299,7 +299,9 @@ def build_data(cfg: TrainConfig) -> DataBundle:
 
 def check_data_source(cfg: TrainConfig) -> None:
     """Cheap up-front check (before any MLflow run starts) that the data exists, has at least
-    2 non-empty classes, and can be split as asked (see check_split)."""
+    2 non-empty classes, and can be split as asked (see check_split), and that its
+    augmentation policy is one RandAugment understands."""
+    check_aa(cfg.aa)
     if cfg.test_dir:
         if cfg.data in BUILT_IN:
             raise MlexpError(f"--test-dir goes with an image-folder --data, not the built-in {cfg.data!r} "

@@ -254,8 +254,7 @@ def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_ep
     strategy = parts.strategy
     for epoch in range(start_epoch, cfg.epochs + 1):
         set_seed(cfg.seed + epoch, device_specific=True)  # resume is deterministic from the epoch alone
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
+        train_loader.set_epoch(epoch)  # Accelerate's seedable sampler: this epoch's shuffle
         if hasattr(train_loader.dataset, "set_epoch"):  # EpochSeeded: this epoch's augmentations
             train_loader.dataset.set_epoch(epoch)
         stats = train_one_epoch(parts, train_loader, epoch, on_steps, f"epoch {epoch}/{cfg.epochs}")

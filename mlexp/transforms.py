@@ -71,15 +71,12 @@ def build_transforms(cfg: TrainConfig, train: bool) -> transforms.Compose:
     from timm.data import create_transform
 
     if train:
-        _check_aa(cfg.aa)
-    try:
-        return create_transform(
-            cfg.img_size, is_training=train, hflip=config["hflip"], vflip=0.0,
-            color_jitter=cfg.color_jitter, auto_augment=cfg.aa or None, interpolation=config["interpolation"],
-            mean=tuple(config["mean"]), std=tuple(config["std"]), re_prob=cfg.reprob, re_mode="pixel",
-            crop_pct=config["crop_pct"], crop_mode=config["crop_mode"])
-    except (ValueError, AssertionError, KeyError) as error:
-        raise MlexpError(f"--aa {cfg.aa!r} is not a valid RandAugment policy ({error})") from None
+        check_aa(cfg.aa)
+    return create_transform(
+        cfg.img_size, is_training=train, hflip=config["hflip"], vflip=0.0,
+        color_jitter=cfg.color_jitter, auto_augment=cfg.aa or None, interpolation=config["interpolation"],
+        mean=tuple(config["mean"]), std=tuple(config["std"]), re_prob=cfg.reprob, re_mode="pixel",
+        crop_pct=config["crop_pct"], crop_mode=config["crop_mode"])
 
 
 def _resize_pipeline(cfg: TrainConfig, config: dict, train: bool) -> transforms.Compose:
@@ -89,12 +86,9 @@ def _resize_pipeline(cfg: TrainConfig, config: dict, train: bool) -> transforms.
     if train and cfg.aa:
         from timm.data.auto_augment import rand_augment_transform
 
-        _check_aa(cfg.aa)
-        try:
-            steps.append(rand_augment_transform(cfg.aa, {"translate_const": int(cfg.img_size * 0.45),
-                                                         "img_mean": tuple(round(255 * m) for m in config["mean"])}))
-        except (ValueError, AssertionError, KeyError) as error:
-            raise MlexpError(f"--aa {cfg.aa!r} is not a valid RandAugment policy ({error})") from None
+        check_aa(cfg.aa)
+        steps.append(rand_augment_transform(cfg.aa, {"translate_const": int(cfg.img_size * 0.45),
+                                                     "img_mean": tuple(round(255 * m) for m in config["mean"])}))
     if train and config["hflip"] > 0:
         steps.append(transforms.RandomHorizontalFlip(config["hflip"]))
     steps += [transforms.ToTensor(), transforms.Normalize(config["mean"], config["std"])]
@@ -103,6 +97,21 @@ def _resize_pipeline(cfg: TrainConfig, config: dict, train: bool) -> transforms.
     return transforms.Compose(steps)
 
 
-def _check_aa(policy: str | None) -> None:
-    if policy and not policy.startswith("rand"):
+def check_aa(policy: str | None) -> None:
+    """A `--aa` policy timm would refuse or misread is a user error, found before any run starts
+    (timm parses a policy only while building the transform, in the training's loaders)."""
+    if not policy:
+        return
+    if not policy.startswith("rand"):
         raise MlexpError(f"--aa must be a RandAugment policy such as rand-m9-mstd0.5, got {policy!r}")
+    # timm skips a section with no number in it (a typo would silently train with the defaults)
+    for section in policy.split("-")[1:]:
+        if not section.startswith("t") and not any(char.isdigit() for char in section):
+            raise MlexpError(f"--aa {policy!r}: section {section!r} means nothing to RandAugment "
+                             "(sections look like m9, n2, mstd0.5, inc1)")
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        rand_augment_transform(policy, {})
+    except (ValueError, AssertionError, KeyError) as error:
+        raise MlexpError(f"--aa {policy!r} is not a valid RandAugment policy ({error})") from None

@@ -18,7 +18,8 @@ from timm.data import create_transform, resolve_data_config
 
 from mlexp import hardware
 from mlexp.config import TrainConfig, config_hash
-from mlexp.data import CheckedImageFolder, EpochSeeded
+from mlexp.data import CheckedImageFolder, EpochSeeded, check_data_source
+from mlexp.errors import MlexpError
 from mlexp.transforms import build_transforms, data_config
 from tests.helpers import run_mlexp, subprocess_env
 
@@ -62,6 +63,18 @@ def test_the_two_models_really_differ_and_tiny_images_keep_a_plain_resize():
     image = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).convert("RGB")
     whole = build_transforms(digits, train=True)(image)
     assert whole.shape == (3, 16, 16) and torch.equal(whole, build_transforms(digits, train=False)(image))
+
+
+@pytest.mark.parametrize("crop", ["random-resized", "resize"])
+def test_a_randaugment_policy_timm_would_misread_is_refused(crop):
+    folder = dict(data="/photos", img_size=32, train_crop=crop, **MODELS["resnet18"])
+    assert build_transforms(TrainConfig(aa="rand-m9-n2-mstd0.5", **folder), train=True) is not None
+    for policy, says in [("augmix-m5", "must be a RandAugment policy"), ("rand-zz", "section 'zz' means nothing"),
+                         ("rand-m9-q3", "not a valid RandAugment policy")]:
+        with pytest.raises(MlexpError, match=says):
+            build_transforms(TrainConfig(aa=policy, **folder), train=True)
+        with pytest.raises(MlexpError, match=says):  # the check before any run starts
+            check_data_source(TrainConfig(aa=policy, data="digits", train_crop=crop, **MODELS["resnet18"]))
 
 
 def test_every_image_mode_loads_as_a_3_channel_tensor_of_the_right_range(tmp_path):
