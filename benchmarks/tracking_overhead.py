@@ -50,8 +50,8 @@ def train_throughput(arm: str, uri: str, epochs: int) -> tuple[float, float, flo
     result = run_training(cfg, track=track)
     wall = time.perf_counter() - start
     history = result.history
-    samples = sum(row["samples"] for row in history.epochs)
-    seconds = sum(row["epoch_time_sec"] for row in history.epochs)
+    samples = sum(history.column("samples"))
+    seconds = sum(history.column("epoch/time_s"))
     if track:
         run = MlflowClient(uri).get_run(result.run_id)
         assert run.info.status == "FINISHED"
