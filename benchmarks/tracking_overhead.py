@@ -3,7 +3,10 @@
 The same loop (resnet18 from scratch, 32 px, batch 32, built-in digits, one process on
 CPU) is trained in turn untracked, tracked (every write through the durable outbox,
 SQLite synchronous=NORMAL, the default) and tracked with synchronous=FULL (an fsync per
-commit), several rounds, and the ratios of training samples per second are printed.
+commit), and tracked with every epoch's checkpoint uploaded during training
+(MLEXP_CHECKPOINT_UPLOAD_S=0; by default a checkpoint goes up at most once a minute, the
+ones a newer one replaced before that are never sent), several rounds, and the ratios of
+training samples per second are printed.
 Per-batch metrics, checkpoints and artifacts are all logged in the tracked runs, exactly
 as `mlexp train` does. Also printed: the time from the end of training to the server
 holding everything (the final checkpoint, summaries and status). Target: ratio >= 0.99.
@@ -31,7 +34,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from mlexp.local_server import start_local_server  # noqa: E402
 
 
-ARMS = {"untracked": None, "outbox NORMAL": "NORMAL", "outbox FULL": "FULL"}
+# arm -> (MLEXP_OUTBOX_SYNC, MLEXP_CHECKPOINT_UPLOAD_S); None: untracked
+ARMS = {"untracked": None, "outbox NORMAL": ("NORMAL", "60"), "outbox FULL": ("FULL", "60"),
+        "every checkpoint": ("NORMAL", "0")}
+TRACKED = [arm for arm, setting in ARMS.items() if setting is not None]
 
 
 def train_throughput(arm: str, uri: str, epochs: int) -> tuple[float, float, float]:
@@ -45,7 +51,7 @@ def train_throughput(arm: str, uri: str, epochs: int) -> tuple[float, float, flo
     cfg = TrainConfig(backbone="resnet18_scratch", data="digits", img_size=32, batch_size=32, epochs=epochs,
                       scratch_epochs_mult=1.0, calibrate=False, tracking_uri=uri, experiment="bench-tracking")
     track = ARMS[arm] is not None
-    os.environ["MLEXP_OUTBOX_SYNC"] = ARMS[arm] or "NORMAL"
+    os.environ["MLEXP_OUTBOX_SYNC"], os.environ["MLEXP_CHECKPOINT_UPLOAD_S"] = ARMS[arm] or ("NORMAL", "60")
     start = time.perf_counter()
     result = run_training(cfg, track=track)
     wall = time.perf_counter() - start
@@ -80,17 +86,17 @@ def main() -> None:
                 for arm in order:
                     loop_rate, wall_rate, delivered = train_throughput(arm, uri, args.epochs)
                     rates[arm].append((loop_rate, wall_rate, delivered))
-                    print(f"round {round_index + 1}: {arm:<14} {loop_rate:8.1f} samples/s in the loop, "
+                    print(f"round {round_index + 1}: {arm:<16} {loop_rate:8.1f} samples/s in the loop, "
                           f"{wall_rate:8.1f} over the whole run, delivered {delivered:.2f} s after training",
                           flush=True)
         finally:
             server.terminate()
     for index, what in ((0, "training loop"), (1, "whole run, wall clock (build, eval, checkpoints)")):
         off = statistics.median(r[index] for r in rates["untracked"])
-        for arm in ("outbox NORMAL", "outbox FULL"):
+        for arm in TRACKED:
             on = statistics.median(r[index] for r in rates[arm])
             print(f"{what}: median samples/s {arm} {on:.1f}, untracked {off:.1f}, ratio {on / off:.3f}")
-    for arm in ("outbox NORMAL", "outbox FULL"):
+    for arm in TRACKED:
         print(f"end of training -> server has everything ({arm}): median "
               f"{statistics.median(r[2] for r in rates[arm]):.2f} s")
     print("target: training-loop ratio >= 0.99")

@@ -32,6 +32,7 @@ from mlexp.tracking.outbox import Outbox
 from mlexp.weight_sources import file_sha256
 
 LAST = "checkpoints/last"
+BEST = "checkpoints/best"
 
 
 @dataclass
@@ -78,7 +79,8 @@ def save_epoch_checkpoints(parts: TrainParts, history: History, epoch: int, is_b
     if is_best:
         best = tracker.staging_dir(f"best-{epoch}")
         checkpoint.save_weights(eval_weights, best / checkpoint.WEIGHTS_FILE)
-        tracker.log_artifacts(best, "checkpoints/best")
+        tracker.log_artifacts(best, BEST)
+        tracker.supersede(BEST, keep_newest=True)  # an older best not sent yet is never needed
     if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
         snapshot = tracker.staging_dir(f"snap-{epoch}")
         checkpoint.save_weights(eval_weights, snapshot / checkpoint.WEIGHTS_FILE)

@@ -94,7 +94,7 @@ KILL_MOMENTS = [
 
 def test_sigkill_at_twenty_two_moments_then_resume_gives_the_uninterrupted_model(server_uri, tmp_path):
     args = ["train", *TINY, "--epochs", "2", "--batch-size", "64", "--seed", "7"]
-    env = subprocess_env(server_uri)
+    env = subprocess_env(server_uri, MLEXP_CHECKPOINT_UPLOAD_S="0")  # every epoch's checkpoint goes up: kill it there
     baseline = run_mlexp([*args, "--experiment", "kill-baseline"], env, tmp_path)
     assert baseline.returncode == 0, baseline.stderr[-3000:]
     client = MlflowClient(server_uri)
@@ -124,6 +124,26 @@ def test_sigkill_at_twenty_two_moments_then_resume_gives_the_uninterrupted_model
     assert any("resuming run" in output for output in outputs)
     assert any("starting it over" in output for output in outputs)
     assert any("finished training before" in output for output in outputs)
+
+
+@pytest.mark.parametrize("period_s, uploaded", [("0", ["epoch_0001", "epoch_0002", "epoch_0003"]),
+                                                ("600", ["epoch_0003"])])
+def test_checkpoints_replaced_within_their_upload_period_never_go_up_and_nothing_is_missing(
+        period_s, uploaded, own_server, tmp_path):
+    """Checkpoints go up at most once per period while training: a newer one replaces an
+    unsent older one in the outbox; at the end the newest goes, and the run is complete."""
+    env = subprocess_env(own_server.uri, MLEXP_CHECKPOINT_UPLOAD_S=period_s)
+    done = run_mlexp(["train", *TINY, "--epochs", "3", "--batch-size", "64", "--experiment", "spaced"], env, tmp_path)
+    assert done.returncode == 0 and "FINISHED: best val acc" in done.stdout, done.stderr[-3000:]
+    client = MlflowClient(own_server.uri)
+    run_id = only_run(client, "spaced").info.run_id
+    assert_complete(client, run_id, epochs=3, batch_size=64)
+    puts = [line for line in (own_server.root / "server.log").read_text().splitlines()
+            if '"PUT ' in line and f"/{run_id}/artifacts/checkpoints/" in line]
+    assert sorted({line.split("checkpoints/last/")[1][:10] for line in puts if "checkpoints/last/epoch_" in line}) \
+        == uploaded
+    best_uploads = sum("checkpoints/best/model.safetensors" in line for line in puts)
+    assert best_uploads == 1 if period_s == "600" else best_uploads >= 1
 
 
 def final_weights(client: MlflowClient, run_id: str, folder: Path) -> dict[str, torch.Tensor]:

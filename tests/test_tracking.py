@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 import math
 import sys
@@ -134,15 +136,36 @@ def test_ending_a_run_that_already_ended_on_this_machine_changes_nothing(sqlite_
 
 def test_a_newer_checkpoint_replaces_unsent_older_ones(tmp_path):
     tracker = open_run("", "tracking-test", "superseded", offline=True)
-    for epoch in (1, 2, 3):
+
+    def queue(epoch: int) -> None:
         tracker.supersede("checkpoints/last")
         folder = tracker.staging_dir(f"last-{epoch}")
         (folder / "state.bin").write_bytes(b"x" * 1000)
         tracker.log_artifacts(folder, f"checkpoints/last/epoch_{epoch:04d}")
-    rows = tracker.outbox.connection().execute("SELECT artifact_path FROM files ORDER BY seq").fetchall()
-    # the head of the queue (maybe in flight) stays; epoch 2 was replaced by epoch 3
-    assert [row[0] for row in rows] == ["checkpoints/last/epoch_0001", "checkpoints/last/epoch_0003"]
-    assert len(list(tracker.outbox.files_dir.iterdir())) == 2
+
+    def queued() -> list[str]:
+        return [row[0] for row in tracker.outbox.connection().execute("SELECT artifact_path FROM files ORDER BY seq")]
+
+    queue(1)
+    [(first,)] = tracker.outbox.connection().execute("SELECT seq FROM files").fetchall()
+    assert tracker.outbox.claim_file_op(first)  # the sender is uploading epoch 1: it stays
+    queue(2)
+    queue(3)  # epoch 2 was never sent: epoch 3 replaces it
+    assert queued() == ["checkpoints/last/epoch_0001", "checkpoints/last/epoch_0003"]
+    tracker.outbox.release_file_op()
+    queue(4)  # epoch 1 is no longer in flight: it goes too
+    assert queued() == ["checkpoints/last/epoch_0004"]
+    assert not tracker.outbox.claim_file_op(first)  # a sender holding a replaced op looks again
+    # a best checkpoint is queued before the older unsent ones go: a kill in between leaves one
+    for epoch in (1, 2):
+        folder = tracker.staging_dir(f"best-{epoch}")
+        (folder / "model.bin").write_bytes(b"b" * 100)
+        tracker.log_artifacts(folder, "checkpoints/best")
+        tracker.supersede("checkpoints/best", keep_newest=True)
+    rows = tracker.outbox.connection().execute("SELECT artifact_path, local_path FROM files ORDER BY seq").fetchall()
+    assert [path for path, _ in rows] == ["checkpoints/last/epoch_0004", "checkpoints/best"]
+    assert Path(rows[1][1]).name.endswith("best-2")
+    assert sorted(path.name.rsplit("-", 2)[-2] for path in tracker.outbox.files_dir.iterdir()) == ["best", "last"]
     tracker.finish("FINISHED")
 
 

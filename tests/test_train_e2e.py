@@ -113,7 +113,7 @@ def test_accelerate_launch_multi_cpu_is_one_ddp_run(server_uri, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_in_second_epoch_then_resume_has_no_duplicate_and_no_gap(server_uri, tmp_path):
-    env = subprocess_env(server_uri)
+    env = subprocess_env(server_uri, MLEXP_CHECKPOINT_UPLOAD_S="0")  # epoch 1's checkpoint goes up at once
     # the tiny ResNet at batch 2: ~700 steps, ~6 s per epoch on one core, so the kill lands well inside epoch 2
     args = ["train", "--backbone", "test_resnet", "--init", "scratch", "--data", "digits", "--epochs", "3",
             "--img-size", "16", "--batch-size", "2", "--scratch-epochs-mult", "1", "--experiment", "e2e-resume"]

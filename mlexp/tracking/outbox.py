@@ -128,6 +128,9 @@ class Outbox:
         self._local = threading.local()
         self._lock_file = None
         self._creating = False
+        # The file operation this process's sender is carrying out: never dropped as superseded.
+        self._claim = threading.Lock()
+        self._in_flight: int | None = None
 
     # --- opening --------------------------------------------------------------------------
     @classmethod
@@ -304,13 +307,17 @@ class Outbox:
                                 "VALUES (?, NULL, '', 0, ?, ?)", (op, after_seq, json.dumps(meta)))
             return int(cursor.lastrowid)
 
-    def drop_superseded(self, artifact_prefix: str) -> None:
+    def drop_superseded(self, artifact_prefix: str, keep_newest: bool = False) -> None:
         """Forget unsent uploads under `artifact_prefix` that a newer one replaces (an older
-        epoch's resume checkpoint during an outage), so the outbox holds one, not one per epoch.
-        The operation at the head of the queue may be in flight and is left alone."""
-        with self.transaction() as db:
-            rows = db.execute("SELECT seq, local_path FROM files WHERE artifact_path LIKE ? AND "
-                              "seq > (SELECT MIN(seq) FROM files)", (artifact_prefix + "%",)).fetchall()
+        epoch's checkpoint not sent yet: an outage, or uploads spaced out while training), so
+        the outbox holds one, not one per epoch. `keep_newest`: the newest one stays (it was
+        queued first, so no kill in between can leave none). The operation the sender is
+        carrying out is left alone."""
+        with self._claim, self.transaction() as db:
+            rows = db.execute("SELECT seq, local_path FROM files WHERE artifact_path LIKE ? AND seq != ? "
+                              "ORDER BY seq", (artifact_prefix + "%", self._in_flight or -1)).fetchall()
+            if keep_newest:
+                rows = rows[:-1]
             db.executemany("DELETE FROM files WHERE seq = ?", [(seq,) for seq, _ in rows])
         for _, local_path in rows:
             if local_path:
@@ -345,6 +352,18 @@ class Outbox:
     def next_file_op(self) -> tuple | None:
         return self.connection().execute("SELECT seq, op, local_path, artifact_path, after_seq, meta FROM files "
                                          "ORDER BY seq LIMIT 1").fetchone()
+
+    def claim_file_op(self, seq: int) -> bool:
+        """Mark `seq` as being carried out (False: it was dropped as superseded meanwhile)."""
+        with self._claim:
+            if self.connection().execute("SELECT 1 FROM files WHERE seq = ?", (seq,)).fetchone() is None:
+                return False
+            self._in_flight = seq
+            return True
+
+    def release_file_op(self) -> None:
+        with self._claim:
+            self._in_flight = None
 
     def done_file_op(self, seq: int, local_path: str | None) -> None:
         with self.transaction() as db:

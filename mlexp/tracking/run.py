@@ -80,7 +80,7 @@ class RunTracker:
         self.client = client
         # Highest step the run already holds per metric (resume): points at or below are not logged again.
         self._resume_steps = dict(resume_steps or {})
-        self.sender = Sender(outbox, client, info.run_id).start() if client is not None else None
+        self.sender = Sender(outbox, client, info.run_id, training=True).start() if client is not None else None
         self._beats = threading.Event()
         self._beat_thread: threading.Thread | None = None
         if self.sender is not None and heartbeat:
@@ -148,9 +148,10 @@ class RunTracker:
         """The run's experiment on the server (online runs)."""
         return self.outbox.info().experiment_id or self.client.get_run(self.run_id).info.experiment_id
 
-    def supersede(self, artifact_prefix: str) -> None:
-        """A newer upload under `artifact_prefix` replaces unsent older ones: drop them."""
-        self.outbox.drop_superseded(artifact_prefix)
+    def supersede(self, artifact_prefix: str, keep_newest: bool = False) -> None:
+        """A newer upload under `artifact_prefix` replaces unsent older ones: drop them
+        (`keep_newest`: the newer one is queued already)."""
+        self.outbox.drop_superseded(artifact_prefix, keep_newest)
 
     def remember(self, key: str, value) -> None:
         """Keep a value with the run's outbox (read back by a resume on this machine)."""
