@@ -65,13 +65,13 @@ def data_config(cfg: TrainConfig) -> dict:
 
 def build_transforms(cfg: TrainConfig, train: bool) -> transforms.Compose:
     """The training (`train`) or evaluation transform of the run: see the module docstring."""
+    if train:
+        check_aa(cfg.aa)
     config = data_config(cfg)
     if config["train_crop"] == "resize":
         return _resize_pipeline(cfg, config, train)
     from timm.data import create_transform
 
-    if train:
-        check_aa(cfg.aa)
     return create_transform(
         cfg.img_size, is_training=train, hflip=config["hflip"], vflip=0.0,
         color_jitter=cfg.color_jitter, auto_augment=cfg.aa or None, interpolation=config["interpolation"],
@@ -86,7 +86,6 @@ def _resize_pipeline(cfg: TrainConfig, config: dict, train: bool) -> transforms.
     if train and cfg.aa:
         from timm.data.auto_augment import rand_augment_transform
 
-        check_aa(cfg.aa)
         steps.append(rand_augment_transform(cfg.aa, {"translate_const": int(cfg.img_size * 0.45),
                                                      "img_mean": tuple(round(255 * m) for m in config["mean"])}))
     if train and config["hflip"] > 0:

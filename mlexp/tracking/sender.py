@@ -225,11 +225,12 @@ class Sender:
         if not self.outbox.claim_file_op(seq):
             return True  # replaced by a newer checkpoint meanwhile: look again
         try:
-            return self._carry_out(seq, kind, local_path, artifact_path, meta)
+            done = self._carry_out(seq, kind, local_path, artifact_path, meta)
         finally:
             self.outbox.release_file_op()
-            if kind == "manifest":  # a checkpoint's last operation: the next one waits its period
-                self._sending_checkpoint = False
+        if kind == "manifest":  # a checkpoint's last operation done: the next one waits its period
+            self._sending_checkpoint = False  # (a failed one is retried at once, in the same window)
+        return done
 
     def _waits_for_its_period(self, artifact_path: str) -> bool:
         """Whether a replaceable checkpoint upload waits (see the module docstring). The files
