@@ -10,10 +10,12 @@ DEMO_URI := sqlite:///$(CURDIR)/mlflow.db
 
 setup: $(STAMP)
 
+# --no-cache-dir: torch's CUDA build is ~3 GB of wheels; caching them as well as installing them
+# has run CI machines out of disk.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip
+	$(BIN)/python -m pip install --quiet --no-cache-dir -e ".[test]"
 	touch $(STAMP)
 
 # The main job: pretrain resnet18 on the built-in synthetic images and export the weights
