@@ -221,7 +221,7 @@ def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, da
                                                   hardware.is_convolutional(model))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(strategy.param_groups(cfg.weight_decay), cfg)
+    optimizer = build_optimizer(strategy.param_groups(cfg.weight_decay), cfg, accelerator.device.type)
     workers = hardware.worker_count(cfg, built_in=cfg.data in BUILT_IN)
     train_loader, val_loader = make_loaders(data, cfg, accelerator.num_processes, workers)
     module = model  # wrappers below share its parameters; it is what gets saved and loaded

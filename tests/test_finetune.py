@@ -306,3 +306,28 @@ def test_parameters_the_model_created_fixed_stay_fixed():
     strategy.load_state_dict({"strategy": "gradual", "phase": 2})
     total = sum(p.numel() for p in model.parameters())
     assert strategy.trainable_params() == total - model.pos_embed.numel()
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "sgd"])
+def test_the_fused_optimizer_makes_the_same_updates_as_torchs_default(optimizer_name):
+    """Training uses torch's fused kernels on CPU and CUDA, the default loop elsewhere (here:
+    an XLA device). Both must move every parameter alike (up to float rounding), decay included."""
+    cfg = TrainConfig(optimizer=optimizer_name, lr=1e-2, weight_decay=0.1, momentum=0.9)
+    models = [resnet(), resnet()]
+    models[1].load_state_dict(models[0].state_dict())
+    start = snapshot(models[0])
+    optimizers = [build_optimizer(build_strategy(model, "resnet", cfg).param_groups(cfg.weight_decay), cfg, device)
+                  for model, device in zip(models, ["cpu", "xla"])]
+    assert [optimizer.defaults["fused"] for optimizer in optimizers] == [True, False]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):  # the same gradients for both (Adam's sign-like early steps would amplify any difference)
+        images, labels = torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 10, (4,), generator=generator)
+        F.cross_entropy(models[0](images), labels).backward()
+        for fused_param, plain_param in zip(models[0].parameters(), models[1].parameters()):
+            plain_param.grad = fused_param.grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    fused, plain = (dict(model.named_parameters()) for model in models)
+    assert all(torch.allclose(fused[name], plain[name], rtol=1e-4, atol=1e-6) for name in fused)
+    assert {"conv1.weight", "fc.weight"} <= changed(start, models[0])  # the updates were not both no-ops
