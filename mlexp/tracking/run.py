@@ -17,14 +17,7 @@ from pathlib import Path
 from mlexp.errors import MlexpError
 from mlexp.tracking import server
 from mlexp.tracking.outbox import TERMINAL, Outbox, Pending, new_local_id, now_ms, outbox_root
-from mlexp.tracking.sender import Sender, lower_this_threads_priority
-
-
-def seconds_from_env(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        raise MlexpError(f"${name} must be a number of seconds, got {os.environ[name]!r}") from None
+from mlexp.tracking.sender import Sender, lower_this_threads_priority, seconds_from_env
 
 
 def grace_s() -> float:

@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from mlexp.errors import MlexpError
 from mlexp.faults import crash_point
 from mlexp.tracking import server
 from mlexp.tracking.outbox import Outbox
@@ -42,9 +43,14 @@ READ_ROWS = 5000
 SPACED_OUT = ("checkpoints/last", "checkpoints/best")  # replaced by each newer checkpoint
 
 
-def checkpoint_upload_s() -> float:
-    from mlexp.tracking.run import seconds_from_env  # run.py starts senders: imported when used
+def seconds_from_env(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        raise MlexpError(f"${name} must be a number of seconds, got {os.environ[name]!r}") from None
 
+
+def checkpoint_upload_s() -> float:
     return seconds_from_env("MLEXP_CHECKPOINT_UPLOAD_S", 60.0)
 
 
