@@ -14,6 +14,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+# Under pytest-xdist two test processes share the 2 cores: one torch thread each, in-process and
+# in every process a test starts (two OpenMP pools of 2 spinning threads on 2 cores run many
+# times slower, not 2x).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow end-to-end tests first (a stable sort keeps each group in file order): the two
+    test processes (`make test` runs pytest-xdist's `-n 2`) then share out the long ones from
+    the start and the short ones fill the end, instead of one long test running alone last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @pytest.fixture(autouse=True)
 def own_outbox(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
