@@ -79,11 +79,12 @@ def test_mlflow_run_train_against_a_live_server(server_uri, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_is_one_ddp_run_with_identical_weights(server_uri, tmp_path):
-    """torchrun on CPU: real DDP over gloo (not two lone trainings), one run, ranks in sync."""
+def test_torchrun_two_processes_is_one_compiled_ddp_run_with_identical_weights(server_uri, tmp_path):
+    """torchrun on CPU: real DDP over gloo (not two lone trainings), one run, ranks in sync; with
+    --compile and channels_last on top of DDP (plain DDP: the gradual-unfreezing torchrun test)."""
     env = subprocess_env(server_uri)
     args = ["--backbone", "resnet18_scratch", "--data", "digits", "--epochs", "1", "--img-size", "16",
-            "--batch-size", "32", "--experiment", "e2e-torchrun"]
+            "--batch-size", "32", "--compile", "true", "--channels-last", "true", "--experiment", "e2e-torchrun"]
     rank0, rank1 = torchrun_train(args, env, tmp_path)
     assert rank0.keys() == rank1.keys()
     for key in rank0:
@@ -92,6 +93,11 @@ def test_torchrun_two_processes_is_one_ddp_run_with_identical_weights(server_uri
     [run] = runs_of(client, "e2e-torchrun")
     assert run.info.status == "FINISHED"
     assert run.data.params["distributed_type"] == "MULTI_CPU" and run.data.params["num_processes"] == "2"
+    assert (run.data.params["compile"], run.data.params["effective.channels_last"]) == ("True", "true")
+    # the checkpoint holds the plain model's weights (no DDP "module." or compile "_orig_mod." prefix), rank 0's
+    saved = load_file(client.download_artifacts(run.info.run_id, "checkpoints/final/model.safetensors", str(tmp_path)))
+    assert saved.keys() == rank0.keys()
+    assert all(torch.equal(saved[key], rank0[key]) for key in saved)
     # each process sees half of each global batch: steps per epoch are halved
     assert steps(client, run.info.run_id, "batch/loss") == list(range(1, DIGITS_TRAIN_SIZE // 64 + 1))
 
