@@ -35,7 +35,7 @@ demo: $(STAMP)
 
 # The whole test suite (real MLflow stores and server, real timm models, CPU).
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/tracking_overhead.py

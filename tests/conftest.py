@@ -25,9 +25,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow end-to-end tests first (a stable sort keeps each group in file order): the two
-    test processes (`make test` runs pytest-xdist's `-n 2`) then share out the long ones from
-    the start and the short ones fill the end, instead of one long test running alone last."""
+    """The slow end-to-end tests first (a stable sort keeps each group in file order). `make
+    test` runs two test processes with pytest-xdist's worksteal: each starts with half the
+    list and, once its own half is done, takes half of what the other has left, so the long
+    tests are shared out and the short ones fill the end. (`--dist load` hands each process
+    fixed batches up front: in a fresh clone one process then ran its long tests alone for
+    minutes, 22.9 minutes in all at 148% CPU.)"""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
