@@ -5,10 +5,7 @@ loader workers change nothing but speed."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,37 +160,6 @@ def test_channels_last_auto_is_for_cnns_on_a_gpu_and_workers_share_the_cpus():
     assert hardware.worker_count(folder, built_in=True, environ={}, cpus=16) == 0
     assert hardware.worker_count(folder.replace(workers=0), built_in=False, environ={}, cpus=16) == 0
     assert TrainConfig.from_strings({"workers": "auto"}).workers == -1
-
-
-# A fresh process per arm: the allocator's settings are process-wide.
-TRAINING_STEPS = """
-import resource, sys, timm, torch
-from mlexp import hardware
-if sys.argv[1] == "keep":
-    assert hardware.keep_freed_memory()
-torch.manual_seed(0)
-model = timm.create_model("resnet18", num_classes=10)
-images, labels = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
-def step():
-    torch.nn.functional.cross_entropy(model(images), labels).backward()
-step(); step()  # the first steps fault their buffers in, either way
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-def test_kept_freed_memory_is_reused_without_page_faults():
-    def faults(arm: str) -> int:
-        done = subprocess.run([sys.executable, "-c", TRAINING_STEPS, arm], capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return int(done.stdout.split()[-1])
-
-    given_back, kept = faults("default"), faults("keep")
-    assert given_back > 5 * 2000  # the big activation buffers of every step faulted in again
-    assert kept < given_back / 20
 
 
 def test_configs_recorded_before_these_options_keep_their_meaning_and_hash():
