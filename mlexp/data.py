@@ -15,6 +15,7 @@ folders, fewer than 2 classes, and classes too small for the requested split or 
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from dataclasses import dataclass
@@ -391,8 +392,25 @@ def loader_kwargs(cfg: TrainConfig, workers: int) -> dict:
     (no re-fork each epoch), pinned memory on a GPU so copies can overlap compute."""
     kwargs = {"batch_size": cfg.batch_size, "num_workers": workers, "pin_memory": torch.cuda.is_available()}
     if workers > 0:
+        keep_inherited_objects_from_the_workers_collector()
         kwargs |= {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES}
     return kwargs
+
+
+_FORK_HOOKS: list[bool] = []
+
+
+def keep_inherited_objects_from_the_workers_collector() -> None:
+    """Loader workers are forked while the tracker's threads work in SQLite (the outbox, an
+    sqlite:// store). A worker whose garbage collector finalized a connection it inherited
+    would take SQLite's memory lock, which one of those threads may have held at the instant
+    of the fork, and wait forever: the training would stall on its first batch. So everything
+    alive at a fork is moved out of the collector's reach just before it (gc.freeze): the
+    child never collects it, and the parent takes it back right after (gc.unfreeze; both
+    are O(1) list splices). The child's own objects are collected as usual."""
+    if not _FORK_HOOKS and hasattr(os, "register_at_fork"):
+        os.register_at_fork(before=gc.freeze, after_in_parent=gc.unfreeze)
+        _FORK_HOOKS.append(True)
 
 
 class EpochSeeded(Dataset):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -212,3 +213,59 @@ def test_image_folders_use_workers_by_default_and_workers_change_nothing_but_spe
     losses = {name: [point.value for point in sorted(client.get_metric_history(run.info.run_id, "batch/loss"),
                                                      key=lambda point: point.step)] for name, run in runs.items()}
     assert len(losses["auto"]) == 12 and losses["auto"] == losses["none"]  # the same crops, the same model
+
+
+class WeaklyReferenced(sqlite3.Connection):
+    """An SQLite connection a test can watch through a weak reference."""
+
+
+class CollectingImages(torch.utils.data.Dataset):
+    """Tensors whose loading runs the garbage collector, as any allocation-heavy decode may."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int):
+        import gc
+
+        gc.collect()
+        return torch.full((3, 4, 4), float(index)), index
+
+
+def test_loader_workers_never_finalize_sqlite_connections_they_inherit(tmp_path):
+    """Loader workers are forked while the tracker's threads work in SQLite (the outbox, an
+    sqlite:// store). A worker that finalized a connection it inherited would take SQLite's
+    memory lock, which a sibling thread may have held at the instant of the fork, and wait
+    forever: the training stalls. Here the lock is held for certain: it is taken through
+    the SQLite library itself while the workers are forked, and released only after."""
+    import ctypes
+    import gc
+    import weakref
+
+    from torch.utils.data import DataLoader
+
+    from mlexp.data import loader_kwargs
+
+    library = ctypes.CDLL("libsqlite3.so.0")  # the library Python's sqlite3 module runs on
+    library.sqlite3_libversion.restype = ctypes.c_char_p
+    assert library.sqlite3_libversion().decode() == sqlite3.sqlite_version
+    library.sqlite3_mutex_alloc.restype = ctypes.c_void_p
+    memory_lock = library.sqlite3_mutex_alloc(3)  # SQLITE_MUTEX_STATIC_MEM, taken by sqlite3_free
+    gc.disable()
+    try:
+        garbage = sqlite3.connect(tmp_path / "inherited.db", factory=WeaklyReferenced)
+        garbage.execute("CREATE TABLE t (x)")
+        alive = weakref.ref(garbage)
+        del garbage
+        assert alive() is not None  # a connection is in a reference cycle: only the collector frees it
+        library.sqlite3_mutex_enter(ctypes.c_void_p(memory_lock))
+        try:
+            loader = DataLoader(CollectingImages(), **{**loader_kwargs(TrainConfig(batch_size=4), 2), "timeout": 20})
+            labels = [label for epoch in range(2) for _, batch in loader for label in batch.tolist()]
+        finally:
+            library.sqlite3_mutex_leave(ctypes.c_void_p(memory_lock))
+    finally:
+        gc.enable()
+    assert sorted(labels) == sorted(list(range(8)) * 2)
+    gc.collect()
+    assert alive() is None  # the parent still collects it
