@@ -4,6 +4,7 @@ capabilities, so the rules can be tested on any machine (they are pure functions
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 
@@ -74,6 +75,28 @@ def configure_cuda() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+
+
+# glibc's mallopt parameters (malloc.h), and how much freed memory the heap may keep
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let the heap keep freed memory instead of giving it back to the kernel (glibc only).
+
+    A training step frees and reallocates the same activation buffers every time. By default
+    glibc maps big blocks fresh and unmaps them when freed, so the kernel hands them back
+    zeroed, one page fault per 4 KiB: about 25,000 faults per resnet18 step at 128 px on CPU,
+    800 with this (about 2% of the step). jemalloc and tcmalloc, which the CPU tuning guides
+    for PyTorch recommend, keep freed memory the same way. The process's memory then stays
+    at its peak instead of falling between steps. Returns whether it was applied."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
+                    and libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator's own defaults
+        return False
 
 
 def cuda_settings() -> dict[str, str]:

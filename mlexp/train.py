@@ -281,6 +281,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     if cfg.mixed_precision == "fp16" and cpu:
         raise MlexpError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
     hardware.configure_cuda()
+    hardware.keep_freed_memory()
     # cpu=True is what makes torchrun/accelerate launch on a CPU-only machine use DDP over gloo
     # (MULTI_CPU); without it each process silently trains alone. Pinned batches are copied
     # to the GPU without blocking, so the copy overlaps the previous step's compute.

@@ -5,8 +5,11 @@ loader workers change nothing but speed."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +166,37 @@ def test_channels_last_auto_is_for_cnns_on_a_gpu_and_workers_share_the_cpus():
     assert TrainConfig.from_strings({"workers": "auto"}).workers == -1
 
 
+# A fresh process per arm: the allocator's settings are process-wide.
+TRAINING_STEPS = """
+import resource, sys, timm, torch
+from mlexp import hardware
+if sys.argv[1] == "keep":
+    assert hardware.keep_freed_memory()
+torch.manual_seed(0)
+model = timm.create_model("resnet18", num_classes=10)
+images, labels = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
+def step():
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+step(); step()  # the first steps fault their buffers in, either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_kept_freed_memory_is_reused_without_page_faults():
+    def faults(arm: str) -> int:
+        done = subprocess.run([sys.executable, "-c", TRAINING_STEPS, arm], capture_output=True, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout.split()[-1])
+
+    given_back, kept = faults("default"), faults("keep")
+    assert given_back > 5 * 2000  # the big activation buffers of every step faulted in again
+    assert kept < given_back / 20
+
+
 def test_configs_recorded_before_these_options_keep_their_meaning_and_hash():
     recorded = TrainConfig().to_dict()
     for name in ("train_crop", "color_jitter"):
@@ -246,7 +280,10 @@ def test_loader_workers_never_finalize_sqlite_connections_they_inherit(tmp_path)
 
     from mlexp.data import loader_kwargs
 
-    library = ctypes.CDLL("libsqlite3.so.0")  # the library Python's sqlite3 module runs on
+    shared = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libsqlite3" in line}
+    if len(shared) != 1:
+        pytest.skip("Python's sqlite3 module does not run on one shared libsqlite3 here")
+    library = ctypes.CDLL(shared.pop())  # the very library (and lock) Python's sqlite3 module uses
     library.sqlite3_libversion.restype = ctypes.c_char_p
     assert library.sqlite3_libversion().decode() == sqlite3.sqlite_version
     library.sqlite3_mutex_alloc.restype = ctypes.c_void_p
