@@ -19,7 +19,7 @@ import gc
 import math
 import os
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -397,9 +397,7 @@ def loader_kwargs(cfg: TrainConfig, workers: int) -> dict:
     return kwargs
 
 
-_FORK_HOOKS: list[bool] = []
-
-
+@cache  # once per process: each registration would run at every fork
 def keep_inherited_objects_from_the_workers_collector() -> None:
     """Loader workers are forked while the tracker's threads work in SQLite (the outbox, an
     sqlite:// store). A worker whose garbage collector finalized a connection it inherited
@@ -408,9 +406,8 @@ def keep_inherited_objects_from_the_workers_collector() -> None:
     alive at a fork is moved out of the collector's reach just before it (gc.freeze): the
     child never collects it, and the parent takes it back right after (gc.unfreeze; both
     are O(1) list splices). The child's own objects are collected as usual."""
-    if not _FORK_HOOKS and hasattr(os, "register_at_fork"):
+    if hasattr(os, "register_at_fork"):
         os.register_at_fork(before=gc.freeze, after_in_parent=gc.unfreeze)
-        _FORK_HOOKS.append(True)
 
 
 class EpochSeeded(Dataset):
