@@ -4,12 +4,15 @@ loader workers change nothing but speed."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import random
 import sqlite3
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -192,9 +195,12 @@ def test_kept_freed_memory_is_reused_without_page_faults():
         assert done.returncode == 0, done.stderr[-2000:]
         return int(done.stdout.split()[-1])
 
-    given_back, kept = faults("default"), faults("keep")
-    assert given_back > 5 * 2000  # the big activation buffers of every step faulted in again
-    assert kept < given_back / 20
+    # Without the change a step usually faults its activations in again (44,000-75,000 faults
+    # over these 5 steps), but glibc's own sliding mmap threshold sometimes keeps them too
+    # (1,216 once): that arm is printed, not asserted. With the change, at most a few
+    # hundred faults per step, whatever else the machine does (31-2,320 measured).
+    print("faults over 5 steps, glibc's default:", faults("default"))
+    assert faults("keep") < 5 * 1000
 
 
 def test_configs_recorded_before_these_options_keep_their_meaning_and_hash():
@@ -260,8 +266,6 @@ class CollectingImages(torch.utils.data.Dataset):
         return 8
 
     def __getitem__(self, index: int):
-        import gc
-
         gc.collect()
         return torch.full((3, 4, 4), float(index)), index
 
@@ -272,10 +276,6 @@ def test_loader_workers_never_finalize_sqlite_connections_they_inherit(tmp_path)
     memory lock, which a sibling thread may have held at the instant of the fork, and wait
     forever: the training stalls. Here the lock is held for certain: it is taken through
     the SQLite library itself while the workers are forked, and released only after."""
-    import ctypes
-    import gc
-    import weakref
-
     from torch.utils.data import DataLoader
 
     from mlexp.data import loader_kwargs
@@ -298,7 +298,7 @@ def test_loader_workers_never_finalize_sqlite_connections_they_inherit(tmp_path)
         library.sqlite3_mutex_enter(ctypes.c_void_p(memory_lock))
         try:
             loader = DataLoader(CollectingImages(), **{**loader_kwargs(TrainConfig(batch_size=4), 2), "timeout": 20})
-            labels = [label for epoch in range(2) for _, batch in loader for label in batch.tolist()]
+            labels = [label for _epoch in range(2) for _, batch in loader for label in batch.tolist()]
         finally:
             library.sqlite3_mutex_leave(ctypes.c_void_p(memory_lock))
     finally:
