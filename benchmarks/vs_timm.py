@@ -4,8 +4,9 @@ timm's train.py is not part of the timm package: pass its path from a copy of th
 pytorch-image-models repository (the same timm version as installed is best). Both train
 the model from scratch on the same ImageFolder with the same batch size, image size, epochs,
 optimizer (AdamW, cosine schedule stepped every update, no warmup), label smoothing,
-augmentation (random-resized crop, flip 0.5, colour jitter 0.4, the model's interpolation)
-and worker count; mlexp also tracks everything to a live local `mlflow server`. The two
+augmentation (random-resized crop, flip 0.5, colour jitter 0.4, the model's interpolation),
+worker count and memory format (mlexp's `auto` choice for the model, told to timm as
+--channels-last); mlexp also tracks everything to a live local `mlflow server`. The two
 alternate, pair after pair (who goes first alternates too).
 
 Training throughput is each tool's own figure for an epoch's training phase (images / the
@@ -92,12 +93,12 @@ def timm_run(args, data: Path, seed: int, workdir: Path, name: str) -> dict:
                "--train-interpolation", model_interpolation(args.model, args.img_size), "-j", str(args.workers),
                "--seed", str(seed), "--output", str(output), "--experiment", name, "--checkpoint-hist", "1",
                "--log-interval", "1000000", "--device", args.device]
+    if args.channels_last:
+        command += ["--channels-last"]
     if args.device == "cuda":
         command += ["--pin-mem"]
         if args.mixed_precision != "no":
             command += ["--amp", "--amp-dtype", {"bf16": "bfloat16", "fp16": "float16"}[args.mixed_precision]]
-        if args.channels_last:
-            command += ["--channels-last"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     done = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True)
     if done.returncode != 0:
@@ -139,9 +140,11 @@ def main() -> None:
     parser.add_argument("--seeds", help="accuracy parity instead: one run of each tool per seed, e.g. 1,2")
     args = parser.parse_args()
 
+    import timm
     import torch
 
     from mlexp import hardware
+    from mlexp.backbones import resolve_backbone
     from mlexp.config import TrainConfig
 
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,14 +152,18 @@ def main() -> None:
         args.mixed_precision = hardware.device_precision("auto")
     if args.workers is None:
         args.workers = hardware.worker_count(TrainConfig(), built_in=False)
-    args.channels_last = args.device == "cuda"  # mlexp's auto choice for CNNs on a GPU; timm is told the same
+    # mlexp's auto memory format for this model here; timm is told the same (its --channels-last)
+    spec = resolve_backbone(args.model, "scratch")
+    convolutional = hardware.is_convolutional(timm.create_model(spec.timm_name, **spec.create_kwargs(args.img_size)))
+    args.channels_last = hardware.choose_channels_last("auto", args.device, convolutional, spec.family)
     with tempfile.TemporaryDirectory(prefix="mlexp-vs-timm-") as folder:
         workdir = Path(folder)
         data = args.data or make_photo_folder(workdir / "photos", train=args.train_images,
                                               val=max(1, args.train_images // 4))
         args.num_classes = len([path for path in (data / "train").iterdir() if path.is_dir()])
         print(f"{args.model} at {args.img_size}px, batch {args.batch_size}, {args.epochs} epochs, "
-              f"{args.workers} workers, {args.device} {args.mixed_precision}, data {data}, "
+              f"{args.workers} workers, {args.device} {args.mixed_precision}, channels_last {args.channels_last}, "
+              f"data {data}, "
               f"server at nice {args.server_nice}{', mlexp offline' if args.offline else ''}", flush=True)
         server, uri = start_local_server(workdir / "server", nice=args.server_nice)
         try:

@@ -108,7 +108,8 @@ class TrainConfig:
                                       "(0 = off).")
     calibrate: bool = option(True, "Fit temperature scaling on the validation split after training.")
     channels_last: str = option("auto", "channels_last memory format. 'auto': on a GPU, for convolutional "
-                                "backbones (where cuDNN is faster with it).", ("auto", "true", "false"))
+                                "backbones (where cuDNN is faster with it); on a CPU, for ResNets (about "
+                                "15% faster there; VGG is slower).", ("auto", "true", "false"))
     compile: bool = option(False, "Compile the model with torch.compile.")
 
     # --- run bookkeeping -----------------------------------------------------------------

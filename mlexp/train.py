@@ -218,7 +218,7 @@ def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, da
     attach_head(model, cfg.head, data.num_classes)
     strategy = build_strategy(model, spec.family, cfg)
     channels_last = hardware.choose_channels_last(cfg.channels_last, accelerator.device.type,
-                                                  hardware.is_convolutional(model))
+                                                  hardware.is_convolutional(model), spec.family)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(strategy.param_groups(cfg.weight_decay), cfg, accelerator.device.type)

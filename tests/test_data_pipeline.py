@@ -152,13 +152,17 @@ def test_mixed_precision_auto_follows_the_device(bf16, expected):
                                                  "bf16" if torch.cuda.is_bf16_supported() else "fp16")
 
 
-def test_channels_last_auto_is_for_cnns_on_a_gpu_and_workers_share_the_cpus():
+def test_channels_last_auto_is_for_cnns_on_a_gpu_and_resnets_on_a_cpu_and_workers_share_the_cpus():
     cnn, vit = timm.create_model("test_resnet"), timm.create_model("test_vit")
     assert hardware.is_convolutional(cnn) and not hardware.is_convolutional(vit)
-    assert hardware.choose_channels_last("auto", "cuda", True) is True
-    assert hardware.choose_channels_last("auto", "cuda", False) is False
-    assert hardware.choose_channels_last("auto", "cpu", True) is False
-    assert hardware.choose_channels_last("true", "cpu", False) is True
+    assert hardware.choose_channels_last("auto", "cuda", True, "vgg") is True
+    assert hardware.choose_channels_last("auto", "cuda", False, "vit") is False
+    assert hardware.choose_channels_last("auto", "cpu", True, "resnet") is True
+    assert hardware.choose_channels_last("auto", "cpu", True, "vgg") is False  # slower there
+    assert hardware.choose_channels_last("auto", "cpu", True, "other") is False  # not measured: left as it is
+    assert hardware.choose_channels_last("auto", "cpu", False, "vit") is False
+    assert hardware.choose_channels_last("true", "cpu", False, "vit") is True
+    assert hardware.choose_channels_last("false", "cuda", True, "resnet") is False
     folder = TrainConfig(data="photos")
     assert hardware.worker_count(folder, built_in=False, environ={}, cpus=16) == 8
     assert hardware.worker_count(folder, built_in=False, environ={"LOCAL_WORLD_SIZE": "4"}, cpus=16) == 4
@@ -249,7 +253,7 @@ def test_image_folders_use_workers_by_default_and_workers_change_nothing_but_spe
         assert run.data.params["effective.mixed_precision"] == "no"  # auto, on a CPU
         config = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json")).read_text())
         assert config["data_config"]["interpolation"] == timm_config["interpolation"]
-        assert config["data_config"]["mean"] == list(timm_config["mean"]) and config["effective"]["channels_last"] == "false"
+        assert config["data_config"]["mean"] == list(timm_config["mean"]) and config["effective"]["channels_last"] == "true"
     losses = {name: [point.value for point in sorted(client.get_metric_history(run.info.run_id, "batch/loss"),
                                                      key=lambda point: point.step)] for name, run in runs.items()}
     assert len(losses["auto"]) == 12 and losses["auto"] == losses["none"]  # the same crops, the same model
