@@ -9,10 +9,13 @@ import math
 import sys
 import time
 
+import pytest
+
 from mlflow import MlflowClient
 
 from mlexp.tracking import open_run, params_to_log
 from mlexp.tracking.outbox import Outbox, all_outboxes
+from mlexp.tracking.server import batch_of
 from mlexp.tracking.sync import sync
 
 
@@ -72,19 +75,29 @@ def test_abandoned_resume_leaves_the_status_alone(sqlite_uri):
     assert run.info.status == "FAILED" and run.data.tags["mlexp.error"] == "first failure"
 
 
-def test_a_refused_param_is_kept_aside_and_the_rest_arrives(sqlite_uri):
+@pytest.mark.parametrize("queued", ["apart", "together"])
+def test_a_refused_param_is_kept_aside_and_the_rest_arrives(sqlite_uri, queued):
     tracker = open_run(sqlite_uri, "tracking-test", "refused")
     tracker.log_params({"lr": "0.1"})
-    time.sleep(0.1)
+    client = MlflowClient(sqlite_uri)
+    while queued == "apart" and "lr" not in client.get_run(tracker.run_id).data.params:
+        time.sleep(0.05)
     tracker.outbox.add_texts("param", {"lr": "0.2"})  # MLflow refuses to change a param
     tracker.log_metrics({"m": 1.0}, step=1)
     delivery = tracker.finish("FINISHED")
-    client = MlflowClient(sqlite_uri)
     assert client.get_run(tracker.run_id).data.params["lr"] == "0.1"
     assert history_steps(client, tracker.run_id, "m") == [1]
     assert delivery.pending.rejected == 1  # not silently dropped: kept in the outbox and reported
     refused = json.loads(Outbox.find(tracker.run_id).rejected()[0][0])  # kept whole
     assert (refused["kind"], refused["key"], refused["text"]) == ("param", "lr", "0.2")
+
+
+def test_one_request_never_holds_two_values_of_a_param():
+    rows = [(1, "param", "lr", "0.1", None, 0, None), (2, "metric", "m", None, 1.0, 0, 1),
+            (3, "tag", "t", "a", None, 0, None), (4, "tag", "t", "b", None, 0, None),
+            (5, "param", "lr", "0.2", None, 0, None), (6, "param", "wd", "0", None, 0, None)]
+    assert [row[0] for row in batch_of(rows)] == [1, 2, 3, 4]  # the changed lr goes alone, next
+    assert [row[0] for row in batch_of(rows[4:])] == [5, 6]
 
 
 def test_offline_run_is_recorded_locally_then_synced_once(sqlite_uri, tmp_path):

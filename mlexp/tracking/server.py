@@ -187,7 +187,8 @@ def set_status(client, run_id: str, status: str, end_time: int | None) -> None:
 def send_records(client, run_id: str, rows: list[tuple]) -> None:
     """One log_batch of outbox rows (seq, kind, key, text, num, timestamp, step).
 
-    A param or tag key appears once per request (MLflow refuses duplicates): the last wins.
+    A key appears once per request (MLflow refuses duplicates): for a tag the last value wins,
+    as it would over separate requests; `batch_of` never puts a param twice in one request.
     """
     from mlflow.entities import Metric, Param, RunTag
 
@@ -200,13 +201,23 @@ def send_records(client, run_id: str, rows: list[tuple]) -> None:
 
 
 def batch_of(rows: list[tuple]) -> list[tuple]:
-    """The longest prefix of rows that fits one log_batch request."""
+    """The longest prefix of rows that fits one log_batch request.
+
+    It ends before a param key it already holds: params are immutable, so the first value must
+    reach the server first and a changed one be refused there (and kept aside), exactly as when
+    the two were queued far apart; merged into one request, the first would vanish unseen.
+    """
     counts = {"metric": 0, "param": 0, "tag": 0}
     limits = {"metric": MAX_METRICS_PER_REQUEST, "param": MAX_TEXTS_PER_REQUEST, "tag": MAX_TEXTS_PER_REQUEST}
-    for index, row in enumerate(rows):
-        counts[row[1]] += 1
-        if counts[row[1]] > limits[row[1]] or sum(counts.values()) > MAX_METRICS_PER_REQUEST:
+    params = set()
+    for index, (_, kind, key, *_) in enumerate(rows):
+        counts[kind] += 1
+        if counts[kind] > limits[kind] or sum(counts.values()) > MAX_METRICS_PER_REQUEST:
             return rows[:index]
+        if kind == "param":
+            if key in params:
+                return rows[:index]
+            params.add(key)
     return rows
 
 
