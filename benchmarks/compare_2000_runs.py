@@ -6,7 +6,7 @@
 Creates the runs through the server with `log_batch` (one call per run: ~50 params, 8 tags,
 10 epochs x 9 metrics and the end-of-run summary), which is not the measured part, then times
 `compare()` end to end: search, metric histories, statistics, tables and plots. The acceptance
-criterion is under 10 s. It also prints which MLflow doors answered (mlexp.mlflow_internals):
+criterion is under 10 s. It also prints which MLflow doors answered (mlexp.analysis.mlflow_internals):
 a fallback to the public API there means an MLflow upgrade closed a fast path.
 """
 
@@ -26,9 +26,9 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
 
-from mlexp.compare import compare, format_table  # noqa: E402
+from mlexp.analysis.compare import compare, format_table  # noqa: E402
 from mlexp.config import TrainConfig  # noqa: E402
-from mlexp.local_server import start_local_server  # noqa: E402
+from mlexp.tracking.local_server import start_local_server  # noqa: E402
 
 BACKBONES = {"resnet18": 11_181_642, "resnet50": 23_528_522, "deit_small": 21_669_514, "vgg16": 134_301_514}
 INITS = ("pretrained", "scratch")

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlexp.local_server import start_local_server, stop_local_server  # noqa: E402
+from mlexp.tracking.local_server import start_local_server, stop_local_server  # noqa: E402
 
 WAYS = {"plain": ["--log-models", "false", "--system-metrics", "false"], "full": []}
 

@@ -1,5 +1,5 @@
 """Do compare's intervals and p-values mean what they say? A simulation, through the code path
-compare uses for every row (`mlexp.comparisons.comparison_row`, which calls `mlexp.stats.paired`).
+compare uses for every row (`mlexp.analysis.comparisons.comparison_row`, which calls `mlexp.analysis.stats.paired`).
 
 Each synthetic experiment is n seeds of a pretrained and a scratch run. A seed shifts both
 runs alike (data order, initial head), each run adds its own noise, and accuracy is counted on
@@ -23,7 +23,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlexp.comparisons import comparison_row  # noqa: E402
+from mlexp.analysis.comparisons import comparison_row  # noqa: E402
 
 VAL_IMAGES = 360
 SCRATCH_ACC = 0.88

@@ -9,7 +9,7 @@ fresh experiment each time (a configuration FINISHED before would be skipped): s
 each on these 2-core machines). Printed: the wall times, their ratio, and the overhead per
 child: the sequential wall time per child minus the training time the child itself
 measured (`time/total_s`), i.e. process start, imports, data, model build and MLflow I/O.
-Bare imports alone (`python -c "import mlexp.train"`) are timed too.
+Bare imports alone (`python -c "import mlexp.training.run"`) are timed too.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlexp.local_server import start_local_server, stop_local_server  # noqa: E402
+from mlexp.tracking.local_server import start_local_server, stop_local_server  # noqa: E402
 
 GRID = ["sweep", "--backbones", "test_resnet", "--inits", "scratch", "--seeds", "1,2,3,4,5,6,7,8",
         "--data", "digits", "--img-size", "16", "--epochs", "1", "--batch-size", "64", "--scratch-epochs-mult", "1",
@@ -53,7 +53,7 @@ def sweep(uri: str, experiment: str, parallel: int, folder: Path) -> tuple[float
 
 def import_seconds() -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import mlexp.train"], check=True)
+    subprocess.run([sys.executable, "-c", "import mlexp.training.run"], check=True)
     return time.perf_counter() - start
 
 
@@ -82,7 +82,7 @@ def main() -> None:
     print(f"  --parallel 2:              {parallel:6.1f} s")
     print(f"  speed-up:                  {sequential / parallel:6.2f}x")
     print(f"  overhead per child (sequential wall / 8 - its own training time): {overhead:.1f} s")
-    print(f"    of which bare imports (python -c 'import mlexp.train'): {imports:.1f} s")
+    print(f"    of which bare imports (python -c 'import mlexp.training.run'): {imports:.1f} s")
 
 
 if __name__ == "__main__":

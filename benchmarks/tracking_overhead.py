@@ -31,8 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from mlexp.local_server import start_local_server  # noqa: E402
-
+from mlexp.tracking.local_server import start_local_server  # noqa: E402
 
 # arm -> (MLEXP_OUTBOX_SYNC, MLEXP_CHECKPOINT_UPLOAD_S); None: untracked
 ARMS = {"untracked": None, "outbox NORMAL": ("NORMAL", "60"), "outbox FULL": ("FULL", "60"),
@@ -46,7 +45,7 @@ def train_throughput(arm: str, uri: str, epochs: int) -> tuple[float, float, flo
     from mlflow import MlflowClient
 
     from mlexp.config import TrainConfig
-    from mlexp.train import run_training
+    from mlexp.training.run import run_training
 
     cfg = TrainConfig(backbone="resnet18_scratch", data="digits", img_size=32, batch_size=32, epochs=epochs,
                       scratch_epochs_mult=1.0, calibrate=False, tracking_uri=uri, experiment="bench-tracking")

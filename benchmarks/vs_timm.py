@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.photo_folder import make_photo_folder  # noqa: E402
-from mlexp.local_server import start_local_server, stop_local_server  # noqa: E402
+from mlexp.tracking.local_server import start_local_server, stop_local_server  # noqa: E402
 
 TOOLS = ("mlexp", "timm")
 # timm logs each epoch's last update as: Train: E [ N/N (100%)] ... (AVG_S s, RATE/s) ...
@@ -56,7 +56,7 @@ TIMM_LAST_UPDATE = re.compile(r"Train: (\d+) \[\s*(\d+)/(\d+) .*?\(([\d.]+)s,\s*
 def model_interpolation(model: str, img_size: int) -> str:
     """The interpolation of the model's timm data config: mlexp's own choice, told to timm."""
     from mlexp.config import TrainConfig
-    from mlexp.transforms import data_config
+    from mlexp.data.transforms import data_config
 
     return data_config(TrainConfig(backbone=model, init="scratch", img_size=img_size))["interpolation"]
 
@@ -143,9 +143,9 @@ def main() -> None:
     import timm
     import torch
 
-    from mlexp import hardware
-    from mlexp.backbones import resolve_backbone
     from mlexp.config import TrainConfig
+    from mlexp.models.catalogue import resolve_backbone
+    from mlexp.training import hardware
 
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.mixed_precision is None:

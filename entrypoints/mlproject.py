@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import click
 
-from mlexp.cli import PRETRAIN_DEFAULTS, cli
+from mlexp.commands.cli import PRETRAIN_DEFAULTS, cli
 from mlexp.config import config_fields
-from mlexp.recipes import preset_fields
+from mlexp.training.recipes import preset_fields
 
 # CLI options that are not project parameters: under `mlflow run` the run is the one MLflow created.
 NOT_PARAMETERS = ("run_id",)

@@ -2,8 +2,8 @@
 in the run MLflow created."""
 
 from entrypoints.project import run_entry_point
-from mlexp.cli import PRETRAIN_DEFAULTS, train_with
-from mlexp.cli_support import build_config
+from mlexp.commands.cli import PRETRAIN_DEFAULTS, train_with
+from mlexp.commands.options import build_config
 
 if __name__ == "__main__":
     run_entry_point("pretrain",

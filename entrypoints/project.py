@@ -7,8 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from mlexp.cli import cli
-from mlexp.cli_support import user_errors
+from mlexp.commands.cli import cli
+from mlexp.commands.options import user_errors
 
 
 def parse(command: str, argv: list[str]) -> dict[str, Any]:

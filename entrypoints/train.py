@@ -1,8 +1,8 @@
 """`mlflow run . -e train` (and `-e main`): `mlexp train` in the run MLflow created."""
 
 from entrypoints.project import run_entry_point
-from mlexp.cli import train_with
-from mlexp.cli_support import build_config
+from mlexp.commands.cli import train_with
+from mlexp.commands.options import build_config
 
 if __name__ == "__main__":
     # The run is the one `mlflow run` created: a --run-id of its own does not apply.

@@ -1,4 +1,4 @@
-from mlexp.cli import main
+from mlexp.commands.cli import main
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlexp.local_server import start_local_server, stop_local_server
+from mlexp.tracking.local_server import start_local_server, stop_local_server
 
 # Nothing in the test suite may wait on a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

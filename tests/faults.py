@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from mlexp.local_server import start_local_server, stop_local_server
+from mlexp.tracking.local_server import start_local_server, stop_local_server
 from tests.helpers import artifact_paths, contract_artifacts, steps
 
 # A 0.4 M-parameter ResNet at 16 px: a whole epoch of digits in about a second on one core.

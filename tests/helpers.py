@@ -11,7 +11,7 @@ from pathlib import Path
 import timm
 from mlflow import MlflowClient
 
-from mlexp.checkpoint import save_weights
+from mlexp.training.checkpoints import save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_TRAIN_SIZE = 1437  # 1,797 digits, 20% held out (stratified, fixed split seed)
@@ -76,8 +76,8 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str
 TORCHRUN_WORKER = """
 import os, sys
 from safetensors.torch import save_file
-from mlexp.cli import main
-from mlexp import train
+from mlexp.commands.cli import main
+from mlexp.training import run as train
 results = []
 original = train.run_training
 train.run_training = lambda cfg, **kw: results.append(original(cfg, **kw))

@@ -7,8 +7,8 @@ import time
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from mlexp.backbones import resolve_backbone
 from mlexp.config import TrainConfig
+from mlexp.models.catalogue import resolve_backbone
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:

@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlexp.backbones import (ALIASES, CATALOGUE, build_backbone, catalogue_rows, create_model, format_catalogue,
-                             resolve_backbone, swin_window_size, vit_patch_size)
 from mlexp.errors import MlexpError
+from mlexp.models.catalogue import (
+    ALIASES,
+    CATALOGUE,
+    build_backbone,
+    catalogue_rows,
+    create_model,
+    format_catalogue,
+    resolve_backbone,
+    swin_window_size,
+    vit_patch_size,
+)
 
 NAMES = [f"{arch}_{init}" for arch in ("resnet18", "resnet50", "vgg16", "deit_small", "swin_small")
          for init in ("pretrained", "scratch")] + ["vit_small", "vit_base"]
@@ -120,8 +129,8 @@ def test_static_timm_facts_match_timm():
     """The catalogue resolves without timm, from facts copied from timm: check them against it."""
     from timm.models import get_pretrained_cfg
 
-    from mlexp.backbones import _ARCHS, _family
-    from mlexp.weight_sources import TimmSource, timm_source
+    from mlexp.models.catalogue import _ARCHS, _family
+    from mlexp.models.weight_sources import TimmSource, timm_source
 
     for arch in _ARCHS:
         cfg = get_pretrained_cfg(arch.timm_name)  # the default tag, as timm.create_model(pretrained=True) uses
@@ -141,7 +150,7 @@ def test_no_timm_model_name_ends_in_anything_like_an_init_suffix():
     """Why `resnt50_scratch` can be called a typo without loading timm's registry."""
     from timm.models import list_models
 
-    from mlexp.backbones import init_suffix
+    from mlexp.models.catalogue import init_suffix
 
     assert not [name for name in list_models() if init_suffix(name)]
     assert [init_suffix(n) for n in ("resnet50_scratch", "resnet50_scracth", "resnt50_pretrain", "resnet50",

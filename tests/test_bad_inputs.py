@@ -20,12 +20,18 @@ from mlflow import MlflowClient
 from PIL import Image
 from safetensors.torch import save_file
 
-from mlexp.backbones import resolve_backbone
 from mlexp.config import MAX_IMG_SIZE, TrainConfig
-from mlexp.data import (CheckedImageFolder, check_data_source, check_split, class_image_counts,
-                        load_rgb_image, split_indices)
+from mlexp.data.sources import (
+    CheckedImageFolder,
+    check_data_source,
+    check_split,
+    class_image_counts,
+    load_rgb_image,
+    split_indices,
+)
 from mlexp.errors import MlexpError
-from mlexp.weight_sources import file_sha256, locate_weights
+from mlexp.models.catalogue import resolve_backbone
+from mlexp.models.weight_sources import file_sha256, locate_weights
 from tests.helpers import run_mlexp, runs_in, subprocess_env
 
 

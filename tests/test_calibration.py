@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from mlexp.calibration import MIN_TEMPERATURE, calibrate, ece, fit_temperature, nll
+from mlexp.training.calibration import (
+    MIN_TEMPERATURE,
+    calibrate,
+    ece,
+    fit_temperature,
+    nll,
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mlexp import claims
-from mlexp.tracking import server
+from mlexp.tracking import claims, server
 
 
 def test_a_claim_is_taken_over_only_when_its_trainer_is_gone(sqlite_uri):

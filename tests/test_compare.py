@@ -16,12 +16,20 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from scipy import stats
 
-from mlexp.compare import compare, format_table, run_compare
-from mlexp.compare_report import (COLUMN_NOTES, COMPARISON_NOTES, KIND_TITLES, METRIC_NOTES, best_acc_figure,
-                                  comparison_rows, curves_figure, group_rows, group_styles, metric_rows,
-                                  render_summary)
+from mlexp.analysis.compare import compare, format_table, run_compare
+from mlexp.analysis.plots import best_acc_figure, curves_figure, group_styles
+from mlexp.analysis.tables import (
+    COLUMN_NOTES,
+    COMPARISON_NOTES,
+    KIND_TITLES,
+    METRIC_NOTES,
+    comparison_rows,
+    group_rows,
+    metric_rows,
+    render_summary,
+)
 from mlexp.errors import MlexpError
-from mlexp.sweep import best_per_backbone
+from mlexp.sweep.launcher import best_per_backbone
 from tests.run_factory import experiment_id, log_run
 
 FILES = ["groups.csv", "groups.md", "compare.json", "pairs.csv", "comparisons.csv", "runs.csv", "report.md",

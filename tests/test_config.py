@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlexp.cli import cli
+from entrypoints.mlproject import ENTRY_POINTS, NOT_PARAMETERS, render
+from mlexp.commands.cli import PRETRAIN_DEFAULTS, cli
 from mlexp.config import TrainConfig, config_fields
 from mlexp.errors import MlexpError
-from entrypoints.mlproject import ENTRY_POINTS, NOT_PARAMETERS, render
-from mlexp.cli import PRETRAIN_DEFAULTS
-from mlexp.recipes import preset_fields
+from mlexp.training.recipes import preset_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,11 +23,11 @@ from mlflow import MlflowClient
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from mlexp import hardware
 from mlexp.config import TrainConfig, config_hash
-from mlexp.data import CheckedImageFolder, EpochSeeded, check_data_source
+from mlexp.data.sources import CheckedImageFolder, EpochSeeded, check_data_source
+from mlexp.data.transforms import build_transforms, data_config
 from mlexp.errors import MlexpError
-from mlexp.transforms import build_transforms, data_config
+from mlexp.training import hardware
 from tests.helpers import run_mlexp, subprocess_env
 
 # Two backbones whose pretrained configs differ: ImageNet statistics and crop 0.95 (ResNet
@@ -176,7 +176,7 @@ def test_channels_last_auto_is_for_cnns_on_a_gpu_and_resnets_on_a_cpu_and_worker
 # A fresh process per arm: the allocator's settings are process-wide.
 TRAINING_STEPS = """
 import resource, sys, timm, torch
-from mlexp import hardware
+from mlexp.training import hardware
 if sys.argv[1] == "keep":
     assert hardware.keep_freed_memory()
 torch.manual_seed(0)
@@ -282,7 +282,7 @@ def test_loader_workers_never_finalize_sqlite_connections_they_inherit(tmp_path)
     the SQLite library itself while the workers are forked, and released only after."""
     from torch.utils.data import DataLoader
 
-    from mlexp.data import loader_kwargs
+    from mlexp.data.sources import loader_kwargs
 
     shared = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libsqlite3" in line}
     if len(shared) != 1:

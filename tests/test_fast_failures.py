@@ -2,7 +2,7 @@
 
 `HF_HUB_OFFLINE=1 mlexp train --backbone deit_small_pretrained` without
 local weights exits 2 with the one-line message in under 2 s, wall clock from process start.
-Importing torch and timm alone takes ~3 s on a 2-core machine, so `mlexp.weight_sources.preflight`
+Importing torch and timm alone takes ~3 s on a 2-core machine, so `mlexp.models.preflight`
 decides these before either is imported; the tests check both the clock and the imports.
 """
 
@@ -19,7 +19,7 @@ import pytest
 from tests.helpers import runs_in
 
 FAST_S = 2.0
-HEAVY = ("torch", "timm", "safetensors", "mlflow", "accelerate", "mlexp.train")
+HEAVY = ("torch", "timm", "safetensors", "mlflow", "accelerate", "mlexp.training.run")
 
 
 def offline_env(tmp_path: Path) -> dict[str, str]:
@@ -77,19 +77,19 @@ def test_offline_failure_imports_neither_torch_nor_timm(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
                 if line.startswith("import time:")}
-    assert "mlexp.weight_sources" in imported
+    assert "mlexp.models.weight_sources" in imported
     assert not [m for m in imported if m.split(".")[0] in HEAVY or m in HEAVY]
     [error] = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
     assert error.startswith("mlexp: error: no pretrained weights for deit_small_pretrained")
 
 
 def test_catalogue_modules_and_resolution_are_light():
-    """`import mlexp.backbones/weights/recipes` and resolving every catalogue name, alias, the
+    """`import mlexp.models.catalogue/weights/recipes` and resolving every catalogue name, alias, the
     timm name of a catalogue arch and a typo of ours load none of torch, timm, safetensors, mlflow."""
     code = """
 import sys
-import mlexp.backbones, mlexp.recipes, mlexp.weight_loading, mlexp.weight_sources
-from mlexp.backbones import ALIASES, CATALOGUE, resolve_backbone
+import mlexp.models.catalogue, mlexp.training.recipes, mlexp.models.weight_files, mlexp.models.weight_sources
+from mlexp.models.catalogue import ALIASES, CATALOGUE, resolve_backbone
 from mlexp.errors import MlexpError
 specs = [resolve_backbone(name) for name in [*CATALOGUE, *ALIASES]]
 specs.append(resolve_backbone("swin_small_patch4_window7_224", "scratch"))

@@ -20,8 +20,15 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from mlexp import monitor
-from tests.faults import (TINY, RestartableServer, assert_complete, only_run, read_until, train_past_epoch_1)
+from mlexp.analysis import monitor
+from tests.faults import (
+    TINY,
+    RestartableServer,
+    assert_complete,
+    only_run,
+    read_until,
+    train_past_epoch_1,
+)
 from tests.helpers import artifact_paths, run_mlexp, steps, subprocess_env
 
 pytestmark = pytest.mark.slow

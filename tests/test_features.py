@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mlexp.backbones import create_model, resolve_backbone
+from mlexp.analysis.features import PENULTIMATE, cka_matrix, linear_cka, representations
 from mlexp.config import TrainConfig
-from mlexp.data import build_data
-from mlexp.features import PENULTIMATE, cka_matrix, linear_cka, representations
+from mlexp.data.sources import build_data
+from mlexp.models.catalogue import create_model, resolve_backbone
 
 
 def test_identical_rotated_and_scaled_representations_give_one():

@@ -13,8 +13,8 @@ from torch import nn
 
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
-from mlexp.finetune import attach_head, build_strategy, classifier_names
-from mlexp.optim import build_optimizer, build_scheduler, lr_multiplier
+from mlexp.models.strategies import attach_head, build_strategy, classifier_names
+from mlexp.training.optimizer import build_optimizer, build_scheduler, lr_multiplier
 
 torch.set_num_threads(2)
 

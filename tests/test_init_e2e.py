@@ -8,10 +8,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mlexp.checkpoint import load_weights
-from mlexp.cli import main
+from mlexp.commands.cli import main
 from mlexp.config import TrainConfig
-from mlexp.train import run_training
+from mlexp.training.checkpoints import load_weights
+from mlexp.training.run import run_training
 from tests.helpers import write_pretrained_weights
 
 SMALL = dict(data="digits", img_size=16, batch_size=64, calibrate=False, experiment="init-e2e")

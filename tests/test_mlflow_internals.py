@@ -1,4 +1,4 @@
-"""The MLflow internals mlexp reads through (mlexp.mlflow_internals), against real stores.
+"""The MLflow internals mlexp reads through (mlexp.analysis.mlflow_internals), against real stores.
 
 Every door is run against a real `mlflow server` (REST) or a real SQLite store, must return
 what MLflow's public API returns, and must actually have been taken: if an MLflow upgrade
@@ -21,8 +21,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from mlexp.mlflow_internals import INTERVAL_MAX_PER_RUN, Reader, fields_from_entity, parse_filter
-from mlexp.query import fetch_runs
+from mlexp.analysis.mlflow_internals import (
+    INTERVAL_MAX_PER_RUN,
+    Reader,
+    fields_from_entity,
+    parse_filter,
+)
+from mlexp.analysis.query import fetch_runs
 from tests.run_factory import experiment_id, log_run
 
 LONG_RUN_POINTS = INTERVAL_MAX_PER_RUN + 100  # more than the interval endpoint returns unsampled
@@ -54,7 +59,7 @@ def same_histories(found: dict, client: MlflowClient, run_ids: list[str], key: s
 
 def assert_taken(reader: Reader, door: str, times: int | None = None) -> None:
     """The door answered (and nothing fell back): else MLflow changed under mlexp."""
-    assert not reader.fallbacks, (f"MLflow {mlflow.__version__} no longer answers as mlexp.mlflow_internals "
+    assert not reader.fallbacks, (f"MLflow {mlflow.__version__} no longer answers as mlexp.analysis.mlflow_internals "
                                   f"expects: {reader.fallbacks}")
     assert reader.taken[door] >= 1, f"the {door} door was not taken: {dict(reader.taken)}"
     if times is not None:

@@ -31,7 +31,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from mlexp.local_server import start_local_server, stop_local_server
+from mlexp.tracking.local_server import start_local_server, stop_local_server
 from tests.helpers import run_mlexp, subprocess_env
 
 pytestmark = pytest.mark.slow

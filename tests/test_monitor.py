@@ -8,9 +8,9 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
+from mlexp.analysis.monitor import progress, summary, total_epochs
+from mlexp.analysis.query import RunRecord
 from mlexp.errors import MlexpError
-from mlexp.monitor import progress, summary, total_epochs
-from mlexp.query import RunRecord
 from tests.run_factory import log_run
 
 

@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from PIL import Image
 
 from tests.helpers import DIGITS_TRAIN_SIZE, run_mlexp, steps, subprocess_env
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from mlexp.backbones import resolve_backbone
 from mlexp.config import TrainConfig
-from mlexp.recipes import (apply_init_adjustments, effective_config, format_init_comparison,
-                           format_training_plan, init_flavours)
+from mlexp.models.catalogue import resolve_backbone
+from mlexp.training.recipes import (
+    apply_init_adjustments,
+    effective_config,
+    format_init_comparison,
+    format_training_plan,
+    init_flavours,
+)
 
 BASE = TrainConfig(backbone="resnet50", lr=1e-4, epochs=50, warmup_epochs=2.0, weight_decay=0.05)
 

@@ -6,7 +6,7 @@ import pytest
 
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
-from mlexp.recipes import PRESETS, config_from_user_values, preset_rows
+from mlexp.training.recipes import PRESETS, config_from_user_values, preset_rows
 
 
 def test_pretrain_preset_is_the_modern_from_scratch_recipe():

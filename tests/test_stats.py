@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from benchmarks.stats_coverage import simulate
-from mlexp import stats
-from mlexp.comparisons import comparison_row
+from mlexp.analysis import stats
+from mlexp.analysis.comparisons import comparison_row
 
 
 def test_two_pairs_with_equal_differences_give_p_half_and_say_n_is_too_small():

@@ -6,9 +6,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mlexp.checkpoint import load_weights
 from mlexp.config import TrainConfig
-from mlexp.train import run_training
+from mlexp.training.checkpoints import load_weights
+from mlexp.training.run import run_training
 from tests.helpers import subprocess_env, torchrun_train, write_pretrained_weights
 
 SMALL = dict(data="digits", img_size=16, batch_size=64, calibrate=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from mlexp import claims
+from mlexp.tracking import claims
 from tests.faults import DIGITS_TRAIN
 from tests.helpers import run_mlexp, runs_of, steps, subprocess_env
 
@@ -188,7 +188,7 @@ def test_bad_launch_options_are_one_line_exit_2_and_create_no_run(sqlite_uri, ca
 
 def exit_status(args: list[str]) -> int:
     """`mlexp ARGS` in this process (as the console script runs it): its exit status."""
-    from mlexp.cli import main
+    from mlexp.commands.cli import main
 
     try:
         main(args)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from mlexp import claims
-from mlexp.local_server import free_port
+from mlexp.tracking import claims
+from mlexp.tracking.local_server import free_port
 from tests.helpers import subprocess_env
 from tests.test_sweep_launch import GRID, assert_each_trained_once, logs_of, sweep_runs
 

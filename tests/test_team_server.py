@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from mlexp.local_server import free_port, start_local_server, stop_local_server
+from mlexp.tracking.local_server import free_port, start_local_server, stop_local_server
 from tests.test_sweep_launch import parallel_2_sweep
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import pytest
-
 from mlflow import MlflowClient
 
 from mlexp.tracking import open_run, params_to_log
@@ -204,7 +202,7 @@ def test_two_runs_logging_the_same_datasets_at_once_both_get_them(server_uri):
     MLflow's store can refuse the second insert of a dataset; both runs must still get it."""
     import threading
 
-    from mlexp.tracking import server
+    from mlexp.tracking import lineage
 
     client = MlflowClient(server_uri)
     experiment = client.create_experiment("dataset-race")
@@ -219,7 +217,7 @@ def test_two_runs_logging_the_same_datasets_at_once_both_get_them(server_uri):
         def log(run_id: str) -> None:
             start.wait()
             try:
-                server.log_inputs(client, run_id, splits, [])
+                lineage.log_inputs(client, run_id, splits, [])
             except Exception as error:  # noqa: BLE001 - collected and asserted on below
                 errors.append(error)
 

@@ -16,12 +16,21 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from tests.helpers import (DIGITS_TRAIN_SIZE, ROOT, artifact_paths, contract_artifacts, run_mlexp, runs_of, steps,
-                           subprocess_env, torchrun_train, write_pretrained_weights)
-
-from mlexp import hardware
 from mlexp.config import TrainConfig, config_fields
-from mlexp.recipes import preset_fields
+from mlexp.training import hardware
+from mlexp.training.recipes import preset_fields
+from tests.helpers import (
+    DIGITS_TRAIN_SIZE,
+    ROOT,
+    artifact_paths,
+    contract_artifacts,
+    run_mlexp,
+    runs_of,
+    steps,
+    subprocess_env,
+    torchrun_train,
+    write_pretrained_weights,
+)
 
 EPOCH_METRICS = ["train/loss", "train/loss_total", "train/acc", "val/loss", "val/acc", "epoch/time_s", "epoch/lr"]
 
@@ -159,7 +168,7 @@ def test_sigkill_in_second_epoch_then_resume_has_no_duplicate_and_no_gap(server_
 def test_single_process_run_logs_everything_to_a_sqlite_store(sqlite_uri, tmp_path):
     """The in-process path (what `mlexp train` runs), small and fast: the contract's names."""
     from mlexp.config import TrainConfig
-    from mlexp.train import run_training
+    from mlexp.training.run import run_training
 
     result = run_training(TrainConfig(backbone="resnet18_scratch", data="synthetic", epochs=2, img_size=16,
                                       batch_size=64, checkpoint_every=1, experiment="inproc"))

@@ -7,9 +7,9 @@ import math
 import pytest
 
 from mlexp.config import TrainConfig
-from mlexp.optim import lr_multiplier
-from mlexp.records import History
-from mlexp.train import early_stop
+from mlexp.training.optimizer import lr_multiplier
+from mlexp.training.records import History
+from mlexp.training.run import early_stop
 
 
 def history_with(val_accs: list[float]) -> History:
@@ -42,7 +42,7 @@ def test_schedule_warms_up_linearly_then_follows_the_schedule(scheduler):
 
 def test_test_split_is_held_out_first_disjoint_and_the_same_for_every_seed_and_fold():
     from mlexp.config import TrainConfig
-    from mlexp.data import build_data, digits_arrays
+    from mlexp.data.sources import build_data, digits_arrays
 
     images = digits_arrays()[0]
     keys = {image.tobytes(): index for index, image in enumerate(images)}
@@ -66,8 +66,8 @@ def test_end_of_run_report_by_hand(tmp_path):
     import pandas as pd
     import torch
 
-    from mlexp.evaluation import split_metrics, write_report
-    from mlexp.loop import EvalResult
+    from mlexp.training.evaluation import split_metrics, write_report
+    from mlexp.training.loop import EvalResult
 
     # 6 classes, 6 images: classes 0-4 right, the class-5 image predicted as class 0
     labels = torch.tensor([0, 1, 2, 3, 4, 5])

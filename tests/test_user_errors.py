@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from mlexp.cli import main
+from mlexp.commands.cli import main
 from tests.helpers import run_mlexp, subprocess_env
 
 

@@ -13,10 +13,11 @@ from mlflow import MlflowClient
 from safetensors.torch import save_file
 from timm.models import get_pretrained_cfg
 
-from mlexp.backbones import build_backbone, create_model, resolve_backbone
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
-from mlexp.weight_sources import file_sha256, locate_weights, preflight, reachable
+from mlexp.models.catalogue import build_backbone, create_model, resolve_backbone
+from mlexp.models.preflight import preflight
+from mlexp.models.weight_sources import file_sha256, locate_weights, reachable
 
 HEAD = ("fc.weight", "fc.bias")
 
@@ -324,7 +325,7 @@ def test_preflight_verdicts(empty_caches, tmp_path, monkeypatch, values, error):
 
 
 def test_torch_hub_dir_mirrors_torch(tmp_path, monkeypatch):
-    from mlexp.weight_sources import _torch_hub_dir_from_env
+    from mlexp.models.weight_sources import _torch_hub_dir_from_env
 
     for torch_home, xdg in ((None, None), (None, str(tmp_path / "xdg")), (str(tmp_path / "th"), str(tmp_path))):
         for name, value in (("TORCH_HOME", torch_home), ("XDG_CACHE_HOME", xdg)):

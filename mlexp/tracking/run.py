@@ -16,7 +16,14 @@ from pathlib import Path
 
 from mlexp.errors import MlexpError
 from mlexp.tracking import server
-from mlexp.tracking.outbox import TERMINAL, Outbox, Pending, new_local_id, now_ms, outbox_root
+from mlexp.tracking.outbox import (
+    TERMINAL,
+    Outbox,
+    Pending,
+    new_local_id,
+    now_ms,
+    outbox_root,
+)
 from mlexp.tracking.sender import Sender, lower_this_threads_priority, seconds_from_env
 
 
@@ -116,7 +123,7 @@ class RunTracker:
         self._wake()
 
     def log_inputs(self, splits: list[dict], model_ids: list[str] | None = None) -> None:
-        """The run's data splits (mlexp.datasets) and the logged models it used, as MLflow inputs."""
+        """The run's data splits (mlexp.data.digests) and the logged models it used, as MLflow inputs."""
         self.outbox.add_operation("inputs", {"splits": splits, "models": model_ids or []})
         self._wake()
 

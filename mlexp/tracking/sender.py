@@ -32,7 +32,7 @@ from pathlib import Path
 
 from mlexp.errors import MlexpError
 from mlexp.faults import crash_point
-from mlexp.tracking import server
+from mlexp.tracking import lineage, server
 from mlexp.tracking.outbox import Outbox
 
 SEND_INTERVAL_S = 2.0
@@ -259,13 +259,13 @@ class Sender:
                 crash_point("manifest", json.loads(meta).get("epoch"))
                 server.publish_manifest(self.client, self.run_id, Path(local_path), artifact_path)
             elif kind == "logged_model":
-                server.publish_logged_model(self.client, self.run_id, Path(local_path), json.loads(meta))
+                lineage.publish_logged_model(self.client, self.run_id, Path(local_path), json.loads(meta))
             elif kind == "inputs":
                 described = json.loads(meta)
-                server.log_inputs(self.client, self.run_id, described.get("splits", []), described.get("models", []))
+                lineage.log_inputs(self.client, self.run_id, described.get("splits", []), described.get("models", []))
             elif kind == "link_metrics":
                 described = json.loads(meta)
-                server.link_metrics(self.client, self.run_id, described["model_id"], described["metrics"],
+                lineage.link_metrics(self.client, self.run_id, described["model_id"], described["metrics"],
                                     described.get("datasets", {}))
         except Exception as error:
             if not (server.is_permanent(error) or isinstance(error, FileNotFoundError)):

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlexp.errors import MlexpError
-from mlexp.faults import crash_point
 
 # MLflow reads these at every request; set before the first one.
 os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = os.environ.get("MLEXP_HTTP_RETRIES", "1")
@@ -268,7 +267,9 @@ def put_in_large_blocks(repo, path: Path, target: str, on_block: Callable[[], No
 
 
 def artifact_repo(client, run_id: str):
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.artifact_repository_registry import (
+        get_artifact_repository,
+    )
 
     return get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
 
@@ -325,84 +326,3 @@ def publish_manifest(client, run_id: str, local_dir: Path, artifact_path: str) -
         if item.is_dir and name != manifest["folder"]:
             delete_artifacts(client, run_id, item.path)
     return True
-
-
-# --- datasets and logged models ------------------------------------------------------------------
-def log_inputs(client, run_id: str, splits: list[dict], model_ids: list[str]) -> None:
-    """The run's splits as dataset inputs, and the logged models it used as model inputs (MLflow
-    keeps one of each per name and digest, or model: a retry adds none)."""
-    from mlflow.entities import LoggedModelInput
-
-    from mlexp.datasets import mlflow_inputs
-
-    inputs = mlflow_inputs(splits)
-    models = [LoggedModelInput(m) for m in model_ids] or None
-    for attempt in range(INPUT_RACE_RETRIES):
-        try:
-            client.log_inputs(run_id, datasets=inputs, models=models)
-            return
-        except Exception as error:
-            # MLflow's SQL store inserts a dataset after looking for it: two runs of one experiment
-            # logging the same split at once (a parallel sweep) can both miss it, and the second
-            # insert fails on the unique key. The dataset exists now, so trying again succeeds.
-            if not is_unique_key_race(error) or attempt == INPUT_RACE_RETRIES - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-
-
-INPUT_RACE_RETRIES = 5
-
-
-def is_unique_key_race(error: BaseException) -> bool:
-    text = str(error)
-    return "UNIQUE constraint failed" in text or "duplicate key value violates unique constraint" in text
-
-
-def publish_logged_model(client, run_id: str, local_dir: Path, meta: dict) -> str:
-    """A saved MLflow model folder as a logged model of the run, at its step: linked to the run
-    (as its output at that step), to that step's metrics and through them to the datasets they
-    were measured on. Idempotent: a retry finds the model it created by name and run, and an
-    already READY model is left as it is. Returns the model id."""
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-    from mlflow.models import Model
-
-    experiment_id = client.get_run(run_id).info.experiment_id
-    found = [model for model in client.search_logged_models([experiment_id],
-                                                            filter_string=f"source_run_id = '{run_id}'")
-             if model.name == meta["name"]]
-    model = found[0] if found else client.create_logged_model(
-        experiment_id, name=meta["name"], source_run_id=run_id, tags=meta.get("tags"),
-        params=meta.get("params"), model_type=meta.get("model_type"))
-    if model.status == LoggedModelStatus.READY:
-        return model.model_id
-    crash_point("logged_model", meta["name"])
-    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=meta["step"])])
-    link_metrics(client, run_id, model.model_id, meta.get("metrics", []), meta.get("datasets", {}))
-    described = Model.load(str(local_dir))  # the MLmodel file says which logged model it is
-    described.model_id, described.model_uuid, described.run_id = model.model_id, model.model_id, run_id
-    described.artifact_path = model.artifact_location
-    described.save(str(Path(local_dir) / "MLmodel"))
-    client.log_model_artifacts(model.model_id, str(local_dir))
-    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    return model.model_id
-
-
-def link_metrics(client, run_id: str, model_id: str, points: list, datasets: dict[str, dict]) -> None:
-    """The run's points named by `points` ([key, step] pairs), logged again with the model's id
-    and the split each was measured on, as MLflow's own log_model does for its step. The run
-    keeps one point each: MLflow recognises the points it has (same key, step, value, time)."""
-    from mlflow.entities import Metric
-
-    from mlexp.datasets import split_of
-
-    steps_of: dict[str, set[int]] = {}
-    for key, step in points:
-        steps_of.setdefault(key, set()).add(int(step))
-    linked = []
-    for key, steps in steps_of.items():
-        split = datasets.get(split_of(key) or "", {})
-        linked += [Metric(key, point.value, point.timestamp, point.step, model_id=model_id, run_id=run_id,
-                          dataset_name=split.get("name"), dataset_digest=split.get("digest"))
-                   for point in client.get_metric_history(run_id, key) if point.step in steps]
-    for start in range(0, len(linked), MAX_METRICS_PER_REQUEST):
-        client.log_batch(run_id, metrics=linked[start:start + MAX_METRICS_PER_REQUEST])

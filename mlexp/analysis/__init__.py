@@ -1,0 +1,1 @@
+"""Reading runs back: queries, statistics, paired comparisons, answers in words, tables, plots, feature similarity and the monitor."""

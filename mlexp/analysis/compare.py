@@ -1,0 +1,418 @@
+"""Answer the research questions from the tracking server alone.
+
+Does pretraining help this backbone, by how much (paired across seeds and folds, with a
+95% confidence interval), which fine-tuning strategy wins, and at what cost in time and
+trainable parameters? `compare()` queries MLflow, builds one row per finished training
+run, aggregates per group and writes tables and plots; `run_compare()` is what the CLI and
+the MLproject entry point call: it also logs the outputs to an MLflow run.
+
+Accuracies are fractions (0..1) in the data and files, percentages in the printed tables.
+Training runs that are not FINISHED (RUNNING, FAILED, KILLED), or finished without a val/acc,
+are listed as not in the statistics; runs that are not training runs at all (sweep parents,
+earlier compare runs, runs without training tags, params or metrics) are only counted.
+
+Backbones are named as the sweep summary names them: the catalogue name (`resnet18_scratch`,
+`vit_small`), so pretrained and scratch runs are separate groups; `arch` is the architecture
+alone (`resnet18`), which is also what pretrained/scratch pairs are matched on.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mlexp.analysis import stats
+from mlexp.analysis.comparisons import Metric, choose_metric, comparisons
+from mlexp.analysis.mlflow_internals import Reader
+from mlexp.analysis.query import (
+    FINISHED,
+    RunRecord,
+    fetch_runs,
+    mlflow_client,
+    resolve_experiments,
+)
+from mlexp.analysis.report import log_compare_run
+from mlexp.errors import MlexpError
+
+DEFAULT_GROUP_BY = ["backbone", "strategy"]
+INITS = ("pretrained", "scratch")
+# Short names that mean mlexp's own tags (`arch` is the backbone without its init).
+TAG_ALIASES = {"arch": "mlexp.backbone", "init": "mlexp.init", "strategy": "mlexp.strategy",
+               "dataset": "mlexp.dataset"}
+# What marks a training run (besides a `backbone` param): mlexp's tags, or a training metric.
+TRAINING_TAGS = ("mlexp.backbone", "mlexp.init", "mlexp.strategy", "mlexp.sweep_id", "mlexp.config_hash")
+TRAINING_METRIC_PREFIXES = ("train/", "val/", "epoch/", "best/")
+CURVE_KEYS = ("val/acc", "val/loss")
+PAIR_FIELDS = ("arch", "init", "dataset", "strategy")  # kept per run (as _arch, ...) to match pairs on
+CONVERGENCE_FRACTION = 0.95
+EARLY_EPOCHS = 5
+# Per-run quantities aggregated per group (mean and std of each).
+RUN_METRICS = ["best_val_acc", "final_val_acc", "final_train_acc", "overfit_gap", "total_time_s",
+               "epoch_time_s", "trainable_params", "epochs_run", "epochs_to_95", "gain_5"]
+RESERVED = {"run_id", "run_name", *RUN_METRICS}
+
+
+@dataclass
+class CompareResult:
+    experiments: dict[str, str]            # id -> name
+    filter_string: str | None
+    group_by: list[str]
+    runs: pd.DataFrame                     # one row per finished training run
+    groups: pd.DataFrame                   # one row per group: runs, <metric>_mean, <metric>_std
+    pairs: pd.DataFrame                    # one row per matched pretrained/scratch pair
+    comparisons: pd.DataFrame              # every paired comparison (mlexp.analysis.comparisons), Holm-adjusted
+    metric: Metric                         # what the comparisons compare
+    excluded: list[dict[str, Any]]         # training runs left out of the statistics, and why
+    ignored: dict[str, int] = field(default_factory=dict)  # kind -> count of runs that are not training runs
+    curves: dict[str, pd.DataFrame] = field(default_factory=dict)  # key -> group, epoch, n, mean, low, high
+    diff_curves: pd.DataFrame = field(default_factory=pd.DataFrame)  # backbone, epoch, n, mean, low, high
+    equal_budget: bool = False
+    lacking_metric: list[str] = field(default_factory=list)  # runs without the compared metric (left out of it)
+    features: list = field(default_factory=list)   # mlexp.analysis.features.FeatureComparison per backbone
+    files: list[Path] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None              # the MLflow run the outputs were logged to
+    reads: dict[str, Any] = field(default_factory=dict)  # which MLflow doors answered (mlflow_internals)
+
+
+def compare(client_or_uri: Any, experiments: list[str], filter_string: str | None = None,
+            group_by: list[str] | None = None, out_dir: Path | str = "mlexp-compare",
+            plots: bool = True, *, metric: str | None = None, equal_budget: bool = False,
+            between_backbones: bool = False, features: bool = False) -> CompareResult:
+    """Query the runs of `experiments`, compute the statistics, write tables and plots to out_dir.
+
+    metric: what the comparisons compare (default: test/acc when the runs have it, else
+    best/val_acc); equal_budget: compare each pair at the epoch the shorter run stopped;
+    between_backbones: also compare architectures with each other; features: load the paired
+    pretrained and scratch models and compare their representations (CKA, mlexp.analysis.features)."""
+    from mlexp.analysis.plots import warm_up
+    from mlexp.analysis.report import write_outputs
+
+    started = time.perf_counter()
+    client = mlflow_client(client_or_uri)
+    group_by = list(group_by or DEFAULT_GROUP_BY)
+    if not experiments:
+        raise MlexpError("name at least one experiment to compare (--experiment NAME)")
+    names = resolve_experiments(client, experiments)
+    warming = threading.Thread(target=warm_up, name="mlexp-plot-warm-up", daemon=True)
+    if plots:
+        warming.start()  # matplotlib's import and font loading overlap the server's work
+    reader = Reader(client)
+    records, histories = fetch_runs(client, list(names), filter_string, CURVE_KEYS,
+                                    wants_history=lambda run: run.status == FINISHED, reader=reader)
+    fetched = time.perf_counter()
+    runs, excluded, ignored = run_table(records, histories, group_by, names)
+    compared = set(runs["run_id"])  # once: a set built per record would cost O(runs^2) over thousands
+    used = [run for run in records if run.run_id in compared]
+    available = {key for run in used for key in run.metrics}
+    everywhere = set.intersection(*(set(run.metrics) for run in used)) if used else set()
+    chosen = choose_metric(metric, available, everywhere, equal_budget)
+    runs["value"] = metric_values(runs, records, chosen)
+    missing = runs.loc[runs["value"].isna(), "run_id"].tolist()
+    table, pairs = comparisons(runs, chosen, equal_budget=equal_budget, between_backbones=between_backbones)
+    result = CompareResult(names, filter_string, group_by, runs, group_table(runs, group_by), pairs, table,
+                           chosen, excluded=excluded, ignored=ignored, equal_budget=equal_budget,
+                           lacking_metric=missing)
+    result.reads = {"taken": dict(reader.taken), "fallbacks": list(reader.fallbacks)}
+    result.curves = {key: banded_curves(runs, histories[key], group_by) for key in CURVE_KEYS}
+    result.diff_curves = difference_curves(runs, histories["val/acc"])
+    if features:
+        from mlexp.analysis.features import compare_features
+
+        result.features = compare_features(client, runs, Path(out_dir))
+    computed = time.perf_counter()
+    if plots:
+        warming.join()
+    result.files = write_outputs(result, Path(out_dir), plots=plots)
+    result.timings = {"fetch": fetched - started, "stats": computed - fetched,
+                      "write": time.perf_counter() - computed}
+    return result
+
+
+# --- one row per run --------------------------------------------------------------------------
+def field_value(run: RunRecord, name: str) -> str | None:
+    """A group-by field of a run: `tags.X` / `params.X` explicitly, else mlexp's tag, a tag, a param."""
+    if name.startswith("tags."):
+        return run.tags.get(name[5:])
+    if name.startswith("params."):
+        return run.param(name[7:])
+    if name == "backbone":
+        return backbone_name(run)
+    if name == "arch":
+        return arch_of(run)
+    return run.tags.get(TAG_ALIASES.get(name, f"mlexp.{name}")) or run.tags.get(name) or run.param(name)
+
+
+def arch_of(run: RunRecord) -> str | None:
+    """The architecture without init (tag mlexp.backbone): what pretrained/scratch pairs share."""
+    if "mlexp.backbone" in run.tags:
+        return run.tags["mlexp.backbone"]
+    name = run.param("backbone")  # runs from before the tags
+    return name.removesuffix("_pretrained").removesuffix("_scratch") if name else None
+
+
+def backbone_name(run: RunRecord) -> str | None:
+    """The backbone as the sweep summary names it: the logged (effective) catalogue name, e.g.
+    resnet18_scratch or vit_small; a plain timm name gets its init appended (convnext_tiny_scratch)."""
+    from mlexp.models.catalogue import CATALOGUE
+    from mlexp.sweep.launcher import display_name
+
+    name, arch = run.param("backbone"), arch_of(run)
+    init = run.tags.get("mlexp.init") or run.param("init")
+    if name in CATALOGUE or not arch or init not in INITS:
+        return name or arch
+    return display_name(name if name and name.endswith(f"_{init}") else arch, init)
+
+
+def non_training_kind(run: RunRecord, parent_ids: set[str]) -> str | None:
+    """What a run is if it is not a training run (None for a training run)."""
+    if run.tags.get("mlexp.sweep") == "true":
+        return "sweep parent"
+    if run.tags.get("mlexp.kind") not in (None, "train"):
+        return f"{run.tags['mlexp.kind']} run"
+    if run.run_id in parent_ids:
+        return "parent run"
+    if (any(tag in run.tags for tag in TRAINING_TAGS) or run.param("backbone")
+            or any(key.startswith(TRAINING_METRIC_PREFIXES) for key in run.metrics)):
+        return None
+    return "no training tags, params or metrics"
+
+
+def check_group_by(records: list[RunRecord], group_by: list[str]) -> None:
+    for name in group_by:
+        if name in RESERVED:
+            raise MlexpError(f"--group-by {name!r} names a computed column; group by a tag or a param")
+        if name != "experiment" and records and not any(field_value(run, name) is not None for run in records):
+            params = sorted({key for run in records for key in run.params})
+            raise MlexpError(f"--group-by {name!r} is neither a tag nor a param of the selected runs; try "
+                             f"backbone, arch, init, strategy, dataset or a param: {', '.join(params[:25])}")
+
+
+def value_at(points: list[tuple[int, float]], step: int) -> float:
+    """The value logged at `step`, or the last one before it (NaN if none)."""
+    found = math.nan
+    for point_step, value in points:
+        if point_step > step:
+            break
+        found = value
+    return found
+
+
+def duplicates(runs: list[RunRecord]) -> dict[str, str]:
+    """run id -> the run it repeats: finished runs of one configuration (one mlexp.config_hash)
+    count once, the first trained, never as independent seeds."""
+    first: dict[str, str] = {}
+    repeats: dict[str, str] = {}
+    for run in sorted(runs, key=lambda r: (r.start_time or 0, r.run_id)):
+        config = run.tags.get("mlexp.config_hash")
+        if config is None:
+            continue
+        if config in first:
+            repeats[run.run_id] = first[config]
+        else:
+            first[config] = run.run_id
+    return repeats
+
+
+def run_table(records: list[RunRecord], histories: dict, group_by: list[str], experiments: dict[str, str]
+              ) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, int]]:
+    """Per-run quantities for every finished training run, the training runs left out (and why),
+    and how many runs of each kind were not training runs."""
+    val_acc = histories.get("val/acc", {})
+    parent_ids = {run.tags["mlflow.parentRunId"] for run in records if "mlflow.parentRunId" in run.tags}
+    rows, excluded, ignored, training = [], [], {}, []
+    for run in records:
+        kind = non_training_kind(run, parent_ids)
+        if kind is not None:
+            ignored[kind] = ignored.get(kind, 0) + 1
+        else:
+            training.append(run)
+    usable = [run for run in training if run.status == FINISHED and (run.run_id in val_acc or "val/acc" in run.metrics)]
+    duplicate_of = duplicates(usable)
+    usable = [run for run in usable if run.run_id not in duplicate_of]
+    check_group_by(usable, group_by)
+    usable_ids = {run.run_id for run in usable}
+    for run in training:
+        experiment = experiments.get(run.experiment_id, run.experiment_id)
+        if run.run_id in usable_ids:
+            rows.append(run_row(run, val_acc.get(run.run_id, []), group_by, experiment))
+        elif run.run_id in duplicate_of:
+            excluded.append({"run_id": run.run_id, "run_name": run.run_name, "status": "DUPLICATE",
+                             "experiment": experiment, "reason": f"the same configuration as run "
+                             f"{duplicate_of[run.run_id]} (mlexp.config_hash {run.tags['mlexp.config_hash']}): "
+                             "counted once"})
+        else:
+            reason = f"status {run.status}" if run.status != FINISHED else "finished without a val/acc metric"
+            excluded.append({"run_id": run.run_id, "run_name": run.run_name, "status": run.status,
+                             "experiment": experiment, "reason": reason})
+    runs = pd.DataFrame(rows)
+    if runs.empty:
+        columns = ["run_id", *group_by, *(f"_{name}" for name in PAIR_FIELDS), "seed", "fold", *RUN_METRICS]
+        return pd.DataFrame(columns=[*columns, "_val_acc_points"]), excluded, ignored
+    runs["epochs_to_95"] = epochs_to_reach(runs, group_by)
+    return runs, excluded, ignored
+
+
+def run_row(run: RunRecord, points: list[tuple[int, float]], group_by: list[str], experiment: str) -> dict:
+    """One finished run: its group, its pairing keys and its quantities (see compare_report.DEFINITIONS)."""
+    m = run.metrics
+    epochs = points[-1][0] if points else math.nan
+    final_val = m.get("val/acc", points[-1][1] if points else math.nan)
+    final_train = m.get("train/acc", math.nan)
+    total = m.get("time/total_s", math.nan)
+    if math.isnan(total) and run.end_time and run.start_time:
+        total = (run.end_time - run.start_time) / 1000
+    return {
+        "run_id": run.run_id, "run_name": run.run_name, "experiment": experiment,
+        **{name: experiment if name == "experiment" else field_value(run, name) or "-" for name in group_by},
+        **{f"_{name}": field_value(run, name) or "-" for name in PAIR_FIELDS},
+        "seed": run.param("seed") or "-", "fold": run.param("fold") or "-",
+        "best_val_acc": m.get("best/val_acc", max((v for _, v in points), default=final_val)),
+        "final_val_acc": final_val, "final_train_acc": final_train, "overfit_gap": final_train - final_val,
+        "total_time_s": total,
+        "epoch_time_s": total / epochs if epochs else math.nan,  # time/total_s is the sum of epoch times
+        "trainable_params": m.get("model/params_trainable", m.get("train/trainable_params", math.nan)),
+        "epochs_run": epochs,
+        "gain_5": (value_at(points, min(EARLY_EPOCHS, epochs)) - value_at(points, points[0][0])
+                   if points else math.nan),
+        "_val_acc_points": points,
+    }
+
+
+def epochs_to_reach(runs: pd.DataFrame, group_by: list[str]) -> pd.Series:
+    """Convergence speed: the first epoch at which a run reaches 95% of its group's best."""
+    group_best = runs.groupby(group_by, dropna=False)["best_val_acc"].transform("max")
+    result = []
+    for points, best in zip(runs["_val_acc_points"], group_best):
+        target = CONVERGENCE_FRACTION * best
+        result.append(next((float(step) for step, value in points if value >= target), math.nan))
+    return pd.Series(result, index=runs.index)
+
+
+# --- per group ---------------------------------------------------------------------------------------
+METRIC_SUMMARY = ["n", "mean", "std", "ci_low", "ci_high", "median", "iqm"]
+
+
+def metric_values(runs: pd.DataFrame, records: list[RunRecord], metric: Metric) -> pd.Series:
+    """Each run's value of the compared metric (NaN where a run lacks it)."""
+    if metric.key == "best/val_acc":
+        return runs["best_val_acc"].astype(float)
+    latest = {run.run_id: run.metrics.get(metric.key, math.nan) for run in records}
+    return pd.Series([latest.get(run_id, math.nan) for run_id in runs["run_id"]], index=runs.index, dtype=float)
+
+
+def group_table(runs: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
+    """runs, the mean and sample std (ddof=1; NaN for one run) of every per-run quantity, and
+    the compared metric's n, mean, std, 95% bootstrap interval, median and IQM (metric_*)."""
+    columns = ["runs"] + [f"{m}_{s}" for m in RUN_METRICS for s in ("mean", "std")]
+    if runs.empty:
+        return pd.DataFrame(columns=[*group_by, *columns, *(f"metric_{name}" for name in METRIC_SUMMARY)])
+    grouped = runs.groupby(group_by, dropna=False, sort=True)
+    table = grouped[RUN_METRICS].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table.insert(0, "runs", grouped.size())
+    summaries = grouped["value"].apply(lambda values: pd.Series(stats.describe(values).__dict__)).unstack()
+    table = table.join(summaries[METRIC_SUMMARY].add_prefix("metric_"))
+    return table.reset_index()
+
+
+def group_label(row: pd.Series | dict, group_by: list[str]) -> str:
+    return "/".join(str(row[name]) for name in group_by)
+
+
+def band(values: np.ndarray) -> tuple[int, float, float, float]:
+    """n, mean and a 95% t interval of one epoch's values (the curves' band; NaN below 2 runs).
+    A t band, not a bootstrap one: it is drawn per epoch and group, thousands of times on big sweeps."""
+    from scipy.special import (
+        stdtrit,  # Student t quantile (scipy.special: no scipy.stats import)
+    )
+
+    n = len(values)
+    mean = float(values.mean()) if n else math.nan
+    if n < 2:
+        return n, mean, math.nan, math.nan
+    half = float(stdtrit(n - 1, 0.975)) * float(values.std(ddof=1)) / math.sqrt(n)
+    return n, mean, mean - half, mean + half
+
+
+def banded_curves(runs: pd.DataFrame, points_by_run: dict, group_by: list[str]) -> pd.DataFrame:
+    """group, epoch, n, mean, low, high: a per-epoch metric over each group's runs."""
+    columns = ["group", "epoch", "n", "mean", "low", "high"]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    labels = {run_id: group_label(row, group_by) for run_id, row in zip(runs["run_id"], runs.to_dict("records"))}
+    long = [(labels[run_id], step, value) for run_id, points in points_by_run.items() if run_id in labels
+            for step, value in points]
+    if not long:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(long, columns=["group", "epoch", "value"])
+    rows = [(group, epoch, *band(values.to_numpy(dtype=float)))
+            for (group, epoch), values in frame.groupby(["group", "epoch"], sort=True)["value"]]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def difference_curves(runs: pd.DataFrame, val_acc: dict) -> pd.DataFrame:
+    """backbone, epoch, n, mean, low, high: pretrained minus scratch val/acc per epoch, over the
+    pairs matched on dataset, strategy, seed and fold."""
+    from mlexp.analysis.comparisons import MATCH, pair_up
+
+    columns = ["backbone", "epoch", "n", "mean", "low", "high"]
+    rows = []
+    for arch, mine in runs.groupby("_arch", sort=True):
+        pairs = pair_up(mine, "_init", "pretrained", "scratch", ["_strategy", *MATCH])
+        by_epoch: dict[int, list[float]] = {}
+        for run_a, run_b in zip(pairs["run_id_a"], pairs["run_id_b"]):
+            scratch = dict(val_acc.get(run_b, []))
+            for epoch, value in val_acc.get(run_a, []):
+                if epoch in scratch:
+                    by_epoch.setdefault(epoch, []).append(value - scratch[epoch])
+        rows += [(arch, epoch, *band(np.array(values))) for epoch, values in sorted(by_epoch.items())]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# --- the command -------------------------------------------------------------------------------------
+def run_compare(tracking_uri: str | None, experiments: list[str], filter_string: str | None = None,
+                group_by: list[str] | None = None, out_dir: Path | str = "mlexp-compare", *,
+                compare_experiment: str | None = None, log_run: bool = True, run_id: str | None = None,
+                **options: Any) -> CompareResult:
+    """`mlexp compare`: compare, then log the outputs to an MLflow run.
+
+    `options`: compare()'s metric, equal_budget, between_backbones and features.
+    `run_id`: an existing run to log into (under `mlflow run`, the project's run, left for
+    `mlflow run` to end); otherwise a new run named after what it compares ("compare digits
+    by backbone,strategy") in `compare_experiment`, by default "<experiment>-compare": next
+    to the compared experiment in the MLflow UI, apart from its training runs.
+    """
+    from mlexp.tracking import check_reachable, default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    check_reachable(uri)
+    client = mlflow_client(uri)
+    result = compare(client, experiments, filter_string, group_by, out_dir, **options)
+    if log_run:
+        default_experiment, run_name = compare_run_place(result)
+        result.run_id = log_compare_run(uri, result, Path(out_dir), compare_experiment or default_experiment, run_name,
+                                        run_id)
+    return result
+
+
+def compare_run_place(result: CompareResult) -> tuple[str, str]:
+    """The compare run's default experiment, next to the compared one, and its name:
+    ("digits-compare", "compare digits by backbone,strategy"), with the filter if there is one."""
+    compared = "+".join(result.experiments.values()) or "mlexp"
+    name = f"compare {compared} by {','.join(result.group_by)}"
+    return compared[:200] + "-compare", (name + (f" where {result.filter_string}" if result.filter_string else ""))[:250]
+
+
+def format_table(result: CompareResult) -> str:
+    """The groups, the paired pretrained-vs-scratch differences and the excluded runs, as text."""
+    from mlexp.analysis.tables import render_summary
+
+    return render_summary(result, markdown=False)

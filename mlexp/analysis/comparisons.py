@@ -1,0 +1,244 @@
+"""Every paired comparison `compare` makes, as rows of one table.
+
+Runs are matched on what the design holds fixed (dataset, seed and fold; strategy or init
+where those are not what is compared), so seed-to-seed noise cancels out of each difference.
+Kinds of comparison (column `kind`):
+
+- `init`: pretrained minus scratch, per backbone (all strategies, and each strategy when
+  there are several), and over all backbones when there are several;
+- `strategy`: one fine-tuning strategy minus another, per backbone and init;
+- `backbone` (only when asked: `--between-backbones`): one architecture minus another, per
+  init and strategy;
+- `interaction`: backbone A's pretraining gain minus backbone B's, matched pair by pair;
+- `time`: pretrained minus scratch total training time (s), per backbone;
+- `convergence`: pretrained minus scratch epochs to reach a common level of validation
+  accuracy, per backbone.
+
+Every row has the statistics of `mlexp.analysis.stats.paired`; `p_holm` is the p-value adjusted with
+Holm's method over every row of the report, and it is what the tables and report.md show.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from mlexp.analysis import stats
+
+MATCH = ["_dataset", "seed", "fold"]        # what every pair shares
+CONVERGENCE_FRACTION = 0.95                 # the level: 95% of the weaker init's mean best val acc
+BEST_VAL = "best/val_acc"
+UNITS = {"time": lambda seconds: f"{seconds:.1f} s", "convergence": lambda epochs: f"{epochs:.1f} epochs"}
+VALUE_COLUMNS = ["kind", "backbone", "init", "strategy", "a", "b", "n", "a_mean", "b_mean", "mean_diff", "std_diff",
+                 "ci_low", "ci_high", "p_value", "p_holm", "p_exact", "win_prob", "win_low", "win_high",
+                 "detectable", "a_epochs", "b_epochs", "level", "note"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What is compared: a metric key of the runs (fractions are shown in percentage points)."""
+
+    key: str
+
+    @property
+    def higher_is_better(self) -> bool:
+        return not any(word in self.key for word in ("loss", "error", "time", "ece"))
+
+    @property
+    def is_fraction(self) -> bool:
+        return any(word in self.key for word in ("acc", "f1", "top5", "precision", "recall"))
+
+    def format_diff(self, value: float) -> str:
+        return f"{100 * value:.1f} pp" if self.is_fraction else f"{value:.3g}"
+
+    @property
+    def biased_note(self) -> str | None:
+        if self.key == BEST_VAL:
+            return ("best/val_acc is optimistically biased: the same validation split chose the best epoch. "
+                    "Runs with a test split (--test-split) are compared on test/acc instead.")
+        return None
+
+
+CURVE_METRICS = (BEST_VAL, "val/acc")  # what --equal-budget can read at an earlier epoch
+
+
+def choose_metric(requested: str | None, available: set[str], everywhere: set[str], equal_budget: bool) -> Metric:
+    """--metric, else test/acc when every run has a test split, else best/val_acc.
+    `available`: metric keys some run has; `everywhere`: keys every run has."""
+    from mlexp.errors import MlexpError
+
+    if requested:
+        if requested != BEST_VAL and requested not in available:
+            keys = sorted(key for key in available if not key.startswith(("train/batch", "sys/")))
+            raise MlexpError(f"--metric {requested!r} is not a metric of the compared runs; "
+                             f"they have: {', '.join(keys[:30]) or 'none'}")
+        if equal_budget and requested not in CURVE_METRICS:
+            raise MlexpError(f"--equal-budget reads the val/acc curves at an earlier epoch; {requested!r} has no "
+                             f"such curve: compare {' or '.join(CURVE_METRICS)} with it, or drop --equal-budget")
+        return Metric(requested)
+    return Metric("test/acc" if "test/acc" in everywhere and not equal_budget else BEST_VAL)
+
+
+# --- matching ------------------------------------------------------------------------------------
+def pair_up(frame: pd.DataFrame, column: str, a: str, b: str, keys: list[str], value: str = "value") -> pd.DataFrame:
+    """Runs with `column` == a next to runs with `column` == b that share `keys` (one row per
+    match, sorted by keys; several runs with the same keys, which differ in some other param,
+    are averaged). Plain dictionaries: compare makes many of these, and a pandas groupby and
+    join each would cost more than the statistics."""
+    sides = []
+    for side in (a, b):
+        part = frame[frame[column] == side]
+        matched: dict[tuple, list] = {}
+        for *key, number, epochs, run_id, points in zip(*(part[k] for k in keys), part[value], part["epochs_run"],
+                                                         part["run_id"], part["_val_acc_points"]):
+            matched.setdefault(tuple(key), []).append((number, epochs, run_id, points))
+        sides.append(matched)
+    rows = []
+    for key in sorted(sides[0].keys() & sides[1].keys(), key=lambda k: tuple(map(str, k))):
+        row = dict(zip(keys, key))
+        for suffix, found in zip(("_a", "_b"), (sides[0][key], sides[1][key])):
+            row.update({f"value{suffix}": finite_mean([f[0] for f in found]),
+                        f"epochs{suffix}": finite_mean([f[1] for f in found]),
+                        f"run_id{suffix}": found[0][2], f"points{suffix}": found[0][3]})
+        rows.append(row)
+    columns = [*keys, *(f"{name}{suffix}" for suffix in ("_a", "_b") for name in ("value", "epochs", "run_id", "points"))]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def finite_mean(values: list[float]) -> float:
+    """The mean of the finite values (NaN if none), as a pandas groupby mean skips NaN."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def at_epoch(points: list[tuple[int, float]], epoch: float, best_so_far: bool) -> float:
+    """From a val/acc curve: the best value up to `epoch` (best_so_far) or the value at it."""
+    seen = [value for step, value in points if step <= epoch]
+    if not seen:
+        return math.nan
+    return max(seen) if best_so_far else seen[-1]
+
+
+def equalise_budget(pairs: pd.DataFrame, metric: Metric) -> pd.DataFrame:
+    """Both sides of each pair at the epoch the shorter one stopped, read from val/acc curves."""
+    epoch = np.minimum(pairs["epochs_a"], pairs["epochs_b"])
+    best = metric.key == BEST_VAL
+    return pairs.assign(value_a=[at_epoch(p, e, best) for p, e in zip(pairs["points_a"], epoch)],
+                        value_b=[at_epoch(p, e, best) for p, e in zip(pairs["points_b"], epoch)])
+
+
+def budget_note(pairs: pd.DataFrame, a: str, b: str, equal_budget: bool) -> str:
+    """Said next to a row whose sides trained for different numbers of epochs."""
+    epochs_a, epochs_b = pairs["epochs_a"].mean(), pairs["epochs_b"].mean()
+    if pairs.empty or not np.isfinite([epochs_a, epochs_b]).all() or abs(epochs_a - epochs_b) < 1e-9:
+        return ""
+    said = f"unequal budget: {a} trained {epochs_a:g} epochs against {b}'s {epochs_b:g}"
+    if equal_budget:
+        return said + f"; compared at epoch {np.minimum(pairs['epochs_a'], pairs['epochs_b']).mean():g} (--equal-budget)"
+    return said + "; --equal-budget compares them at the same epoch"
+
+
+# --- one row ----------------------------------------------------------------------------------------
+def comparison_row(kind: str, scope: dict[str, str], a: str, b: str, pairs: pd.DataFrame, note: str = "",
+                   level: float = math.nan, unit=lambda value: f"{value:.3g}") -> dict:
+    result = stats.paired(pairs["value_a"], pairs["value_b"]) if not pairs.empty else stats.paired([], [])
+    if not pairs.empty:  # the side means over the pairs the difference is over
+        pairs = pairs[np.isfinite(pairs["value_a"].astype(float)) & np.isfinite(pairs["value_b"].astype(float))]
+    notes = [text for text in (note, stats.no_interval_reason(result) if result.n else "no matched pairs")
+             if text]
+    if 0 < result.n < stats.SMALL_N and math.isfinite(result.detectable):
+        notes.append(f"n = {result.n} < {stats.SMALL_N}: smallest difference detectable at 80% power "
+                     f"is ±{unit(result.detectable)}")
+    elif 0 < result.n < stats.SMALL_N:
+        notes.append(f"n = {result.n} < {stats.SMALL_N}: too few pairs to estimate the detectable difference")
+    return {"kind": kind, "backbone": scope.get("backbone", "-"), "init": scope.get("init", "-"),
+            "strategy": scope.get("strategy", "-"), "a": a, "b": b, "n": result.n,
+            "a_mean": float(pairs["value_a"].mean()) if len(pairs) else math.nan,
+            "b_mean": float(pairs["value_b"].mean()) if len(pairs) else math.nan,
+            "mean_diff": result.mean, "std_diff": result.std, "ci_low": result.ci_low, "ci_high": result.ci_high,
+            "p_value": result.p_value, "p_holm": math.nan, "p_exact": result.p_exact, "win_prob": result.win_prob,
+            "win_low": result.win_low, "win_high": result.win_high, "detectable": result.detectable,
+            "a_epochs": float(pairs["epochs_a"].mean()) if len(pairs) else math.nan,
+            "b_epochs": float(pairs["epochs_b"].mean()) if len(pairs) else math.nan,
+            "level": level, "note": "; ".join(notes)}
+
+
+# --- all rows --------------------------------------------------------------------------------------
+def comparisons(runs: pd.DataFrame, metric: Metric, *, equal_budget: bool = False,
+                between_backbones: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(every comparison as a row, Holm-adjusted; the pretrained/scratch pairs behind the init rows)."""
+    if runs.empty:
+        return pd.DataFrame(columns=VALUE_COLUMNS), pd.DataFrame()
+    rows: list[dict] = []
+    pair_frames: list[pd.DataFrame] = []
+
+    def compare_on(kind, scope, frame, column, a, b, keys, value="value", note="", level=math.nan, budget=True,
+                   pairs=None):
+        pairs = pair_up(frame, column, a, b, keys, value) if pairs is None else pairs
+        if budget and equal_budget and value == "value":
+            pairs = equalise_budget(pairs, metric)
+        said = "; ".join(text for text in (note, budget_note(pairs, a, b, equal_budget) if budget else "") if text)
+        rows.append(comparison_row(kind, scope, a, b, pairs, said, level, UNITS.get(kind, metric.format_diff)))
+        return pairs
+
+    archs = sorted(runs["_arch"].dropna().unique())
+    init_keys = ["_strategy", *MATCH]
+    gains: dict[str, pd.DataFrame] = {}
+    for arch in archs:
+        mine = runs[runs["_arch"] == arch]
+        if not set(mine["_init"]) >= {"pretrained", "scratch"}:
+            continue
+        every = pair_up(mine, "_init", "pretrained", "scratch", init_keys)
+        per_strategy = {strategy: pairs.reset_index(drop=True) for strategy, pairs in every.groupby("_strategy")}
+        label = "all" if len(per_strategy) > 1 else next(iter(per_strategy), "-")
+        pairs = compare_on("init", {"backbone": arch, "strategy": label}, None, "_init", "pretrained", "scratch",
+                           init_keys, pairs=every)
+        pair_frames.append(pairs.assign(backbone=arch))
+        gains[arch] = pairs.assign(gain=pairs["value_a"] - pairs["value_b"])
+        if len(per_strategy) > 1:  # else the row above is that one strategy's
+            for strategy, pairs in per_strategy.items():
+                compare_on("init", {"backbone": arch, "strategy": strategy}, None, "_init", "pretrained", "scratch",
+                           init_keys, pairs=pairs)
+        compare_on("time", {"backbone": arch}, mine, "_init", "pretrained", "scratch", init_keys,
+                   value="total_time_s", budget=False)
+        level = CONVERGENCE_FRACTION * min(mine[mine["_init"] == init]["best_val_acc"].mean()
+                                           for init in ("pretrained", "scratch"))
+        reached = mine.assign(epochs_to_level=[first_epoch_reaching(points, level)
+                                               for points in mine["_val_acc_points"]])
+        compare_on("convergence", {"backbone": arch}, reached, "_init", "pretrained", "scratch", init_keys,
+                   value="epochs_to_level", level=level, budget=False,
+                   note=never_reached_note(reached, level))
+    if len(gains) > 1:
+        compare_on("init", {"backbone": "all backbones", "strategy": "all"}, runs, "_init", "pretrained", "scratch",
+                   ["_arch", *init_keys])
+        for first, second in itertools.combinations(sorted(gains), 2):
+            matched = gains[first][[*init_keys, "gain"]].merge(gains[second][[*init_keys, "gain"]], on=init_keys,
+                                                               suffixes=("_a", "_b"))
+            matched = matched.rename(columns={"gain_a": "value_a", "gain_b": "value_b"}).assign(
+                epochs_a=math.nan, epochs_b=math.nan)
+            rows.append(comparison_row("interaction", {}, first, second, matched, unit=metric.format_diff))
+    for (arch, init), mine in runs.groupby(["_arch", "_init"], sort=True):
+        for first, second in itertools.combinations(sorted(mine["_strategy"].unique()), 2):
+            compare_on("strategy", {"backbone": arch, "init": init}, mine, "_strategy", first, second, MATCH)
+    if between_backbones:
+        for (init, strategy), mine in runs.groupby(["_init", "_strategy"], sort=True):
+            for first, second in itertools.combinations(sorted(mine["_arch"].unique()), 2):
+                compare_on("backbone", {"init": init, "strategy": strategy}, mine, "_arch", first, second, MATCH)
+    table = pd.DataFrame(rows, columns=VALUE_COLUMNS)
+    table["p_holm"] = stats.holm(table["p_value"].to_numpy(dtype=float))
+    pairs = pd.concat(pair_frames, ignore_index=True) if pair_frames else pd.DataFrame()
+    return table, pairs
+
+
+def first_epoch_reaching(points: list[tuple[int, float]], level: float) -> float:
+    return next((float(step) for step, value in points if value >= level), math.nan)
+
+
+def never_reached_note(frame: pd.DataFrame, level: float) -> str:
+    missing = int(frame["epochs_to_level"].isna().sum())
+    return (f"level {100 * level:.1f}% val acc; {missing} run(s) never reached it (left out)" if missing
+            else f"level {100 * level:.1f}% val acc")

@@ -1,0 +1,179 @@
+"""The training monitor, answered from the tracking server.
+
+`progress`: the runs still training, how far along (epoch of total), their latest
+validation accuracy and an ETA from their mean epoch time. A run whose heartbeat stopped
+(its process was killed, its machine lost) is shown as `lost`, with its last beat, and no
+ETA; `reap` ends such runs FAILED with `mlexp.error` saying why (they stay resumable).
+`summary`: the finished runs of each experiment, best first. (Plots: `mlexp compare`.)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from mlexp.analysis.query import (
+    FINISHED,
+    RunRecord,
+    fetch_runs,
+    latest_step,
+    mlflow_client,
+    resolve_experiments,
+)
+from mlexp.sweep.progress import clock
+
+
+def total_epochs(run: RunRecord) -> int | None:
+    """The epochs the run will train: effective `epochs`, capped by the linear probe's limit."""
+    try:
+        epochs = int(float(run.param("epochs") or ""))
+    except ValueError:
+        return None
+    if run.tags.get("mlexp.strategy", run.param("strategy")) == "linear" and run.param("linear_probe_epochs"):
+        epochs = min(epochs, int(float(run.param("linear_probe_epochs"))))
+    return epochs
+
+
+def describe(run: RunRecord) -> str:
+    """backbone/init/strategy from mlexp's tags (the run name when they are missing)."""
+    parts = [run.tags.get(f"mlexp.{name}") for name in ("backbone", "init", "strategy")]
+    return "/".join(parts) if all(parts) else run.run_name
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def table(rows: list[dict[str, str]]) -> str:
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+LOST_AFTER_PERIODS = 1.5  # a live run beats every period; 1.5 periods of silence means it is gone
+
+
+def last_beat(run: RunRecord) -> float | None:
+    """Seconds since the epoch of the run's last heartbeat; its start for a run with none yet."""
+    beat = run.tags.get("mlexp.heartbeat")
+    if beat:
+        return int(beat) / 1000
+    return run.start_time / 1000 if run.start_time and "mlexp.version" in run.tags else None
+
+
+def is_lost(run: RunRecord, now: float) -> bool:
+    """A RUNNING mlexp run whose heartbeat stopped for more than LOST_AFTER_PERIODS periods."""
+    beat = last_beat(run)
+    if run.status != "RUNNING" or beat is None:
+        return False
+    period = float(run.tags.get("mlexp.heartbeat_s", "30"))
+    return now - beat > LOST_AFTER_PERIODS * period
+
+
+def lost_runs(client_or_uri: Any = None, experiments: list[str] | None = None, now: float | None = None) -> list:
+    client = mlflow_client(client_or_uri)
+    names = resolve_experiments(client, experiments)
+    if not names:
+        return []
+    runs, _ = fetch_runs(client, list(names), "attributes.status = 'RUNNING'", ())
+    now = time.time() if now is None else now
+    return [run for run in runs if is_lost(run, now)]
+
+
+def reap(tracking_uri: str, experiments: list[str] | None = None, dry_run: bool = False) -> list[str]:
+    """End every lost run FAILED, saying why; returns one line per run."""
+    from mlexp import tracking
+
+    lines = []
+    for run in lost_runs(tracking_uri, experiments):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last_beat(run)))
+        if not dry_run:
+            reason = (f"lost: no heartbeat since {since} (the process was killed or its machine lost); "
+                      f"reaped by `mlexp reap`; `mlexp train --resume {run.run_id}` continues it")
+            if tracking.end_run(tracking_uri, run.run_id, "FAILED", reason, tags={"mlexp.reaped": "true"}) is None:
+                lines.append(f"left {run.run_name} ({run.run_id}) alone: it ended on this machine and its results "
+                             f"wait in its outbox; `mlexp sync --run {run.run_id}` sends them")
+                continue
+        lines.append(f"{'would mark' if dry_run else 'marked'} {run.run_name} ({run.run_id}) FAILED: "
+                     f"no heartbeat since {since}")
+    return lines
+
+
+def progress(client_or_uri: Any = None, experiments: list[str] | None = None, now: float | None = None) -> str:
+    """RUNNING runs: epoch of total, latest val acc, mean epoch time, ETA, time since start."""
+    client = mlflow_client(client_or_uri)
+    names = resolve_experiments(client, experiments)
+    if not names:
+        return "No experiments."
+    runs, histories = fetch_runs(client, list(names), "attributes.status = 'RUNNING'",
+                                 ("val/acc", "train/loss", "epoch/time_s"))
+    if not runs:
+        return f"No runs in progress in {', '.join(names.values())}."
+    now = time.time() if now is None else now
+    sweeps = [run for run in runs if run.tags.get("mlexp.sweep") == "true"]
+    runs = [run for run in runs if run not in sweeps]
+    rows = []
+    for run in sorted(runs, key=lambda r: (names.get(r.experiment_id, ""), r.start_time or 0)):
+        done = latest_step(histories, run.run_id, "val/acc", "train/loss")
+        total = total_epochs(run)
+        epoch_times = [value for _, value in histories["epoch/time_s"].get(run.run_id, [])]
+        mean_epoch = sum(epoch_times) / len(epoch_times) if epoch_times else None
+        lost = is_lost(run, now)
+        eta = mean_epoch * max(total - done, 0) if mean_epoch is not None and total and not lost else None
+        state = f"lost (last beat {clock(now - last_beat(run))} ago)" if lost else "running"
+        rows.append({"experiment": names.get(run.experiment_id, run.experiment_id), "run": run.run_name,
+                     "run id": run.run_id[:8], "state": state, "model": describe(run),
+                     "epoch": f"{done}/{total if total else '?'}" if done or total else "-",
+                     "val acc": pct(run.metrics.get("val/acc")), "epoch time": clock(mean_epoch), "ETA": clock(eta),
+                     "running for": clock(now - run.start_time / 1000) if run.start_time else "-"})
+    lost = sum(row["state"] != "running" for row in rows)
+    note = (f"\n\n{lost} lost run(s): their process stopped without ending them. `mlexp reap` marks them "
+            "FAILED; `mlexp train --resume RUN_ID` continues one.") if lost else ""
+    head = "".join(sweep_line(run, names) + "\n" for run in sweeps)
+    return head + f"{len(rows)} run(s) in progress" + ("\n\n" + table(rows) if rows else "") + note
+
+
+def sweep_line(run: RunRecord, names: dict[str, str]) -> str:
+    """A running sweep's counts, as its launcher last logged them on the parent run."""
+    counts = {what: int(run.metrics.get(f"sweep/{what}", 0)) for what in ("finished", "running", "failed", "remaining")}
+    size = run.tags.get("mlexp.sweep_size", "?")
+    name = run.run_name if run.run_name.startswith("sweep") else f"sweep {run.run_name}"
+    return (f"{name} ({run.run_id[:8]}, {names.get(run.experiment_id, run.experiment_id)}): "
+            f"{counts['finished']} of {size} done, {counts['running']} running, {counts['failed']} failed, "
+            f"{counts['remaining']} remaining")
+
+
+def summary(client_or_uri: Any = None, experiments: list[str] | None = None) -> str:
+    """Finished runs per experiment, best validation accuracy first, and counts of the others."""
+    client = mlflow_client(client_or_uri)
+    names = resolve_experiments(client, experiments)
+    if not names:
+        return "No experiments."
+    runs, histories = fetch_runs(client, list(names), None, ("val/acc",),
+                                 wants_history=lambda run: run.status == FINISHED)
+    sections = []
+    for experiment_id, name in names.items():
+        mine = [run for run in runs if run.experiment_id == experiment_id]
+        finished = [run for run in mine if run.status == FINISHED and "val/acc" in run.metrics]
+        others: dict[str, int] = {}
+        for run in mine:
+            if run.status != FINISHED:
+                others[run.status] = others.get(run.status, 0) + 1
+        if not finished and not others and not experiments:
+            continue  # all experiments were asked for: leave out those without training runs
+        finished.sort(key=lambda run: -run.metrics.get("best/val_acc", run.metrics["val/acc"]))
+        rows = [{"run": run.run_name, "run id": run.run_id[:8],
+                 "backbone": run.tags.get("mlexp.backbone", run.param("backbone") or "-"),
+                 "init": run.tags.get("mlexp.init", run.param("init") or "-"),
+                 "strategy": run.tags.get("mlexp.strategy", run.param("strategy") or "-"),
+                 "best val acc": pct(run.metrics.get("best/val_acc", run.metrics["val/acc"])),
+                 "best epoch": str(int(run.metrics["best/epoch"])) if "best/epoch" in run.metrics else "-",
+                 "epochs": str(latest_step(histories, run.run_id, "val/acc") or "-"),
+                 "time": clock(run.metrics.get("time/total_s"))} for run in finished]
+        counts = ", ".join(f"{n} {status.lower()}" for status, n in sorted(others.items()))
+        head = f"{name}: {len(rows)} finished training run(s)" + (f"; also {counts}" if counts else "")
+        sections.append(head + ("\n\n" + table(rows) if rows else ""))
+    return "\n\n".join(sections) or "No runs."

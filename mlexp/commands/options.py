@@ -1,0 +1,135 @@
+"""The command line's machinery: options generated from TrainConfig, what the user set,
+list options, near-miss suggestions, and user errors as one line with exit status 2.
+Shared by the `mlexp` CLI and the MLflow Project entry points, so both parse alike."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from mlexp.config import TrainConfig, base_type, cli_name, config_fields
+from mlexp.errors import MlexpError
+
+
+def config_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Add one option per TrainConfig field (but `exclude`). Values stay text; TrainConfig parses them."""
+    return lambda func: _add_config_options(func, exclude)
+
+
+def _add_config_options(func: Callable, exclude: tuple[str, ...]) -> Callable:
+    from typing import get_type_hints
+
+    hints = get_type_hints(TrainConfig)
+    for f in reversed([f for f in config_fields() if f.name not in exclude]):
+        choices = f.metadata.get("choices")
+        help_text = f.metadata["help"] + (f" [{'|'.join(choices)}]" if choices else "")
+        if f.default is not None:
+            help_text += f" (default: {f.default})"
+        if base_type(hints[f.name]) is bool:
+            # `--ema` alone means true; `--ema false` is accepted too (that is how MLproject passes it).
+            func = click.option(f"--{cli_name(f.name)}", f.name, is_flag=False, flag_value="true", default=None,
+                                metavar="[BOOL]", help=help_text)(func)
+        else:
+            func = click.option(f"--{cli_name(f.name)}", f.name, default=None, metavar=metavar(f, hints),
+                                help=help_text)(func)
+    return func
+
+
+def metavar(f, hints) -> str:
+    kind = base_type(hints[f.name])
+    return {int: "INT", float: "FLOAT"}.get(kind, "TEXT")
+
+
+def user_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The options the user set: an empty value (`--lr ""`, an MLproject parameter left
+    empty) means not set, so the --recipe preset or the command's default fills it."""
+    return {name: value for name, value in values.items() if value is not None and value != ""}
+
+
+def build_config(values: dict[str, Any], defaults: dict[str, str] | None = None,
+                 world_size: int | None = None) -> TrainConfig:
+    """The config from the options the user set, over a command's own `defaults`;
+    `world_size`: the processes it trains on (default: this one's, $WORLD_SIZE)."""
+    from mlexp.training.recipes import config_from_user_values
+
+    chosen = {**(defaults or {}), **user_values(values)}
+    return config_from_user_values(chosen, world_size=world_size or int(os.environ.get("WORLD_SIZE", "1")))
+
+
+class Commands(click.Group):
+    """The command group; a mistyped command gets the near misses, not every command."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            raise click.UsageError(f"no command {name!r}{close_matches(name, self.list_commands(ctx))}", ctx)
+        return super().resolve_command(ctx, args)
+
+
+def one_line(error: BaseException) -> str:
+    """A user error as one line (DataLoader workers wrap errors in a traceback text)."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split("MlexpError: ", 1)[-1]
+    return " ".join(text.split())
+
+
+# Options that take a list: `--backbones resnet18 resnet50` means `--backbones resnet18,resnet50`.
+LIST_OPTIONS = ("--backbones", "--inits", "--strategies", "--seeds", "--experiment", "--group-by")
+
+
+def join_list_options(argv: list[str]) -> list[str]:
+    """Join the space-separated values of a list option with commas (the users' guides' form)."""
+    joined: list[str] = []
+    collecting = False
+    for arg in argv:
+        if arg.startswith("-"):
+            collecting = arg in LIST_OPTIONS
+            joined.append(arg)
+        elif collecting and joined and not joined[-1].startswith("-"):
+            joined[-1] = f"{joined[-1]},{arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
+def close_matches(word: str, choices: list[str]) -> str:
+    """"; did you mean X?" for the choices that are near misses of `word`, else ""."""
+    close = difflib.get_close_matches(word, choices, n=2, cutoff=0.7)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def usage_line(error: click.UsageError) -> str:
+    if isinstance(error, click.NoSuchOption):
+        message = f"no such option {error.option_name}{close_matches(error.option_name, error.possibilities or [])}"
+    else:
+        message = " ".join(error.format_message().split())
+    return message + (f" (see `{error.ctx.command_path} --help`)" if error.ctx else "")
+
+
+@contextmanager
+def user_errors():
+    """User errors as one line on stderr and exit status 2 (rank 0 speaks for all ranks)."""
+    rank = int(os.environ.get("RANK", "0"))
+    # MLflow announces schema creation/migration of a fresh SQLite store at INFO: noise for our users.
+    for noisy in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        yield
+    except (MlexpError, click.UsageError) as error:
+        if rank == 0:
+            line = usage_line(error) if isinstance(error, click.UsageError) else one_line(error)
+            print(f"mlexp: error: {line}", file=sys.stderr)
+        sys.exit(2)
+    except (click.exceptions.Abort, KeyboardInterrupt) as error:
+        print(f"mlexp: {'aborted' if isinstance(error, click.exceptions.Abort) else 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)

@@ -1,0 +1,64 @@
+"""What exactly the train, validation and test splits of a run hold: their digests.
+
+Each split is described by its name, where it comes from, a digest of exactly which images
+it holds with which labels (the file list for an image folder, the pixels for the built-in
+sets), and its size. MLflow shows them in the run's Datasets column, and the metrics a logged
+model is linked to name the split they were measured on. Two runs whose splits have one digest
+trained or were evaluated on the same images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from torch.utils.data import Dataset, Subset
+
+from mlexp.data.sources import ArrayImages, CheckedImageFolder, DataBundle
+
+
+@dataclass(frozen=True)
+class SplitDataset:
+    context: str  # train, val or test: MLflow's mlflow.data.context tag
+    name: str
+    digest: str
+    source: str  # where the images are: a folder, or the built-in set's name
+    num_images: int
+    num_classes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def describe_splits(data: DataBundle, source: str) -> list[SplitDataset]:
+    splits = [("train", data.train_set), ("val", data.val_set)]
+    if data.test_set is not None:
+        splits.append(("test", data.test_set))
+    return [describe(dataset, context, data.name, source, data.num_classes) for context, dataset in splits]
+
+
+def describe(dataset: Dataset, context: str, data_name: str, source: str, num_classes: int) -> SplitDataset:
+    digest, root = content_digest(dataset)
+    return SplitDataset(context, f"{data_name}-{context}", digest, root or source, len(dataset), num_classes)
+
+
+def content_digest(dataset: Dataset) -> tuple[str, str | None]:
+    """A short digest of which images (and labels) a split holds, and its folder if it has one."""
+    indices = None
+    if isinstance(dataset, Subset):
+        dataset, indices = dataset.dataset, np.asarray(dataset.indices)
+    digest = hashlib.sha256()
+    if isinstance(dataset, CheckedImageFolder):
+        samples = dataset.samples if indices is None else [dataset.samples[i] for i in indices]
+        for path, label in samples:  # relative paths: the same folder copied elsewhere has the same digest
+            digest.update(f"{os.path.relpath(path, dataset.root)}\t{label}\n".encode())
+        return digest.hexdigest()[:12], str(dataset.root)
+    if isinstance(dataset, ArrayImages):
+        chosen = slice(None) if indices is None else indices
+        digest.update(np.ascontiguousarray(dataset.images[chosen]).tobytes())
+        digest.update(np.ascontiguousarray(dataset.labels[chosen]).tobytes())
+        return digest.hexdigest()[:12], None
+    digest.update(str(len(dataset)).encode())
+    return digest.hexdigest()[:12], None

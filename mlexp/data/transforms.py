@@ -1,0 +1,116 @@
+"""Image transforms from the backbone's own data config, as timm builds them.
+
+Pretrained weights expect the statistics, interpolation and crop they were trained with, and
+these differ between timm models (ResNets use ImageNet's mean and std and bicubic resizing,
+many ViTs mean = std = 0.5). So the data config is timm's `resolve_data_config` for the
+backbone's pretrained config at the run's `--img-size`, and the transforms are timm's
+`create_transform` of it: the same pipeline timm's own train.py would use.
+
+`--train-crop` chooses the training geometry:
+
+- `random-resized`: timm's training pipeline: random-resized crop (scale 0.08-1), flip
+  (`--hflip`, default 0.5 here), colour jitter (`--color-jitter`), RandAugment (`--aa`),
+  random erasing (`--reprob`); validation resizes to img_size / crop_pct and center-crops.
+- `resize`: the whole image resized to img_size x img_size, for training and validation;
+  for tiny images (the built-in 8x8 `digits`), where a crop would cut the object away.
+- `auto` (default): `random-resized` on image folders, `resize` on the built-in sets.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from torchvision import transforms
+
+from mlexp.config import TrainConfig
+from mlexp.errors import MlexpError
+
+BUILT_IN = ("digits", "synthetic")
+DEFAULT_HFLIP = {"random-resized": 0.5, "resize": 0.0}
+
+
+def train_crop(cfg: TrainConfig) -> str:
+    """`--train-crop` with `auto` resolved: `random-resized` or `resize`."""
+    if cfg.train_crop != "auto":
+        return cfg.train_crop
+    return "resize" if cfg.data in BUILT_IN else "random-resized"
+
+
+def hflip(cfg: TrainConfig) -> float:
+    """`--hflip`, or its default for the training geometry (flips suit photos, not digits)."""
+    return cfg.hflip if cfg.hflip is not None else DEFAULT_HFLIP[train_crop(cfg)]
+
+
+@lru_cache(maxsize=32)
+def _data_config(timm_name: str, img_size: int) -> tuple:
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    pretrained = get_pretrained_cfg(timm_name)
+    resolved = resolve_data_config({"input_size": (3, img_size, img_size)},
+                                   pretrained_cfg=pretrained.to_dict() if pretrained is not None else {})
+    return tuple(sorted(resolved.items()))
+
+
+def data_config(cfg: TrainConfig) -> dict:
+    """timm's data config of the run's backbone at its image size (input_size, interpolation,
+    mean, std, crop_pct, crop_mode), plus the resolved training geometry and flip: what
+    config.json and the `data.*` params record."""
+    from mlexp.models.catalogue import resolve_backbone
+
+    resolved = dict(_data_config(resolve_backbone(cfg.backbone, cfg.init).timm_name, cfg.img_size))
+    return {**{key: list(value) if isinstance(value, tuple) else value for key, value in resolved.items()},
+            "train_crop": train_crop(cfg), "hflip": hflip(cfg)}
+
+
+def build_transforms(cfg: TrainConfig, train: bool) -> transforms.Compose:
+    """The training (`train`) or evaluation transform of the run: see the module docstring."""
+    if train:
+        check_aa(cfg.aa)
+    config = data_config(cfg)
+    if config["train_crop"] == "resize":
+        return _resize_pipeline(cfg, config, train)
+    from timm.data import create_transform
+
+    return create_transform(
+        cfg.img_size, is_training=train, hflip=config["hflip"], vflip=0.0,
+        color_jitter=cfg.color_jitter, auto_augment=cfg.aa or None, interpolation=config["interpolation"],
+        mean=tuple(config["mean"]), std=tuple(config["std"]), re_prob=cfg.reprob, re_mode="pixel",
+        crop_pct=config["crop_pct"], crop_mode=config["crop_mode"])
+
+
+def _resize_pipeline(cfg: TrainConfig, config: dict, train: bool) -> transforms.Compose:
+    """Resize the whole image, then (training only) RandAugment and flip; normalise; erase."""
+    interpolation = transforms.InterpolationMode(config["interpolation"])
+    steps: list = [transforms.Resize((cfg.img_size, cfg.img_size), interpolation=interpolation)]
+    if train and cfg.aa:
+        from timm.data.auto_augment import rand_augment_transform
+
+        steps.append(rand_augment_transform(cfg.aa, {"translate_const": int(cfg.img_size * 0.45),
+                                                     "img_mean": tuple(round(255 * m) for m in config["mean"])}))
+    if train and config["hflip"] > 0:
+        steps.append(transforms.RandomHorizontalFlip(config["hflip"]))
+    steps += [transforms.ToTensor(), transforms.Normalize(config["mean"], config["std"])]
+    if train and cfg.reprob > 0:
+        steps.append(transforms.RandomErasing(p=cfg.reprob, value="random"))
+    return transforms.Compose(steps)
+
+
+def check_aa(policy: str | None) -> None:
+    """A `--aa` policy timm would refuse or misread is a user error, found before any run starts
+    (timm parses a policy only while building the transform, in the training's loaders)."""
+    if not policy:
+        return
+    if not policy.startswith("rand"):
+        raise MlexpError(f"--aa must be a RandAugment policy such as rand-m9-mstd0.5, got {policy!r}")
+    # timm skips a section with no number in it (a typo would silently train with the defaults)
+    for section in policy.split("-")[1:]:
+        if not section.startswith("t") and not any(char.isdigit() for char in section):
+            raise MlexpError(f"--aa {policy!r}: section {section!r} means nothing to RandAugment "
+                             "(sections look like m9, n2, mstd0.5, inc1)")
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        rand_augment_transform(policy, {})
+    except (ValueError, AssertionError, KeyError) as error:
+        raise MlexpError(f"--aa {policy!r} is not a valid RandAugment policy ({error})") from None

@@ -1,0 +1,145 @@
+"""Loading a located weights file into a model, so that a bad file can never pass.
+
+Loading checks every tensor: all backbone tensors must come from the file with matching
+shapes, or it is an MlexpError, never a silent random init. Only the classifier may be left
+at its fresh initialisation, when its shape differs (another class count).
+
+Which file to load is `mlexp.models.weight_sources`. Importing this module imports neither torch
+nor timm (mlexp.models.catalogue imports it, and must stay light): each function imports them itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from mlexp.errors import MlexpError
+
+if TYPE_CHECKING:
+    import torch
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+_PREFIXES = ("module.", "_orig_mod.")
+# Buffers that checkpoints may carry or lack without changing the network.
+_IGNORABLE_SUFFIXES = ("num_batches_tracked", "relative_position_index", "attn_mask")
+
+
+def read_state_dict(path: Path, label: str | None = None) -> dict[str, torch.Tensor]:
+    """A flat name -> tensor dict from .safetensors, or .pth/.pt/.bin loaded safely
+    (weights_only); unwraps {"model"|"state_dict"|"model_state_dict": ...} checkpoints and
+    strips DDP/torch.compile prefixes."""
+    label = label or str(path)
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise MlexpError(f"weights {label}: not a readable .safetensors file ({exc})") from exc
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise MlexpError(f"weights {label}: torch.load(weights_only=True) refused it ({first}); "
+                             f"save model.state_dict() (or use .safetensors) instead of a pickled "
+                             f"model") from exc
+    for _ in range(2):  # {"model": {"state_dict": ...}} also happens
+        if isinstance(state, dict):
+            for key in _WRAPPER_KEYS:
+                if isinstance(state.get(key), dict):
+                    state = state[key]
+                    break
+    if not isinstance(state, dict):
+        raise MlexpError(f"weights {label}: expected a state dict, found a {type(state).__name__}")
+    tensors = {_strip_prefixes(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise MlexpError(f"weights {label}: contains no tensors")
+    return tensors
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def timm_filter_fn(timm_name: str) -> Callable | None:
+    """timm's checkpoint adapter for this arch (resamples ViT position embeddings and Swin
+    relative-position tables to the model's size, converts torchvision VGG classifiers)."""
+    from timm.models import model_entrypoint, split_model_name_tag
+
+    module = importlib.import_module(model_entrypoint(split_model_name_tag(timm_name)[0]).__module__)
+    return getattr(module, "checkpoint_filter_fn", None) or getattr(module, "_filter_fn", None)
+
+
+def classifier_names(model: torch.nn.Module, timm_name: str) -> tuple[str, ...]:
+    from timm.models import get_pretrained_cfg
+
+    cfg = getattr(model, "pretrained_cfg", None) or get_pretrained_cfg(timm_name)
+    names = (cfg.get("classifier") if isinstance(cfg, dict) else getattr(cfg, "classifier", None)) or ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def load_weights(model: torch.nn.Module, path: Path, timm_name: str, label: str | None = None) -> int:
+    """Load the file into `model`, checked; returns how many tensors came from it."""
+    label = label or str(path)
+    state = read_state_dict(path, label)
+    filter_fn = timm_filter_fn(timm_name)
+    if filter_fn is not None:
+        try:
+            takes_model = len(inspect.signature(filter_fn).parameters) > 1
+            state = filter_fn(state, model) if takes_model else filter_fn(state)
+        except Exception as exc:  # the adapter choked: the file is not this arch's
+            raise MlexpError(f"weights {label} do not fit {timm_name}: timm could not adapt them "
+                             f"({type(exc).__name__}: {exc})") from exc
+    return load_checked(model, state, classifier_names(model, timm_name), label, timm_name)
+
+
+def load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], head: tuple[str, ...],
+                 label: str, arch: str) -> int:
+    """Copy `state` into `model`: every non-classifier tensor must be present with its shape,
+    no foreign tensors may be left over; the classifier loads only if all its shapes match."""
+    target = model.state_dict()
+
+    def is_head(key: str) -> bool:
+        return any(key == h or key.startswith(h + ".") for h in head) or key.startswith("head_dist.")
+
+    body_keys = [k for k in target if not is_head(k)]
+    matched = [k for k in body_keys if k in state]
+    if not matched:
+        sample = ", ".join(list(state)[:3])
+        raise MlexpError(f"weights {label} match none of {arch}'s {len(body_keys)} tensors (the file has "
+                         f"{len(state)}, e.g. {sample}): they are for another architecture")
+    missing = [k for k in body_keys if k not in state and not k.endswith(_IGNORABLE_SUFFIXES)]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in matched
+             if state[k].shape != target[k].shape]
+    foreign = [k for k in state if k not in target and not is_head(k) and not k.endswith(_IGNORABLE_SUFFIXES)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} with other shapes (e.g. {'; '.join(wrong[:3])})")
+    if foreign:
+        problems.append(f"{len(foreign)} not in the model (e.g. {', '.join(foreign[:3])})")
+    if problems:
+        raise MlexpError(f"weights {label} do not fit {arch}: {'; '.join(problems)}. Use weights saved "
+                         f"from the same architecture")
+    to_load = {k: state[k] for k in matched}
+    head_keys = [k for k in target if is_head(k)]
+    if head_keys and all(k in state and state[k].shape == target[k].shape for k in head_keys):
+        to_load.update({k: state[k] for k in head_keys})  # same class count: keep the classifier too
+    result = model.load_state_dict(to_load, strict=False)
+    if result.unexpected_keys:  # cannot happen after the checks above; a bug if it does
+        raise RuntimeError(f"unexpected keys after checking: {result.unexpected_keys[:5]}")
+    return len(to_load)

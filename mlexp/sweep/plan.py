@@ -1,0 +1,140 @@
+"""A sweep's plan: the grid (backbones x inits x strategies x seeds x folds) as numbered rows.
+
+The whole grid is planned before anything starts: a backbone name that does not exist is a
+user error (one line naming the closest names), not a sweep of FAILED runs. Each row holds
+what the user asked for, its effective config (after the init adjustments), the hash of
+that config (what makes two runs the same configuration) and the `mlexp train` options its
+child process runs with: the sweep's own training options plus the row's axes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from mlexp.config import TrainConfig, cli_name, config_hash
+from mlexp.errors import MlexpError
+from mlexp.models.catalogue import CATALOGUE, BackboneSpec, resolve_backbone
+from mlexp.training.recipes import apply_init_adjustments
+
+INITS = ("pretrained", "scratch")
+
+
+@dataclass
+class PlanRow:
+    """One configuration of the grid: what the user asked for and its effective config."""
+
+    index: int
+    requested: TrainConfig
+    spec: BackboneSpec
+    effective: TrainConfig
+    config_hash: str
+
+    def train_args(self, options: dict[str, str]) -> list[str]:
+        """The `mlexp train` options of this row's child: the sweep's training options as the
+        user gave them (so the child builds its config exactly as a single run would), then
+        the row's axes and its run name."""
+        cfg = self.requested
+        axes = {"backbone": cfg.backbone, "init": cfg.init, "strategy": cfg.strategy, "seed": str(cfg.seed),
+                "fold": str(cfg.fold), "run_name": self.run_name}
+        args: list[str] = []
+        for name, value in {**options, **axes}.items():
+            args += [f"--{cli_name(name)}", str(value)]
+        return args
+
+    @property
+    def label(self) -> str:
+        cfg = self.effective
+        fold = f" fold {cfg.fold}" if cfg.folds else ""
+        return f"{display_name(cfg.backbone, cfg.init)} {cfg.strategy} seed {cfg.seed}{fold}"
+
+    @property
+    def run_name(self) -> str:
+        """Short, so the MLflow UI does not cut off seed and fold: resnet18_scratch-full-s42-f1."""
+        cfg = self.effective
+        fold = f"-f{cfg.fold}" if cfg.folds else ""
+        return f"{display_name(cfg.backbone, cfg.init)}-{cfg.strategy}-s{cfg.seed}{fold}"
+
+
+def display_name(backbone: str, init: str) -> str:
+    """The name the sweep summary and `mlexp compare` show: the catalogue name (resnet18_scratch),
+    or a timm model name with its init (convnext_tiny_scratch)."""
+    return backbone if backbone in CATALOGUE or backbone.endswith(f"_{init}") else f"{backbone}_{init}"
+
+
+def expand_grid(base: TrainConfig, backbones: list[str], inits: list[str], strategies: list[str],
+                seeds: list[int]) -> list[PlanRow]:
+    """The numbered plan. A backbone named with its init (`resnet50_scratch`) keeps that init;
+    one without a pretrained flavour (vit_small) is planned for scratch only."""
+    rows: list[PlanRow] = []
+    folds = grid_folds(base)
+    for backbone in backbones:
+        for init in backbone_inits(backbone, inits):
+            for strategy in strategies:
+                for seed in seeds:
+                    for fold in folds:
+                        requested = base.replace(backbone=backbone, init=init, strategy=strategy, seed=seed,
+                                                 fold=fold)
+                        rows.append(plan_row(len(rows) + 1, requested))
+    return rows
+
+
+def grid_folds(base: TrainConfig) -> list[int]:
+    """Every fold with --folds K, else the one --fold."""
+    return list(range(base.folds)) if base.folds else [base.fold]
+
+
+def backbone_inits(backbone: str, inits: list[str]) -> list[str]:
+    """The inits to try for one backbone name: its own if the name fixes it. An unknown
+    name, or one with none of the asked inits, stops the sweep before anything starts."""
+    try:
+        fixed = resolve_backbone(backbone, "auto")
+        if backbone != fixed.arch:  # the name itself says pretrained or scratch
+            return [fixed.init]
+    except MlexpError:
+        pass  # a timm model name needs an explicit init: tried below
+    options, errors = [], []
+    for init in inits:
+        try:
+            resolve_backbone(backbone, init)
+            options.append(init)
+        except MlexpError as error:
+            errors.append(error)
+    if not options:  # unknown: the error names the closest names
+        raise errors[0] if errors else MlexpError(f"backbone {backbone}: no init to try")
+    return options
+
+
+def plan_row(index: int, requested: TrainConfig) -> PlanRow:
+    spec = resolve_backbone(requested.backbone, requested.init)
+    effective = apply_init_adjustments(requested, spec)
+    return PlanRow(index, requested, spec, effective, config_hash(effective))
+
+
+def format_plan(rows: list[PlanRow]) -> str:
+    lines = [f"Training plan: {len(rows)} configuration(s)"]
+    for row in rows:
+        cfg = row.effective
+        lines.append(f"  {row.index:>3}. {row.label:<42} epochs={cfg.epochs:<4} "
+                     f"lr={cfg.lr:<8g} warmup={cfg.warmup_epochs:<5g} wd={cfg.weight_decay:g}")
+    return "\n".join(lines)
+
+
+def grid_params(backbones: list[str], inits: list[str], strategies: list[str], seeds: list[int],
+                base: TrainConfig, rows: list[PlanRow]) -> dict[str, str]:
+    """The parent run's params: each axis of the grid and its size."""
+    folds = [str(fold) for fold in grid_folds(base)]
+    axes = {"backbones": backbones, "inits": inits, "strategies": strategies, "seeds": [str(s) for s in seeds],
+            "folds": folds}
+    params = {f"sweep.{name}": ",".join(values) for name, values in axes.items()}
+    params["sweep.size"] = f"{len(rows)} runs"
+    return params
+
+
+def sweep_name(backbones: list[str], rows: list[PlanRow]) -> str:
+    return f"sweep {'+'.join(backbones)} ({len(rows)} runs)"
+
+
+def grid_hash(rows: list[PlanRow]) -> str:
+    """The grid's identity: two launchers of the same grid find the same parent run."""
+    return hashlib.sha256(",".join(sorted(row.config_hash for row in rows)).encode()).hexdigest()[:16]

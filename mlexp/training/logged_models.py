@@ -1,0 +1,234 @@
+"""mlexp's trained classifiers as MLflow models, and finding them again.
+
+A training run logs two MLflow logged models, `best` (the best-on-validation weights, at the
+best epoch's step) and `final` (at the last epoch's step). Each is a pyfunc model:
+
+- input: a batch of RGB images as uint8 arrays, shape (N, H, W, 3), any H and W (the model
+  resizes and normalises them exactly as the run's validation images were). Over HTTP
+  (`mlflow models serve`), POST /invocations with {"inputs": [image, ...]} where each image is
+  a nested list of rows of [r, g, b] values 0-255;
+- output: one row per image, the probability of each class (float32) in columns named by the
+  class names.
+
+The weights and the run's effective configuration travel inside it (artifacts/classifier/), so
+`mlexp evaluate`, `--weights models:/NAME@ALIAS` and serving all rebuild the same network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+
+from mlexp.errors import MlexpError
+
+CLASSIFIER_ARTIFACT = "classifier"  # the folder inside the MLflow model: classifier.json + weights
+CLASSIFIER_FILE = "classifier.json"
+MODEL_TYPE = "mlexp-image-classifier"
+MODEL_TAG = "mlexp.model"  # on every logged model and registered model mlexp writes
+PREDICT_BATCH = 64
+
+
+@dataclass
+class Classifier:
+    """A trained network with the transforms of its run's validation images."""
+
+    model: torch.nn.Module
+    transform: object
+    class_names: list[str]
+    config: dict
+
+    @torch.no_grad()
+    def logits(self, images) -> torch.Tensor:
+        """Logits for PIL images (any mode, any size), in batches."""
+        from mlexp.data.sources import to_rgb8
+
+        outputs = []
+        for start in range(0, len(images), PREDICT_BATCH):
+            batch = torch.stack([self.transform(to_rgb8(image)) for image in images[start:start + PREDICT_BATCH]])
+            outputs.append(self.model(batch).float())
+        return torch.cat(outputs) if outputs else torch.zeros(0, len(self.class_names))
+
+
+def write_classifier(folder: Path, config: dict, class_names: list[str], weights: dict[str, torch.Tensor]) -> Path:
+    """The weights (safetensors) and what rebuilds their network, in `folder`."""
+    from mlexp.training.checkpoints import WEIGHTS_FILE, save_weights
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(weights, folder / WEIGHTS_FILE)
+    (folder / CLASSIFIER_FILE).write_text(json.dumps({"config": config, "class_names": class_names}, indent=2))
+    return folder
+
+
+def load_classifier(folder: Path) -> Classifier:
+    from mlexp.config import TrainConfig
+    from mlexp.data.transforms import build_transforms
+    from mlexp.models.catalogue import create_model, resolve_backbone
+    from mlexp.models.strategies import attach_head
+    from mlexp.training.checkpoints import WEIGHTS_FILE, load_weights
+
+    described = json.loads((folder / CLASSIFIER_FILE).read_text())
+    cfg = TrainConfig.from_dict(described["config"])
+    class_names = list(described["class_names"])
+    model = create_model(resolve_backbone(cfg.backbone, cfg.init), len(class_names), cfg.img_size)
+    attach_head(model, cfg.head, len(class_names))
+    model.load_state_dict(load_weights(folder / WEIGHTS_FILE))
+    return Classifier(model.eval(), build_transforms(cfg, train=False), class_names, described["config"])
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    """The pyfunc flavour: uint8 images in, class probabilities out (see the module's docstring)."""
+
+    def load_context(self, context) -> None:
+        self.classifier = load_classifier(Path(context.artifacts[CLASSIFIER_ARTIFACT]))
+
+    # np.ndarray: a hint MLflow takes as "validate by the signature" (uint8 tensor in, named
+    # float columns out, declared in save_pyfunc), which a type hint could not express.
+    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
+        images = as_images(model_input)
+        probabilities = torch.softmax(self.classifier.logits(images), dim=1).numpy().astype(np.float32)
+        return pd.DataFrame(probabilities, columns=self.classifier.class_names)
+
+
+def as_images(model_input) -> list:
+    """A batch of uint8 arrays (N, H, W, 3), or (N, H, W) greyscale, as PIL images."""
+    from PIL import Image
+
+    if isinstance(model_input, pd.DataFrame):
+        model_input = model_input.to_numpy()
+    array = np.asarray(model_input)
+    if array.ndim == 3 and array.dtype != object:
+        array = array[..., None].repeat(3, axis=-1)
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"expected a batch of RGB images shaped (N, H, W, 3), got shape {array.shape}")
+    return [Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB") for image in array]
+
+
+def save_pyfunc(target: Path, classifier_dir: Path, class_names: list[str], example: np.ndarray) -> Path:
+    """An MLflow pyfunc model folder around a classifier folder (no server involved)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                               outputs=Schema([ColSpec("float", name) for name in class_names]))
+    quiet = logging.getLogger("mlflow.pyfunc")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # not "Validating input example" twice per run
+    try:
+        mlflow.pyfunc.save_model(str(target), python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+                                 artifacts={CLASSIFIER_ARTIFACT: str(classifier_dir)}, signature=signature,
+                                 input_example=example, pip_requirements=requirements())
+    finally:
+        quiet.setLevel(level)
+    return target
+
+
+def requirements() -> list[str]:
+    """What serving needs (named here: MLflow's inference of them would load the model in a
+    subprocess at every save). mlexp itself must be installed where the model is served."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("mlflow", "torch", "torchvision", "timm", "safetensors", "pillow", "pandas"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def example_images(dataset, count: int = 1) -> np.ndarray:
+    """The first images of a split, untransformed, as the uint8 batch a client would send."""
+    from mlexp.data.sources import to_rgb8
+
+    raw = getattr(dataset, "dataset", dataset)
+    indices = list(getattr(dataset, "indices", range(len(dataset))))[:count]
+    images = []
+    for index in indices:
+        if hasattr(raw, "images"):  # in-memory arrays (digits, synthetic)
+            from PIL import Image
+
+            images.append(np.asarray(to_rgb8(Image.fromarray(raw.images[index]))))
+        else:
+            images.append(np.asarray(raw.loader(raw.samples[index][0])))
+    return np.stack(images).astype(np.uint8)
+
+
+# --- finding a logged model again ---------------------------------------------------------------
+def resolve(client, uri: str):
+    """The mlexp logged model a URI names: runs:/RUN_ID[/best|final], models:/NAME@ALIAS,
+    models:/NAME/VERSION or models:/MODEL_ID. One clear MlexpError when there is none, or when
+    it is not a model mlexp logged."""
+    from mlflow.exceptions import MlflowException
+
+    from mlexp.tracking.server import first_line
+
+    try:
+        model = _logged_model(client, uri)
+    except MlflowException as error:
+        raise MlexpError(f"--model {uri}: not found ({first_line(error)})") from None
+    if model.tags.get(MODEL_TAG) != MODEL_TYPE:
+        raise MlexpError(f"--model {uri} is not an mlexp image classifier (logged model {model.model_id} "
+                         f"{model.name!r} has no {MODEL_TAG} tag): mlexp evaluates the models its runs log")
+    return model
+
+
+def _logged_model(client, uri: str):
+    if uri.startswith("runs:/"):
+        run_id, _, name = uri.removeprefix("runs:/").partition("/")
+        run = client.get_run(run_id)
+        name = name.strip("/") or "best"
+        found = [m for m in client.search_logged_models([run.info.experiment_id],
+                                                        filter_string=f"source_run_id = '{run_id}'")
+                 if m.name == name]
+        if not found:
+            raise MlexpError(f"--model {uri}: run {run_id} has no logged model {name!r} (mlexp runs log "
+                             "'best' and 'final' when they finish)")
+        return found[0]
+    if not uri.startswith("models:/"):
+        raise MlexpError(f"--model {uri!r}: expected runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION "
+                         "or models:/MODEL_ID")
+    rest = uri.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    elif "/" in rest:
+        version = client.get_model_version(*rest.split("/", 1))
+    else:
+        return client.get_logged_model(rest)
+    # The registry keeps the logged model's id (MLflow 3), or at least its models:/MODEL_ID source.
+    model_id = version.model_id or (version.source.removeprefix("models:/")
+                                    if (version.source or "").startswith("models:/m-") else None)
+    if not model_id:
+        raise MlexpError(f"--model {uri} is not an mlexp image classifier (version {version.version} of "
+                         f"{version.name!r} was registered from {version.source}, not from a logged model)")
+    return client.get_logged_model(model_id)
+
+
+def download_classifier(client, model, folder: Path) -> Path:
+    """The classifier folder (weights and configuration) of a logged model, downloaded."""
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{model.artifact_location.rstrip('/')}/artifacts/{CLASSIFIER_ARTIFACT}",
+        dst_path=str(folder), tracking_uri=client.tracking_uri))
+
+
+def staged_model(tracker, name: str, config: dict, class_names: list[str], weights: dict, example: np.ndarray) -> Path:
+    """A pyfunc model folder for the tracker to log (in its outbox: no copy is made)."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"mlexp-{name}-"))
+    try:
+        classifier = write_classifier(scratch / CLASSIFIER_ARTIFACT, config, class_names, weights)
+        target = tracker.staging_dir(f"model-{name}")
+        target.rmdir()  # save_model creates it
+        return save_pyfunc(target, classifier, class_names, example)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

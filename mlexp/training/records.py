@@ -1,0 +1,110 @@
+"""The run's history in memory, and the files written from it (the per-epoch and per-batch CSVs and the summary).
+
+One record per epoch whose field names are the metric names: the MLflow metrics, the
+columns of `epoch_metrics.csv` and the lists in `training_info.json` are all read from it,
+so `train/loss` is called `train/loss` everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mlexp.training.loop import EpochStats, EvalResult, StepRecord
+
+# Logged to MLflow at step = epoch, and the CSV's columns under the same names.
+EPOCH_METRICS = ("train/loss", "train/loss_total", "train/acc", "val/loss", "val/acc", "epoch/time_s", "epoch/lr",
+                 "train/phase", "train/trainable_params")
+EPOCH_COLUMNS = ["epoch", *EPOCH_METRICS, "samples", "is_best", "checkpoint_path", "timestamp"]
+# Logged to MLflow at step = global optimizer step.
+STEP_METRICS = ("batch/loss", "batch/lr", "batch/samples_per_s")
+BATCH_COLUMNS = ["epoch", "batch", "step", *STEP_METRICS, "timestamp"]
+
+
+def epoch_record(epoch: int, stats: EpochStats, val: EvalResult, lr: float, phase: int, trainable: int) -> dict:
+    """The one record of an epoch (its metrics under their MLflow names, and bookkeeping)."""
+    return {"epoch": epoch, "train/loss": stats.loss, "train/loss_total": stats.loss_total, "train/acc": stats.acc,
+            "val/loss": val.loss, "val/acc": val.acc, "epoch/time_s": stats.time_s, "epoch/lr": lr,
+            "train/phase": phase, "train/trainable_params": trainable, "samples": stats.samples,
+            "checkpoint_path": "checkpoints/last"}
+
+
+def epoch_metrics(record: dict) -> dict[str, float]:
+    return {name: record[name] for name in EPOCH_METRICS}
+
+
+def step_metrics(record: StepRecord) -> dict[str, float]:
+    return {"batch/loss": record.loss, "batch/lr": record.lr, "batch/samples_per_s": record.samples_per_s}
+
+
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
+
+
+@dataclass
+class History:
+    """Per-epoch and per-step records; plain values so they travel inside the resume checkpoint."""
+
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[list[Any]] = field(default_factory=list)  # rows in BATCH_COLUMNS order
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+
+    def add_steps(self, records: list[StepRecord]) -> None:
+        self.steps.extend([r.epoch, r.batch, r.step, r.loss, r.lr, r.samples_per_s, iso(r.timestamp)]
+                          for r in records)
+
+    def add_epoch(self, row: dict[str, Any]) -> bool:
+        """Record an epoch; returns whether it is the best so far (by validation accuracy)."""
+        is_best = row["val/acc"] > self.best_val_acc
+        if is_best:
+            self.best_val_acc, self.best_epoch = row["val/acc"], row["epoch"]
+        self.epochs.append({**row, "is_best": is_best, "timestamp": datetime.now(timezone.utc).isoformat()})
+        return is_best
+
+    def column(self, name: str) -> list:
+        """One field of every epoch, in order."""
+        return [row[name] for row in self.epochs]
+
+    def to_state(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "History":
+        return cls(**state)
+
+
+def write_csvs(history: History, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "epoch_metrics.csv", "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=EPOCH_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history.epochs)
+    with open(directory / "batch_metrics.csv", "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(BATCH_COLUMNS)
+        writer.writerows(history.steps)
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    return path
+
+
+def training_info(spec, cfg, built, history: History, calibration: dict, params: dict) -> dict[str, Any]:
+    """summary/training_info.json: what was trained, from which weights, and how it went
+    (every epoch metric as a list under its metric name)."""
+    return {"backbone": spec.name, "arch": spec.arch, "timm_model": spec.timm_name, "init": spec.init,
+            "status": "FINISHED", "config": cfg.to_dict(), "params": params,
+            "weights": {"source": built.weights_source, "path": built.weights_path, "sha256": built.weights_sha256},
+            "best_epoch": history.best_epoch, "best_val_acc": history.best_val_acc,
+            "epochs": {name: history.column(name) for name in EPOCH_METRICS},
+            "total_time_s": sum(history.column("epoch/time_s")), "calibration": calibration,
+            "artifacts": {"config": "config.json", "last": "checkpoints/last/",
+                          "best": "checkpoints/best/model.safetensors", "final": "checkpoints/final/model.safetensors",
+                          "epoch_metrics": "metrics/epoch_metrics.csv", "batch_metrics": "metrics/batch_metrics.csv"}}
