@@ -7,13 +7,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from mlexp.training.calibration import (
-    MIN_TEMPERATURE,
-    calibrate,
-    ece,
-    fit_temperature,
-    nll,
-)
+from mlexp.training.calibration import MIN_TEMPERATURE, calibrate, ece, fit_temperature, nll
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from mlexp.config import TrainConfig, config_hash
-from mlexp.data.sources import CheckedImageFolder, EpochSeeded, check_data_source
+from mlexp.data.loading import EpochSeeded
+from mlexp.data.sources import CheckedImageFolder, check_data_source
 from mlexp.data.transforms import build_transforms, data_config
 from mlexp.errors import MlexpError
 from mlexp.training import hardware
@@ -282,7 +283,7 @@ def test_loader_workers_never_finalize_sqlite_connections_they_inherit(tmp_path)
     the SQLite library itself while the workers are forked, and released only after."""
     from torch.utils.data import DataLoader
 
-    from mlexp.data.sources import loader_kwargs
+    from mlexp.data.loading import loader_kwargs
 
     shared = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libsqlite3" in line}
     if len(shared) != 1:

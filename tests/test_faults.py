@@ -21,14 +21,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from mlexp.analysis import monitor
-from tests.faults import (
-    TINY,
-    RestartableServer,
-    assert_complete,
-    only_run,
-    read_until,
-    train_past_epoch_1,
-)
+from tests.faults import TINY, RestartableServer, assert_complete, only_run, read_until, train_past_epoch_1
 from tests.helpers import artifact_paths, run_mlexp, steps, subprocess_env
 
 pytestmark = pytest.mark.slow

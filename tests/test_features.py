@@ -9,7 +9,8 @@ import torch
 from mlexp.analysis.features import PENULTIMATE, cka_matrix, linear_cka, representations
 from mlexp.config import TrainConfig
 from mlexp.data.sources import build_data
-from mlexp.models.catalogue import create_model, resolve_backbone
+from mlexp.models.build import create_model
+from mlexp.models.catalogue import resolve_backbone
 
 
 def test_identical_rotated_and_scaled_representations_give_one():

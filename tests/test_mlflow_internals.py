@@ -21,12 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from mlexp.analysis.mlflow_internals import (
-    INTERVAL_MAX_PER_RUN,
-    Reader,
-    fields_from_entity,
-    parse_filter,
-)
+from mlexp.analysis.mlflow_internals import INTERVAL_MAX_PER_RUN, Reader, fields_from_entity, parse_filter
 from mlexp.analysis.query import fetch_runs
 from tests.run_factory import experiment_id, log_run
 

@@ -11,12 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlexp.commands.cli import main
-from tests.helpers import (
-    artifact_paths,
-    runs_of,
-    subprocess_env,
-    write_pretrained_weights,
-)
+from tests.helpers import artifact_paths, runs_of, subprocess_env, write_pretrained_weights
 
 SMALL = ["--data", "digits", "--img-size", "16", "--batch-size", "64", "--epochs", "1", "--calibrate", "false"]
 

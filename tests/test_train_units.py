@@ -8,8 +8,8 @@ import pytest
 
 from mlexp.config import TrainConfig
 from mlexp.training.optimizer import lr_multiplier
+from mlexp.training.parts import early_stop
 from mlexp.training.records import History
-from mlexp.training.run import early_stop
 
 
 def history_with(val_accs: list[float]) -> History:

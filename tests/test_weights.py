@@ -15,7 +15,8 @@ from timm.models import get_pretrained_cfg
 
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
-from mlexp.models.catalogue import build_backbone, create_model, resolve_backbone
+from mlexp.models.build import build_backbone, create_model
+from mlexp.models.catalogue import resolve_backbone
 from mlexp.models.preflight import preflight
 from mlexp.models.weight_sources import file_sha256, locate_weights, reachable
 

@@ -215,12 +215,7 @@ def comparisons(runs: pd.DataFrame, metric: Metric, *, equal_budget: bool = Fals
     if len(gains) > 1:
         compare_on("init", {"backbone": "all backbones", "strategy": "all"}, runs, "_init", "pretrained", "scratch",
                    ["_arch", *init_keys])
-        for first, second in itertools.combinations(sorted(gains), 2):
-            matched = gains[first][[*init_keys, "gain"]].merge(gains[second][[*init_keys, "gain"]], on=init_keys,
-                                                               suffixes=("_a", "_b"))
-            matched = matched.rename(columns={"gain_a": "value_a", "gain_b": "value_b"}).assign(
-                epochs_a=math.nan, epochs_b=math.nan)
-            rows.append(comparison_row("interaction", {}, first, second, matched, unit=metric.format_diff))
+        rows += interaction_rows(gains, init_keys, metric)
     for (arch, init), mine in runs.groupby(["_arch", "_init"], sort=True):
         for first, second in itertools.combinations(sorted(mine["_strategy"].unique()), 2):
             compare_on("strategy", {"backbone": arch, "init": init}, mine, "_strategy", first, second, MATCH)
@@ -242,3 +237,14 @@ def never_reached_note(frame: pd.DataFrame, level: float) -> str:
     missing = int(frame["epochs_to_level"].isna().sum())
     return (f"level {100 * level:.1f}% val acc; {missing} run(s) never reached it (left out)" if missing
             else f"level {100 * level:.1f}% val acc")
+
+
+def interaction_rows(gains: dict[str, pd.DataFrame], keys: list[str], metric: Metric) -> list[dict]:
+    """Backbone A's pretraining gain minus backbone B's, matched pair by pair on `keys`."""
+    rows = []
+    for first, second in itertools.combinations(sorted(gains), 2):
+        matched = gains[first][[*keys, "gain"]].merge(gains[second][[*keys, "gain"]], on=keys, suffixes=("_a", "_b"))
+        matched = matched.rename(columns={"gain_a": "value_a", "gain_b": "value_b"}).assign(
+            epochs_a=math.nan, epochs_b=math.nan)
+        rows.append(comparison_row("interaction", {}, first, second, matched, unit=metric.format_diff))
+    return rows

@@ -120,7 +120,8 @@ def rebuild(client, run_id: str, workdir: Path) -> TrainedModel:
     from mlexp.config import TrainConfig
     from mlexp.data.sources import build_data
     from mlexp.errors import MlexpError
-    from mlexp.models.catalogue import build_backbone, create_model, resolve_backbone
+    from mlexp.models.build import build_backbone, create_model
+    from mlexp.models.catalogue import resolve_backbone
     from mlexp.models.strategies import attach_head
     from mlexp.training.checkpoints import WEIGHTS_FILE, load_weights
 

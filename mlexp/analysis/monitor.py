@@ -13,14 +13,7 @@ import math
 import time
 from typing import Any
 
-from mlexp.analysis.query import (
-    FINISHED,
-    RunRecord,
-    fetch_runs,
-    latest_step,
-    mlflow_client,
-    resolve_experiments,
-)
+from mlexp.analysis.query import FINISHED, RunRecord, fetch_runs, latest_step, mlflow_client, resolve_experiments
 from mlexp.sweep.progress import clock
 
 

@@ -230,9 +230,7 @@ def wilson_interval(successes: float, n: int, level: float = LEVEL) -> tuple[flo
 def detectable_difference(std: float, n: int, power: float = POWER, level: float = LEVEL) -> float:
     """Smallest true mean difference a paired test of n pairs detects with `power`, given the
     observed spread of the differences (t approximation; NaN when the spread is unknown)."""
-    from scipy.special import (
-        stdtrit,  # Student t quantiles (scipy.special: no scipy.stats import)
-    )
+    from scipy.special import stdtrit  # Student t quantiles (scipy.special: no scipy.stats import)
 
     if n < 2 or not math.isfinite(std) or std <= 0:
         return math.nan

@@ -12,13 +12,7 @@ from typing import Any
 
 import click
 
-from mlexp.commands.options import (
-    Commands,
-    build_config,
-    config_options,
-    join_list_options,
-    user_errors,
-)
+from mlexp.commands.options import Commands, build_config, config_options, join_list_options, user_errors
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
 

@@ -23,6 +23,7 @@ import torch
 
 from mlexp import tracking
 from mlexp.errors import MlexpError
+from mlexp.tracking import registry
 from mlexp.training.logged_models import (
     MODEL_TAG,
     MODEL_TYPE,
@@ -150,28 +151,17 @@ def register_best(name: str, experiments: list[str], tracking_uri: str | None, m
                   alias: str = "champion", model_uri: str | None = None, echo=print) -> Registered:
     """Register `model_uri`, else the best mlexp `best` model of `experiments` by `metric`
     (higher is better unless it names a loss), under `name`, and point `alias` at it."""
-    from mlflow.exceptions import MlflowException
-
     uri = tracking_uri or tracking.default_tracking_uri()
     tracking.check_reachable(uri)
     client = tracking.client_for(uri)
     model = resolve(client, model_uri) if model_uri else best_model(client, experiments, metric)
     value = next((m.value for m in model.metrics or [] if m.key == metric), float("nan"))
-    try:
-        registered = client.get_registered_model(name)
-        if registered.tags.get(MODEL_TAG) != MODEL_TYPE:
-            raise MlexpError(f"registered model {name!r} was not registered by mlexp (no {MODEL_TAG} tag); "
-                             "choose another --name")
-    except MlflowException:
-        client.create_registered_model(name, tags={MODEL_TAG: MODEL_TYPE},
-                                       description="An mlexp image classifier: uint8 RGB images in, class "
-                                                   "probabilities out.")
-    version = client.create_model_version(name, source=f"models:/{model.model_id}", run_id=model.source_run_id,
-                                          model_id=model.model_id, tags={MODEL_TAG: MODEL_TYPE})
-    client.set_registered_model_alias(name, alias, version.version)
-    echo(f"mlexp: registered {name} version {version.version} (logged model {model.model_id}, {model.name} of run "
+    version = registry.register_version(
+        client, name, model, alias, {MODEL_TAG: MODEL_TYPE},
+        description="An mlexp image classifier: uint8 RGB images in, class probabilities out.")
+    echo(f"mlexp: registered {name} version {version} (logged model {model.model_id}, {model.name} of run "
          f"{model.source_run_id}, {metric} {value:.4f}); models:/{name}@{alias} points at it")
-    return Registered(name, str(version.version), alias, model.model_id, model.source_run_id, value)
+    return Registered(name, version, alias, model.model_id, model.source_run_id, value)
 
 
 def best_model(client, experiments: list[str], metric: str):

@@ -15,15 +15,12 @@ folders, fewer than 2 classes, and classes too small for the requested split or 
 
 from __future__ import annotations
 
-import gc
-import math
 import os
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
@@ -32,11 +29,11 @@ from mlexp.config import TrainConfig
 from mlexp.data.transforms import BUILT_IN, build_transforms, check_aa
 from mlexp.errors import MlexpError
 
-SPLIT_SEED = 0
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Transparent pixels have no colour of their own (what RGBA stores under alpha 0 is often
 # black or garbage), so images with alpha are flattened onto one fixed background.
 ALPHA_BACKGROUND = (255, 255, 255)
+from mlexp.data.splits import SPLIT_SEED, check_split, split_indices
 
 
 @dataclass
@@ -182,33 +179,6 @@ def synthetic_arrays(num_classes: int = 10, per_class: int = 64, size: int = 32)
     return np.stack(images), np.array(labels, dtype=np.int64)
 
 
-def split_indices(labels: np.ndarray, cfg: TrainConfig, test_split: float = 0.0
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train, validation and test indices. The test part (`test_split` of the data, stratified)
-    is held out first, with the fixed split seed: the same images for every seed and fold.
-    The rest is split as asked: the chosen k-fold, else a stratified val-split."""
-    from sklearn.model_selection import StratifiedKFold, train_test_split
-
-    indices = np.arange(len(labels))
-    test_idx = np.array([], dtype=int)
-    if test_split > 0:
-        try:
-            indices, test_idx = train_test_split(indices, test_size=test_split, stratify=labels,
-                                                 random_state=SPLIT_SEED)
-        except ValueError as error:  # too few images per class for a stratified split
-            raise MlexpError(f"--test-split {test_split} cannot hold out a stratified test set from "
-                             f"{len(labels)} images: {error}") from None
-        indices, test_idx = np.sort(indices), np.sort(test_idx)
-    rest = labels[indices]
-    if cfg.folds:
-        folds = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=SPLIT_SEED)
-        train_idx, val_idx = list(folds.split(indices, rest))[cfg.fold]
-        return indices[train_idx], indices[val_idx], test_idx
-    train_idx, val_idx = train_test_split(np.arange(len(indices)), test_size=cfg.val_split, stratify=rest,
-                                          random_state=SPLIT_SEED)
-    return np.sort(indices[train_idx]), np.sort(indices[val_idx]), test_idx
-
-
 def require_folder(path: Path, what: str) -> None:
     """A data path must be an existing folder; say which of the two it is not."""
     if path.is_dir():
@@ -340,141 +310,3 @@ def _checked_counts(root: Path, what: str) -> dict[str, int]:
     return counts
 
 
-def check_split(counts: dict[str, int], cfg: TrainConfig, where: str) -> None:
-    """Reject, with the class and its count, what split_indices' scikit-learn splitters refuse
-    or do badly. k-fold: every class needs >= K images (StratifiedKFold otherwise leaves a class
-    out of some validation folds, or fails). val-split, train_test_split(stratify=...)'s own
-    rules: every class >= 2 images, and both parts (ceil(val_split * n) held out, the rest
-    trained on) at least as large as the number of classes."""
-    folder = cfg.data not in BUILT_IN
-    name, smallest = min(counts.items(), key=lambda item: item[1])
-    if cfg.folds:
-        if smallest < cfg.folds:
-            fixes = [f"lower --folds to {smallest}"] if smallest >= 2 else []  # --folds 1 is no k-fold
-            fixes += [f"add images to {name!r}", "pass --val-dir"] if folder else []
-            raise MlexpError(f"class {name!r} in {where} has {smallest} image(s), too few for --folds "
-                             f"{cfg.folds} (each class needs at least one image per fold"
-                             f"{_others(counts, cfg.folds)}); {_either(fixes)}")
-        return
-    total, classes = sum(counts.values()), len(counts)
-    held_out = math.ceil(cfg.val_split * total)  # scikit-learn's own rounding
-    kept = total - held_out
-    if smallest < 2:
-        raise MlexpError(f"class {name!r} in {where} has {smallest} image, too few for a --val-split "
-                         f"(a stratified split needs at least 2 per class: one to train on, one to "
-                         f"validate{_others(counts, 2)}); add images to {name!r} or pass --val-dir "
-                         f"with a separate validation folder")
-    if kept < classes:
-        raise MlexpError(f"--val-split {cfg.val_split} keeps {kept} of {total} images in {where} for "
-                         f"training, fewer than its {classes} classes; lower --val-split"
-                         + (", add images, or pass --val-dir" if folder else ""))
-    if held_out < classes:
-        raise MlexpError(f"--val-split {cfg.val_split} holds out {held_out} of {total} images in "
-                         f"{where}, fewer than its {classes} classes (a stratified split needs one "
-                         f"per class); raise --val-split" + (", add images, or pass --val-dir" if folder else ""))
-
-
-def _others(counts: dict[str, int], needed: int) -> str:
-    """"; N other class(es) have fewer than K too" when the named class is not the only one."""
-    others = sum(1 for count in counts.values() if count < needed) - 1
-    return f"; {others} other class(es) have fewer than {needed} too" if others else ""
-
-
-def _either(fixes: list[str]) -> str:
-    return fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])}, or {fixes[-1]}"
-
-
-PREFETCH_BATCHES = 2  # per worker: enough to hide one slow image, without holding many batches
-
-
-def loader_kwargs(cfg: TrainConfig, workers: int) -> dict:
-    """Batches for an accelerator: `workers` decoding processes that live for the whole run
-    (no re-fork each epoch), pinned memory on a GPU so copies can overlap compute."""
-    kwargs = {"batch_size": cfg.batch_size, "num_workers": workers, "pin_memory": torch.cuda.is_available()}
-    if workers > 0:
-        keep_inherited_objects_from_the_workers_collector()
-        kwargs |= {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES}
-    return kwargs
-
-
-@cache  # once per process: each registration would run at every fork
-def keep_inherited_objects_from_the_workers_collector() -> None:
-    """Loader workers are forked while the tracker's threads work in SQLite (the outbox, an
-    sqlite:// store). A worker whose garbage collector finalized a connection it inherited
-    would take SQLite's memory lock, which one of those threads may have held at the instant
-    of the fork, and wait forever: the training would stall on its first batch. So everything
-    alive at a fork is moved out of the collector's reach just before it (gc.freeze): the
-    child never collects it, and the parent takes it back right after (gc.unfreeze; both
-    are O(1) list splices). The child's own objects are collected as usual."""
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(before=gc.freeze, after_in_parent=gc.unfreeze)
-
-
-class EpochSeeded(Dataset):
-    """A training set whose random augmentations depend on (seed, epoch, image) only.
-
-    With workers that persist across epochs, each worker's random stream would run on from
-    epoch to epoch, so a run resumed at epoch k would see other crops than an uninterrupted
-    one. Seeding each image from (seed, epoch, index) makes the crops the same whatever the
-    number of workers and wherever the run restarted. The epoch lives in shared memory, so
-    workers forked once see each new epoch; in the main process (no workers) the global
-    random states are put back after each image, so training's own randomness is untouched."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-        self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch[0] = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        import random
-
-        from torch.utils.data import get_worker_info
-
-        seed = (self.seed * 1_000_003 + int(self.epoch[0]) * 7_919 + index * 104_729) % 2**32
-        in_worker = get_worker_info() is not None
-        if not in_worker:
-            states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        random.seed(seed)
-        np.random.seed(seed)
-        # Augmentations draw from the CPU generator only. torch.manual_seed would also queue a
-        # lazy seeding of every accelerator backend, with a captured stack trace each time: a
-        # fifth of a loader worker's time per image.
-        torch.default_generator.manual_seed(seed)
-        try:
-            return self.dataset[index]
-        finally:
-            if not in_worker:
-                random.setstate(states[0])
-                np.random.set_state(states[1])
-                torch.set_rng_state(states[2])
-
-
-def loader_samples_per_s(dataset: Dataset, cfg: TrainConfig, workers: int, max_batches: int = 30,
-                         max_seconds: float = 3.0) -> float:
-    """The loader alone (decoding and augmentation, no model): training images per second
-    over up to `max_batches` batches or `max_seconds`, from the first batch on (worker
-    start-up left out) when there are two or more. Next to perf/samples_per_s it says
-    whether the loader or the model is the bottleneck. Random states are left as they were."""
-    import time
-
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(dataset, shuffle=False, **{**loader_kwargs(cfg, workers), "persistent_workers": False})
-    with torch.random.fork_rng(devices=[]):
-        began = time.perf_counter()
-        started, counted, first_batch = began, 0, 0
-        for images, _ in loader:
-            if not first_batch:
-                first_batch, started = len(images), time.perf_counter()
-                continue
-            counted += len(images)
-            if counted >= max_batches * cfg.batch_size or time.perf_counter() - started >= max_seconds:
-                break
-        if not counted:  # a single batch: its time is all there is
-            counted, started = first_batch, began
-        return counted / max(time.perf_counter() - started, 1e-9)

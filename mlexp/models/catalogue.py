@@ -1,4 +1,4 @@
-"""The backbone catalogue: names -> timm models, pretrained or scratch, and building them.
+"""The backbone catalogue: names -> timm models, pretrained or scratch (building them: `models.build`).
 
 A catalogue name is `<arch>_<init>` (`resnet50_scratch`), an alias (`resnet50` means
 `resnet50_pretrained`), one of mlexp's own small-image ViTs (`vit_small`, `vit_base`,
@@ -21,17 +21,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mlexp.errors import MlexpError
-from mlexp.models.weight_files import load_weights
-from mlexp.models.weight_sources import (
-    TimmSource,
-    WeightsFile,
-    locate_weights,
-    scratch_weights_error,
-    timm_source,
-)
+from mlexp.models.weight_sources import TimmSource, timm_source
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 INITS = ("pretrained", "scratch")
 
@@ -71,17 +64,6 @@ class BackboneSpec:
         if self.family == "swin":
             kwargs["window_size"] = swin_window_size(img_size, patch=_swin_patch(self.timm_name))
         return kwargs
-
-
-@dataclass
-class BuiltModel:
-    """A backbone with its classifier, plus where its starting weights came from."""
-
-    model: torch.nn.Module
-    weights_source: str  # "none" (scratch) | "file" | "mlflow-run" | "mlflow-model" | "weights-dir" | "timm"
-    weights_path: str | None  # the local file actually read
-    weights_sha256: str | None
-    loaded_tensors: int  # how many tensors came from the weights
 
 
 def split_model_name_tag(name: str) -> tuple[str, str]:
@@ -374,33 +356,6 @@ def format_catalogue(rows: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
-# --- building ----------------------------------------------------------------------------
 
 
-def create_model(spec: BackboneSpec, num_classes: int, img_size: int) -> torch.nn.Module:
-    """The randomly initialised network (timm never downloads here: finding weights is mlexp.models.weight_sources' job)."""
-    import timm
 
-    kwargs = spec.create_kwargs(img_size)
-    try:
-        return timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
-        raise MlexpError(f"cannot build {spec.name} (timm {spec.timm_name}, {kwargs}) for "
-                         f"{num_classes} classes at {img_size} px: {exc}") from exc
-
-
-def build_backbone(spec: BackboneSpec, num_classes: int, img_size: int,
-                   weights: str | WeightsFile | None = None) -> BuiltModel:
-    """Build the model; for pretrained specs, find and load verified weights (or fail fast).
-
-    `weights` is what the user typed (--weights), or a WeightsFile from an earlier
-    `locate_weights(spec, ...)` (to fail before opening a run without downloading twice)."""
-    if spec.init == "scratch":
-        if weights:
-            raise scratch_weights_error(spec)
-        return BuiltModel(create_model(spec, num_classes, img_size), "none", None, None, 0)
-    # Find the weights before building: a missing file fails in milliseconds, not after a build.
-    found = weights if isinstance(weights, WeightsFile) else locate_weights(spec, weights)
-    model = create_model(spec, num_classes, img_size)
-    loaded = load_weights(model, found.path, spec.timm_name, label=found.label)
-    return BuiltModel(model, found.source, str(found.path), found.sha256, loaded)

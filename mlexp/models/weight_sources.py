@@ -138,9 +138,7 @@ def explicit_weights(weights: str, tracking_uri: str | None = None,
     if not download:
         return None
     if tracking_uri is None:
-        from mlexp.tracking import (
-            default_tracking_uri,  # lazy: importing this module stays light
-        )
+        from mlexp.tracking import default_tracking_uri  # lazy: importing this module stays light
 
         tracking_uri = default_tracking_uri()
     return _mlflow_weights(weights, tracking_uri)
@@ -281,9 +279,7 @@ def _hub_filenames(cfg) -> list[str]:
 
 def _cached_timm_file(cfg: TimmSource) -> Path | None:
     if cfg.hf_hub_id:
-        from huggingface_hub import (
-            try_to_load_from_cache,  # ~0.1 s; reads HF_HUB_CACHE / HF_HOME
-        )
+        from huggingface_hub import try_to_load_from_cache  # ~0.1 s; reads HF_HUB_CACHE / HF_HOME
 
         repo, revision = _hub_repo(cfg)
         for filename in _hub_filenames(cfg):

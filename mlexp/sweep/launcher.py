@@ -23,15 +23,7 @@ from mlexp.config import TrainConfig
 from mlexp.data.sources import check_data_source
 from mlexp.errors import MlexpError
 from mlexp.sweep.local_executor import ChildJob, ChildOutcome
-from mlexp.sweep.plan import (
-    PlanRow,
-    display_name,
-    expand_grid,
-    format_plan,
-    grid_hash,
-    grid_params,
-    sweep_name,
-)
+from mlexp.sweep.plan import PlanRow, display_name, expand_grid, format_plan, grid_hash, grid_params, sweep_name
 from mlexp.sweep.progress import SweepProgress
 from mlexp.tracking import claims, server
 from mlexp.training.recipes import format_init_comparison
@@ -143,7 +135,7 @@ def open_parent(uri: str, experiment: str, name: str, rows: list[PlanRow], proje
 
     def candidate() -> str:
         if project_run_id:
-            client.set_tag(project_run_id, claims.GRID_TAG, tags[claims.GRID_TAG])
+            server.set_tags(client, project_run_id, {claims.GRID_TAG: tags[claims.GRID_TAG]})
             return project_run_id
         return server.create_run(client, experiment_id, name, tags)
 

@@ -22,14 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
-from mlexp.tracking.run import (
-    Delivery,
-    RunTracker,
-    create_child_run,
-    end_run,
-    offline_requested,
-    open_run,
-)
+from mlexp.tracking.run import Delivery, RunTracker, create_child_run, end_run, offline_requested, open_run
 from mlexp.tracking.server import check_reachable, client_for, default_tracking_uri
 
 __all__ = ["Tracker", "NullTracker", "RunTracker", "Delivery", "open_run", "create_child_run", "end_run",

@@ -16,14 +16,8 @@ from pathlib import Path
 
 from mlexp.errors import MlexpError
 from mlexp.tracking import server
-from mlexp.tracking.outbox import (
-    TERMINAL,
-    Outbox,
-    Pending,
-    new_local_id,
-    now_ms,
-    outbox_root,
-)
+from mlexp.tracking.outbox import TERMINAL, Outbox, new_local_id, now_ms, outbox_root
+from mlexp.tracking.outbox_info import Pending
 from mlexp.tracking.sender import Sender, lower_this_threads_priority, seconds_from_env
 
 

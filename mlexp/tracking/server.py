@@ -158,6 +158,11 @@ def create_run(client, experiment_id: str, run_name: str | None, tags: dict[str,
                                                        tags=all_tags)).info.run_id
 
 
+def set_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        retry_when_locked(lambda key=key, value=value: client.set_tag(run_id, key, value))
+
+
 def find_run_by_local_id(client, local_id: str, experiment_id: str | None = None) -> str | None:
     """The server run that an offline run became at an earlier sync (tag mlexp.local_id)."""
     if experiment_id is None:
@@ -267,9 +272,7 @@ def put_in_large_blocks(repo, path: Path, target: str, on_block: Callable[[], No
 
 
 def artifact_repo(client, run_id: str):
-    from mlflow.store.artifact.artifact_repository_registry import (
-        get_artifact_repository,
-    )
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     return get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
 

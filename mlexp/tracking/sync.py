@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from mlexp.errors import MlexpError
 from mlexp.tracking import server
-from mlexp.tracking.outbox import Outbox, Pending, all_outboxes, outbox_root
+from mlexp.tracking.outbox import Outbox, all_outboxes, outbox_root
+from mlexp.tracking.outbox_info import Pending
 from mlexp.tracking.sender import Sender
 
 

@@ -71,7 +71,8 @@ def write_classifier(folder: Path, config: dict, class_names: list[str], weights
 def load_classifier(folder: Path) -> Classifier:
     from mlexp.config import TrainConfig
     from mlexp.data.transforms import build_transforms
-    from mlexp.models.catalogue import create_model, resolve_backbone
+    from mlexp.models.build import create_model
+    from mlexp.models.catalogue import resolve_backbone
     from mlexp.models.strategies import attach_head
     from mlexp.training.checkpoints import WEIGHTS_FILE, load_weights
 

@@ -7,80 +7,47 @@ or SIGTERM), never RUNNING.
 
 from __future__ import annotations
 
-import math
 import signal
-import subprocess
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-import mlexp
 from mlexp import tracking
 from mlexp.config import TrainConfig, config_hash
 from mlexp.data.digests import describe_splits
-from mlexp.data.sources import (
-    BUILT_IN,
-    EpochSeeded,
-    build_data,
-    check_data_source,
-    loader_kwargs,
-    loader_samples_per_s,
-)
+from mlexp.data.loading import loader_kwargs, loader_samples_per_s
+from mlexp.data.sources import build_data, check_data_source
 from mlexp.errors import MlexpError
-from mlexp.models.catalogue import BackboneSpec, build_backbone, resolve_backbone
-from mlexp.models.strategies import attach_head, build_strategy
-from mlexp.models.weight_sources import WeightsFile, default_export_path, locate_weights
-from mlexp.training import checkpoints, hardware
-from mlexp.training.calibration import calibrate
-from mlexp.training.console import (
-    print_epoch,
-    print_outcome,
-    print_start,
-    report_delivery,
+from mlexp.models.build import build_backbone
+from mlexp.models.catalogue import BackboneSpec, resolve_backbone
+from mlexp.models.weight_sources import WeightsFile, locate_weights
+from mlexp.training.console import print_epoch, print_outcome, print_start, report_delivery
+from mlexp.training.loop import TrainParts, evaluate, train_one_epoch
+from mlexp.training.parts import (
+    build_parts,
+    early_stop,
+    eval_model,
+    final_weights_model,
+    make_accelerator,
+    release_accelerator,
 )
-from mlexp.training.loop import EvalResult, TrainParts, evaluate, train_one_epoch
-from mlexp.training.optimizer import build_optimizer, build_scheduler
-from mlexp.training.recipes import (
-    apply_init_adjustments,
-    format_init_comparison,
-    format_training_plan,
+from mlexp.training.recipes import apply_init_adjustments, format_init_comparison, format_training_plan
+from mlexp.training.records import History, epoch_metrics, epoch_record, step_metrics
+from mlexp.training.reports import (
+    TrainResult,
+    default_run_name,
+    finish_run,
+    log_run_start,
+    run_tags,
+    start_system_metrics,
+    stop_system_metrics,
 )
-from mlexp.training.records import (
-    History,
-    epoch_metrics,
-    epoch_record,
-    step_metrics,
-    training_info,
-    write_csvs,
-    write_json,
-)
-from mlexp.training.resume import (
-    ResumePoint,
-    find_resume_point,
-    read_started_config,
-    restore,
-    save_epoch_checkpoints,
-)
-
-
-@dataclass
-class TrainResult:
-    run_id: str | None
-    status: str
-    best_val_acc: float
-    best_epoch: int
-    effective: TrainConfig
-    model: torch.nn.Module | None = field(default=None, repr=False)  # the final (EMA) weights, unwrapped
-    history: History | None = field(default=None, repr=False)
-    delivered_s: float | None = None  # from the end of training until the server had everything
-    tested: bool = False  # a test set was evaluated (evaluation/test/ logged beside evaluation/val/)
+from mlexp.training.resume import ResumePoint, find_resume_point, read_started_config, restore, save_epoch_checkpoints
 
 
 def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dict | None = None,
@@ -242,36 +209,6 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
     return finish_run(parts, cfg, spec, built, history, val_loader, tracker, test_loader, data, splits)
 
 
-def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, data,
-                accelerator: Accelerator) -> tuple[TrainParts, DataLoader, DataLoader]:
-    """Head, strategy, optimizer, loaders, schedule and EMA around the built backbone."""
-    attach_head(model, cfg.head, data.num_classes)
-    strategy = build_strategy(model, spec.family, cfg)
-    channels_last = hardware.choose_channels_last(cfg.channels_last, accelerator.device.type,
-                                                  hardware.is_convolutional(model), spec.family)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(strategy.param_groups(cfg.weight_decay), cfg, accelerator.device.type)
-    workers = hardware.worker_count(cfg, built_in=cfg.data in BUILT_IN)
-    train_loader, val_loader = make_loaders(data, cfg, accelerator.num_processes, workers)
-    module = model  # wrappers below share its parameters; it is what gets saved and loaded
-    if cfg.compile:
-        model = torch.compile(model)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
-    # Not prepared by Accelerate: its wrapper steps the schedule once per process per step.
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    parts = TrainParts(accelerator, model, optimizer, scheduler, make_loss(cfg), strategy, module,
-                       mixup=make_mixup(cfg, data.num_classes), clip_grad=cfg.clip_grad,
-                       channels_last=channels_last, workers=workers)
-    if cfg.ema:
-        from timm.utils import ModelEmaV3
-
-        # Warmup (decay ramps up from 0) so that short runs do not evaluate mostly-initial weights.
-        parts.ema = ModelEmaV3(module, decay=cfg.ema_decay, use_warmup=True)
-    return parts, train_loader, val_loader
-
-
 def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_epoch: int, train_loader,
                  val_loader, tracker) -> None:
     """The epochs: train, evaluate, record, checkpoint; until the last epoch or a stop. A copy
@@ -303,237 +240,6 @@ def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_ep
         save_epoch_checkpoints(parts, history, epoch, is_best, tracker, cfg)
         if stop:
             break
-
-
-# --- building blocks ------------------------------------------------------------------------------
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    cpu = not torch.cuda.is_available()
-    if cfg.mixed_precision == "fp16" and cpu:
-        raise MlexpError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
-    hardware.configure_cuda()
-    hardware.keep_freed_memory()
-    # cpu=True is what makes torchrun/accelerate launch on a CPU-only machine use DDP over gloo
-    # (MULTI_CPU); without it each process silently trains alone. Pinned batches are copied
-    # to the GPU without blocking, so the copy overlaps the previous step's compute.
-    return Accelerator(cpu=cpu, mixed_precision=hardware.device_precision(cfg.mixed_precision),
-                       gradient_accumulation_steps=cfg.grad_accum,
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=not cpu))
-
-
-def release_accelerator(accelerator: Accelerator) -> None:
-    """The run's end for Accelerate (its trackers, if any). Its state is process-wide: one
-    process trains one run (a sweep starts a process per child), so it is not reset here."""
-    accelerator.end_training()
-
-
-def make_loaders(data, cfg: TrainConfig, num_processes: int, workers: int) -> tuple[DataLoader, DataLoader]:
-    # Drop the ragged last batch when a full one exists: mixup needs even batches and
-    # BatchNorm cannot train on a batch of one.
-    drop_last = len(data.train_set) >= cfg.batch_size * num_processes
-    train = DataLoader(EpochSeeded(data.train_set, cfg.seed), shuffle=True, drop_last=drop_last,
-                       **loader_kwargs(cfg, workers))
-    val = DataLoader(data.val_set, shuffle=False, **loader_kwargs(cfg, workers))
-    if len(train) == 0:
-        raise MlexpError(f"the training set ({len(data.train_set)} images) is smaller than one batch; "
-                         "lower --batch-size")
-    return train, val
-
-
-def make_loss(cfg: TrainConfig) -> torch.nn.Module:
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.loss import SoftTargetCrossEntropy
-
-        return SoftTargetCrossEntropy()  # mixup produces (smoothed) soft targets
-    return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-
-def make_mixup(cfg: TrainConfig, num_classes: int):
-    if cfg.mixup <= 0 and cfg.cutmix <= 0:
-        return None
-    from timm.data import Mixup
-
-    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                 num_classes=num_classes)
-
-
-def eval_model(parts: TrainParts) -> torch.nn.Module:
-    """The EMA weights when EMA is on (they are what gets evaluated and checkpointed)."""
-    return parts.ema.module if parts.ema is not None else parts.model
-
-
-def final_weights_model(parts: TrainParts) -> torch.nn.Module:
-    """The plain module behind eval_model: what `final/` holds and TrainResult returns."""
-    return parts.ema.module if parts.ema is not None else parts.module
-
-
-def early_stop(cfg: TrainConfig, history: History, epoch: int) -> bool:
-    return cfg.early_stop_patience > 0 and epoch - history.best_epoch >= cfg.early_stop_patience
-
-
-def default_run_name(spec: BackboneSpec, cfg: TrainConfig) -> str:
-    return f"{spec.name}-{cfg.strategy}-s{cfg.seed}" + (f"-f{cfg.fold}" if cfg.folds else "")
-
-
-def run_tags(spec: BackboneSpec, cfg: TrainConfig, extra: dict | None) -> dict[str, str]:
-    tags = {"mlexp.backbone": spec.arch, "mlexp.init": spec.init, "mlexp.strategy": cfg.strategy,
-            "mlexp.dataset": Path(cfg.data).name if cfg.data not in ("digits", "synthetic") else cfg.data,
-            "mlexp.version": mlexp.__version__, "mlexp.config_hash": config_hash(cfg)}
-    commit = git_commit()
-    if commit:
-        tags["mlexp.git_commit"] = commit
-    return {**tags, **(extra or {})}
-
-
-def git_commit() -> str | None:
-    """The commit of the mlexp checkout this code runs from, if it is one."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, parts: TrainParts, data) -> None:
-    """Params (effective), the distributed set-up, what `auto` became on this machine, the
-    data config (timm's, for this backbone), parameter counts, and config.json."""
-    from mlexp.data.transforms import data_config
-
-    total = sum(p.numel() for p in parts.module.parameters())
-    chosen = {"mixed_precision": accelerator.mixed_precision, "channels_last": str(parts.channels_last).lower(),
-              "workers": str(parts.workers), **hardware.cuda_settings()}
-    transforms = data_config(cfg)
-    params = {**cfg.to_params(), "distributed_type": str(accelerator.distributed_type.value),
-              "num_processes": str(accelerator.num_processes),
-              "global_batch_size": str(cfg.batch_size * cfg.grad_accum * accelerator.num_processes),
-              "num_classes": str(data.num_classes), "weights_source": built.weights_source,
-              "weights_sha256": built.weights_sha256 or "", "weights_path": built.weights_path or "",
-              **{f"effective.{key}": value for key, value in chosen.items()},
-              **{f"data.{key}": str(value) for key, value in transforms.items()}}
-    tracker.log_params(tracking.params_to_log(params, tracking.existing_params(tracker)))
-    tracker.log_metrics({"model/params_total": total}, step=0)
-    tracker.remember("config", cfg.to_dict())  # a resume on this machine needs it before the server has it
-    recorded = {**cfg.to_dict(), "data_config": transforms, "effective": chosen}
-    tracker.log_artifacts(write_json(recorded, tracker.staging_dir("config") / "config.json").parent, "")
-
-
-def evaluate_splits(parts: TrainParts, history: History, test_loader, val_loader, tracker, last_epoch: int,
-                    class_names: list[str]) -> list[str]:
-    """The end-of-run report (mlexp.training.evaluation) of the test set (when there is one) and of the
-    validation set, with the best-on-validation weights; the metric keys it logged (at the last
-    epoch's step). test/epoch says whose weights they were: the best epoch; after a resume that
-    began past it, the final weights."""
-    from mlexp.training.evaluation import (
-        best_weights_model,
-        split_metrics,
-        write_report,
-    )
-
-    model = best_weights_model(final_weights_model(parts), parts.best_weights)
-    epoch = history.best_epoch if parts.best_weights is not None else last_epoch
-    if parts.best_weights is None and history.best_epoch != last_epoch and parts.accelerator.is_main_process:
-        print(f"mlexp: WARNING: the best epoch ({history.best_epoch}) was before this resume began: the end-of-run "
-              f"report uses the final weights (epoch {last_epoch}); test/epoch says so", flush=True)
-    results = {"val": evaluate(model, val_loader, parts.accelerator, parts.channels_last)}
-    if test_loader is not None:
-        results["test"] = evaluate(model, test_loader, parts.accelerator, parts.channels_last)
-    if not parts.accelerator.is_main_process:
-        return []
-    # val/acc and val/loss are the per-epoch curves: the end-of-run report adds the rest
-    logged = {f"val/{key}": value for key, value in split_metrics(results["val"]).items() if key not in ("acc", "loss")}
-    if "test" in results:
-        logged |= {f"test/{key}": value for key, value in split_metrics(results["test"]).items()}
-        logged["test/epoch"] = epoch
-    tracker.log_metrics(logged, step=last_epoch)
-    for split, result in results.items():
-        folder = tracker.staging_dir(f"evaluation-{split}")
-        write_report(result, class_names, folder)
-        tracker.log_artifacts(folder, f"evaluation/{split}")
-    if "test" in results:
-        test = split_metrics(results["test"])
-        print(f"mlexp: test set ({len(results['test'].labels)} images), weights of epoch {epoch}: acc "
-              f"{100 * test['acc']:.2f}%, balanced acc {100 * test['balanced_acc']:.2f}%, macro F1 "
-              f"{test['macro_f1']:.4f}, loss {test['loss']:.4f}")
-    return list(logged)
-
-
-def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, history: History, val_loader,
-               tracker, test_loader, data, splits: list[dict]) -> TrainResult:
-    accelerator = parts.accelerator
-    final_model = eval_model(parts)
-    last_epoch = history.epochs[-1]["epoch"] if history.epochs else 0
-    reported = evaluate_splits(parts, history, test_loader, val_loader, tracker, last_epoch, data.class_names)
-    calibration = {}
-    if cfg.calibrate:
-        final_eval: EvalResult = evaluate(final_model, val_loader, accelerator, parts.channels_last)
-        calibration = calibrate(final_eval.logits, final_eval.labels)
-    if accelerator.is_main_process:
-        weights = final_weights_model(parts).state_dict()
-        final = checkpoints.save_weights(weights, tracker.staging_dir("final") / checkpoints.WEIGHTS_FILE)
-        if cfg.export_weights:  # later pretrained runs of this arch find these without a flag
-            exported = checkpoints.save_weights(weights, default_export_path(spec), metadata={
-                "mlexp.run_id": tracker.run_id or "", "mlexp.backbone": spec.name})
-            print(f"mlexp: exported weights to {exported}")
-        total_time = sum(history.column("epoch/time_s"))
-        tracker.log_metrics({"best/val_acc": history.best_val_acc, "best/epoch": history.best_epoch,
-                             "time/total_s": total_time, **hardware.peak_memory_mb(),
-                             "model/params_trainable": parts.strategy.trainable_params(), **calibration},
-                            step=last_epoch)
-        info = training_info(spec, cfg, built, history, calibration,
-                             params={"total": sum(p.numel() for p in parts.module.parameters()),
-                                     "trainable": parts.strategy.trainable_params()})
-        summary = write_json(info, tracker.staging_dir("summary") / "training_info.json").parent
-        metrics = tracker.staging_dir("metrics")
-        write_csvs(history, metrics)
-        tracker.log_artifacts(final.parent, "checkpoints/final")
-        tracker.log_artifacts(summary, "summary")
-        tracker.log_artifacts(metrics, "metrics")
-        if cfg.log_models:
-            log_models(tracker, parts, cfg, spec, history, data, splits, reported, last_epoch)
-    return TrainResult(tracker.run_id, "FINISHED", history.best_val_acc, history.best_epoch, cfg,
-                       final_weights_model(parts), history, tested=test_loader is not None)
-
-
-def log_models(tracker, parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, history: History, data,
-               splits: list[dict], reported: list[str], last_epoch: int) -> None:
-    """The best and final weights as MLflow logged models (mlexp.training.logged_models), at their epochs'
-    steps, linked to those epochs' metrics (the best one also to the end-of-run report, which
-    its weights produced) and through them to the splits."""
-    from mlexp.training.logged_models import (
-        MODEL_TAG,
-        MODEL_TYPE,
-        example_images,
-        staged_model,
-    )
-    from mlexp.training.records import EPOCH_METRICS
-
-    config, example = cfg.to_dict(), example_images(data.val_set)
-    datasets = {split["context"]: split for split in splits}
-    tags = {MODEL_TAG: MODEL_TYPE, "mlexp.backbone": spec.arch, "mlexp.init": spec.init,
-            "mlexp.strategy": cfg.strategy}
-    final_weights = final_weights_model(parts).state_dict()
-    best_weights = parts.best_weights or final_weights  # a resume begun past the best epoch: the final weights
-    best_step = history.best_epoch if parts.best_weights is not None else last_epoch
-    for name, weights, step, extra in (("best", best_weights, best_step, reported + ["best/val_acc"]),
-                                       ("final", final_weights, last_epoch, [])):
-        folder = staged_model(tracker, name, config, data.class_names, weights, example)
-        metrics = [[key, step] for key in EPOCH_METRICS] + [[key, last_epoch] for key in extra]
-        tracker.log_model(folder, name, step, {"metrics": metrics, "datasets": datasets, "tags": tags,
-                                               "params": cfg.to_params(), "model_type": MODEL_TYPE})
-
-
-def start_system_metrics(tracker, cfg: TrainConfig):
-    """System metrics for a tracked run (mlexp.training.system_metrics), numbered on from a resumed run's."""
-    if not cfg.system_metrics or isinstance(tracker, tracking.NullTracker):
-        return None
-    from mlexp.training.system_metrics import SystemMetrics
-
-    return SystemMetrics(tracker, tracker.last_step("system/cpu_utilization_percentage")).start()
-
-
-def stop_system_metrics(system) -> None:
-    if system is not None:
-        system.stop()
 
 
 KILLED_WAIT_S = 5.0  # Ctrl-C: a short wait for the sender, then the rest stays in the outbox
