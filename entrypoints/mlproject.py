@@ -9,9 +9,13 @@ value given with -P always wins over the recipe, exactly as it does on the comma
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
+from mlexp.commands import declarations
 from mlexp.commands.cli import PRETRAIN_DEFAULTS, cli
+from mlexp.commands.options import default_text
 from mlexp.config import config_fields
 from mlexp.training.recipes import preset_fields
 
@@ -33,6 +37,8 @@ ENTRY_POINTS = {
 def command_parameters(command: click.Command, own_defaults: dict[str, str]) -> list[tuple[str, str]]:
     """(name, default) for each option of a command, in declaration order (but NOT_PARAMETERS)."""
     field_defaults = {f.name: f.default for f in config_fields()}
+    declaration = declarations.BY_COMMAND.get(command.name)
+    declared = {f.name: default_text(f) for f in dataclasses.fields(declaration)} if declaration else {}
     from_recipes = preset_fields()
     params = []
     for param in command.params:
@@ -40,6 +46,8 @@ def command_parameters(command: click.Command, own_defaults: dict[str, str]) -> 
             continue
         if param.name in own_defaults:
             default = own_defaults[param.name]
+        elif param.name in declared:
+            default = declared[param.name]
         elif param.name in from_recipes:
             default = ""
         else:  # config options are declared with default None (so "not given" is visible); theirs is the field's

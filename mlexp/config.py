@@ -22,6 +22,8 @@ from mlexp.errors import MlexpError
 # Larger inputs are almost always a typo (2240 for 224) and would exhaust memory long after
 # the run started; ImageNet-style backbones are trained at 224-512 px.
 MAX_IMG_SIZE = 1024
+# Where runs go, and what the reading commands read, when no --experiment is given.
+DEFAULT_EXPERIMENT = "mlexp"
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -119,7 +121,7 @@ class TrainConfig:
                           "sets, which need no decoding.")
     checkpoint_every: int = option(0, "Also keep a weights snapshot every N epochs under "
                                    "checkpoints/epoch_NNN/ (0 = off; last/best/final are always kept).")
-    experiment: str = option("mlexp", "MLflow experiment name (ignored under `mlflow run`, "
+    experiment: str = option(DEFAULT_EXPERIMENT, "MLflow experiment name (ignored under `mlflow run`, "
                              "which chooses the experiment).")
     run_name: str | None = option(None, "MLflow run name (default: BACKBONE-INIT-STRATEGY).")
     tracking_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "

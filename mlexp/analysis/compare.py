@@ -28,9 +28,11 @@ from typing import Any
 import pandas as pd
 
 from mlexp.analysis.comparisons import Metric, choose_metric, comparisons
+from mlexp.analysis.groups import RUN_METRICS, banded_curves, difference_curves, group_table, metric_values
 from mlexp.analysis.mlflow_internals import Reader
 from mlexp.analysis.query import FINISHED, RunRecord, fetch_runs, mlflow_client, resolve_experiments
 from mlexp.analysis.report import log_compare_run
+from mlexp.config import DEFAULT_EXPERIMENT
 from mlexp.errors import MlexpError
 
 DEFAULT_GROUP_BY = ["backbone", "strategy"]
@@ -45,11 +47,7 @@ CURVE_KEYS = ("val/acc", "val/loss")
 PAIR_FIELDS = ("arch", "init", "dataset", "strategy")  # kept per run (as _arch, ...) to match pairs on
 CONVERGENCE_FRACTION = 0.95
 EARLY_EPOCHS = 5
-# Per-run quantities aggregated per group (mean and std of each).
-RUN_METRICS = ["best_val_acc", "final_val_acc", "final_train_acc", "overfit_gap", "total_time_s",
-               "epoch_time_s", "trainable_params", "epochs_run", "epochs_to_95", "gain_5"]
 RESERVED = {"run_id", "run_name", *RUN_METRICS}
-from mlexp.analysis.groups import banded_curves, difference_curves, group_table, metric_values
 
 
 @dataclass
@@ -293,8 +291,8 @@ def epochs_to_reach(runs: pd.DataFrame, group_by: list[str]) -> pd.Series:
 
 
 # --- the command -------------------------------------------------------------------------------------
-def run_compare(tracking_uri: str | None, experiments: list[str], filter_string: str | None = None,
-                group_by: list[str] | None = None, out_dir: Path | str = "mlexp-compare", *,
+def run_compare(tracking_uri: str | None, experiments: list[str], filter_string: str | None,
+                group_by: list[str], out_dir: Path | str, *,
                 compare_experiment: str | None = None, log_run: bool = True, run_id: str | None = None,
                 **options: Any) -> CompareResult:
     """`mlexp compare`: compare, then log the outputs to an MLflow run.
@@ -321,7 +319,7 @@ def run_compare(tracking_uri: str | None, experiments: list[str], filter_string:
 def compare_run_place(result: CompareResult) -> tuple[str, str]:
     """The compare run's default experiment, next to the compared one, and its name:
     ("digits-compare", "compare digits by backbone,strategy"), with the filter if there is one."""
-    compared = "+".join(result.experiments.values()) or "mlexp"
+    compared = "+".join(result.experiments.values()) or DEFAULT_EXPERIMENT
     name = f"compare {compared} by {','.join(result.group_by)}"
     return compared[:200] + "-compare", (name + (f" where {result.filter_string}" if result.filter_string else ""))[:250]
 

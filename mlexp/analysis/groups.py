@@ -12,22 +12,9 @@ from mlexp.analysis import stats
 from mlexp.analysis.comparisons import Metric
 from mlexp.analysis.query import RunRecord
 
-DEFAULT_GROUP_BY = ["backbone", "strategy"]
-INITS = ("pretrained", "scratch")
-# Short names that mean mlexp's own tags (`arch` is the backbone without its init).
-TAG_ALIASES = {"arch": "mlexp.backbone", "init": "mlexp.init", "strategy": "mlexp.strategy",
-               "dataset": "mlexp.dataset"}
-# What marks a training run (besides a `backbone` param): mlexp's tags, or a training metric.
-TRAINING_TAGS = ("mlexp.backbone", "mlexp.init", "mlexp.strategy", "mlexp.sweep_id", "mlexp.config_hash")
-TRAINING_METRIC_PREFIXES = ("train/", "val/", "epoch/", "best/")
-CURVE_KEYS = ("val/acc", "val/loss")
-PAIR_FIELDS = ("arch", "init", "dataset", "strategy")  # kept per run (as _arch, ...) to match pairs on
-CONVERGENCE_FRACTION = 0.95
-EARLY_EPOCHS = 5
 # Per-run quantities aggregated per group (mean and std of each).
 RUN_METRICS = ["best_val_acc", "final_val_acc", "final_train_acc", "overfit_gap", "total_time_s",
                "epoch_time_s", "trainable_params", "epochs_run", "epochs_to_95", "gain_5"]
-RESERVED = {"run_id", "run_name", *RUN_METRICS}
 
 
 METRIC_SUMMARY = ["n", "mean", "std", "ci_low", "ci_high", "median", "iqm"]

@@ -10,12 +10,16 @@ import os
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import Field, fields
+from typing import Any, get_type_hints
 
 import click
 
-from mlexp.config import TrainConfig, base_type, cli_name, config_fields
+from mlexp.config import TrainConfig, base_type, cli_name, config_fields, parse_value
 from mlexp.errors import MlexpError
+
+# Every command's context: -h as --help, and help text up to 110 columns wide.
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
 def config_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
@@ -45,6 +49,66 @@ def _add_config_options(func: Callable, exclude: tuple[str, ...]) -> Callable:
 def metavar(f, hints) -> str:
     kind = base_type(hints[f.name])
     return {int: "INT", float: "FLOAT"}.get(kind, "TEXT")
+
+
+def declared_options(declaration: type) -> Callable[[Callable], Callable]:
+    """Add one option per field of a command's declaration (commands.declarations)."""
+    def add(func: Callable) -> Callable:
+        for f in reversed(fields(declaration)):
+            func = click.option(*declared_option_args(f), **declared_option_kwargs(f))(func)
+        return func
+    return add
+
+
+def declared_option_args(f: Field) -> tuple[str, str]:
+    return f"--{cli_name(f.name)}", f.name
+
+
+def declared_option_kwargs(f: Field) -> dict[str, Any]:
+    """Click's view of a declared field. Values stay text (None: not given); `parse_options` types them."""
+    choices = f.metadata.get("choices")
+    help_text = f.metadata["help"] + (f" [{'|'.join(choices)}]" if choices else "")
+    if f.default is not None and f.default != ():
+        help_text += f" (default: {default_text(f)})"
+    kwargs: dict[str, Any] = {"default": None, "metavar": f.metadata["metavar"], "help": help_text}
+    if f.metadata["metavar"] == "[BOOL]":
+        kwargs.update(is_flag=False, flag_value="true")
+    if f.metadata.get("repeatable"):
+        kwargs.update(multiple=True, default=())
+    return kwargs
+
+
+def default_text(f: Field) -> str:
+    """A declared default as the user types it (and as MLproject shows it)."""
+    if isinstance(f.default, bool):
+        return "true" if f.default else "false"
+    if isinstance(f.default, tuple):
+        return ",".join(f.default)
+    return "" if f.default is None else str(f.default)
+
+
+def parse_options(declaration: type, values: dict[str, Any]):
+    """The typed declaration from the options' text; a value not given or empty takes its default."""
+    hints = get_type_hints(declaration)
+    parsed = {}
+    for f in fields(declaration):
+        raw = values.get(f.name)
+        if f.metadata.get("list"):
+            names = split_names([raw] if isinstance(raw, str) else raw or ())
+            parsed[f.name] = tuple(names) if names else f.default
+        elif raw is None or raw == "":
+            parsed[f.name] = f.default
+        else:
+            parsed[f.name] = parse_value(f.name, hints[f.name], raw)
+            choices = f.metadata.get("choices")
+            if choices and parsed[f.name] not in choices:
+                raise MlexpError(f"--{cli_name(f.name)} must be {' or '.join(choices)}, got {raw!r}")
+    return declaration(**parsed)
+
+
+def split_names(values) -> list[str]:
+    """Repeated options and comma-separated values (the MLproject passes one string) -> names."""
+    return [name.strip() for value in values for name in str(value).split(",") if name.strip()]
 
 
 def user_values(values: dict[str, Any]) -> dict[str, Any]:

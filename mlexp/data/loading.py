@@ -13,14 +13,7 @@ from torch.utils.data import Dataset
 
 from mlexp.config import TrainConfig
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-# Transparent pixels have no colour of their own (what RGBA stores under alpha 0 is often
-# black or garbage), so images with alpha are flattened onto one fixed background.
-ALPHA_BACKGROUND = (255, 255, 255)
-
-
-PREFETCH_BATCHES = 2  # per worker: enough to hide one slow image, without holding many batches
-
+PREFETCH_BATCHES = 2  
 
 def loader_kwargs(cfg: TrainConfig, workers: int) -> dict:
     """Batches for an accelerator: `workers` decoding processes that live for the whole run

@@ -12,12 +12,6 @@ from mlexp.config import TrainConfig
 from mlexp.data.transforms import BUILT_IN
 from mlexp.errors import MlexpError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-# Transparent pixels have no colour of their own (what RGBA stores under alpha 0 is often
-# black or garbage), so images with alpha are flattened onto one fixed background.
-ALPHA_BACKGROUND = (255, 255, 255)
-
-
 SPLIT_SEED = 0
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlexp import tracking
-from mlexp.config import TrainConfig
+from mlexp.config import DEFAULT_EXPERIMENT, TrainConfig
 from mlexp.data.sources import check_data_source
 from mlexp.errors import MlexpError
 from mlexp.sweep.local_executor import ChildJob, ChildOutcome
@@ -301,7 +301,7 @@ def offline_child(launch: Launch, row: PlanRow) -> str:
     parent = Outbox.find(launch.parent_run_id)
     tags = {"mlexp.sweep_id": launch.parent_run_id, "mlexp.config_hash": row.config_hash,
             "mlflow.runName": row.run_name}
-    return create_offline_run(parent.info().experiment or "mlexp", row.run_name, launch.parent_run_id,
+    return create_offline_run(parent.info().experiment or DEFAULT_EXPERIMENT, row.run_name, launch.parent_run_id,
                               tags).info().local_id
 
 

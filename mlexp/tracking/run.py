@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlexp.config import DEFAULT_EXPERIMENT
 from mlexp.errors import MlexpError
 from mlexp.tracking import server
 from mlexp.tracking.outbox import TERMINAL, Outbox, new_local_id, now_ms, outbox_root
@@ -299,7 +300,7 @@ def create_child_run(parent: RunTracker, run_name: str, tags: dict[str, str]) ->
     tags = {**tags, "mlflow.runName": run_name}
     info = parent.outbox.info()
     if parent.offline:
-        return create_offline_run(info.experiment or "mlexp", run_name, parent.local_id, tags).info().local_id
+        return create_offline_run(info.experiment or DEFAULT_EXPERIMENT, run_name, parent.local_id, tags).info().local_id
     return server.create_run(parent.client, parent.experiment_id(), run_name,
                              {**tags, "mlflow.parentRunId": parent.run_id})
 

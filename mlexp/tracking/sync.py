@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from mlexp.config import DEFAULT_EXPERIMENT
 from mlexp.errors import MlexpError
 from mlexp.tracking import server
 from mlexp.tracking.outbox import Outbox, all_outboxes, outbox_root
@@ -129,7 +130,7 @@ def ensure_server_run(box: Outbox, client, uri: str) -> str:
     """The server run an offline run becomes: found by its local id, else created (nested under
     its parent's server run, at its original start time)."""
     info = box.info()
-    experiment_id = server.experiment_id_for(client, info.experiment or "mlexp")
+    experiment_id = server.experiment_id_for(client, info.experiment or DEFAULT_EXPERIMENT)
     run_id = server.find_run_by_local_id(client, info.local_id, experiment_id)
     if run_id is None:
         tags = dict(info.tags)

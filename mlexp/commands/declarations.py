@@ -1,0 +1,150 @@
+"""Every command's own options, declared once (training's are `TrainConfig`'s).
+
+A declaration is a frozen dataclass whose fields carry their default, help text, metavar and
+choices. `commands.options.declared_options` turns one into click options (the help shows
+the default, taken from the field), the MLproject renders its parameters from the same
+fields, and `parse_options` turns what the user typed into the typed declaration: a value
+left empty (`--out ""`, an MLproject parameter left at "") takes the field's default, so no
+default is restated anywhere else.
+
+A list option (`list_option`) takes comma-separated values, is repeatable where it names
+experiments, and is parsed into a tuple.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlexp.config import DEFAULT_EXPERIMENT
+
+
+def declared(default, help: str, metavar: str = "TEXT", choices: tuple[str, ...] | None = None):
+    """A command option: its default, help text, metavar and allowed values."""
+    return field(default=default, metadata={"help": help, "metavar": metavar, "choices": choices})
+
+
+def list_option(default: tuple[str, ...], help: str, metavar: str = "NAMES", repeatable: bool = False):
+    """A comma-separated list (repeatable: the option may also be given several times)."""
+    return field(default=default, metadata={"help": help, "metavar": metavar, "choices": None, "list": True,
+                                            "repeatable": repeatable})
+
+
+def flag(default: bool, help: str):
+    """`--name` alone means true; `--name false` is accepted too (how MLproject passes it)."""
+    return field(default=default, metadata={"help": help, "metavar": "[BOOL]", "choices": None})
+
+
+TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """`mlexp sweep`'s own options; every other option is a training option for each child."""
+
+    backbones: tuple[str, ...] = list_option(("resnet18",), "Comma-separated backbones; a plain name (resnet50) "
+                                             "expands to both inits.")
+    inits: tuple[str, ...] = list_option(("pretrained", "scratch"), "Comma-separated inits to try.")
+    pretrained_only: bool = flag(False, "Only the pretrained flavour of each backbone.")
+    scratch_only: bool = flag(False, "Only the scratch flavour of each backbone.")
+    strategies: tuple[str, ...] = list_option(("full",), "Comma-separated: full, linear, gradual.")
+    seeds: tuple[str, ...] = list_option(("42",), "Comma-separated seeds.")
+    parallel: int | None = declared(None, "Children training at once. (default: one per GPU (GPUs // "
+                                    "--gpus-per-run); 1 on CPU, where N children share the cores, cores // N "
+                                    "threads each; with Ray: the cluster's room)", "N")
+    gpus_per_run: int | None = declared(None, "GPUs per child; K > 1 trains each child as a K-process DDP run "
+                                        "(torchrun). (default: 1 on a GPU machine, 0 on CPU)", "K")
+    cpus_per_run: int | None = declared(None, "CPU cores (threads) per child. (default: cores // N here; 1 per "
+                                        "Ray task)", "C")
+    executor: str = declared("local", "local: children on this machine; ray: Ray tasks over a Ray cluster "
+                             "(pip install 'mlexp[ray]').", "[local|ray]", ("local", "ray"))
+    ray_address: str | None = declared(None, "The Ray cluster to use (`ray start --head` prints it). (default: a "
+                                       "new local Ray instance)", "auto|HOST:PORT")
+    retry_failed: bool = flag(False, "Train again the configurations that FAILED in an earlier run of this sweep "
+                                     "(each resumes its run from its last checkpoint).")
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    experiment: tuple[str, ...] = list_option((DEFAULT_EXPERIMENT,), "Experiment to compare (name or id); repeat "
+                                              "it or separate names with commas.", "NAME", repeatable=True)
+    filter: str | None = declared(None, "MLflow search filter, e.g. \"params.lr = '0.001' and "
+                                  "tags.`mlexp.dataset` = 'digits'\".")
+    group_by: tuple[str, ...] = list_option(("backbone", "strategy"), "Comma-separated: backbone (named as in "
+                                            "the sweep summary: resnet18_scratch), arch (resnet18: both inits), "
+                                            "init, strategy, dataset, experiment, any param (lr, epochs, ...) "
+                                            "or tags.X / params.X.")
+    metric: str | None = declared(None, "What the paired comparisons compare: any metric key of the runs. "
+                                  "(default: test/acc when every run has a test split, else best/val_acc, which "
+                                  "is optimistically biased)", "KEY")
+    equal_budget: bool = flag(False, "Compare each pair at the epoch its shorter run stopped (from the val/acc "
+                                     "curves), when the two sides trained for different numbers of epochs.")
+    between_backbones: bool = flag(False, "Also compare the architectures with each other, per init and "
+                                          "strategy, paired on seed and fold.")
+    features: bool = flag(False, "Load each backbone's paired pretrained and scratch models and compare their "
+                                 "representations layer by layer on the validation images (linear CKA heatmaps).")
+    out: str = declared("mlexp-compare", "Folder for report.md, groups.csv/.md, comparisons.csv, pairs.csv, "
+                        "runs.csv, compare.json, the plots and features/.", "DIR")
+    log_run: bool = flag(True, "Log the outputs to an MLflow run (under `mlflow run`: the project's run).")
+    compare_experiment: str | None = declared(None, "Experiment for that run when not under `mlflow run`. "
+                                              "(default: the compared experiment's name + \"-compare\", e.g. "
+                                              "digits-compare)", "NAME")
+    tracking_uri: str | None = declared(None, TRACKING_URI_HELP)
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    model: str | None = declared(None, "The model: runs:/RUN_ID (its best-on-validation model; runs:/RUN_ID/final "
+                                 "for the last epoch's), models:/NAME@ALIAS, models:/NAME/VERSION or "
+                                 "models:/MODEL_ID.", "URI")
+    data: str | None = declared(None, "An image folder with one sub-folder per class, the same classes the model "
+                                "was trained on.", "FOLDER")
+    experiment: str = declared(f"{DEFAULT_EXPERIMENT}-evaluate", "Experiment for the evaluation run (ignored "
+                               "under `mlflow run`).", "NAME")
+    run_name: str | None = declared(None, "Name of the evaluation run. (default: evaluate-MODEL-FOLDER)")
+    tracking_uri: str | None = declared(None, TRACKING_URI_HELP)
+
+
+@dataclass(frozen=True)
+class RegisterOptions:
+    name: str | None = declared(None, "The registered model's name.", "NAME")
+    experiment: tuple[str, ...] = list_option((DEFAULT_EXPERIMENT,), "Register the best model of these "
+                                              "experiments (repeat or comma-separate).", "NAME", repeatable=True)
+    metric: str = declared("val/acc", "How 'best' is chosen: a validation metric of the runs' best models "
+                           "(lower wins for a loss).", "KEY")
+    model: str | None = declared(None, "Register this model instead (runs:/RUN_ID, models:/MODEL_ID, ...).", "URI")
+    alias: str = declared("champion", "The alias to point at the new version (it moves when you register again).",
+                          "ALIAS")
+    tracking_uri: str | None = declared(None, TRACKING_URI_HELP)
+
+
+@dataclass(frozen=True)
+class MonitorOptions:
+    progress: bool = flag(False, "Runs still training: epoch of total, val acc, epoch time, ETA (the default).")
+    summary: bool = flag(False, "Finished runs per experiment, best first.")
+    experiment: tuple[str, ...] = list_option((), "Only these experiments (repeat or comma-separate; default: "
+                                              "all).", "NAME", repeatable=True)
+    watch: float = declared(0.0, "Refresh every SECONDS until Ctrl-C.", "SECONDS")
+    tracking_uri: str | None = declared(None, TRACKING_URI_HELP)
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    run: str | None = declared(None, "The run whose outbox to send (its MLflow run id, or an offline run's id).",
+                               "RUN_ID")
+    all: bool = flag(False, "Every outbox on this machine (parents before their children).")
+    to: str | None = declared(None, "Tracking URI for offline runs (others go back to the server they came "
+                              "from).", "URI")
+    dry_run: bool = flag(False, "Say what waits, and its size on disk; send nothing.")
+
+
+@dataclass(frozen=True)
+class ReapOptions:
+    experiment: tuple[str, ...] = list_option((), "Only these experiments (repeat or comma-separate; default: "
+                                              "all).", "NAME", repeatable=True)
+    dry_run: bool = flag(False, "List the lost runs; change nothing.")
+    tracking_uri: str | None = declared(None, TRACKING_URI_HELP)
+
+
+# Each command's declaration, by the command's name (the MLproject renders its parameters from these).
+BY_COMMAND = {"sweep": SweepOptions, "compare": CompareOptions, "evaluate": EvaluateOptions,
+              "register": RegisterOptions, "monitor": MonitorOptions, "sync": SyncOptions, "reap": ReapOptions}

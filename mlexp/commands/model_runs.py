@@ -1,0 +1,185 @@
+"""`mlexp evaluate` and `mlexp register`: from a logged model to numbers on new data, and to a
+registered name that people and `mlflow models serve` use.
+
+evaluate: a logged model (runs:/, models:/NAME@ALIAS, models:/NAME/VERSION, models:/MODEL_ID)
+on any image folder, with the transforms it was trained with; an evaluation run gets the
+same test/* metrics and evaluation/test/ report as a training run's test set, plus every
+image's prediction, and is linked to the model (model input, metrics linked to it).
+
+register: the best `best` logged model of the chosen experiments, by a validation metric
+(never by a test metric: choosing by the test set would make it a second validation set),
+registered under a name with an alias pointing at it. Registering again moves the alias.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlexp import tracking
+from mlexp.errors import MlexpError
+from mlexp.tracking import registry
+from mlexp.training.logged_models import (
+    MODEL_TAG,
+    MODEL_TYPE,
+    Classifier,
+    download_classifier,
+    load_classifier,
+    resolve,
+)
+
+EVAL_BATCH = 64
+
+
+@dataclass
+class Evaluated:
+    run_id: str | None
+    model_id: str
+    metrics: dict[str, float]
+    predictions: list[int]  # per image, in the folder's order
+    paths: list[str]
+    delivered: bool
+
+
+def evaluate_model(model_uri: str, data: str, tracking_uri: str | None, experiment: str,
+                   run_name: str | None = None, run_id: str | None = None, echo=print) -> Evaluated:
+    from mlexp.data.digests import describe
+    from mlexp.data.sources import CheckedImageFolder
+    from mlexp.training.evaluation import split_metrics, write_report
+
+    uri = tracking_uri or tracking.default_tracking_uri()
+    tracking.check_reachable(uri)
+    client = tracking.client_for(uri)
+    model = resolve(client, model_uri)
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise MlexpError(f"--data {data}: {'not a folder' if root.exists() else 'no such folder'} (expected an "
+                         "image folder with one sub-folder per class)")
+    workdir = Path(tempfile.mkdtemp(prefix="mlexp-evaluate-"))
+    try:
+        classifier = load_classifier(download_classifier(client, model, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    folder = CheckedImageFolder(str(root), transform=classifier.transform)
+    check_same_classes(folder.classes, classifier.class_names, root)
+    echo(f"mlexp: evaluating {model_uri} (logged model {model.model_id}, {model.name} of run "
+         f"{model.source_run_id}) on {len(folder)} images of {root}")
+    result = run_model(classifier, folder)
+    metrics = {f"test/{key}": value for key, value in split_metrics(result).items()}
+    predicted = result.logits.argmax(dim=1).tolist()
+    paths = [path for path, _ in folder.samples]
+    split = describe(folder, "test", root.name, str(root), len(folder.classes)).to_dict()
+    tracker = tracking.open_run(uri, experiment, run_name or f"evaluate-{model.name}-{root.name}", run_id=run_id,
+                                tags={"mlexp.evaluated_model": model.model_id, "mlexp.evaluated_uri": model_uri,
+                                      "mlexp.dataset": root.name, **{k: v for k, v in model.tags.items()
+                                                                     if k.startswith("mlexp.") and k != MODEL_TAG}})
+    try:
+        tracker.log_params({"model": model_uri, "model_id": model.model_id, "data": str(root),
+                            "source_run_id": model.source_run_id or ""})
+        tracker.log_inputs([split], [model.model_id])
+        tracker.log_metrics(metrics, step=0)
+        report = tracker.staging_dir("evaluation-test")
+        write_report(result, classifier.class_names, report)
+        write_predictions(report / "predictions.csv", paths, result, classifier.class_names, root)
+        tracker.log_artifacts(report, "evaluation/test")
+        tracker.link_metrics(model.model_id, [[key, 0] for key in metrics], {"test": split})
+    except BaseException as error:
+        tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", f"{type(error).__name__}: {error}")
+        raise
+    delivery = tracker.finish("FINISHED")
+    echo(f"mlexp: test acc {100 * metrics['test/acc']:.2f}%, balanced acc {100 * metrics['test/balanced_acc']:.2f}%, "
+         f"macro F1 {metrics['test/macro_f1']:.4f}, loss {metrics['test/loss']:.4f}")
+    echo(f"mlexp: evaluation run {tracker.run_id}: {delivery.describe()}")
+    return Evaluated(tracker.run_id, model.model_id, metrics, predicted, paths, delivery.complete)
+
+
+def check_same_classes(found: list[str], trained: list[str], root: Path) -> None:
+    if found == trained:
+        return
+    missing, extra = sorted(set(trained) - set(found)), sorted(set(found) - set(trained))
+    parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"not trained on {', '.join(extra)}"]
+                                                                     if extra else [])
+    raise MlexpError(f"the classes of {root} differ from the model's: " + ("; ".join(parts) or
+                     f"same names in another order ({found} vs {trained})"))
+
+
+@torch.no_grad()
+def run_model(classifier: Classifier, folder):
+    from torch.utils.data import DataLoader
+
+    from mlexp.training.loop import EvalResult
+
+    logits, labels = [], []
+    for images, targets in DataLoader(folder, batch_size=EVAL_BATCH, shuffle=False):
+        logits.append(classifier.model(images).float())
+        labels.append(targets)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    return EvalResult(loss, (logits.argmax(dim=1) == labels).float().mean().item(), logits, labels)
+
+
+def write_predictions(path: Path, paths: list[str], result, class_names: list[str], root: Path) -> None:
+    import pandas as pd
+
+    probabilities = torch.softmax(result.logits, dim=1).numpy()
+    table = pd.DataFrame({"image": [str(Path(p).relative_to(root)) for p in paths],
+                          "label": [class_names[i] for i in result.labels.tolist()],
+                          "predicted": [class_names[i] for i in result.logits.argmax(dim=1).tolist()],
+                          "confidence": probabilities.max(axis=1)})
+    table = pd.concat([table, pd.DataFrame(probabilities.astype(np.float32), columns=[f"p_{c}" for c in class_names])],
+                      axis=1)
+    table.to_csv(path, index=False)
+
+
+# --- the registry -----------------------------------------------------------------------------------
+@dataclass
+class Registered:
+    name: str
+    version: str
+    alias: str
+    model_id: str
+    run_id: str
+    value: float
+
+
+def register_best(name: str, experiments: list[str], tracking_uri: str | None, metric: str = "val/acc",
+                  alias: str = "champion", model_uri: str | None = None, echo=print) -> Registered:
+    """Register `model_uri`, else the best mlexp `best` model of `experiments` by `metric`
+    (higher is better unless it names a loss), under `name`, and point `alias` at it."""
+    uri = tracking_uri or tracking.default_tracking_uri()
+    tracking.check_reachable(uri)
+    client = tracking.client_for(uri)
+    model = resolve(client, model_uri) if model_uri else best_model(client, experiments, metric)
+    value = next((m.value for m in model.metrics or [] if m.key == metric), float("nan"))
+    version = registry.register_version(
+        client, name, model, alias, {MODEL_TAG: MODEL_TYPE},
+        description="An mlexp image classifier: uint8 RGB images in, class probabilities out.")
+    echo(f"mlexp: registered {name} version {version} (logged model {model.model_id}, {model.name} of run "
+         f"{model.source_run_id}, {metric} {value:.4f}); models:/{name}@{alias} points at it")
+    return Registered(name, version, alias, model.model_id, model.source_run_id, value)
+
+
+def best_model(client, experiments: list[str], metric: str):
+    from mlflow.entities import LoggedModelStatus
+
+    ids = []
+    for experiment in experiments:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise MlexpError(f"no experiment named {experiment!r} at {client.tracking_uri}")
+        ids.append(found.experiment_id)
+    lower_is_better = "loss" in metric
+    candidates = client.search_logged_models(
+        ids, filter_string=f"name = 'best' AND tags.`{MODEL_TAG}` = '{MODEL_TYPE}'",
+        order_by=[{"field_name": f"metrics.{metric}", "ascending": lower_is_better}], max_results=50)
+    candidates = [m for m in candidates if m.status == LoggedModelStatus.READY
+                  and any(point.key == metric for point in m.metrics or [])]
+    if not candidates:
+        raise MlexpError(f"no finished mlexp run in {', '.join(experiments)} has a 'best' model with {metric} "
+                         "(runs log their models when they finish)")
+    return candidates[0]
