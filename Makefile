@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mlexp-installed
 DEMO_URI := sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: setup demo test bench mlproject
+.PHONY: setup demo check test bench mlproject
 
 setup: $(STAMP)
 
@@ -33,7 +33,11 @@ demo: $(STAMP)
 	$(BIN)/python -c "from mlexp.tracking import client_for, ui_hint; \
 	    print('\nOpen the runs:', ui_hint('$(DEMO_URI)', client_for('$(DEMO_URI)').get_experiment_by_name('mlexp-demo').experiment_id))"
 
-# The whole test suite (real MLflow stores and server, real timm models, CPU).
+# The fast tier: every test but the end-to-end ones (tests/e2e/), under 3 minutes on 2 cores.
+check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal --ignore=tests/e2e
+
+# The whole test suite (real MLflow stores and server, real timm models, real processes, CPU).
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal
 

@@ -9,7 +9,7 @@ a 360-image validation set (binomial), as on `digits`: the true mean difference 
 
 prints, for n = 5 and n = 10 pairs, how often the 95% interval holds the true difference
 (it should be 93-97%), and how often p < 0.05 when there is no difference (about 5%).
-`tests/test_stats.py` asserts the same figures.
+`tests/analysis/test_stats.py` asserts the same figures.
 """
 
 from __future__ import annotations

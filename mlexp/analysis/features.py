@@ -10,7 +10,7 @@ mlexp uses the debiased estimator of HSIC (Song et al. 2012, as in Nguyen et al.
 plain one, <HKH, HLH>, gives independent random features a CKA near sqrt(p q / ((n + p)(n + q))):
 0.67 for 512-wide layers seen on 256 images, which would read as "similar". The debiased one
 is near 0 for independent features at any width (|CKA| < 0.05 for n = 400 and p = q = 2,000
-in `tests/test_features.py`).
+in `tests/analysis/test_features.py`).
 
 For each backbone with paired pretrained and scratch runs, `compare --features` loads the
 best checkpoints of its first pair (lowest seed and fold), takes up to `MAX_IMAGES`

@@ -6,7 +6,7 @@ entities; the doors below are much faster, but MLflow does not promise to keep t
 is used only while it answers as expected: a missing module, method or endpoint, or a reply
 of an unexpected shape, closes that door for the `Reader` (the reason goes to
 `Reader.fallbacks`, the count of answers per door to `Reader.taken`) and the public API
-answers instead. tests/test_mlflow_internals.py runs every door against a real `mlflow server`
+answers instead. tests/analysis/test_mlflow_internals.py runs every door against a real `mlflow server`
 and a real SQLite store, checks it returns what the public API returns, and fails when a door
 is no longer taken: an MLflow upgrade that changes one fails there, not as a slow `compare`.
 

@@ -123,7 +123,7 @@ class _Arch:
 
 
 # The static facts about timm below (fixed_input_size, default pretrained weights) are what
-# timm 1.0 reports; tests/test_backbones.py checks them against the installed timm.
+# timm 1.0 reports; tests/models/test_backbones.py checks them against the installed timm.
 _ARCHS = (
     _Arch("resnet18", "resnet18", "resnet", timm_weights=TimmSource(
         "timm/resnet18.a1_in1k", url="https://github.com/huggingface/pytorch-image-models/releases/"

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 
 from tests.helpers import DIGITS_TRAIN_SIZE, run_mlexp, steps, subprocess_env
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "release-0.1-store.tar.gz"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "release-0.1-store.tar.gz"
 OLD_ROOT = "/tmp/mlexp-fixture-store"
 FINISHED_RUN = "5392051eacbc4a41b64fafb1c51929b9"
 KILLED_RUN = "84272cb4a63948258516136447436a14"
@@ -54,7 +54,7 @@ def digit_images(count: int) -> np.ndarray:
 
 
 def test_the_previous_release_s_logged_model_loads_evaluates_and_serves(tmp_path):
-    from tests.test_models_e2e import free_port, post_when_up, write_digits_folder
+    from tests.e2e.test_models_e2e import free_port, post_when_up, write_digits_folder
 
     root = relocated_store(tmp_path)
     env = subprocess_env(f"sqlite:///{root / 'mlflow.db'}")

@@ -6,17 +6,9 @@ import pytest
 import torch
 
 from mlexp.errors import MlexpError
-from mlexp.models.catalogue import (
-    ALIASES,
-    CATALOGUE,
-    build_backbone,
-    catalogue_rows,
-    create_model,
-    format_catalogue,
-    resolve_backbone,
-    swin_window_size,
-    vit_patch_size,
-)
+from mlexp.models.build import build_backbone, create_model
+from mlexp.models.catalogue import (ALIASES, CATALOGUE, catalogue_rows, format_catalogue, resolve_backbone,
+                                    swin_window_size, vit_patch_size)
 
 NAMES = [f"{arch}_{init}" for arch in ("resnet18", "resnet50", "vgg16", "deit_small", "swin_small")
          for init in ("pretrained", "scratch")] + ["vit_small", "vit_base"]

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlexp.tracking.local_server import free_port, start_local_server, stop_local_server
-from tests.test_sweep_launch import parallel_2_sweep
+from tests.e2e.test_sweep_launch import parallel_2_sweep
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from mlexp.config import TrainConfig, config_fields
 from mlexp.errors import MlexpError
 from mlexp.training.recipes import preset_fields
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_mlproject_file_is_generated_from_the_cli():
