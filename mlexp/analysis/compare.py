@@ -30,10 +30,15 @@ import pandas as pd
 from mlexp.analysis.comparisons import Metric, choose_metric, comparisons
 from mlexp.analysis.groups import RUN_METRICS, banded_curves, difference_curves, group_table, metric_values
 from mlexp.analysis.mlflow_internals import Reader
+from mlexp.analysis.plots import warm_up
 from mlexp.analysis.query import FINISHED, RunRecord, fetch_runs, mlflow_client, resolve_experiments
-from mlexp.analysis.report import log_compare_run
+from mlexp.analysis.report import log_compare_run, write_outputs
+from mlexp.analysis.tables import render_summary
 from mlexp.config import DEFAULT_EXPERIMENT
 from mlexp.errors import MlexpError
+from mlexp.models.catalogue import CATALOGUE
+from mlexp.sweep.launcher import display_name
+from mlexp.tracking import check_reachable, default_tracking_uri
 
 DEFAULT_GROUP_BY = ["backbone", "strategy"]
 INITS = ("pretrained", "scratch")
@@ -83,8 +88,6 @@ def compare(client_or_uri: Any, experiments: list[str], filter_string: str | Non
     best/val_acc); equal_budget: compare each pair at the epoch the shorter run stopped;
     between_backbones: also compare architectures with each other; features: load the paired
     pretrained and scratch models and compare their representations (CKA, mlexp.analysis.features)."""
-    from mlexp.analysis.plots import warm_up
-    from mlexp.analysis.report import write_outputs
 
     started = time.perf_counter()
     client = mlflow_client(client_or_uri)
@@ -115,7 +118,7 @@ def compare(client_or_uri: Any, experiments: list[str], filter_string: str | Non
     result.curves = {key: banded_curves(runs, histories[key], group_by) for key in CURVE_KEYS}
     result.diff_curves = difference_curves(runs, histories["val/acc"])
     if features:
-        from mlexp.analysis.features import compare_features
+        from mlexp.analysis.features import compare_features  # here: it loads torch, only --features needs it
 
         result.features = compare_features(client, runs, Path(out_dir))
     computed = time.perf_counter()
@@ -152,8 +155,6 @@ def arch_of(run: RunRecord) -> str | None:
 def backbone_name(run: RunRecord) -> str | None:
     """The backbone as the sweep summary names it: the logged (effective) catalogue name, e.g.
     resnet18_scratch or vit_small; a plain timm name gets its init appended (convnext_tiny_scratch)."""
-    from mlexp.models.catalogue import CATALOGUE
-    from mlexp.sweep.launcher import display_name
 
     name, arch = run.param("backbone"), arch_of(run)
     init = run.tags.get("mlexp.init") or run.param("init")
@@ -291,8 +292,8 @@ def epochs_to_reach(runs: pd.DataFrame, group_by: list[str]) -> pd.Series:
 
 
 # --- the command -------------------------------------------------------------------------------------
-def run_compare(tracking_uri: str | None, experiments: list[str], filter_string: str | None,
-                group_by: list[str], out_dir: Path | str, *,
+def run_compare(tracking_uri: str | None, experiments: list[str], filter_string: str | None = None,
+                group_by: list[str] | None = None, out_dir: Path | str = "mlexp-compare", *,
                 compare_experiment: str | None = None, log_run: bool = True, run_id: str | None = None,
                 **options: Any) -> CompareResult:
     """`mlexp compare`: compare, then log the outputs to an MLflow run.
@@ -303,7 +304,6 @@ def run_compare(tracking_uri: str | None, experiments: list[str], filter_string:
     by backbone,strategy") in `compare_experiment`, by default "<experiment>-compare": next
     to the compared experiment in the MLflow UI, apart from its training runs.
     """
-    from mlexp.tracking import check_reachable, default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     check_reachable(uri)
@@ -326,6 +326,5 @@ def compare_run_place(result: CompareResult) -> tuple[str, str]:
 
 def format_table(result: CompareResult) -> str:
     """The groups, the paired pretrained-vs-scratch differences and the excluded runs, as text."""
-    from mlexp.analysis.tables import render_summary
 
     return render_summary(result, markdown=False)

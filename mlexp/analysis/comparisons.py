@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from mlexp.analysis import stats
+from mlexp.errors import MlexpError
 
 MATCH = ["_dataset", "seed", "fold"]        # what every pair shares
 CONVERGENCE_FRACTION = 0.95                 # the level: 95% of the weaker init's mean best val acc
@@ -69,7 +70,6 @@ CURVE_METRICS = (BEST_VAL, "val/acc")  # what --equal-budget can read at an earl
 def choose_metric(requested: str | None, available: set[str], everywhere: set[str], equal_budget: bool) -> Metric:
     """--metric, else test/acc when every run has a test split, else best/val_acc.
     `available`: metric keys some run has; `everywhere`: keys every run has."""
-    from mlexp.errors import MlexpError
 
     if requested:
         if requested != BEST_VAL and requested not in available:

@@ -35,6 +35,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mlexp.analysis.comparisons import MATCH, pair_up
+from mlexp.analysis.plots import new_figure
+from mlexp.config import TrainConfig
+from mlexp.data.sources import build_data
+from mlexp.errors import MlexpError
+from mlexp.models.build import build_backbone, create_model
+from mlexp.models.catalogue import resolve_backbone
+from mlexp.models.strategies import attach_head
+from mlexp.training.checkpoints import WEIGHTS_FILE, load_weights
+
 MAX_IMAGES = 512
 MAX_POSITIONS = 8  # feature maps are average-pooled to at most 8 x 8 before flattening
 PENULTIMATE = "pre_logits"
@@ -116,14 +126,6 @@ class TrainedModel:
 def rebuild(client, run_id: str, workdir: Path) -> TrainedModel:
     """The model of a finished run, from its config.json and best (else final) checkpoint."""
     from accelerate.utils import set_seed
-
-    from mlexp.config import TrainConfig
-    from mlexp.data.sources import build_data
-    from mlexp.errors import MlexpError
-    from mlexp.models.build import build_backbone, create_model
-    from mlexp.models.catalogue import resolve_backbone
-    from mlexp.models.strategies import attach_head
-    from mlexp.training.checkpoints import WEIGHTS_FILE, load_weights
 
     folder = workdir / run_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -209,7 +211,6 @@ class FeatureComparison:
 
 def compare_backbone(client, arch: str, pretrained_run: str, scratch_run: str, out_dir: Path,
                      workdir: Path) -> FeatureComparison:
-    from mlexp.errors import MlexpError
 
     result = FeatureComparison(arch, pretrained_run, scratch_run)
     try:
@@ -249,8 +250,6 @@ def write_files(result: FeatureComparison, out_dir: Path) -> list[Path]:
 
 
 def heatmap_figure(result: FeatureComparison):
-    from mlexp.analysis.plots import new_figure
-
     size = len(result.layers)
     fig = new_figure(13, 6, left=0.12, bottom=0.25, right=0.97, wspace=0.45)
     ax, lines = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1]})
@@ -277,7 +276,6 @@ def heatmap_figure(result: FeatureComparison):
 # --- every backbone -----------------------------------------------------------------------------------
 def compare_features(client, runs: pd.DataFrame, out_dir: Path) -> list[FeatureComparison]:
     """One FeatureComparison per backbone with a pretrained/scratch pair (its first pair)."""
-    from mlexp.analysis.comparisons import MATCH, pair_up
 
     results = []
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from mlexp.analysis import stats
-from mlexp.analysis.comparisons import Metric
+from mlexp.analysis.comparisons import MATCH, Metric, pair_up
 from mlexp.analysis.query import RunRecord
 
 # Per-run quantities aggregated per group (mean and std of each).
@@ -79,7 +79,6 @@ def banded_curves(runs: pd.DataFrame, points_by_run: dict, group_by: list[str]) 
 def difference_curves(runs: pd.DataFrame, val_acc: dict) -> pd.DataFrame:
     """backbone, epoch, n, mean, low, high: pretrained minus scratch val/acc per epoch, over the
     pairs matched on dataset, strategy, seed and fold."""
-    from mlexp.analysis.comparisons import MATCH, pair_up
 
     columns = ["backbone", "epoch", "n", "mean", "low", "high"]
     rows = []

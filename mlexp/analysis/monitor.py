@@ -13,6 +13,7 @@ import math
 import time
 from typing import Any
 
+from mlexp import tracking
 from mlexp.analysis.query import FINISHED, RunRecord, fetch_runs, latest_step, mlflow_client, resolve_experiments
 from mlexp.sweep.progress import clock
 
@@ -78,7 +79,6 @@ def lost_runs(client_or_uri: Any = None, experiments: list[str] | None = None, n
 
 def reap(tracking_uri: str, experiments: list[str] | None = None, dry_run: bool = False) -> list[str]:
     """End every lost run FAILED, saying why; returns one line per run."""
-    from mlexp import tracking
 
     lines = []
     for run in lost_runs(tracking_uri, experiments):

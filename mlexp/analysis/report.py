@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+import mlexp
+from mlexp import tracking
 from mlexp.analysis.answers import report_markdown
 from mlexp.analysis.plots import plot_all
 from mlexp.analysis.tables import DEFINITIONS, render_summary
@@ -58,8 +60,6 @@ def log_compare_run(tracking_uri: str, result: CompareResult, out_dir: Path, exp
     """Log summary params, metrics and out_dir (as artifacts under compare/) to a new run in
     `experiment`, or to `project_run_id` (the run `mlflow run` made, which it ends), through
     the tracking outbox."""
-    import mlexp
-    from mlexp import tracking
 
     tracker = tracking.open_run(tracking_uri, experiment, run_name, run_id=project_run_id, heartbeat=False,
                                 tags={"mlexp.kind": "compare", "mlexp.version": mlexp.__version__})

@@ -17,6 +17,9 @@ from mlexp.commands.options import CONTEXT, Commands, build_config, config_optio
 from mlexp.commands.runs import compare_command, monitor_command, reap_command, sync_command
 from mlexp.commands.sweep import sweep_command
 from mlexp.config import TrainConfig
+from mlexp.models.catalogue import catalogue_rows
+from mlexp.models.preflight import preflight
+from mlexp.training.recipes import preset_rows
 
 
 @click.group(cls=Commands, context_settings=CONTEXT)
@@ -51,10 +54,8 @@ def train(**values: Any) -> None:
 
 def train_with(cfg: TrainConfig, run_id: str | None = None) -> None:
     """Train one run; `run_id`: log into that existing run (the one `mlflow run` created)."""
-    from mlexp.models.preflight import preflight
-
     spec = preflight(cfg)  # unknown backbone, missing weights offline: fail before torch/timm load (~3 s)
-    from mlexp.training.run import run_training
+    from mlexp.training.run import run_training  # here: torch, timm and MLflow load only once the config passed
 
     run_training(cfg, run_id=run_id, spec=spec)
 
@@ -89,16 +90,12 @@ for command in (sweep_command, compare_command, evaluate_command, register_comma
 @cli.command(context_settings=CONTEXT)
 def backbones() -> None:
     """List the backbone catalogue: names, timm models, init, size, weight sources."""
-    from mlexp.models.catalogue import catalogue_rows
-
     print_table(catalogue_rows())
 
 
 @cli.command(context_settings=CONTEXT)
 def recipes() -> None:
     """List the recipe presets usable with --recipe."""
-    from mlexp.training.recipes import preset_rows
-
     print_table(preset_rows())
 
 

@@ -22,8 +22,11 @@ import numpy as np
 import torch
 
 from mlexp import tracking
+from mlexp.data.digests import describe
+from mlexp.data.sources import CheckedImageFolder
 from mlexp.errors import MlexpError
 from mlexp.tracking import registry
+from mlexp.training.evaluation import split_metrics, write_report
 from mlexp.training.logged_models import (
     MODEL_TAG,
     MODEL_TYPE,
@@ -32,6 +35,7 @@ from mlexp.training.logged_models import (
     load_classifier,
     resolve,
 )
+from mlexp.training.loop import EvalResult
 
 EVAL_BATCH = 64
 
@@ -48,9 +52,6 @@ class Evaluated:
 
 def evaluate_model(model_uri: str, data: str, tracking_uri: str | None, experiment: str,
                    run_name: str | None = None, run_id: str | None = None, echo=print) -> Evaluated:
-    from mlexp.data.digests import describe
-    from mlexp.data.sources import CheckedImageFolder
-    from mlexp.training.evaluation import split_metrics, write_report
 
     uri = tracking_uri or tracking.default_tracking_uri()
     tracking.check_reachable(uri)
@@ -111,8 +112,6 @@ def check_same_classes(found: list[str], trained: list[str], root: Path) -> None
 @torch.no_grad()
 def run_model(classifier: Classifier, folder):
     from torch.utils.data import DataLoader
-
-    from mlexp.training.loop import EvalResult
 
     logits, labels = [], []
     for images, targets in DataLoader(folder, batch_size=EVAL_BATCH, shuffle=False):

@@ -30,7 +30,7 @@ def evaluate_command(**values: Any) -> None:
 
 
 def evaluate_with(values: dict[str, Any], run_id: str | None = None) -> None:
-    from mlexp.commands.model_runs import evaluate_model
+    from mlexp.commands.model_runs import evaluate_model  # here: it loads torch
 
     own = parse_options(EvaluateOptions, values)
     if not own.model or not own.data:
@@ -53,7 +53,7 @@ def register_command(**values: Any) -> None:
       mlexp register --name digits-classifier --experiment digits-sweep
       mlexp register --name digits-classifier --model runs:/RUN_ID --alias challenger
     """
-    from mlexp.commands.model_runs import register_best
+    from mlexp.commands.model_runs import register_best  # here: it loads torch
 
     own = parse_options(RegisterOptions, values)
     if not own.name:

@@ -17,6 +17,7 @@ import click
 
 from mlexp.config import TrainConfig, base_type, cli_name, config_fields, parse_value
 from mlexp.errors import MlexpError
+from mlexp.training.recipes import config_from_user_values
 
 # Every command's context: -h as --help, and help text up to 110 columns wide.
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -121,8 +122,6 @@ def build_config(values: dict[str, Any], defaults: dict[str, str] | None = None,
                  world_size: int | None = None) -> TrainConfig:
     """The config from the options the user set, over a command's own `defaults`;
     `world_size`: the processes it trains on (default: this one's, $WORLD_SIZE)."""
-    from mlexp.training.recipes import config_from_user_values
-
     chosen = {**(defaults or {}), **user_values(values)}
     return config_from_user_values(chosen, world_size=world_size or int(os.environ.get("WORLD_SIZE", "1")))
 

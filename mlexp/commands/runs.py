@@ -9,8 +9,11 @@ from typing import Any
 
 import click
 
+from mlexp.analysis import monitor
 from mlexp.commands.declarations import CompareOptions, MonitorOptions, ReapOptions, SyncOptions
 from mlexp.commands.options import CONTEXT, declared_options, parse_options
+from mlexp.tracking import check_reachable, default_tracking_uri
+from mlexp.tracking.sync import sync
 
 
 @click.command("compare", context_settings=CONTEXT)
@@ -34,7 +37,7 @@ def compare_command(**values: Any) -> None:
 
 def compare_with(values: dict[str, Any], run_id: str | None = None) -> None:
     """Compare as the options say; `run_id`: log the outputs into that existing run."""
-    from mlexp.analysis.compare import format_table, run_compare
+    from mlexp.analysis.compare import format_table, run_compare  # here: pandas and matplotlib load for compare only
 
     own = parse_options(CompareOptions, values)
     result = run_compare(own.tracking_uri, list(own.experiment), own.filter, list(own.group_by), Path(own.out),
@@ -60,8 +63,6 @@ def monitor_command(**values: Any) -> None:
 
 
 def monitor_with(values: dict[str, Any]) -> None:
-    from mlexp.analysis import monitor
-
     own = parse_options(MonitorOptions, values)
     uri = reachable_uri(own.tracking_uri)
     views = ([monitor.progress] if own.progress else []) + ([monitor.summary] if own.summary else [])
@@ -76,8 +77,6 @@ def monitor_with(values: dict[str, Any]) -> None:
 
 def reachable_uri(tracking_uri: str | None) -> str:
     """The store a reading command talks to (the default one when not given), checked reachable."""
-    from mlexp.tracking import check_reachable, default_tracking_uri
-
     uri = tracking_uri or default_tracking_uri()
     check_reachable(uri)
     return uri
@@ -98,8 +97,6 @@ def sync_command(**values: Any) -> None:
       mlexp sync --run 3f2a...            (a run that ended while the server was away)
       mlexp sync --all --to http://mlflow.example:5000    (runs recorded with --offline)
     """
-    from mlexp.tracking.sync import sync
-
     own = parse_options(SyncOptions, values)
     results = sync(own.run, own.all, own.to, own.dry_run, echo=click.echo)
     if any(result.after is not None and not result.complete for result in results):
@@ -115,8 +112,6 @@ def reap_command(**values: Any) -> None:
     Each reaped run gets `mlexp.error` saying why, and can still be resumed with
     `mlexp train --resume RUN_ID`.
     """
-    from mlexp.analysis import monitor
-
     own = parse_options(ReapOptions, values)
     lines = monitor.reap(reachable_uri(own.tracking_uri), list(own.experiment) or None, own.dry_run)
     click.echo("\n".join(lines) if lines else "No lost runs.")

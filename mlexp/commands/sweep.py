@@ -11,6 +11,9 @@ from mlexp.commands.declarations import SweepOptions
 from mlexp.commands.options import CONTEXT, build_config, config_options, declared_options, parse_options, user_values
 from mlexp.config import parse_value
 from mlexp.errors import MlexpError
+from mlexp.sweep.local_executor import check_counts, make_local_executor
+from mlexp.sweep.plan import INITS
+from mlexp.sweep.ray_executor import RayExecutor, import_ray
 
 # The grid's axes: a sweep sets these per child, so they are not training options of the sweep.
 SWEEP_AXES = ("backbone", "init", "strategy", "seed", "fold", "resume")
@@ -46,8 +49,7 @@ def sweep_command(**values: Any) -> None:
 
 def sweep_with(values: dict[str, Any], parent_run_id: str | None = None) -> None:
     """Run the grid the sweep options describe; `parent_run_id`: the sweep's existing run."""
-    from mlexp.sweep.launcher import run_sweep
-    from mlexp.sweep.plan import INITS
+    from mlexp.sweep.launcher import run_sweep  # here: the launcher loads torch (the data checks)
 
     own = parse_options(SweepOptions, values)
     training_values = {name: value for name, value in values.items() if name not in SweepOptions.__dataclass_fields__}
@@ -77,15 +79,9 @@ def executor_factory(own: SweepOptions):
     itself is made once the plan is printed."""
     if own.ray_address and own.executor != "ray":
         raise MlexpError("--ray-address needs --executor ray")
-    from mlexp.sweep.local_executor import check_counts
-
     counts = {"parallel": own.parallel, "gpus_per_run": own.gpus_per_run, "cpus_per_run": own.cpus_per_run}
     check_counts(**counts)
     if own.executor == "ray":
-        from mlexp.sweep.ray_executor import RayExecutor, import_ray
-
         import_ray()  # not installed: one line now
         return lambda: RayExecutor(own.ray_address, **counts)
-    from mlexp.sweep.local_executor import make_local_executor
-
     return lambda: make_local_executor(**counts)

@@ -24,6 +24,7 @@ from torchvision import transforms
 
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
+from mlexp.models.catalogue import resolve_backbone
 
 BUILT_IN = ("digits", "synthetic")
 DEFAULT_HFLIP = {"random-resized": 0.5, "resize": 0.0}
@@ -56,7 +57,6 @@ def data_config(cfg: TrainConfig) -> dict:
     """timm's data config of the run's backbone at its image size (input_size, interpolation,
     mean, std, crop_pct, crop_mode), plus the resolved training geometry and flip: what
     config.json and the `data.*` params record."""
-    from mlexp.models.catalogue import resolve_backbone
 
     resolved = dict(_data_config(resolve_backbone(cfg.backbone, cfg.init).timm_name, cfg.img_size))
     return {**{key: list(value) if isinstance(value, tuple) else value for key, value in resolved.items()},

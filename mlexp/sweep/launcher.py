@@ -26,6 +26,8 @@ from mlexp.sweep.local_executor import ChildJob, ChildOutcome
 from mlexp.sweep.plan import PlanRow, display_name, expand_grid, format_plan, grid_hash, grid_params, sweep_name
 from mlexp.sweep.progress import SweepProgress
 from mlexp.tracking import claims, server
+from mlexp.tracking.outbox import Outbox
+from mlexp.tracking.run import create_offline_run
 from mlexp.training.recipes import format_init_comparison
 
 POLL_S = 0.25  # how often the launcher looks at its children (a poll is cheap: no server request)
@@ -295,9 +297,6 @@ def child_job(launch: Launch, row: PlanRow, total: int) -> ChildJob:
 
 
 def offline_child(launch: Launch, row: PlanRow) -> str:
-    from mlexp.tracking.outbox import Outbox
-    from mlexp.tracking.run import create_offline_run
-
     parent = Outbox.find(launch.parent_run_id)
     tags = {"mlexp.sweep_id": launch.parent_run_id, "mlexp.config_hash": row.config_hash,
             "mlflow.runName": row.run_name}

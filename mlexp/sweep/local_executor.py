@@ -22,7 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlexp.tracking import claims, server
+from mlexp.errors import MlexpError
+from mlexp.tracking import claims, end_run, server
+from mlexp.tracking.outbox import TERMINAL, Outbox
+from mlexp.tracking.sync import sync_outbox
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 STOP_WAIT_S = 60.0  # Ctrl-C: how long the children get to end their runs KILLED
@@ -135,8 +138,6 @@ def settle(job: ChildJob, run_id: str, exit_code: int, seconds: float) -> ChildO
 
 
 def run_result(job: ChildJob, run_id: str) -> tuple[str | None, float | None]:
-    from mlexp.tracking.outbox import TERMINAL, Outbox
-
     box = Outbox.find(run_id)
     local = box.info().status if box is not None else None
     if job.offline:
@@ -155,7 +156,6 @@ def deliver_leftovers(box, run_id: str, tracking_uri: str):
     """A child whose time to send its last records ran out (a kill, or Ctrl-C's few seconds to
     end its run KILLED) left them in its outbox: send them now, so the server, not only this
     launcher, says how the run ended. The run as the server then has it (None if unreachable)."""
-    from mlexp.tracking.sync import sync_outbox
 
     try:
         sync_outbox(box, None, False, stall=LEFTOVER_STALL_S)
@@ -167,8 +167,6 @@ def deliver_leftovers(box, run_id: str, tracking_uri: str):
 
 
 def end_untrained(job: ChildJob, run_id: str, status: str, message: str) -> None:
-    from mlexp.tracking import end_run
-
     try:
         end_run(job.tracking_uri, run_id, status, message, offline=job.offline)
     except Exception as error:  # noqa: BLE001 - the run then shows as lost; `mlexp reap` ends it
@@ -311,7 +309,6 @@ def make_local_executor(parallel: int | None, gpus_per_run: int | None, cpus_per
 
     GPUs: N defaults to GPUs // K, each child on its own K GPUs. CPU: N defaults to 1, and
     each child gets cores // N threads, so N children never oversubscribe the cores."""
-    from mlexp.errors import MlexpError
 
     check_counts(parallel, gpus_per_run, cpus_per_run)
     gpus = visible_gpus() if gpus_per_run != 0 else []
@@ -330,8 +327,6 @@ def make_local_executor(parallel: int | None, gpus_per_run: int | None, cpus_per
 
 
 def check_counts(parallel: int | None, gpus_per_run: int | None, cpus_per_run: int | None) -> None:
-    from mlexp.errors import MlexpError
-
     if parallel is not None and parallel < 1:
         raise MlexpError(f"--parallel must be at least 1, got {parallel}")
     if gpus_per_run is not None and gpus_per_run < 0:

@@ -18,7 +18,8 @@ import socket
 import time
 
 from mlexp.errors import MlexpError
-from mlexp.sweep.local_executor import ChildJob, ChildOutcome, check_counts, run_job
+from mlexp.sweep.local_executor import ChildJob, ChildOutcome, check_counts, end_untrained, run_job
+from mlexp.tracking import claims, server
 
 TASK_RETRIES = 3  # runs of one configuration after its worker or training process was killed
 
@@ -131,8 +132,6 @@ class RayExecutor:
 
 def failed_task(job: ChildJob, error: BaseException, seconds: float) -> ChildOutcome:
     """A task Ray gave up on: its run, if it has one, ends FAILED with the reason."""
-    from mlexp.sweep.local_executor import end_untrained
-    from mlexp.tracking import claims, server
 
     message = " ".join(str(error).split())[:300] or type(error).__name__
     run_id = None

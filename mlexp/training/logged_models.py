@@ -28,7 +28,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mlexp.config import TrainConfig
+from mlexp.data.sources import to_rgb8
+from mlexp.data.transforms import build_transforms
 from mlexp.errors import MlexpError
+from mlexp.models.build import create_model
+from mlexp.models.catalogue import resolve_backbone
+from mlexp.models.strategies import attach_head
+from mlexp.tracking.server import first_line
+from mlexp.training.checkpoints import WEIGHTS_FILE, load_weights, save_weights
 
 CLASSIFIER_ARTIFACT = "classifier"  # the folder inside the MLflow model: classifier.json + weights
 CLASSIFIER_FILE = "classifier.json"
@@ -49,7 +57,6 @@ class Classifier:
     @torch.no_grad()
     def logits(self, images) -> torch.Tensor:
         """Logits for PIL images (any mode, any size), in batches."""
-        from mlexp.data.sources import to_rgb8
 
         outputs = []
         for start in range(0, len(images), PREDICT_BATCH):
@@ -60,7 +67,6 @@ class Classifier:
 
 def write_classifier(folder: Path, config: dict, class_names: list[str], weights: dict[str, torch.Tensor]) -> Path:
     """The weights (safetensors) and what rebuilds their network, in `folder`."""
-    from mlexp.training.checkpoints import WEIGHTS_FILE, save_weights
 
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(weights, folder / WEIGHTS_FILE)
@@ -69,13 +75,6 @@ def write_classifier(folder: Path, config: dict, class_names: list[str], weights
 
 
 def load_classifier(folder: Path) -> Classifier:
-    from mlexp.config import TrainConfig
-    from mlexp.data.transforms import build_transforms
-    from mlexp.models.build import create_model
-    from mlexp.models.catalogue import resolve_backbone
-    from mlexp.models.strategies import attach_head
-    from mlexp.training.checkpoints import WEIGHTS_FILE, load_weights
-
     described = json.loads((folder / CLASSIFIER_FILE).read_text())
     cfg = TrainConfig.from_dict(described["config"])
     class_names = list(described["class_names"])
@@ -148,7 +147,6 @@ def requirements() -> list[str]:
 
 def example_images(dataset, count: int = 1) -> np.ndarray:
     """The first images of a split, untransformed, as the uint8 batch a client would send."""
-    from mlexp.data.sources import to_rgb8
 
     raw = getattr(dataset, "dataset", dataset)
     indices = list(getattr(dataset, "indices", range(len(dataset))))[:count]
@@ -169,8 +167,6 @@ def resolve(client, uri: str):
     models:/NAME/VERSION or models:/MODEL_ID. One clear MlexpError when there is none, or when
     it is not a model mlexp logged."""
     from mlflow.exceptions import MlflowException
-
-    from mlexp.tracking.server import first_line
 
     try:
         model = _logged_model(client, uri)

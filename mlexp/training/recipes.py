@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from mlexp.config import TrainConfig
+from mlexp.config import TrainConfig, parse_value
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import BackboneSpec, resolve_backbone
 
@@ -172,8 +172,6 @@ def _field_value(name: str, values: dict[str, object]) -> object:
     """A field's typed value from user/preset values, else its declared default."""
     from dataclasses import fields
     from typing import get_type_hints
-
-    from mlexp.config import parse_value
 
     raw = values.get(name)
     if raw is None or raw == "":

@@ -14,13 +14,17 @@ from accelerate import Accelerator
 import mlexp
 from mlexp import tracking
 from mlexp.config import TrainConfig, config_hash
+from mlexp.data.transforms import data_config
 from mlexp.models.catalogue import BackboneSpec
 from mlexp.models.weight_sources import default_export_path
 from mlexp.training import checkpoints, hardware
 from mlexp.training.calibration import calibrate
+from mlexp.training.evaluation import best_weights_model, split_metrics, write_report
+from mlexp.training.logged_models import MODEL_TAG, MODEL_TYPE, example_images, staged_model
 from mlexp.training.loop import EvalResult, TrainParts, evaluate
 from mlexp.training.parts import eval_model, final_weights_model
-from mlexp.training.records import History, training_info, write_csvs, write_json
+from mlexp.training.records import EPOCH_METRICS, History, training_info, write_csvs, write_json
+from mlexp.training.system_metrics import SystemMetrics
 
 
 def default_run_name(spec: BackboneSpec, cfg: TrainConfig) -> str:
@@ -50,7 +54,6 @@ def git_commit() -> str | None:
 def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, parts: TrainParts, data) -> None:
     """Params (effective), the distributed set-up, what `auto` became on this machine, the
     data config (timm's, for this backbone), parameter counts, and config.json."""
-    from mlexp.data.transforms import data_config
 
     total = sum(p.numel() for p in parts.module.parameters())
     chosen = {"mixed_precision": accelerator.mixed_precision, "channels_last": str(parts.channels_last).lower(),
@@ -76,7 +79,6 @@ def evaluate_splits(parts: TrainParts, history: History, test_loader, val_loader
     validation set, with the best-on-validation weights; the metric keys it logged (at the last
     epoch's step). test/epoch says whose weights they were: the best epoch; after a resume that
     began past it, the final weights."""
-    from mlexp.training.evaluation import best_weights_model, split_metrics, write_report
 
     model = best_weights_model(final_weights_model(parts), parts.best_weights)
     epoch = history.best_epoch if parts.best_weights is not None else last_epoch
@@ -148,8 +150,6 @@ def log_models(tracker, parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec,
     """The best and final weights as MLflow logged models (mlexp.training.logged_models), at their epochs'
     steps, linked to those epochs' metrics (the best one also to the end-of-run report, which
     its weights produced) and through them to the splits."""
-    from mlexp.training.logged_models import MODEL_TAG, MODEL_TYPE, example_images, staged_model
-    from mlexp.training.records import EPOCH_METRICS
 
     config, example = cfg.to_dict(), example_images(data.val_set)
     datasets = {split["context"]: split for split in splits}
@@ -170,7 +170,6 @@ def start_system_metrics(tracker, cfg: TrainConfig):
     """System metrics for a tracked run (mlexp.training.system_metrics), numbered on from a resumed run's."""
     if not cfg.system_metrics or isinstance(tracker, tracking.NullTracker):
         return None
-    from mlexp.training.system_metrics import SystemMetrics
 
     return SystemMetrics(tracker, tracker.last_step("system/cpu_utilization_percentage")).start()
 

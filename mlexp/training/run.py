@@ -26,6 +26,8 @@ from mlexp.errors import MlexpError
 from mlexp.models.build import build_backbone
 from mlexp.models.catalogue import BackboneSpec, resolve_backbone
 from mlexp.models.weight_sources import WeightsFile, locate_weights
+from mlexp.tracking.outbox import Outbox
+from mlexp.tracking.sync import sync_outbox
 from mlexp.training.console import print_epoch, print_outcome, print_start, report_delivery
 from mlexp.training.loop import TrainParts, evaluate, train_one_epoch
 from mlexp.training.parts import (
@@ -138,8 +140,6 @@ def check_same_configuration(cfg: TrainConfig, spec: BackboneSpec | None, starte
 def deliver_finished_run(run_id: str) -> TrainResult | None:
     """`--resume` of a run that finished training but whose results never all reached the server
     (killed during its final uploads, or the server was away): send them, train nothing."""
-    from mlexp.tracking.outbox import Outbox
-    from mlexp.tracking.sync import sync_outbox
 
     box = Outbox.find(run_id)
     if box is None or box.info().status != "FINISHED" or box.info().offline:
