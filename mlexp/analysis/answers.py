@@ -17,7 +17,7 @@ from mlexp.analysis import stats
 from mlexp.analysis.tables import p_text
 
 if TYPE_CHECKING:
-    from mlexp.analysis.compare import CompareResult
+    from mlexp.analysis.result import CompareResult
 
 ALPHA = 0.05
 QUESTIONS = ("Which initialisation works better for this task?", "How much does pretraining help?",

@@ -21,23 +21,23 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from mlexp.analysis.comparisons import Metric, choose_metric, comparisons
+from mlexp.analysis.comparisons import choose_metric, comparisons
 from mlexp.analysis.groups import RUN_METRICS, banded_curves, difference_curves, group_table, metric_values
 from mlexp.analysis.mlflow_internals import Reader
 from mlexp.analysis.plots import warm_up
 from mlexp.analysis.query import FINISHED, RunRecord, fetch_runs, mlflow_client, resolve_experiments
 from mlexp.analysis.report import log_compare_run, write_outputs
+from mlexp.analysis.result import CompareResult
 from mlexp.analysis.tables import render_summary
 from mlexp.config import DEFAULT_EXPERIMENT
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import CATALOGUE
-from mlexp.sweep.launcher import display_name
+from mlexp.sweep.plan import display_name
 from mlexp.tracking import check_reachable, default_tracking_uri
 
 DEFAULT_GROUP_BY = ["backbone", "strategy"]
@@ -53,29 +53,6 @@ PAIR_FIELDS = ("arch", "init", "dataset", "strategy")  # kept per run (as _arch,
 CONVERGENCE_FRACTION = 0.95
 EARLY_EPOCHS = 5
 RESERVED = {"run_id", "run_name", *RUN_METRICS}
-
-
-@dataclass
-class CompareResult:
-    experiments: dict[str, str]            # id -> name
-    filter_string: str | None
-    group_by: list[str]
-    runs: pd.DataFrame                     # one row per finished training run
-    groups: pd.DataFrame                   # one row per group: runs, <metric>_mean, <metric>_std
-    pairs: pd.DataFrame                    # one row per matched pretrained/scratch pair
-    comparisons: pd.DataFrame              # every paired comparison (mlexp.analysis.comparisons), Holm-adjusted
-    metric: Metric                         # what the comparisons compare
-    excluded: list[dict[str, Any]]         # training runs left out of the statistics, and why
-    ignored: dict[str, int] = field(default_factory=dict)  # kind -> count of runs that are not training runs
-    curves: dict[str, pd.DataFrame] = field(default_factory=dict)  # key -> group, epoch, n, mean, low, high
-    diff_curves: pd.DataFrame = field(default_factory=pd.DataFrame)  # backbone, epoch, n, mean, low, high
-    equal_budget: bool = False
-    lacking_metric: list[str] = field(default_factory=list)  # runs without the compared metric (left out of it)
-    features: list = field(default_factory=list)   # mlexp.analysis.features.FeatureComparison per backbone
-    files: list[Path] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    run_id: str | None = None              # the MLflow run the outputs were logged to
-    reads: dict[str, Any] = field(default_factory=dict)  # which MLflow doors answered (mlflow_internals)
 
 
 def compare(client_or_uri: Any, experiments: list[str], filter_string: str | None = None,
@@ -286,9 +263,6 @@ def epochs_to_reach(runs: pd.DataFrame, group_by: list[str]) -> pd.Series:
         target = CONVERGENCE_FRACTION * best
         result.append(next((float(step) for step, value in points if value >= target), math.nan))
     return pd.Series(result, index=runs.index)
-
-
-
 
 
 # --- the command -------------------------------------------------------------------------------------

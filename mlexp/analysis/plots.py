@@ -14,7 +14,7 @@ import pandas as pd
 from mlexp.analysis.tables import time_unit
 
 if TYPE_CHECKING:
-    from mlexp.analysis.compare import CompareResult
+    from mlexp.analysis.result import CompareResult
 
 
 def new_figure(width: float, height: float, **margins: float):

@@ -18,7 +18,7 @@ from mlexp.analysis.plots import plot_all
 from mlexp.analysis.tables import DEFINITIONS, render_summary
 
 if TYPE_CHECKING:
-    from mlexp.analysis.compare import CompareResult
+    from mlexp.analysis.result import CompareResult
 
 
 def write_outputs(result: CompareResult, out_dir: Path, plots: bool = True) -> list[Path]:

@@ -12,7 +12,7 @@ import pandas as pd
 from mlexp.analysis import stats
 
 if TYPE_CHECKING:
-    from mlexp.analysis.compare import CompareResult
+    from mlexp.analysis.result import CompareResult
 
 
 EXCLUDED_SHOWN = 20

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mlexp.errors import MlexpError
-from mlexp.models.weight_sources import TimmSource, timm_source
 
 if TYPE_CHECKING:
     pass
@@ -36,6 +35,26 @@ _MODULE_FAMILY = {
     "deit": "vit",
     "swin_transformer": "swin",
 }
+
+
+@dataclass(frozen=True)
+class TimmSource:
+    """Where timm's default pretrained weights for a model live: the fields of timm's
+    pretrained_cfg that mlexp reads (the catalogue holds them statically, see backbones)."""
+
+    hf_hub_id: str = ""  # "timm/resnet50.a1_in1k" (optionally "@revision")
+    hf_hub_filename: str | None = None  # None: model.safetensors, else pytorch_model.bin
+    url: str = ""  # a plain download URL (cached under torch hub's checkpoints/)
+    file: str = ""
+
+
+def timm_source(timm_name: str) -> TimmSource | None:
+    """timm's pretrained cfg for a model name, read from timm (imports timm: ~3 s)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(timm_name)
+    return None if cfg is None else TimmSource(cfg.hf_hub_id or "", cfg.hf_hub_filename or None,
+                                               cfg.url or "", cfg.file or "")
 
 
 @dataclass(frozen=True)
@@ -354,8 +373,3 @@ def format_catalogue(rows: list[dict] | None = None) -> str:
     lines.append("Any other timm model name works too, with --init pretrained or --init scratch. "
                  "Params exclude the classifier.")
     return "\n".join(lines)
-
-
-
-
-

@@ -28,35 +28,12 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from mlexp.errors import MlexpError
-
-if TYPE_CHECKING:
-    from mlexp.models.catalogue import BackboneSpec
+from mlexp.models.catalogue import BackboneSpec, TimmSource, timm_source
 
 PROBE_TIMEOUT_S = 1.5
-
-
-@dataclass(frozen=True)
-class TimmSource:
-    """Where timm's default pretrained weights for a model live: the fields of timm's
-    pretrained_cfg that mlexp reads (the catalogue holds them statically, see backbones)."""
-
-    hf_hub_id: str = ""  # "timm/resnet50.a1_in1k" (optionally "@revision")
-    hf_hub_filename: str | None = None  # None: model.safetensors, else pytorch_model.bin
-    url: str = ""  # a plain download URL (cached under torch hub's checkpoints/)
-    file: str = ""
-
-
-def timm_source(timm_name: str) -> TimmSource | None:
-    """timm's pretrained cfg for a model name, read from timm (imports timm: ~3 s)."""
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(timm_name)
-    return None if cfg is None else TimmSource(cfg.hf_hub_id or "", cfg.hf_hub_filename or None,
-                                               cfg.url or "", cfg.file or "")
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from mlflow import MlflowClient
 
 from mlexp.tracking import claims
 from mlexp.tracking.local_server import free_port
-from tests.helpers import subprocess_env
 from tests.e2e.test_sweep_launch import GRID, assert_each_trained_once, logs_of, sweep_runs
+from tests.helpers import subprocess_env
 
 pytest.importorskip("ray")
 RAY = str(Path(sys.executable).parent / "ray")

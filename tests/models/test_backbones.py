@@ -7,8 +7,15 @@ import torch
 
 from mlexp.errors import MlexpError
 from mlexp.models.build import build_backbone, create_model
-from mlexp.models.catalogue import (ALIASES, CATALOGUE, catalogue_rows, format_catalogue, resolve_backbone,
-                                    swin_window_size, vit_patch_size)
+from mlexp.models.catalogue import (
+    ALIASES,
+    CATALOGUE,
+    catalogue_rows,
+    format_catalogue,
+    resolve_backbone,
+    swin_window_size,
+    vit_patch_size,
+)
 
 NAMES = [f"{arch}_{init}" for arch in ("resnet18", "resnet50", "vgg16", "deit_small", "swin_small")
          for init in ("pretrained", "scratch")] + ["vit_small", "vit_base"]
@@ -121,8 +128,7 @@ def test_static_timm_facts_match_timm():
     """The catalogue resolves without timm, from facts copied from timm: check them against it."""
     from timm.models import get_pretrained_cfg
 
-    from mlexp.models.catalogue import _ARCHS, _family
-    from mlexp.models.weight_sources import TimmSource, timm_source
+    from mlexp.models.catalogue import _ARCHS, TimmSource, _family, timm_source
 
     for arch in _ARCHS:
         cfg = get_pretrained_cfg(arch.timm_name)  # the default tag, as timm.create_model(pretrained=True) uses
