@@ -1,6 +1,7 @@
-"""The command line's machinery: options generated from TrainConfig, what the user set,
-list options, near-miss suggestions, and user errors as one line with exit status 2.
-Shared by the `mlexp` CLI and the MLflow Project entry points, so both parse alike."""
+"""The command line's machinery: options generated from their declarations (TrainConfig for
+training, `commands.declarations` for every other command) and parsed back into them, what
+the user set, list options, near-miss suggestions, and user errors as one line with exit
+status 2. Shared by the `mlexp` CLI and the MLflow Project entry points, so both parse alike."""
 
 from __future__ import annotations
 
@@ -29,8 +30,6 @@ def config_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callab
 
 
 def _add_config_options(func: Callable, exclude: tuple[str, ...]) -> Callable:
-    from typing import get_type_hints
-
     hints = get_type_hints(TrainConfig)
     for f in reversed([f for f in config_fields() if f.name not in exclude]):
         choices = f.metadata.get("choices")
@@ -56,13 +55,9 @@ def declared_options(declaration: type) -> Callable[[Callable], Callable]:
     """Add one option per field of a command's declaration (commands.declarations)."""
     def add(func: Callable) -> Callable:
         for f in reversed(fields(declaration)):
-            func = click.option(*declared_option_args(f), **declared_option_kwargs(f))(func)
+            func = click.option(f"--{cli_name(f.name)}", f.name, **declared_option_kwargs(f))(func)
         return func
     return add
-
-
-def declared_option_args(f: Field) -> tuple[str, str]:
-    return f"--{cli_name(f.name)}", f.name
 
 
 def declared_option_kwargs(f: Field) -> dict[str, Any]:
