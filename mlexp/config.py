@@ -51,7 +51,8 @@ class TrainConfig:
                                "0 = none; a DATA/test folder (or --test-dir) is used when it exists.")
     test_dir: str | None = option(None, "A separate ImageFolder for the test set (default: DATA/test beside "
                                   "DATA/train if it exists, else --test-split of the data).")
-    folds: int = option(0, "Use k-fold splits of the data instead of val-split (0 = off).")
+    folds: int = option(0, "Use k-fold splits of the data instead of val-split (0 = off); the images must be one "
+                        "pool (no separate validation folder).")
     fold: int = option(0, "Which fold (0-based) is the validation fold when --folds is set.")
     img_size: int = option(32, f"Square input size in pixels (at most {MAX_IMG_SIZE}).")
     train_crop: str = option("auto", "Training geometry: timm's random-resized crop (validation: resize and "

@@ -287,6 +287,10 @@ def check_data_source(cfg: TrainConfig) -> None:
     if val_root is None:
         check_split(train_counts, cfg, str(train_root))
         return
+    if cfg.folds:  # k folds of what? Each would train and validate on these same two folders
+        raise MlexpError(f"--folds {cfg.folds} splits one pool of images into folds, but {val_root} is a separate "
+                         "validation folder: every fold would train and validate on the same images; drop --folds "
+                         "(one split: the two folders), or put all images in one folder for k-fold")
     require_folder(val_root, "validation")
     val_counts = _checked_counts(val_root, "validation")
     if sorted(val_counts) != sorted(train_counts):

@@ -155,13 +155,42 @@ def test_built_in_data_is_checked_too_without_folder_advice():
 def test_separate_val_dir_needs_no_split_but_the_same_non_empty_classes(tmp_path):
     train = make_folder(tmp_path / "train", {"a": 1, "b": 1})
     val = make_folder(tmp_path / "val", {"a": 1, "b": 1})
-    check_data_source(TrainConfig(data=str(train), val_dir=str(val), folds=3))  # no split: fine
+    check_data_source(TrainConfig(data=str(train), val_dir=str(val)))  # no split: fine
     other = make_folder(tmp_path / "other", {"a": 1, "c": 1})
     assert "differ from training classes" in check(tmp_path, data=str(train), val_dir=str(other))
     (tmp_path / "val" / "empty").mkdir()
     (tmp_path / "train" / "empty").mkdir()
     message = check(tmp_path, data=str(train), val_dir=str(val))
     assert f"class folder {tmp_path / 'train' / 'empty'} holds no images" in message
+
+
+def test_folds_never_silently_repeat_one_split(tmp_path):
+    """k folds split one pool of images. With a separate validation folder every "fold" used to
+    train and validate on the same two folders: identical runs that compare then counted as
+    independent folds. That is refused; one pooled folder gives k distinct splits."""
+    from mlexp.data.digests import content_digest
+    from mlexp.data.sources import build_data
+
+    pooled = make_folder(tmp_path / "pooled", {"a": 6, "b": 6})
+    with_val = tmp_path / "with-val"
+    make_folder(with_val / "train", {"a": 6, "b": 6})
+    make_folder(with_val / "val", {"a": 2, "b": 2})
+    for data, val_dir in ((with_val, None), (with_val / "train", with_val / "val")):
+        options = {"data": str(data), "val_dir": str(val_dir) if val_dir else None, "folds": 3, "fold": 1}
+        message = check(tmp_path, **options)
+        assert "--folds 3 splits one pool of images" in message and "separate validation folder" in message
+        # what training would have used: the same split for every fold
+        splits = {content_digest(build_data(TrainConfig(**{**options, "fold": fold})).val_set)[0] for fold in range(3)}
+        assert len(splits) == 1
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = run_mlexp(["sweep", "--backbones", "test_resnet", "--inits", "scratch", "--data", str(with_val),
+                      "--folds", "3", "--img-size", "16"], subprocess_env(uri), tmp_path)
+    one_line_error(done, "--folds 3 splits one pool of images")
+    assert runs_in(tmp_path / "mlflow.db") == 0
+    folds = [build_data(TrainConfig(data=str(pooled), folds=3, fold=fold)) for fold in range(3)]
+    check_data_source(TrainConfig(data=str(pooled), folds=3, fold=2))
+    assert len({content_digest(bundle.val_set)[0] for bundle in folds}) == 3
+    assert len({content_digest(bundle.train_set)[0] for bundle in folds}) == 3
 
 
 # --- 3: image size bound ---------------------------------------------------------------------
