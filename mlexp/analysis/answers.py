@@ -250,4 +250,8 @@ def report_markdown(result: CompareResult) -> str:
         lines += [f"> {result.metric.biased_note}", ""]
     for number, (question, said) in enumerate(zip(QUESTIONS, answers), start=1):
         lines += [f"## {number}. {question}", "", *(f"- {sentence}" for sentence in said), ""]
+    repeats = [row for row in result.excluded if row["status"] == "DUPLICATE"]
+    if repeats:  # what n does not count, and why: a reader checks the evidence, not only the verdicts
+        lines += ["## Runs counted once", "",
+                  *(f"- {row['run_name']} ({row['run_id']}): {row['reason']}" for row in repeats), ""]
     return "\n".join(lines)

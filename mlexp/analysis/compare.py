@@ -34,7 +34,7 @@ from mlexp.analysis.query import FINISHED, RunRecord, fetch_runs, mlflow_client,
 from mlexp.analysis.report import log_compare_run, write_outputs
 from mlexp.analysis.result import CompareResult
 from mlexp.analysis.tables import render_summary
-from mlexp.config import DEFAULT_EXPERIMENT
+from mlexp.config import BOOKKEEPING, DEFAULT_EXPERIMENT
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import CATALOGUE
 from mlexp.sweep.plan import display_name
@@ -52,6 +52,9 @@ CURVE_KEYS = ("val/acc", "val/loss")
 PAIR_FIELDS = ("arch", "init", "dataset", "strategy")  # kept per run (as _arch, ...) to match pairs on
 CONVERGENCE_FRACTION = 0.95
 EARLY_EPOCHS = 5
+# Params that do not change what a run learned from which images: runs equal in everything else and
+# in their split digest are one sample, whatever their fold says.
+NOT_THE_SAMPLE = {"fold", *BOOKKEEPING}
 RESERVED = {"run_id", "run_name", *RUN_METRICS}
 
 
@@ -175,18 +178,28 @@ def value_at(points: list[tuple[int, float]], step: int) -> float:
 
 
 def duplicates(runs: list[RunRecord]) -> dict[str, str]:
-    """run id -> the run it repeats: finished runs of one configuration (one mlexp.config_hash)
-    count once, the first trained, never as independent seeds."""
-    first: dict[str, str] = {}
+    """run id -> why it is not counted: finished runs of one configuration (one
+    mlexp.config_hash) count once, the first trained, never as independent seeds; and runs that
+    differ only in their fold but trained on the same split (one mlexp.split_digest: folds that
+    were not folds) count once, never as independent folds."""
+    first: dict[tuple, RunRecord] = {}
     repeats: dict[str, str] = {}
     for run in sorted(runs, key=lambda r: (r.start_time or 0, r.run_id)):
-        config = run.tags.get("mlexp.config_hash")
-        if config is None:
-            continue
-        if config in first:
-            repeats[run.run_id] = first[config]
-        else:
-            first[config] = run.run_id
+        config, split = run.tags.get("mlexp.config_hash"), run.tags.get("mlexp.split_digest")
+        sample = (split, *sorted((name.removeprefix("effective."), value) for name, value in run.params.items()
+                                 if name.removeprefix("effective.") not in NOT_THE_SAMPLE))
+        for key, why in (("config", config), ("split", split and sample)):
+            if why is None:
+                continue
+            if (key, why) not in first:
+                first[(key, why)] = run
+            elif run.run_id not in repeats:
+                other = first[(key, why)]
+                repeats[run.run_id] = (
+                    f"the same configuration as run {other.run_id} (mlexp.config_hash {config}): counted once"
+                    if key == "config" else
+                    f"fold {run.param('fold')} trained and validated on the same images as fold {other.param('fold')} "
+                    f"(run {other.run_id}, mlexp.split_digest {split}): counted once, not as another fold")
     return repeats
 
 
@@ -214,9 +227,7 @@ def run_table(records: list[RunRecord], histories: dict, group_by: list[str], ex
             rows.append(run_row(run, val_acc.get(run.run_id, []), group_by, experiment))
         elif run.run_id in duplicate_of:
             excluded.append({"run_id": run.run_id, "run_name": run.run_name, "status": "DUPLICATE",
-                             "experiment": experiment, "reason": f"the same configuration as run "
-                             f"{duplicate_of[run.run_id]} (mlexp.config_hash {run.tags['mlexp.config_hash']}): "
-                             "counted once"})
+                             "experiment": experiment, "reason": duplicate_of[run.run_id]})
         else:
             reason = f"status {run.status}" if run.status != FINISHED else "finished without a val/acc metric"
             excluded.append({"run_id": run.run_id, "run_name": run.run_name, "status": run.status,

@@ -39,6 +39,14 @@ def describe_splits(data: DataBundle, source: str) -> list[SplitDataset]:
     return [describe(dataset, context, data.name, source, data.num_classes) for context, dataset in splits]
 
 
+def split_digest(splits: list[SplitDataset]) -> str:
+    """One digest of a run's whole split: which images train, validate and test. Two runs with
+    one split digest trained and were evaluated on exactly the same images (tag
+    `mlexp.split_digest`: compare never counts such runs as different folds)."""
+    joined = "".join(sorted(f"{split.context}\t{split.digest}\n" for split in splits))
+    return hashlib.sha256(joined.encode()).hexdigest()[:12]
+
+
 def describe(dataset: Dataset, context: str, data_name: str, source: str, num_classes: int) -> SplitDataset:
     digest, root = content_digest(dataset)
     return SplitDataset(context, f"{data_name}-{context}", digest, root or source, len(dataset), num_classes)

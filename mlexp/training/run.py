@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from mlexp import tracking
 from mlexp.config import TrainConfig, config_hash
-from mlexp.data.digests import describe_splits
+from mlexp.data.digests import describe_splits, split_digest
 from mlexp.data.loading import loader_kwargs, loader_samples_per_s
 from mlexp.data.sources import build_data, check_data_source
 from mlexp.errors import MlexpError
@@ -186,10 +186,12 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
     history, start_epoch = restore(resume, parts) if resume else (History(), 1)
     if accelerator.is_main_process:
         print_start(cfg, spec, built, data, accelerator, tracker, training.tracking_uri)
-    splits = [split.to_dict() for split in describe_splits(data, cfg.data)]
+    described = describe_splits(data, cfg.data)
+    splits = [split.to_dict() for split in described]
     if resume is None or resume.checkpoint_dir is None:  # a new run, or one killed before its first checkpoint
         log_run_start(tracker, cfg, accelerator, built, parts, data)
         tracker.log_inputs(splits)
+        tracker.set_tags({"mlexp.split_digest": split_digest(described)})
         if accelerator.is_main_process:  # once per run: is the loader or the model the bottleneck?
             rate = loader_samples_per_s(train_loader.dataset, cfg, parts.workers)
             tracker.log_metrics({"perf/loader_samples_per_s": rate}, step=0)

@@ -212,6 +212,31 @@ def test_every_column_is_defined_under_its_table(store, tmp_path):
     assert (tmp_path / "out" / "groups.md").read_text() == render_summary(result, True)
 
 
+def test_folds_that_trained_on_one_split_count_once(sqlite_uri, tmp_path):
+    """Runs that differ only in their fold but hold one split digest (folds that were not folds)
+    are one sample: n counts independent splits only, and the collapsed runs are named."""
+    client = MlflowClient(sqlite_uri)
+    ids = {(init, fold): log_run(client, "folds", init=init, seed=1, fold=fold, val_acc=[0.5, 0.8 + 0.01 * fold],
+                                 start_time=1000 + fold, tags={"mlexp.split_digest": "same", "mlexp.config_hash":
+                                                               f"{init}{fold}"})
+           for init in ("pretrained", "scratch") for fold in range(3)}
+    real = {init: log_run(client, "folds", init=init, seed=2, fold=0, val_acc=[0.5, 0.7], start_time=5000,
+                          tags={"mlexp.split_digest": "other", "mlexp.config_hash": f"{init}-real"})
+            for init in ("pretrained", "scratch")}
+    other_lr = log_run(client, "other-lr", seed=1, fold=1, val_acc=[0.5, 0.6],
+                       tags={"mlexp.split_digest": "same", "mlexp.config_hash": "lr"})
+    client.log_param(other_lr, "notes", "a different configuration, on the same split: its own sample")
+    result = compare(client, ["folds", "other-lr"], group_by=["init"], out_dir=tmp_path / "out", plots=False)
+    assert set(result.runs["run_id"]) == {ids["pretrained", 0], ids["scratch", 0], *real.values(), other_lr}
+    collapsed = {row["run_id"]: row["reason"] for row in result.excluded}
+    assert set(collapsed) == {ids[init, fold] for init in ("pretrained", "scratch") for fold in (1, 2)}
+    assert "fold 2 trained and validated on the same images as fold 0" in collapsed[ids["scratch", 2]]
+    [gain] = result.comparisons[result.comparisons["kind"] == "init"].to_dict("records")
+    assert gain["n"] == 2  # seed 1's one split and seed 2's, not 3 + 1 folds
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert ids["scratch", 2] in report and "not as another fold" in report
+
+
 def test_a_configuration_trained_twice_counts_once_and_is_listed(sqlite_uri, tmp_path):
     client = MlflowClient(sqlite_uri)
     first = log_run(client, "dups", seed=1, val_acc=[0.5, 0.8], tags={"mlexp.config_hash": "aaaa"}, start_time=1000)

@@ -185,6 +185,12 @@ def test_single_process_run_logs_everything_to_a_sqlite_store(sqlite_uri, tmp_pa
     assert {o.model_id: o.step for o in run.outputs.model_outputs} == {models["best"].model_id: result.best_epoch,
                                                                       models["final"].model_id: 2}
     assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["synthetic-train", "synthetic-val"]
+    # one digest of the whole split, from the splits' own digests: what compare counts folds by
+    from mlexp.data.digests import SplitDataset, split_digest
+
+    logged_splits = [SplitDataset(d.tags[0].value, d.dataset.name, d.dataset.digest, "", 0, 0)
+                     for d in sorted(run.inputs.dataset_inputs, key=lambda d: d.dataset.name)]
+    assert run.data.tags["mlexp.split_digest"] == split_digest(logged_splits)
     import mlflow.pyfunc
 
     served = mlflow.pyfunc.load_model(f"models:/{models['final'].model_id}")
