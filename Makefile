@@ -33,9 +33,9 @@ demo: $(STAMP)
 	$(BIN)/python -c "from mlexp.tracking import client_for, ui_hint; \
 	    print('\nOpen the runs:', ui_hint('$(DEMO_URI)', client_for('$(DEMO_URI)').get_experiment_by_name('mlexp-demo').experiment_id))"
 
-# The fast tier: every test but the end-to-end ones (tests/e2e/), under 3 minutes on 2 cores.
+# The fast tier: the unit tests (not tests/e2e/, nor tests marked slow: real processes, long simulations), under 3 minutes on 2 cores.
 check: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal --ignore=tests/e2e
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal --ignore=tests/e2e -m "not slow"
 
 # The whole test suite (real MLflow stores and server, real timm models, real processes, CPU).
 test: $(STAMP)

@@ -79,6 +79,7 @@ def test_detectable_difference_is_reported_below_five_pairs():
     assert 0.01 < expected < 0.06
 
 
+@pytest.mark.slow  # real processes or a long simulation: `make test`, not `make check`
 def test_simulated_coverage_and_false_positive_rate():
     """1,000 synthetic experiments per case (benchmarks/stats_coverage.py prints the same)."""
     for n in (5, 10):

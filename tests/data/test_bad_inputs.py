@@ -382,6 +382,7 @@ def test_download_folders_are_removed_when_done_and_on_failure(tmp_path, weights
     assert list((tmp_path / "cwd").iterdir()) == []
 
 
+@pytest.mark.slow  # real processes or a long simulation: `make test`, not `make check`
 def test_cli_weights_uri_uses_the_tracking_uri_option_and_fails_before_any_run(tmp_path):
     """`--tracking-uri` (no MLFLOW_TRACKING_URI) is where runs:/ is looked up: an unknown run is
     one line naming that store, no run is created there, and nothing appears in the cwd."""
@@ -402,6 +403,7 @@ def test_cli_weights_uri_uses_the_tracking_uri_option_and_fails_before_any_run(t
 # --- the tracking store itself -----------------------------------------------------------------
 
 
+@pytest.mark.slow  # real processes or a long simulation: `make test`, not `make check`
 def test_a_deleted_experiment_says_how_to_restore_it(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -414,6 +416,7 @@ def test_a_deleted_experiment_says_how_to_restore_it(tmp_path):
     assert runs_in(tmp_path / "mlflow.db") == 0
 
 
+@pytest.mark.slow  # real processes or a long simulation: `make test`, not `make check`
 def test_a_tracking_store_that_cannot_be_created(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the store's folder should be")

@@ -193,6 +193,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow  # real processes or a long simulation: `make test`, not `make check`
 def test_kept_freed_memory_is_reused_without_page_faults():
     def faults(arm: str) -> int:
         done = subprocess.run([sys.executable, "-c", TRAINING_STEPS, arm], capture_output=True, text=True,
@@ -233,6 +234,7 @@ def write_photo_folder(root: Path, per_class: int = 24) -> Path:
     return root
 
 
+@pytest.mark.slow  # real processes or a long simulation: `make test`, not `make check`
 def test_image_folders_use_workers_by_default_and_workers_change_nothing_but_speed(sqlite_uri, tmp_path):
     data = write_photo_folder(tmp_path / "photos")
     env = subprocess_env(sqlite_uri, OMP_NUM_THREADS="2")
@@ -275,6 +277,7 @@ class CollectingImages(torch.utils.data.Dataset):
         return torch.full((3, 4, 4), float(index)), index
 
 
+@pytest.mark.slow  # real processes or a long simulation: `make test`, not `make check`
 def test_loader_workers_never_finalize_sqlite_connections_they_inherit(tmp_path):
     """Loader workers are forked while the tracker's threads work in SQLite (the outbox, an
     sqlite:// store). A worker that finalized a connection it inherited would take SQLite's
