@@ -20,7 +20,6 @@ from mlexp.models.weight_sources import default_export_path
 from mlexp.training import checkpoints, hardware
 from mlexp.training.calibration import calibrate
 from mlexp.training.evaluation import best_weights_model, split_metrics, write_report
-from mlexp.training.logged_models import MODEL_TAG, MODEL_TYPE, example_images, staged_model
 from mlexp.training.loop import EvalResult, TrainParts, evaluate
 from mlexp.training.parts import eval_model, final_weights_model
 from mlexp.training.records import EPOCH_METRICS, History, training_info, write_csvs, write_json
@@ -150,6 +149,8 @@ def log_models(tracker, parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec,
     """The best and final weights as MLflow logged models (mlexp.training.logged_models), at their epochs'
     steps, linked to those epochs' metrics (the best one also to the end-of-run report, which
     its weights produced) and through them to the splits."""
+    # here: it loads mlflow.pyfunc (about 2 s), which a run with --log-models false never needs
+    from mlexp.training.logged_models import MODEL_TAG, MODEL_TYPE, example_images, staged_model
 
     config, example = cfg.to_dict(), example_images(data.val_set)
     datasets = {split["context"]: split for split in splits}
