@@ -1,7 +1,7 @@
 """Sweeps: a grid of configurations, each trained in its own process, as nested MLflow runs.
 
-plan (`sweep_plan`) -> the grid's parent run (found or created, `claims`) -> children,
-N at a time on this machine (`launch`) or as Ray tasks over a cluster (`ray_executor`)
+plan (`sweep.plan`) -> the grid's parent run (found or created, `tracking.claims`) -> children,
+N at a time on this machine (`sweep.local_executor`) or as Ray tasks over a cluster (`sweep.ray_executor`)
 -> summary. A configuration that FINISHED anywhere in the experiment is skipped, so
 re-running an interrupted sweep trains only what is missing, and resumes each interrupted
 child in its own run from its checkpoint (and a sweep with nothing left to train creates no
@@ -49,7 +49,7 @@ class SweepResult:
 class Launch:
     """How this launcher runs the grid: where (executor), as whom (owner), into which parent."""
 
-    executor: object  # launch.LocalExecutor or ray_executor.RayExecutor
+    executor: object  # local_executor.LocalExecutor or ray_executor.RayExecutor
     tracking_uri: str
     offline: bool
     parent_run_id: str  # the grid's parent: claims live there and children nest under it
