@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
@@ -26,9 +27,11 @@ MAX_IMG_SIZE = 1024
 DEFAULT_EXPERIMENT = "mlexp"
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with its help text (and allowed values) attached."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None, repeatable: bool = False) -> Any:
+    """A config field with its help text (and allowed values) attached. A repeatable option may be
+    given several times on the command line; its values are joined with commas (as one
+    `mlflow run -P name=a,b` spells them)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "repeatable": repeatable})
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,23 @@ class TrainConfig:
     """One training run, fully described. Frozen: derive a new one with `replace`."""
 
     # --- what to train, on what -------------------------------------------------------
-    backbone: str = option("resnet18", "Catalogue name (see `mlexp backbones`) or any timm model name.")
+    backbone: str = option("resnet18", "Catalogue name (see `mlexp backbones`), any timm model name, or a model "
+                           "of your own as MODULE:FACTORY (e.g. mymodels:twistnet18; README, \"Your own model\").")
+    plugins: str | None = option(None, "Modules to import first, comma-separated (also $MLEXP_PLUGINS): the timm "
+                                 "@register_model functions in them become backbone names.")
     init: str = option("auto", "Weight initialisation; 'auto' takes it from the catalogue name.",
                        ("auto", "pretrained", "scratch"))
     weights: str | None = option(None, "Pretrained weights: a .safetensors/.pth file, runs:/RUN_ID/path or "
                                  "models:/NAME/VERSION. Default: MLEXP_WEIGHTS_DIR or ./weights/, then timm.")
+    weights_from: str | None = option(None, "Look for pretrained weights in the weights folder under this "
+                                      "backbone's name (an ablation variant starting from its full network's "
+                                      "file; with --weights-strict false).")
+    weights_strict: bool = option(True, "Pretrained weights must fit the network (only a classifier for another "
+                                  "class count may be left out). false: load every tensor whose name and shape "
+                                  "match, keep the rest freshly initialised, and report what loaded.")
+    weights_key_map: str | None = option(None, "Rename a prefix of the weights file's tensor names before loading, "
+                                         "OLD=NEW (e.g. 'encoder.=' for a checkpoint saved inside an encoder); "
+                                         "repeatable.", repeatable=True)
     data: str = option("digits", "An ImageFolder path, 'digits' (built-in, offline) or 'synthetic'.")
     val_dir: str | None = option(None, "A separate ImageFolder for validation (default: DATA/val if it "
                                  "exists, else a split of the training data).")
@@ -92,6 +107,11 @@ class TrainConfig:
     linear_probe_epochs: int = option(10, "Linear probe: at most this many epochs.")
     gradual_patience: int = option(3, "Gradual unfreezing: epochs without val-loss improvement "
                                    "before the next phase (0 = next phase every epoch, as in ULMFiT).")
+    unfreeze_patterns: str | None = option(None, "Where a network's stages are, for gradual unfreezing (one "
+                                           "phase each, from the head down) and layer-wise LR decay (one group "
+                                           "each): regexes over parameter names separated by ';', e.g. "
+                                           "'head|fc;layer4;.*'. Default: the family's own, the model's "
+                                           "group_matcher, else its top-level children.")
     llrd_decay: float = option(0.9, "Full fine-tuning: layer-wise LR decay (1.0 = none).")
 
     # --- recipe -----------------------------------------------------------------------
@@ -182,6 +202,18 @@ class TrainConfig:
         for name in ("reprob", "label_smoothing"):
             if getattr(self, name) >= 1.0:
                 raise MlexpError(f"--{cli_name(name)} must be below 1, got {getattr(self, name)}")
+        self._validate_own_model_options()
+
+    def _validate_own_model_options(self) -> None:
+        for part in (self.unfreeze_patterns or "").split(";"):
+            try:
+                re.compile(part.strip())
+            except re.error as error:
+                raise MlexpError(f"--unfreeze-patterns: {part.strip()!r} is not a regular expression ({error})") from None
+        for item in (self.weights_key_map or "").split(","):
+            if item.strip() and ("=" not in item or item.strip().startswith("=")):
+                raise MlexpError(f"--weights-key-map {item.strip()!r}: expected OLD=NEW, e.g. 'encoder.=' to drop "
+                                 f"an encoder. prefix")
 
     # --- conversion ------------------------------------------------------------------------
     @classmethod
@@ -234,7 +266,8 @@ BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "e
 # Fields added after runs were recorded, with the value that reproduces those runs: left out of
 # the hash while at it, so those runs keep their hash (and stay resumable, and counted once by
 # compare), and given to their recorded configs (they trained on plain resizes, no jitter).
-ADDED_LATER = {"test_split": 0.0, "test_dir": None, "train_crop": "resize", "color_jitter": 0.0}
+ADDED_LATER = {"test_split": 0.0, "test_dir": None, "train_crop": "resize", "color_jitter": 0.0, "plugins": None,
+               "weights_from": None, "weights_strict": True, "weights_key_map": None, "unfreeze_patterns": None}
 AUTO = -1  # --workers auto
 TRISTATE = ("auto", "true", "false")
 TRISTATE_FIELDS = ("channels_last",)

@@ -143,7 +143,7 @@ def rebuild(client, run_id: str, workdir: Path) -> TrainedModel:
             continue
     if weights is None:
         raise MlexpError(f"run {run_id} has no checkpoints/best or checkpoints/final weights")
-    spec = resolve_backbone(cfg.backbone, cfg.init)
+    spec = resolve_backbone(cfg.backbone, cfg.init, cfg.plugins)
     set_seed(cfg.seed)  # as training does: the scratch initialisation follows from the seed
     data = build_data(cfg)
     initial, source = None, "unknown"

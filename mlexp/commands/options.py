@@ -40,6 +40,9 @@ def _add_config_options(func: Callable, exclude: tuple[str, ...]) -> Callable:
             # `--ema` alone means true; `--ema false` is accepted too (that is how MLproject passes it).
             func = click.option(f"--{cli_name(f.name)}", f.name, is_flag=False, flag_value="true", default=None,
                                 metavar="[BOOL]", help=help_text)(func)
+        elif f.metadata.get("repeatable"):
+            func = click.option(f"--{cli_name(f.name)}", f.name, multiple=True, metavar=metavar(f, hints),
+                                help=help_text)(func)
         else:
             func = click.option(f"--{cli_name(f.name)}", f.name, default=None, metavar=metavar(f, hints),
                                 help=help_text)(func)
@@ -109,8 +112,10 @@ def split_names(values) -> list[str]:
 
 def user_values(values: dict[str, Any]) -> dict[str, Any]:
     """The options the user set: an empty value (`--lr ""`, an MLproject parameter left
-    empty) means not set, so the --recipe preset or the command's default fills it."""
-    return {name: value for name, value in values.items() if value is not None and value != ""}
+    empty) means not set, so the --recipe preset or the command's default fills it. A repeatable
+    option's values are joined with commas."""
+    joined = {name: ",".join(value) if isinstance(value, tuple) else value for name, value in values.items()}
+    return {name: value for name, value in joined.items() if value is not None and value != ""}
 
 
 def build_config(values: dict[str, Any], defaults: dict[str, str] | None = None,

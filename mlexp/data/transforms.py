@@ -58,7 +58,7 @@ def data_config(cfg: TrainConfig) -> dict:
     mean, std, crop_pct, crop_mode), plus the resolved training geometry and flip: what
     config.json and the `data.*` params record."""
 
-    resolved = dict(_data_config(resolve_backbone(cfg.backbone, cfg.init).timm_name, cfg.img_size))
+    resolved = dict(_data_config(resolve_backbone(cfg.backbone, cfg.init, cfg.plugins).timm_name, cfg.img_size))
     return {**{key: list(value) if isinstance(value, tuple) else value for key, value in resolved.items()},
             "train_crop": train_crop(cfg), "hflip": hflip(cfg)}
 

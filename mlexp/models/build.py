@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import BackboneSpec
-from mlexp.models.weight_files import load_weights
+from mlexp.models.weight_files import LoadReport, load_weights
 from mlexp.models.weight_sources import WeightsFile, locate_weights, scratch_weights_error
 
 if TYPE_CHECKING:
@@ -25,6 +25,7 @@ class BuiltModel:
     weights_path: str | None  # the local file actually read
     weights_sha256: str | None
     loaded_tensors: int  # how many tensors came from the weights
+    load_report: LoadReport | None = None  # which ones, which stayed new, which in the file went unused
 
 
 def create_model(spec: BackboneSpec, num_classes: int, img_size: int) -> torch.nn.Module:
@@ -39,12 +40,13 @@ def create_model(spec: BackboneSpec, num_classes: int, img_size: int) -> torch.n
                          f"{num_classes} classes at {img_size} px: {exc}") from exc
 
 
-def build_backbone(spec: BackboneSpec, num_classes: int, img_size: int,
-                   weights: str | WeightsFile | None = None) -> BuiltModel:
+def build_backbone(spec: BackboneSpec, num_classes: int, img_size: int, weights: str | WeightsFile | None = None,
+                   strict: bool = True, key_map: str | None = None) -> BuiltModel:
     """Build the model; for pretrained specs, find and load verified weights (or fail fast).
 
     `weights` is what the user typed (--weights), or a WeightsFile from an earlier
-    `locate_weights(spec, ...)` (to fail before opening a run without downloading twice)."""
+    `locate_weights(spec, ...)` (to fail before opening a run without downloading twice);
+    `strict` and `key_map`: --weights-strict and --weights-key-map."""
     if spec.init == "scratch":
         if weights:
             raise scratch_weights_error(spec)
@@ -52,5 +54,5 @@ def build_backbone(spec: BackboneSpec, num_classes: int, img_size: int,
     # Find the weights before building: a missing file fails in milliseconds, not after a build.
     found = weights if isinstance(weights, WeightsFile) else locate_weights(spec, weights)
     model = create_model(spec, num_classes, img_size)
-    loaded = load_weights(model, found.path, spec.timm_name, label=found.label)
-    return BuiltModel(model, found.source, str(found.path), found.sha256, loaded)
+    report = load_weights(model, found.path, spec.timm_name, found.label, strict, key_map)
+    return BuiltModel(model, found.source, str(found.path), found.sha256, len(report.loaded), report)

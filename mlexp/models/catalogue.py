@@ -18,12 +18,8 @@ from __future__ import annotations
 import difflib
 import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 from mlexp.errors import MlexpError
-
-if TYPE_CHECKING:
-    pass
+from mlexp.models.plugins import load_plugins, plugin_reference, register_factory
 
 INITS = ("pretrained", "scratch")
 
@@ -72,6 +68,7 @@ class BackboneSpec:
     fixed_input_size: bool = False  # timm builds it for one input size: img_size must be passed
     auto_patch: bool = False  # mlexp's own ViTs: patch size follows img_size (see vit_patch_size)
     timm_weights: TimmSource | None = None  # timm's default pretrained weights, if known without timm
+    plugin: str = ""  # a user's own network: the name that resolves it again ("module:factory", models.plugins)
 
     def create_kwargs(self, img_size: int) -> dict:
         """Every kwarg for timm.create_model at this input size (besides num_classes)."""
@@ -233,14 +230,17 @@ def _family(timm_name: str) -> str:
 # --- resolution -------------------------------------------------------------------------
 
 
-def resolve_backbone(name: str, init: str = "auto") -> BackboneSpec:
-    """Turn what the user typed (catalogue name, alias or timm name, plus --init) into a spec.
+def resolve_backbone(name: str, init: str = "auto", plugins: str | None = None) -> BackboneSpec:
+    """Turn what the user typed (catalogue name, alias, a model of the user's own or a timm name,
+    plus --init and --plugins) into a spec.
 
     Catalogue names, aliases, the timm names of catalogue archs and names with an init suffix
-    (typos of ours) resolve or fail without importing timm; other names ask timm's registry."""
+    (typos of ours) resolve or fail without importing timm; other names ask timm's registry,
+    after the plugin modules have registered theirs."""
     if init not in ("auto", *INITS):
         raise MlexpError(f"--init must be one of auto, pretrained, scratch, got {init!r}")
     name = name.strip()
+    load_plugins(plugins)
     if name in CATALOGUE:
         arch, fixed_init = CATALOGUE[name]
         if init not in ("auto", fixed_init):
@@ -260,6 +260,9 @@ def resolve_backbone(name: str, init: str = "auto") -> BackboneSpec:
         if init == "auto":
             raise _needs_init(name, base)
         return _spec_from_arch(_TIMM_TO_ARCH[name], init)
+    reference = plugin_reference(name)
+    if reference is not None:
+        return _plugin_spec(register_factory(*reference), name, init)
     our_typo = init_suffix(name) is not None  # not a timm name: no need to ask timm
     if not our_typo and _is_timm_model(name):
         if init == "auto":
@@ -272,6 +275,15 @@ def resolve_backbone(name: str, init: str = "auto") -> BackboneSpec:
             fixed_input_size=_fixed_input_size(name), timm_weights=source,
         )
     raise MlexpError(_unknown_message(name))
+
+
+def _plugin_spec(timm_name: str, reference: str, init: str) -> BackboneSpec:
+    """A user's own network: like a catalogue alias, its plain name means the pretrained flavour."""
+    init = "pretrained" if init == "auto" else init
+    return BackboneSpec(name=timm_name, arch=timm_name, timm_name=timm_name, init=init, family=_family(timm_name),
+                        default_img_size=_default_img_size(timm_name),
+                        weights_hint="weights folder or --weights" if init == "pretrained" else "none (scratch)",
+                        plugin=reference)
 
 
 def _is_timm_model(name: str) -> bool:

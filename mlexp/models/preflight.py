@@ -20,11 +20,11 @@ def preflight(cfg: TrainConfig) -> BackboneSpec | None:
     (None for a resume), which the run then uses: it is resolved once."""
     if cfg.resume:
         return None
-    spec = resolve_backbone(cfg.backbone, cfg.init)
+    spec = resolve_backbone(cfg.backbone, cfg.init, cfg.plugins)
     if cfg.dry_run:
         return spec
     if spec.init == "scratch" and cfg.weights:  # as build_backbone decides it
         raise scratch_weights_error(spec)
     if spec.init == "pretrained":
-        locate_weights(spec, cfg.weights, download=False)
+        locate_weights(spec, cfg.weights, download=False, weights_from=cfg.weights_from)
     return spec

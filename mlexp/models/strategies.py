@@ -32,6 +32,7 @@ from torch import nn
 
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
+from mlexp.models.heads import classifier_names
 
 MLP_HIDDEN = 512
 MLP_DROPOUT = 0.3
@@ -40,27 +41,6 @@ FAMILIES = ("resnet", "vgg", "vit", "swin", "other")
 
 
 # --- the classifier ------------------------------------------------------------------------
-
-def classifier_names(model: nn.Module) -> list[str]:
-    """Module paths of the model's classifier(s): 'fc' (resnet), 'head' (vit), 'head.fc' (swin, vgg)."""
-    get_classifier = getattr(model, "get_classifier", None)
-    if get_classifier is not None:
-        found = get_classifier()
-        wanted = list(found) if isinstance(found, (tuple, list)) else [found]
-        names = [name for name, module in model.named_modules()
-                 if name and any(module is w for w in wanted)]
-        if len(names) == len(wanted):
-            return names
-    for candidate in ("head.fc", "fc", "classifier", "head"):
-        try:
-            module = model.get_submodule(candidate)
-        except AttributeError:
-            continue
-        if any(True for _ in module.parameters()):
-            return [candidate]
-    raise MlexpError(f"cannot find the classifier of {type(model).__name__}: expected a timm model "
-                     "(get_classifier) or a module named head.fc, fc, classifier or head")
-
 
 def attach_head(model: nn.Module, head: str, num_classes: int) -> None:
     """Give the model a `head` classifier with `num_classes` outputs, in place.
@@ -144,8 +124,24 @@ def _top_of_network(model: nn.Module, family: str) -> str | None:
     return None
 
 
-def phase_patterns(model: nn.Module, family: str, strategy: str) -> list[str]:
-    """One regex per phase over parameter/module names; a name matching it is trainable then."""
+def user_phases(text: str) -> list[str]:
+    """--unfreeze-patterns 'head|fc;layer4;.*' -> the regex of each phase, from the head down."""
+    parts = [part.strip() for part in text.split(";") if part.strip()]
+    for part in parts:
+        try:
+            re.compile(part)
+        except re.error as error:
+            raise MlexpError(f"--unfreeze-patterns: {part!r} is not a regular expression ({error})") from None
+    if not parts:
+        raise MlexpError("--unfreeze-patterns: expected regexes separated by ';', e.g. 'head|fc;layer4;.*'")
+    return parts
+
+
+def phase_patterns(model: nn.Module, family: str, strategy: str, unfreeze_patterns: str | None = None) -> list[str]:
+    """One regex per phase over parameter/module names; a name matching it is trainable then.
+    Gradual phases: --unfreeze-patterns (each phase adds its regex to the ones before), else the
+    family's layout, else the model's own groups (timm's group_matcher: its last one), else head
+    -> everything."""
     if family not in FAMILIES:
         raise MlexpError(f"unknown backbone family {family!r}; expected one of {', '.join(FAMILIES)}")
     head = _prefix_pattern(classifier_names(model))
@@ -155,7 +151,10 @@ def phase_patterns(model: nn.Module, family: str, strategy: str) -> list[str]:
         return [head]
     if strategy != "gradual":
         raise MlexpError(f"--strategy must be one of full, linear, gradual, got {strategy!r}")
-    middle = _top_of_network(model, family)
+    if unfreeze_patterns:
+        parts = user_phases(unfreeze_patterns)
+        return [_either(*parts[:index + 1]) for index in range(len(parts))]
+    middle = _top_of_network(model, family) or _last_group(model, re.compile(head).match)
     if middle is None:
         if family != "other":
             warnings.warn(f"gradual unfreezing: {type(model).__name__} does not have the layout of a "
@@ -166,15 +165,35 @@ def phase_patterns(model: nn.Module, family: str, strategy: str) -> list[str]:
 
 # --- layer-wise LR decay ---------------------------------------------------------------------
 
-def layer_ids(model: nn.Module, is_head) -> tuple[dict[str, int], int]:
+def _last_group(model: nn.Module, is_head) -> str | None:
+    """The parameters of the model's top group below the classifier, by timm's group_matcher."""
+    if not hasattr(model, "group_matcher"):
+        return None
+    from timm.models import group_parameters
+    try:
+        raw = group_parameters(model, model.group_matcher(coarse=True), reverse=True)
+    except (NotImplementedError, TypeError, AttributeError):
+        return None
+    body = {name: group for name, group in raw.items() if not is_head(name)}
+    if len(set(body.values())) < 2:
+        return None
+    top = max(body.values())
+    return "^(?:" + "|".join(re.escape(name) for name, group in body.items() if group == top) + ")$"
+
+
+def layer_ids(model: nn.Module, is_head, unfreeze_patterns: str | None = None) -> tuple[dict[str, int], int]:
     """Depth of every parameter (0 = stem), with the classifier alone on top; returns (ids, head_id).
 
-    Body layers come from timm's `group_matcher` (resnet: stem, each block, ...; vit: stem, each
-    block, final norm with the last block); models without one get one layer per top-level child.
+    Body layers come from --unfreeze-patterns (one layer per pattern: the first the name matches,
+    from the head down), else timm's `group_matcher` (resnet: stem, each block, ...; vit: stem,
+    each block, final norm with the last block); models without one get one layer per top-level child.
     """
     names = [n for n, _ in model.named_parameters()]
     raw: dict[str, int] = {}
-    if hasattr(model, "group_matcher"):
+    if unfreeze_patterns:
+        parts = [re.compile(part).match for part in user_phases(unfreeze_patterns)]
+        raw = {n: len(parts) - next((i for i, matches in enumerate(parts) if matches(n)), len(parts)) for n in names}
+    elif hasattr(model, "group_matcher"):
         from timm.models import group_parameters
         try:
             raw = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
@@ -276,7 +295,7 @@ class Strategy:
         if self.name == "linear":
             named = [(n, p) for n, p in named if self._is_head(n)]
         if self.name == "full":
-            ids, head_id = layer_ids(self.model, self._is_head)
+            ids, head_id = layer_ids(self.model, self._is_head, self.cfg.unfreeze_patterns)
         else:
             ids, head_id = {n: 0 for n, _ in named}, 0
         groups: dict[tuple[int, bool], dict] = {}
@@ -360,7 +379,7 @@ def build_strategy(model: nn.Module, family: str, cfg: TrainConfig) -> Strategy:
     Call before wrapping the model (DDP/accelerator.prepare) and before building the optimizer:
     it sets requires_grad (linear: backbone off for good; full/gradual: everything on).
     """
-    return Strategy(cfg.strategy, model, phase_patterns(model, family, cfg.strategy), cfg)
+    return Strategy(cfg.strategy, model, phase_patterns(model, family, cfg.strategy, cfg.unfreeze_patterns), cfg)
 
 
 def count_params(model: nn.Module) -> int:

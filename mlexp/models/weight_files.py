@@ -2,7 +2,9 @@
 
 Loading checks every tensor: all backbone tensors must come from the file with matching
 shapes, or it is an MlexpError, never a silent random init. Only the classifier may be left
-at its fresh initialisation, when its shape differs (another class count).
+at its fresh initialisation, when its shape differs (another class count). With
+--weights-strict false (an ablation variant, a foundation checkpoint with a decoder) every
+tensor whose name and shape match loads and the rest stay new, said out loud in a LoadReport.
 
 Which file to load is `mlexp.models.weight_sources`. Importing this module imports neither torch
 nor timm (mlexp.models.catalogue imports it, and must stay light): each function imports them itself.
@@ -14,6 +16,7 @@ import importlib
 import inspect
 import pickle
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from mlexp.errors import MlexpError
@@ -83,18 +86,70 @@ def timm_filter_fn(timm_name: str) -> Callable | None:
     return getattr(module, "checkpoint_filter_fn", None) or getattr(module, "_filter_fn", None)
 
 
-def classifier_names(model: torch.nn.Module, timm_name: str) -> tuple[str, ...]:
-    from timm.models import get_pretrained_cfg
+@dataclass
+class LoadReport:
+    """What a weights file gave the network: tensor names loaded, left new, and unused in the file."""
 
-    cfg = getattr(model, "pretrained_cfg", None) or get_pretrained_cfg(timm_name)
-    names = (cfg.get("classifier") if isinstance(cfg, dict) else getattr(cfg, "classifier", None)) or ()
-    return (names,) if isinstance(names, str) else tuple(names)
+    label: str
+    loaded: list[str]
+    new: list[str]  # the network's tensors the file did not give (freshly initialised)
+    unused: list[str]  # the file's tensors the network did not take
+    classifier: list[str] = field(default_factory=list)
+    classifier_rule: str = ""
+
+    def summary(self) -> str:
+        """`loaded 118 of 130 tensors from FILE; 12 new: stci.*; 3 in the file unused: decoder.*`"""
+        text = f"loaded {len(self.loaded)} of {len(self.loaded) + len(self.new)} tensors from {self.label}"
+        if self.new:
+            text += f"; {len(self.new)} new: {name_groups(self.new)}"
+        if self.unused:
+            text += f"; {len(self.unused)} in the file unused: {name_groups(self.unused)}"
+        return text
+
+    def to_dict(self) -> dict:
+        return {"file": self.label, "loaded": self.loaded, "new": self.new, "unused": self.unused,
+                "classifier": self.classifier, "classifier_rule": self.classifier_rule}
 
 
-def load_weights(model: torch.nn.Module, path: Path, timm_name: str, label: str | None = None) -> int:
-    """Load the file into `model`, checked; returns how many tensors came from it."""
+def name_groups(names: list[str], shown: int = 4) -> str:
+    """Tensor names by their first component: `stci.*, head.*` (the first few, then a count)."""
+    groups = list(dict.fromkeys(name.split(".")[0] + (".*" if "." in name else "") for name in names))
+    more = f" and {len(groups) - shown} more" if len(groups) > shown else ""
+    return ", ".join(groups[:shown]) + more
+
+
+def parse_key_map(text: str | None) -> list[tuple[str, str]]:
+    """`encoder.=,backbone.=net.` -> [("encoder.", ""), ("backbone.", "net.")]."""
+    pairs = []
+    for item in (text or "").split(","):
+        if item.strip():
+            old, sep, new = item.strip().partition("=")
+            if not sep or not old:
+                raise MlexpError(f"--weights-key-map {item.strip()!r}: expected OLD=NEW, e.g. 'encoder.=' to drop "
+                                 f"an encoder. prefix")
+            pairs.append((old, new))
+    return pairs
+
+
+def rename_keys(state: dict, key_map: list[tuple[str, str]]) -> dict:
+    """Apply the first matching prefix rename to each name; other names stay as they are."""
+    renamed = {}
+    for key, value in state.items():
+        for old, new in key_map:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        renamed[key] = value
+    return renamed
+
+
+def load_weights(model: torch.nn.Module, path: Path, timm_name: str, label: str | None = None,
+                 strict: bool = True, key_map: str | None = None) -> LoadReport:
+    """Load the file into `model`, checked (`strict`) or as far as it fits; returns what happened."""
+    from mlexp.models.heads import find_classifier
+
     label = label or str(path)
-    state = read_state_dict(path, label)
+    state = rename_keys(read_state_dict(path, label), parse_key_map(key_map))
     filter_fn = timm_filter_fn(timm_name)
     if filter_fn is not None:
         try:
@@ -103,11 +158,28 @@ def load_weights(model: torch.nn.Module, path: Path, timm_name: str, label: str 
         except Exception as exc:  # the adapter choked: the file is not this arch's
             raise MlexpError(f"weights {label} do not fit {timm_name}: timm could not adapt them "
                              f"({type(exc).__name__}: {exc})") from exc
-    return load_checked(model, state, classifier_names(model, timm_name), label, timm_name)
+    head, rule = find_classifier(model)
+    loaded = (load_checked if strict else load_matching)(model, state, tuple(head), label, timm_name)
+    target = model.state_dict()
+    return LoadReport(label, loaded, [k for k in target if k not in set(loaded)],
+                      [k for k in state if k not in set(loaded)], head, rule)
+
+
+def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor], head: tuple[str, ...],
+                  label: str, arch: str) -> list[str]:
+    """--weights-strict false: every tensor whose name and shape match; at least one must."""
+    target = model.state_dict()
+    matched = [k for k in target if k in state and state[k].shape == target[k].shape]
+    if not matched:
+        sample = ", ".join(list(state)[:3])
+        raise MlexpError(f"weights {label} match none of {arch}'s {len(target)} tensors by name and shape (the "
+                         f"file has {len(state)}, e.g. {sample}); --weights-key-map renames a prefix")
+    model.load_state_dict({k: state[k] for k in matched}, strict=False)
+    return matched
 
 
 def load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], head: tuple[str, ...],
-                 label: str, arch: str) -> int:
+                 label: str, arch: str) -> list[str]:
     """Copy `state` into `model`: every non-classifier tensor must be present with its shape,
     no foreign tensors may be left over; the classifier loads only if all its shapes match."""
     target = model.state_dict()
@@ -120,7 +192,8 @@ def load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], head: t
     if not matched:
         sample = ", ".join(list(state)[:3])
         raise MlexpError(f"weights {label} match none of {arch}'s {len(body_keys)} tensors (the file has "
-                         f"{len(state)}, e.g. {sample}): they are for another architecture")
+                         f"{len(state)}, e.g. {sample}): they are for another architecture (a checkpoint saved "
+                         f"under a prefix: --weights-key-map 'PREFIX.=')")
     missing = [k for k in body_keys if k not in state and not k.endswith(_IGNORABLE_SUFFIXES)]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in matched
              if state[k].shape != target[k].shape]
@@ -134,7 +207,8 @@ def load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], head: t
         problems.append(f"{len(foreign)} not in the model (e.g. {', '.join(foreign[:3])})")
     if problems:
         raise MlexpError(f"weights {label} do not fit {arch}: {'; '.join(problems)}. Use weights saved "
-                         f"from the same architecture")
+                         f"from the same architecture, or --weights-strict false to load the tensors that fit "
+                         f"and report the rest")
     to_load = {k: state[k] for k in matched}
     head_keys = [k for k in target if is_head(k)]
     if head_keys and all(k in state and state[k].shape == target[k].shape for k in head_keys):
@@ -142,4 +216,4 @@ def load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], head: t
     result = model.load_state_dict(to_load, strict=False)
     if result.unexpected_keys:  # cannot happen after the checks above; a bug if it does
         raise RuntimeError(f"unexpected keys after checking: {result.unexpected_keys[:5]}")
-    return len(to_load)
+    return list(to_load)

@@ -5,7 +5,8 @@
      MLflow's global default, which would create ./mlflow.db), downloaded to a temporary folder
      that lives exactly as long as the WeightsFile naming it;
   2. the weights folder ($MLEXP_WEIGHTS_DIR, else ./weights/): <arch>, <catalogue name> or
-     <timm name>, each .safetensors or .pth;
+     <timm name> (or the backbone --weights-from names), each .safetensors, .pt or .pth, then
+     <name>_*.safetensors|.pt|.pth (a file such as twistnet18_imagenet.pt);
   3. timm's own pretrained weights (Hugging Face Hub cache, else a download).
 
 Without network and without local weights this fails in well under 2 s: timm would wait ~46 s
@@ -64,9 +65,15 @@ def default_export_path(spec: BackboneSpec) -> Path:
     return weights_dir() / f"{spec.arch}.safetensors"
 
 
-def candidate_filenames(spec: BackboneSpec) -> list[str]:
-    stems = (spec.arch, spec.name, spec.timm_name)
-    return list(dict.fromkeys(f"{stem}{suffix}" for stem in stems for suffix in (".safetensors", ".pth")))
+WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def candidate_filenames(spec: BackboneSpec, weights_from: str | None = None) -> list[str]:
+    """The weights folder's search order: exact names first, then `<name>_*` patterns."""
+    stems = (weights_from,) if weights_from else (spec.arch, spec.name, spec.timm_name)
+    exact = [f"{stem}{suffix}" for stem in stems for suffix in WEIGHTS_SUFFIXES]
+    patterns = [f"{stem}_*{suffix}" for stem in stems for suffix in WEIGHTS_SUFFIXES]
+    return list(dict.fromkeys(exact + patterns))
 
 
 # --- locating ----------------------------------------------------------------------------
@@ -78,7 +85,7 @@ def scratch_weights_error(spec: BackboneSpec) -> MlexpError:
 
 
 def locate_weights(spec: BackboneSpec, weights: str | None, tracking_uri: str | None = None,
-                   download: bool = True) -> WeightsFile | None:
+                   download: bool = True, weights_from: str | None = None) -> WeightsFile | None:
     """The local file to load for a pretrained spec, from the first source that has one.
     `tracking_uri`: the store that runs:/ and models:/ weights come from (default: the one a
     run would use, `mlexp.tracking.default_tracking_uri()`).
@@ -88,9 +95,12 @@ def locate_weights(spec: BackboneSpec, weights: str | None, tracking_uri: str | 
     runs:/ and models:/ left unchecked (they need MLflow); returns None."""
     if weights:
         return explicit_weights(weights, tracking_uri, download)
-    path = _weights_dir_file(spec)
+    path = _weights_dir_file(spec, weights_from)
     if path is not None:
         return _local_weights(path.resolve(), "weights-dir", str(path), download)
+    if weights_from or spec.plugin:  # no timm weights to fall back on: say where we looked
+        raise MlexpError(f"no pretrained weights for {spec.name}: none given and none in {weights_dir()}/ (looked "
+                         f"for {', '.join(candidate_filenames(spec, weights_from))}). {_ways_to_provide(spec, False)}")
     return timm_weights(spec, download)
 
 
@@ -99,9 +109,18 @@ def _local_weights(path: Path, source: str, label: str, download: bool = True) -
     return WeightsFile(path, source, file_sha256(path), label) if download else None
 
 
-def _weights_dir_file(spec: BackboneSpec) -> Path | None:
-    paths = (weights_dir() / filename for filename in candidate_filenames(spec))
-    return next((path for path in paths if path.is_file()), None)
+def _weights_dir_file(spec: BackboneSpec, weights_from: str | None = None) -> Path | None:
+    """The first name in the search order that exists; a pattern must match exactly one file."""
+    folder = weights_dir()
+    for name in candidate_filenames(spec, weights_from):
+        found = sorted(path for path in folder.glob(name) if path.is_file()) if "*" in name else \
+            [folder / name] if (folder / name).is_file() else []
+        if len(found) > 1:
+            raise MlexpError(f"several weights files in {folder}/ match {name} ({', '.join(p.name for p in found[:4])}): "
+                             f"name one with --weights")
+        if found:
+            return found[0]
+    return None
 
 
 def explicit_weights(weights: str, tracking_uri: str | None = None,
@@ -236,7 +255,7 @@ def _unavailable_error(spec: BackboneSpec, unreachable: str) -> MlexpError:
 
 def _ways_to_provide(spec: BackboneSpec, network: bool = True) -> str:
     ways = (f"Provide weights with --weights FILE|runs:/RUN_ID/PATH|models:/NAME/VERSION, or put "
-            f"{spec.arch}.safetensors in $MLEXP_WEIGHTS_DIR (default ./weights/)")
+            f"{spec.arch}.safetensors (or .pt/.pth) in $MLEXP_WEIGHTS_DIR (default ./weights/)")
     if network:
         ways += ", or enable network access so timm can download them"
         flag = _hub_offline_flag()

@@ -58,7 +58,9 @@ class PlanRow:
 
 def display_name(backbone: str, init: str) -> str:
     """The name the sweep summary and `mlexp compare` show: the catalogue name (resnet18_scratch),
-    or a timm model name with its init (convnext_tiny_scratch)."""
+    or a timm model name or a model of the user's own with its init (convnext_tiny_scratch,
+    twistnet18_pretrained for mymodels:twistnet18)."""
+    backbone = backbone.rpartition(":")[2]
     return backbone if backbone in CATALOGUE or backbone.endswith(f"_{init}") else f"{backbone}_{init}"
 
 
@@ -69,7 +71,7 @@ def expand_grid(base: TrainConfig, backbones: list[str], inits: list[str], strat
     rows: list[PlanRow] = []
     folds = grid_folds(base)
     for backbone in backbones:
-        for init in backbone_inits(backbone, inits):
+        for init in backbone_inits(backbone, inits, base.plugins):
             for strategy in strategies:
                 for seed in seeds:
                     for fold in folds:
@@ -84,19 +86,19 @@ def grid_folds(base: TrainConfig) -> list[int]:
     return list(range(base.folds)) if base.folds else [base.fold]
 
 
-def backbone_inits(backbone: str, inits: list[str]) -> list[str]:
+def backbone_inits(backbone: str, inits: list[str], plugins: str | None = None) -> list[str]:
     """The inits to try for one backbone name: its own if the name fixes it. An unknown
     name, or one with none of the asked inits, stops the sweep before anything starts."""
     try:
-        fixed = resolve_backbone(backbone, "auto")
-        if backbone != fixed.arch:  # the name itself says pretrained or scratch
+        fixed = resolve_backbone(backbone, "auto", plugins)
+        if backbone != fixed.arch and not fixed.plugin:  # the name itself says pretrained or scratch
             return [fixed.init]
     except MlexpError:
         pass  # a timm model name needs an explicit init: tried below
     options, errors = [], []
     for init in inits:
         try:
-            resolve_backbone(backbone, init)
+            resolve_backbone(backbone, init, plugins)
             options.append(init)
         except MlexpError as error:
             errors.append(error)
@@ -106,7 +108,7 @@ def backbone_inits(backbone: str, inits: list[str]) -> list[str]:
 
 
 def plan_row(index: int, requested: TrainConfig) -> PlanRow:
-    spec = resolve_backbone(requested.backbone, requested.init)
+    spec = resolve_backbone(requested.backbone, requested.init, requested.plugins)
     effective = apply_init_adjustments(requested, spec)
     return PlanRow(index, requested, spec, effective, config_hash(effective))
 

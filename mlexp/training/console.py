@@ -43,6 +43,14 @@ def describe_weights(built) -> str:
     return text + (f", exported by run {exported_by}" if exported_by else "")
 
 
+def print_weights_report(built) -> None:
+    """`mlexp: weights: loaded 118 of 130 tensors from FILE; 12 new: stci.*; ...` when anything
+    of the network or the file was left out (a partial load, another class count)."""
+    report = built.load_report
+    if report is not None and (report.new or report.unused):
+        print(f"mlexp: weights: {report.summary()}", flush=True)
+
+
 def print_epoch(row: dict, is_best: bool) -> None:
     print(f"epoch {row['epoch']:>3}  train loss {row['train/loss']:.4f} acc {row['train/acc']:.3f}  "
           f"val loss {row['val/loss']:.4f} acc {row['val/acc']:.3f}  {row['epoch/time_s']:.1f}s"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,14 @@ from mlexp.data.transforms import build_transforms
 from mlexp.errors import MlexpError
 from mlexp.models.build import create_model
 from mlexp.models.catalogue import resolve_backbone
+from mlexp.models.plugins import copy_plugin_sources
 from mlexp.models.strategies import attach_head
 from mlexp.tracking.server import first_line
 from mlexp.training.checkpoints import WEIGHTS_FILE, load_weights, save_weights
 
 CLASSIFIER_ARTIFACT = "classifier"  # the folder inside the MLflow model: classifier.json + weights
 CLASSIFIER_FILE = "classifier.json"
+CODE_DIR = "code"  # a network of the user's own: its module's source, put on sys.path to rebuild it
 MODEL_TYPE = "mlexp-image-classifier"
 MODEL_TAG = "mlexp.model"  # on every logged model and registered model mlexp writes
 PREDICT_BATCH = 64
@@ -70,6 +73,7 @@ def write_classifier(folder: Path, config: dict, class_names: list[str], weights
 
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(weights, folder / WEIGHTS_FILE)
+    copy_plugin_sources(config.get("backbone", ""), config.get("plugins"), folder / CODE_DIR)
     (folder / CLASSIFIER_FILE).write_text(json.dumps({"config": config, "class_names": class_names}, indent=2))
     return folder
 
@@ -77,8 +81,10 @@ def write_classifier(folder: Path, config: dict, class_names: list[str], weights
 def load_classifier(folder: Path) -> Classifier:
     described = json.loads((folder / CLASSIFIER_FILE).read_text())
     cfg = TrainConfig.from_dict(described["config"])
+    if (folder / CODE_DIR).is_dir() and str(folder / CODE_DIR) not in sys.path:
+        sys.path.insert(0, str(folder / CODE_DIR))  # the user's own network travels as source
     class_names = list(described["class_names"])
-    model = create_model(resolve_backbone(cfg.backbone, cfg.init), len(class_names), cfg.img_size)
+    model = create_model(resolve_backbone(cfg.backbone, cfg.init, cfg.plugins), len(class_names), cfg.img_size)
     attach_head(model, cfg.head, len(class_names))
     model.load_state_dict(load_weights(folder / WEIGHTS_FILE))
     return Classifier(model.eval(), build_transforms(cfg, train=False), class_names, described["config"])

@@ -28,7 +28,7 @@ def apply_init_adjustments(cfg: TrainConfig, spec: BackboneSpec) -> TrainConfig:
 
     Apply it once, to the config the user asked for; the result is what gets logged (a resumed
     run reuses its logged effective config, it does not adjust again)."""
-    effective = cfg.replace(backbone=spec.name, init=spec.init)
+    effective = cfg.replace(backbone=spec.plugin or spec.name, init=spec.init)
     if spec.init != "scratch":
         return effective
     return effective.replace(
@@ -41,17 +41,17 @@ def apply_init_adjustments(cfg: TrainConfig, spec: BackboneSpec) -> TrainConfig:
 
 def effective_config(cfg: TrainConfig) -> TrainConfig:
     """resolve_backbone + apply_init_adjustments for a user config."""
-    return apply_init_adjustments(cfg, resolve_backbone(cfg.backbone, cfg.init))
+    return apply_init_adjustments(cfg, resolve_backbone(cfg.backbone, cfg.init, cfg.plugins))
 
 
 def init_flavours(cfg: TrainConfig) -> dict[str, TrainConfig]:
     """The effective configs of cfg's arch for each init it supports ({"pretrained": ..., "scratch": ...};
     mlexp's own ViTs only have "scratch")."""
-    asked = resolve_backbone(cfg.backbone, cfg.init)
+    asked = resolve_backbone(cfg.backbone, cfg.init, cfg.plugins)
     flavours = {}
     for init in ("pretrained", "scratch"):
         try:
-            spec = asked if init == asked.init else resolve_backbone(asked.arch, init)
+            spec = asked if init == asked.init else resolve_backbone(asked.plugin or asked.arch, init, cfg.plugins)
         except MlexpError:
             continue
         flavours[init] = apply_init_adjustments(cfg, spec)
@@ -75,7 +75,7 @@ def format_init_comparison(cfgs: list[TrainConfig]) -> str:
     seen = set()
     for cfg in cfgs:
         flavours = init_flavours(cfg)
-        arch = resolve_backbone(cfg.backbone, cfg.init).arch
+        arch = resolve_backbone(cfg.backbone, cfg.init, cfg.plugins).arch
         key = (arch, *(getattr(f, name) for f in flavours.values() for name, _ in _COMPARED))
         if key in seen:
             continue

@@ -16,6 +16,7 @@ from mlexp import tracking
 from mlexp.config import TrainConfig, config_hash
 from mlexp.data.transforms import data_config
 from mlexp.models.catalogue import BackboneSpec
+from mlexp.models.heads import find_classifier
 from mlexp.models.weight_sources import default_export_path
 from mlexp.training import checkpoints, hardware
 from mlexp.training.calibration import calibrate
@@ -63,6 +64,7 @@ def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, pa
               "global_batch_size": str(cfg.batch_size * cfg.grad_accum * accelerator.num_processes),
               "num_classes": str(data.num_classes), "weights_source": built.weights_source,
               "weights_sha256": built.weights_sha256 or "", "weights_path": built.weights_path or "",
+              **weights_params(built), "strategy_phases": " ; ".join(parts.strategy.patterns)[:500],
               **{f"effective.{key}": value for key, value in chosen.items()},
               **{f"data.{key}": str(value) for key, value in transforms.items()}}
     tracker.log_params(tracking.params_to_log(params, tracking.existing_params(tracker)))
@@ -70,6 +72,20 @@ def log_run_start(tracker, cfg: TrainConfig, accelerator: Accelerator, built, pa
     tracker.remember("config", cfg.to_dict())  # a resume on this machine needs it before the server has it
     recorded = {**cfg.to_dict(), "data_config": transforms, "effective": chosen}
     tracker.log_artifacts(write_json(recorded, tracker.staging_dir("config") / "config.json").parent, "")
+    if built.load_report is not None:
+        report = write_json(built.load_report.to_dict(), tracker.staging_dir("weights") / "load_report.json")
+        tracker.log_artifacts(report.parent, "weights")
+
+
+def weights_params(built) -> dict[str, str]:
+    """Which module is the classifier (and by which rule), and what the weights file gave."""
+    names, rule = find_classifier(built.model)
+    params = {"classifier": f"{','.join(names)} ({rule})"}
+    if built.load_report is not None:
+        report = built.load_report
+        params.update(weights_loaded=str(len(report.loaded)), weights_new=str(len(report.new)),
+                      weights_unused=str(len(report.unused)))
+    return params
 
 
 def evaluate_splits(parts: TrainParts, history: History, test_loader, val_loader, tracker, last_epoch: int,

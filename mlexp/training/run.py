@@ -28,7 +28,7 @@ from mlexp.models.catalogue import BackboneSpec, resolve_backbone
 from mlexp.models.weight_sources import WeightsFile, locate_weights
 from mlexp.tracking.outbox import Outbox
 from mlexp.tracking.sync import sync_outbox
-from mlexp.training.console import print_epoch, print_outcome, print_start, report_delivery
+from mlexp.training.console import print_epoch, print_outcome, print_start, print_weights_report, report_delivery
 from mlexp.training.loop import TrainParts, evaluate, train_one_epoch
 from mlexp.training.parts import (
     build_parts,
@@ -81,17 +81,18 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
          extra_tags: dict | None, track: bool, spec: BackboneSpec | None) -> TrainResult:
     if resume:
         effective = resume.config  # already effective: adjustments are not applied twice
-        spec = resolve_backbone(effective.backbone, effective.init)
+        spec = resolve_backbone(effective.backbone, effective.init, effective.plugins)
         tracking_uri, offline = resume.tracking_uri or tracking_uri, resume.offline
     else:
-        spec = spec or resolve_backbone(cfg.backbone, cfg.init)
+        spec = spec or resolve_backbone(cfg.backbone, cfg.init, cfg.plugins)
         effective = apply_init_adjustments(cfg, spec)
     if effective.dry_run:
         print(format_init_comparison([cfg]) + "\n\n" + format_training_plan([effective]))
         return TrainResult(None, "DRY_RUN", 0.0, 0, effective)
     check_data_source(effective)
     # Find pretrained weights before any MLflow run exists: missing weights are a user error, not a FAILED run.
-    weights = locate_weights(spec, effective.weights, tracking_uri) if spec.init == "pretrained" else effective.weights
+    weights = (locate_weights(spec, effective.weights, tracking_uri, weights_from=effective.weights_from)
+               if spec.init == "pretrained" else effective.weights)
     accelerator = make_accelerator(effective)
     tracker: tracking.Tracker = tracking.NullTracker()
     if track and accelerator.is_main_process:
@@ -131,7 +132,7 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
 def check_same_configuration(cfg: TrainConfig, spec: BackboneSpec | None, started: TrainConfig,
                              run_id: str) -> None:
     """A run continues only the configuration it started with: never a different model."""
-    planned = apply_init_adjustments(cfg, spec or resolve_backbone(cfg.backbone, cfg.init))
+    planned = apply_init_adjustments(cfg, spec or resolve_backbone(cfg.backbone, cfg.init, cfg.plugins))
     if config_hash(started) != config_hash(planned):
         raise MlexpError(f"run {run_id} was started with another configuration; it continues only with "
                          f"`mlexp train --resume {run_id}`")
@@ -181,11 +182,12 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
     tracker = training.tracker
     set_seed(cfg.seed)
     data = build_data(cfg)
-    built = build_backbone(spec, data.num_classes, cfg.img_size, weights)
+    built = build_backbone(spec, data.num_classes, cfg.img_size, weights, cfg.weights_strict, cfg.weights_key_map)
     parts, train_loader, val_loader = build_parts(cfg, spec, built.model, data, accelerator)
     history, start_epoch = restore(resume, parts) if resume else (History(), 1)
     if accelerator.is_main_process:
         print_start(cfg, spec, built, data, accelerator, tracker, training.tracking_uri)
+        print_weights_report(built)
     described = describe_splits(data, cfg.data)
     splits = [split.to_dict() for split in described]
     if resume is None or resume.checkpoint_dir is None:  # a new run, or one killed before its first checkpoint

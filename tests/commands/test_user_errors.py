@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,28 @@ TRAIN = ["train", "--img-size", "16", "--batch-size", "4", "--epochs", "1"]
 ])
 def test_bad_options_give_one_line_and_exit_2(args, fragments, sqlite_uri, capsys):
     code, err = run_cli(TRAIN + ["--backbone", "resnet18_scratch", *args], capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert no_run_left_running(sqlite_uri)
+
+
+@pytest.mark.parametrize("module, args, fragments", [
+    ("import not_installed_anywhere\n", ["--backbone", "badmodels:net"],
+     ["cannot import module 'badmodels' (ModuleNotFoundError", "current folder"]),
+    ("def net(classes=10):\n    pass\n", ["--backbone", "badmodels:net"], ["net() must take num_classes"]),
+    ("def resnet18(num_classes=10):\n    pass\n", ["--backbone", "badmodels:resnet18"],
+     ["'resnet18' is also a timm model"]),
+    ("", ["--plugins", "no_such_plugin", "--backbone", "test_resnet"], ["--plugins no_such_plugin: cannot import"]),
+    ("", ["--weights-key-map", "encoder."], ["expected OLD=NEW"]),
+    ("", ["--unfreeze-patterns", "fc;layer4["], ["not a regular expression"]),
+    ("def net(num_classes=10, **kwargs):\n    pass\n", ["--backbone", "badmodels:net", "--init", "pretrained"],
+     ["no pretrained weights for net", "net.safetensors, net.pt, net.pth, net_*.safetensors"]),
+])
+def test_bad_models_of_ones_own_give_one_line_and_exit_2(module, args, fragments, sqlite_uri, tmp_path, capsys,
+                                                        monkeypatch):
+    (tmp_path / "badmodels.py").write_text(module)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "badmodels", raising=False)  # each case its own module
+    code, err = run_cli([*TRAIN, "--init", "scratch", *args], capsys)
     assert_one_line_error(code, err, *fragments)
     assert no_run_left_running(sqlite_uri)
 

@@ -1,10 +1,12 @@
 """`mlexp sweep --executor ray` on a real local Ray instance (2 CPUs, 127.0.0.1), as a user
-would start one with `ray start --head`; a worker SIGKILLed mid-training."""
+would start one with `ray start --head`; a worker SIGKILLed mid-training; then a sweep of a
+network of the user's own on the same cluster."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,9 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from safetensors.torch import save_file
 
+from mlexp.models.weight_sources import file_sha256
 from mlexp.tracking import claims
 from mlexp.tracking.local_server import free_port
 from tests.e2e.test_sweep_launch import GRID, assert_each_trained_once, logs_of, sweep_runs
@@ -85,3 +89,27 @@ def test_ray_trains_the_grid_and_a_killed_worker_resumes_the_same_run(server_uri
     [log] = [log for log in logs_of(tmp_path, parent.info.run_id) if f"--run-id {victim}" in log.read_text()]
     assert log.read_text().count("$ ") == 2 and ("mlexp: resuming run" in log.read_text()
                                                  or "starting it over" in log.read_text())
+
+    # On the same cluster, a network of the user's own (tests/own_model/mymodels.py, in the folder the
+    # sweep is started from), pretrained from the weights folder as in the README's "Your own model".
+    project = tmp_path / "project"
+    (project / "weights").mkdir(parents=True)
+    shutil.copy(Path(__file__).parents[1] / "own_model" / "mymodels.py", project / "mymodels.py")
+    sys.path.insert(0, str(project))
+    try:
+        import mymodels
+
+        save_file(mymodels.twistnet_tiny(num_classes=10).state_dict(), project / "weights" / "twistnet_tiny.safetensors")
+    finally:
+        sys.path.remove(str(project))
+        sys.modules.pop("mymodels", None)
+    own = subprocess.run([sys.executable, "-m", "mlexp", "sweep", "--backbones", "mymodels:twistnet_tiny", "--inits",
+                          "pretrained,scratch", *GRID[5:-2], "--batch-size", "64", "--seeds", "1", "--epochs", "1",
+                          "--log-models", "false", "--experiment", "ray-own", "--executor", "ray", "--ray-address",
+                          ray_address], env=env, cwd=project, capture_output=True, text=True, timeout=600)
+    assert own.returncode == 0, own.stdout[-3000:] + own.stderr[-3000:]
+    _, own_children = sweep_runs(client, "ray-own")
+    assert sorted((run.data.tags["mlexp.init"], run.info.status) for run in own_children) == [
+        ("pretrained", "FINISHED"), ("scratch", "FINISHED")]
+    [pretrained] = [run for run in own_children if run.data.tags["mlexp.init"] == "pretrained"]
+    assert pretrained.data.params["weights_sha256"] == file_sha256(project / "weights" / "twistnet_tiny.safetensors")

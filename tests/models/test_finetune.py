@@ -173,9 +173,15 @@ def test_gradual_phases_on_swin_and_vgg():
     assert any(n.startswith("features.") for n in top)
 
 
-def test_other_family_unfreezes_head_then_everything():
+def test_other_family_unfreezes_head_then_the_model_s_last_group_then_everything():
+    """Outside the known families the model says where its stages are (timm's group_matcher: for
+    a ResNet its last stage); a model that does not say goes head -> everything."""
     model = resnet()
-    assert len(phase_names(build_strategy(model, "other", TrainConfig(strategy="gradual")))) == 2
+    phases = phase_names(build_strategy(model, "other", TrainConfig(strategy="gradual")))
+    assert len(phases) == 3 and phases[0] == {"fc.weight", "fc.bias"}
+    assert {name.split(".")[0] for name in phases[1] - phases[0]} == {"layer4"}
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 10))
+    assert len(phase_names(build_strategy(plain, "other", TrainConfig(strategy="gradual")))) == 2
     with pytest.raises(MlexpError):
         build_strategy(model, "alexnet", TrainConfig(strategy="gradual"))
 
