@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import functools
 from dataclasses import dataclass, field
+
 from mlexp.errors import MlexpError
 from mlexp.models.plugins import load_plugins, plugin_reference, register_factory
 

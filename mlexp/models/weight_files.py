@@ -15,8 +15,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import pickle
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from mlexp.errors import MlexpError

@@ -220,6 +220,20 @@ def registered_elsewhere(client: MlflowClient, run_id: str) -> None:
     client.set_registered_model_alias("not-mlexp", "champion", version.version)
 
 
+def served_predictions(model_dir: Path, images: np.ndarray, env: dict, cwd: Path) -> pd.DataFrame:
+    """What `mlflow models serve` of a model folder answers to a POST of these images."""
+    port = free_port()
+    serving = subprocess.Popen(["mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local",
+                                "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=cwd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        answer = post_when_up(f"http://127.0.0.1:{port}/invocations", {"inputs": images.tolist()}, serving)
+    finally:
+        os.killpg(serving.pid, 15)
+        serving.wait(30)
+    return pd.DataFrame(answer["predictions"])
+
+
 def post_when_up(url: str, payload: dict, process: subprocess.Popen, timeout_s: float = 180) -> dict:
     body = json.dumps(payload).encode()
     deadline = time.time() + timeout_s

@@ -10,14 +10,12 @@ sweep under Ray: tests/e2e/test_sweep_ray.py.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
+import mlflow.artifacts
 import numpy as np
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from safetensors.torch import load_file
@@ -36,7 +34,7 @@ def children(client: MlflowClient, experiment: str) -> list:
 
 
 def test_own_model_pretrain_sweep_ablation_resume_and_serve(tmp_path):
-    from tests.e2e.test_models_e2e import free_port, post_when_up, write_digits_folder
+    from tests.e2e.test_models_e2e import served_predictions, write_digits_folder
 
     project = tmp_path / "project"
     project.mkdir()
@@ -92,6 +90,22 @@ def test_own_model_pretrain_sweep_ablation_resume_and_serve(tmp_path):
         (str(len(loaded)), str(len(variant) - len(loaded)), str(len(state) - len(loaded)))
     assert "weights/load_report.json" in artifact_paths(client, run.info.run_id)
 
+    # Gradual unfreezing by the user's own stage patterns, one phase per epoch.
+    gradual = run_mlexp(["train", "--backbone", "mymodels:twistnet_tiny", "--strategy", "gradual",
+                         "--unfreeze-patterns", "fc;layer2|twist;.*", "--gradual-patience", "0", *SMALL, "--epochs", "3",
+                         "--log-models", "false", "--experiment", "own-gradual"], env, project)
+    assert gradual.returncode == 0, gradual.stderr[-3000:]
+    full = {name: tensor.numel() for name, tensor in state.items() if not name.endswith(("running_mean",
+                                                                                          "running_var", "num_batches_tracked"))}
+    head = 4 * 16 * 10 + 10  # fc for 10 classes (the file's is for the synthetic set's classes)
+    middle = sum(n for name, n in full.items() if name.startswith(("layer2.", "twist.")))
+    body = sum(n for name, n in full.items() if not name.startswith("fc."))
+    gradual_run = only_run(client, "own-gradual")
+    curve = [m.value for m in sorted(client.get_metric_history(gradual_run.info.run_id, "train/trainable_params"),
+                                     key=lambda m: m.step)]
+    assert curve == [head, head + middle, head + body]
+    assert gradual_run.data.params["strategy_phases"].count(";") == 2
+
     # A killed run of the user's network resumes in its run.
     killed = run_mlexp(["train", "--backbone", "mymodels:twistnet_tiny", "--init", "scratch", *SMALL,
                         "--epochs", "2", "--log-models", "false", "--experiment", "own-killed"],
@@ -109,18 +123,9 @@ def test_own_model_pretrain_sweep_ablation_resume_and_serve(tmp_path):
                            "--experiment", "own-evaluate"], env, elsewhere)
     assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr[-2000:]
     [model] = [m for m in client.search_logged_models([run.info.experiment_id]) if m.name == "best"]
-    model_dir = Path(__import__("mlflow").artifacts.download_artifacts(
+    model_dir = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"{model.artifact_location}", dst_path=str(tmp_path / "model"), tracking_uri=uri))
     assert (model_dir / "artifacts" / "classifier" / "code" / "mymodels.py").is_file()
     images = np.stack([np.full((8, 8, 3), value, np.uint8) for value in (0, 128)])
-    port = free_port()
-    serving = subprocess.Popen(["mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local",
-                                "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=elsewhere,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        answer = post_when_up(f"http://127.0.0.1:{port}/invocations", {"inputs": images.tolist()}, serving)
-    finally:
-        os.killpg(serving.pid, signal.SIGTERM)
-        serving.wait(30)
-    served = pd.DataFrame(answer["predictions"])
+    served = served_predictions(model_dir, images, env, elsewhere)
     assert served.shape == (2, 10) and np.allclose(served.sum(axis=1), 1.0, atol=1e-4)

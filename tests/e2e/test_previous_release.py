@@ -54,7 +54,7 @@ def digit_images(count: int) -> np.ndarray:
 
 
 def test_the_previous_release_s_logged_model_loads_evaluates_and_serves(tmp_path):
-    from tests.e2e.test_models_e2e import free_port, post_when_up, write_digits_folder
+    from tests.e2e.test_models_e2e import served_predictions, write_digits_folder
 
     root = relocated_store(tmp_path)
     env = subprocess_env(f"sqlite:///{root / 'mlflow.db'}")
@@ -82,18 +82,7 @@ def test_the_previous_release_s_logged_model_loads_evaluates_and_serves(tmp_path
     assert evaluation.info.status == "FINISHED" and 0.3 < evaluation.data.metrics["test/acc"] <= 1.0
 
     # Served by `mlflow models serve`, answering what the loaded model answered.
-    port = free_port()
-    serving = subprocess.Popen(["mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local",
-                                "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        answer = post_when_up(f"http://127.0.0.1:{port}/invocations", {"inputs": images.tolist()}, serving)
-    finally:
-        import os
-
-        os.killpg(serving.pid, 15)
-        serving.wait(30)
-    served = pd.DataFrame(answer["predictions"])
+    served = served_predictions(model_dir, images, env, tmp_path)
     assert np.allclose(served.to_numpy(dtype=float), probabilities.to_numpy(dtype=float), atol=1e-5)
 
 

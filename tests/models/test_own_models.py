@@ -6,11 +6,13 @@ from __future__ import annotations
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from timm.models import model_entrypoint, register_model
 from torch import nn
 
 from mlexp.config import TrainConfig
@@ -139,3 +141,36 @@ def test_unfreeze_patterns_decide_the_phases_and_the_lr_layers(project):
     assert scales == {1.0, 0.5, 0.25}  # head, the middle pattern, everything else
     with pytest.raises(MlexpError, match="not a regular expression"):
         build_strategy(model, "other", cfg.replace(unfreeze_patterns="fc;layer2["))
+
+
+def test_plugins_register_timm_names_and_may_not_replace_timm_s_own(project, monkeypatch):
+    (project / "regmodels.py").write_text(
+        "from timm.models import register_model\nfrom mymodels import TwistNet\n\n"
+        "@register_model\ndef twistnet_registered(pretrained=False, num_classes=1000, **kwargs):\n"
+        "    return TwistNet(num_classes)\n")
+    spec = resolve_backbone("twistnet_registered", "scratch", plugins="regmodels")
+    assert type(create_model(spec, 4, 16)).__name__ == "TwistNet"
+    (project / "clashing.py").write_text(
+        "from timm.models import register_model\nfrom mymodels import TwistNet\n\n"
+        "@register_model\ndef resnet10t(pretrained=False, num_classes=1000, **kwargs):\n    return TwistNet(num_classes)\n")
+    monkeypatch.setenv("MLEXP_PLUGINS", "clashing")
+    original = model_entrypoint("resnet10t")
+    try:
+        with pytest.raises(MlexpError, match="registers resnet10t, already a timm model"):
+            resolve_backbone("resnet18_scratch", plugins=None)
+    finally:  # timm's own resnet10t back, for the tests after this one
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            register_model(original)
+
+
+def test_a_package_names_its_factories_as_entry_points(project):
+    """An installed package's `mlexp.backbones` entry points: its metadata on sys.path is enough."""
+    info = project / "twistpkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: twistpkg\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[mlexp.backbones]\ntwist_from_package = mymodels:twistnet_tiny\n")
+    sys.path.insert(0, str(project))
+    spec = resolve_backbone("twist_from_package", "scratch")
+    assert (spec.arch, spec.plugin) == ("twist_from_package", "twist_from_package")
+    assert type(create_model(spec, 3, 16)).__name__ == "TwistNet"
