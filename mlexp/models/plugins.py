@@ -98,7 +98,7 @@ def register_factory(module_name: str, factory_name: str, backbone_name: str) ->
         registered = model_entrypoint(backbone_name)
         if getattr(registered, "__wrapped__", registered) is factory:
             return backbone_name
-        if registered.__module__ != module.__name__:  # the same module imported again may register again
+        if registered.__module__ != factory.__module__:  # the same module imported again may register again
             raise MlexpError(f"--backbone {reference}: {backbone_name!r} is also a timm model "
                              f"({registered.__module__}); rename the factory so that the name means one network")
 
@@ -109,7 +109,7 @@ def register_factory(module_name: str, factory_name: str, backbone_name: str) ->
         return factory(**passed)
 
     build.__name__ = backbone_name
-    build.__module__ = module.__name__  # timm files it under the user's module (its checkpoint_filter_fn too)
+    build.__module__ = factory.__module__  # timm files it under the user's module (its checkpoint_filter_fn too)
     with warnings.catch_warnings():  # "Overwriting": only ever the same module's factory, imported again
         warnings.simplefilter("ignore")
         register_model(build)
@@ -152,16 +152,32 @@ def copy_plugin_sources(backbone: str, plugins: str | None, folder: Path) -> lis
     return copied
 
 
+def plugin_requirements(backbone: str, plugins: str | None) -> list[str]:
+    """The installed packages (`name==version`) that provide the user's modules: what a served
+    model must have installed, where their source does not travel with it. Asks every installed
+    distribution which modules it provides (~2 s), so only when such a module is in use."""
+    installed = [name for name in user_modules(backbone, plugins) if not _travels_as_source(name)]
+    if not installed:
+        return []
+    from importlib.metadata import packages_distributions, version
+
+    providers = packages_distributions()
+    return [f"{dist}=={version(dist)}" for name in installed for dist in providers.get(name.split(".")[0], [])]
+
+
+def _travels_as_source(name: str) -> bool:
+    top = sys.modules.get(name.split(".")[0])
+    origin = getattr(top, "__file__", None)
+    return origin is not None and "site-packages" not in Path(origin).parts
+
+
 def plugin_sources(module_names: list[str]) -> list[Path]:
     """The source a logged model needs to rebuild a user's network in a fresh process: for each
     module not installed as a package (not under site-packages), its file or its top-level
     package's folder. Installed packages travel as requirements instead."""
     sources = []
     for name in module_names:
-        top = sys.modules.get(name.split(".")[0])
-        origin = getattr(top, "__file__", None)
-        if origin is None or "site-packages" in Path(origin).parts:
-            continue
-        path = Path(origin)
-        sources.append(path.parent if path.name == "__init__.py" else path)
+        if _travels_as_source(name):
+            path = Path(sys.modules[name.split(".")[0]].__file__)
+            sources.append(path.parent if path.name == "__init__.py" else path)
     return list(dict.fromkeys(sources))

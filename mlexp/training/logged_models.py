@@ -35,7 +35,7 @@ from mlexp.data.transforms import build_transforms
 from mlexp.errors import MlexpError
 from mlexp.models.build import create_model
 from mlexp.models.catalogue import resolve_backbone
-from mlexp.models.plugins import copy_plugin_sources
+from mlexp.models.plugins import copy_plugin_sources, plugin_requirements
 from mlexp.models.strategies import attach_head
 from mlexp.tracking.server import first_line
 from mlexp.training.checkpoints import WEIGHTS_FILE, load_weights, save_weights
@@ -118,7 +118,8 @@ def as_images(model_input) -> list:
     return [Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB") for image in array]
 
 
-def save_pyfunc(target: Path, classifier_dir: Path, class_names: list[str], example: np.ndarray) -> Path:
+def save_pyfunc(target: Path, classifier_dir: Path, class_names: list[str], example: np.ndarray,
+                extra_requirements: list[str] | None = None) -> Path:
     """An MLflow pyfunc model folder around a classifier folder (no server involved)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
@@ -131,7 +132,7 @@ def save_pyfunc(target: Path, classifier_dir: Path, class_names: list[str], exam
     try:
         mlflow.pyfunc.save_model(str(target), python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
                                  artifacts={CLASSIFIER_ARTIFACT: str(classifier_dir)}, signature=signature,
-                                 input_example=example, pip_requirements=requirements())
+                                 input_example=example, pip_requirements=requirements() + (extra_requirements or []))
     finally:
         quiet.setLevel(level)
     return target
@@ -232,6 +233,7 @@ def staged_model(tracker, name: str, config: dict, class_names: list[str], weigh
         classifier = write_classifier(scratch / CLASSIFIER_ARTIFACT, config, class_names, weights)
         target = tracker.staging_dir(f"model-{name}")
         target.rmdir()  # save_model creates it
-        return save_pyfunc(target, classifier, class_names, example)
+        return save_pyfunc(target, classifier, class_names, example,
+                           plugin_requirements(config.get("backbone", ""), config.get("plugins")))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

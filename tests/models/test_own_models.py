@@ -20,6 +20,7 @@ from mlexp.errors import MlexpError
 from mlexp.models.build import build_backbone, create_model
 from mlexp.models.catalogue import resolve_backbone
 from mlexp.models.heads import find_classifier
+from mlexp.models.plugins import copy_plugin_sources, plugin_requirements
 from mlexp.models.strategies import build_strategy
 from mlexp.models.weight_sources import locate_weights
 
@@ -174,3 +175,34 @@ def test_a_package_names_its_factories_as_entry_points(project):
     spec = resolve_backbone("twist_from_package", "scratch")
     assert (spec.arch, spec.plugin) == ("twist_from_package", "twist_from_package")
     assert type(create_model(spec, 3, 16)).__name__ == "TwistNet"
+
+
+def test_an_installed_package_travels_as_a_requirement_and_a_local_module_as_source(project):
+    site = project / "venv" / "lib" / "site-packages"
+    (site / "twistpkg").mkdir(parents=True)
+    (site / "twistpkg" / "__init__.py").write_text("from mymodels import twistnet_tiny\n")
+    info = site / "twistpkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: twistpkg\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text("twistpkg\n")
+    sys.path.insert(0, str(site))
+    resolve_backbone("twistpkg:twistnet_tiny", "scratch")
+    assert plugin_requirements("twistpkg:twistnet_tiny", None) == ["twistpkg==1.0"]
+    assert copy_plugin_sources("twistpkg:twistnet_tiny", None, project / "code") == []
+    resolve_backbone("mymodels:twistnet_tiny", "scratch")
+    assert plugin_requirements("mymodels:twistnet_tiny", None) == []
+    assert [p.name for p in copy_plugin_sources("mymodels:twistnet_tiny", None, project / "code")] == ["mymodels.py"]
+    sys.modules.pop("twistpkg", None)
+
+
+def test_weights_key_map_is_repeatable_on_the_command_line(project):
+    from click.testing import CliRunner
+
+    from mlexp.commands.cli import cli
+
+    done = CliRunner().invoke(cli, ["train", "--backbone", "mymodels:twistnet_tiny", "--init", "scratch", "--dry-run",
+                                    "--weights-key-map", "encoder.=", "--weights-key-map", "backbone.=net."])
+    assert done.exit_code == 0, done.output
+    from mlexp.models.weight_files import parse_key_map
+
+    assert parse_key_map("encoder.=,backbone.=net.") == [("encoder.", ""), ("backbone.", "net.")]
