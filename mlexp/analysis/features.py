@@ -42,6 +42,7 @@ from mlexp.data.sources import build_data
 from mlexp.errors import MlexpError
 from mlexp.models.build import build_backbone, create_model
 from mlexp.models.catalogue import resolve_backbone
+from mlexp.models.heads import classifier_names
 from mlexp.models.strategies import attach_head
 from mlexp.training.checkpoints import WEIGHTS_FILE, load_weights
 
@@ -95,8 +96,10 @@ def pooled(stage: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def representations(model: torch.nn.Module, images: torch.Tensor) -> tuple[list[str], list[np.ndarray]]:
     """Layer names and the Gram matrix of each layer's output on `images`: the stages timm
-    reports, then the pre-logits features."""
+    reports, then the pre-logits features (a network of the user's own: `hooked_representations`)."""
     model.eval()
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        return hooked_representations(model, images)
     names, grams = [], []
     if hasattr(model, "forward_intermediates"):
         try:
@@ -107,6 +110,28 @@ def representations(model: torch.nn.Module, images: torch.Tensor) -> tuple[list[
         except (NotImplementedError, TypeError, RuntimeError, AttributeError):
             names, grams = [], []  # a model without stage outputs: the penultimate layer alone
     grams.append(gram(model.forward_head(model.forward_features(images), pre_logits=True).float()))
+    return [*names, PENULTIMATE], grams
+
+
+@torch.no_grad()
+def hooked_representations(model: torch.nn.Module, images: torch.Tensor) -> tuple[list[str], list[np.ndarray]]:
+    """A network without timm's stage API: each top-level child's output, in the order they ran,
+    then what goes into the classifier (its pre-logits features)."""
+    head = model.get_submodule(classifier_names(model)[0])
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        return lambda module, inputs, output: outputs.setdefault(name, output)
+
+    hooks = [child.register_forward_hook(keep(name)) for name, child in model.named_children() if child is not head]
+    hooks.append(head.register_forward_pre_hook(lambda module, inputs: outputs.setdefault(PENULTIMATE, inputs[0])))
+    try:
+        model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    names = [name for name, output in outputs.items() if name != PENULTIMATE and isinstance(output, torch.Tensor)]
+    grams = [gram(pooled(outputs[name].float())) for name in names] + [gram(outputs[PENULTIMATE].float())]
     return [*names, PENULTIMATE], grams
 
 
@@ -152,7 +177,8 @@ def rebuild(client, run_id: str, workdir: Path) -> TrainedModel:
     else:
         logged = client.get_run(run_id).data.params.get("weights_path")
         if logged and Path(logged).is_file():
-            initial = build_backbone(spec, data.num_classes, cfg.img_size, logged).model
+            initial = build_backbone(spec, data.num_classes, cfg.img_size, logged, cfg.weights_strict,
+                                     cfg.weights_key_map).model
             source = logged
     model = create_model(spec, data.num_classes, cfg.img_size)
     attach_head(model, cfg.head, data.num_classes)

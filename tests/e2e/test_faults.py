@@ -76,20 +76,25 @@ def test_server_gone_longer_than_training_then_sync(own_server, tmp_path):
 
 # Twenty-two moments over two epochs of 22 steps: during steps, during evaluation, before each
 # checkpoint file's upload, before each manifest, during the final uploads, half-way through
-# publishing a logged model, and before the final status.
-KILL_MOMENTS = [
-    "step=1", "step=10", "step=15", "step=22", "eval=1",
-    "upload=config.json", "upload=checkpoints/best/model.safetensors",
-    "upload=checkpoints/last/epoch_0001/model.safetensors",
-    "upload=checkpoints/last/epoch_0001/training_state.pt",
-    "upload=checkpoints/last/epoch_0001/manifest.json", "manifest=1",
-    "step=23", "step=33", "step=44", "eval=2",
-    "upload=checkpoints/last/epoch_0002/model.safetensors",
-    "upload=checkpoints/last/epoch_0002/training_state.pt", "manifest=2",
-    "upload=checkpoints/final/model.safetensors", "upload=metrics/batch_metrics.csv",
-    "logged_model=best",  # the logged model created on the server, its files not yet uploaded
-    "status=FINISHED",  # everything on the server but the final status
+# publishing a logged model, and before the final status. They are chained: each chain starts
+# with a fresh run killed at its first moment, then the same run is resumed and killed at the
+# next moment, and so on; its last resume finishes it, and its final weights must be the
+# uninterrupted run's. A moment is reached again after a resume as it would be by a user's
+# resume: a run killed before its first checkpoint starts over; an upload, manifest or logged
+# model the killed process had not sent is sent by the next one (its outbox); steps continue
+# from the checkpoint. `eval=N` counts this process's evaluations, so eval=2 heads a chain.
+KILL_CHAINS = [
+    ["upload=config.json", "step=1", "step=10", "step=15", "step=22", "eval=1",
+     "upload=checkpoints/best/model.safetensors"],
+    ["upload=checkpoints/last/epoch_0001/model.safetensors", "upload=checkpoints/last/epoch_0001/training_state.pt",
+     "upload=checkpoints/last/epoch_0001/manifest.json", "manifest=1", "step=23", "step=33", "step=44"],
+    ["eval=2", "upload=checkpoints/last/epoch_0002/model.safetensors",
+     "upload=checkpoints/last/epoch_0002/training_state.pt", "manifest=2",
+     "upload=checkpoints/final/model.safetensors", "upload=metrics/batch_metrics.csv",
+     "logged_model=best",  # the logged model created on the server, its files not yet uploaded
+     "status=FINISHED"],  # everything on the server but the final status
 ]
+KILL_MOMENTS = [moment for chain in KILL_CHAINS for moment in chain]
 
 
 def test_sigkill_at_twenty_two_moments_then_resume_gives_the_uninterrupted_model(server_uri, tmp_path):
@@ -100,26 +105,33 @@ def test_sigkill_at_twenty_two_moments_then_resume_gives_the_uninterrupted_model
     client = MlflowClient(server_uri)
     expected = final_weights(client, only_run(client, "kill-baseline").info.run_id, tmp_path / "baseline")
 
-    def kill_and_resume(index: int) -> str:
-        moment, experiment = KILL_MOMENTS[index], f"kill-{index:02d}"
-        killed = run_mlexp([*args, "--experiment", experiment], dict(env, MLEXP_FAULT=moment), tmp_path)
-        assert killed.returncode == -signal.SIGKILL, f"{moment}: not reached ({killed.returncode})"
+    def kill_resume_and_kill_again(index: int) -> list[str]:
+        chain, experiment = KILL_CHAINS[index], f"kill-chain-{index}"
+        killed = run_mlexp([*args, "--experiment", experiment], dict(env, MLEXP_FAULT=chain[0]), tmp_path)
+        assert killed.returncode == -signal.SIGKILL, f"{chain[0]}: not reached ({killed.returncode})"
         run_id = only_run(client, experiment).info.run_id
+        outputs = [killed.stdout]
+        for before, moment in zip(chain, chain[1:]):
+            again = run_mlexp(["train", "--resume", run_id], dict(env, MLEXP_FAULT=moment), tmp_path)
+            assert again.returncode == -signal.SIGKILL, f"{moment} (after {before}): not reached " \
+                                                        f"({again.returncode}): {again.stderr[-2000:]}"
+            if before == "manifest=1":  # files on the server, manifest never published: the folder's own one counts
+                assert "after epoch 1 " in again.stdout, again.stdout
+            outputs.append(again.stdout)
         resumed = run_mlexp(["train", "--resume", run_id], env, tmp_path)
-        assert resumed.returncode == 0, f"{moment}: {resumed.stderr[-3000:]}"
-        if moment == "manifest=1":  # files on the server, manifest never published: the folder's own one counts
-            assert "after epoch 1 " in resumed.stdout, resumed.stdout
+        assert resumed.returncode == 0, f"after {chain[-1]}: {resumed.stderr[-3000:]}"
         assert_complete(client, run_id, epochs=2, batch_size=64)
+        assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1  # one run, every time
         weights = final_weights(client, run_id, tmp_path / experiment)
         assert weights.keys() == expected.keys()
         for key, value in expected.items():
-            assert torch.equal(weights[key], value), f"{moment}: {key} differs from the uninterrupted run"
-        return resumed.stdout
+            assert torch.equal(weights[key], value), f"chain {index}: {key} differs from the uninterrupted run"
+        return [*outputs, resumed.stdout]
 
-    # Two at a time, one thread each (subprocess_env sets OMP_NUM_THREADS=1): 2 cores.
+    # Two chains at a time, one thread each (subprocess_env sets OMP_NUM_THREADS=1): 2 cores.
     with ThreadPoolExecutor(2) as pool:
-        outputs = list(pool.map(kill_and_resume, range(len(KILL_MOMENTS))))
-    assert len(KILL_MOMENTS) == 22
+        outputs = [text for chain in pool.map(kill_resume_and_kill_again, range(len(KILL_CHAINS))) for text in chain]
+    assert len(KILL_MOMENTS) == len(set(KILL_MOMENTS)) == 22
     # Every path was taken: from a checkpoint, from scratch in the same run, and delivering a finished run.
     assert any("resuming run" in output for output in outputs)
     assert any("starting it over" in output for output in outputs)

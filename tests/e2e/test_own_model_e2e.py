@@ -10,6 +10,7 @@ sweep under Ray: tests/e2e/test_sweep_ray.py.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import mlflow.artifacts
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -65,6 +67,12 @@ def test_own_model_pretrain_sweep_ablation_resume_and_serve(tmp_path):
             assert run.data.params["weights_sha256"] == file_sha256(exported)
         assert run.data.params["classifier"] == "fc (last nn.Linear)"
     assert {r.info.run_name for r in runs} >= {"twistnet_tiny_pretrained-full-s1", "twistnet_tiny_scratch-full-s2"}
+    compared = run_mlexp(["compare", "--experiment", "own-sweep", "--features", "--out", str(tmp_path / "cmp"),
+                          "--log-run", "false"], env, project)
+    assert compared.returncode == 0, compared.stdout[-2000:] + compared.stderr[-2000:]
+    [features] = json.loads((tmp_path / "cmp" / "compare.json").read_text())["features"]
+    assert features["backbone"] == "twistnet_tiny" and not features["problem"]
+    assert features["layers"] == ["stem", "layer1", "twist", "layer2", "pre_logits"]
 
     # The ablation variant starts from the full network's file, partially, and says so.
     ablation = run_mlexp(["train", "--backbone", "mymodels:twistnet_tiny_no_twist", "--init", "pretrained",
@@ -89,6 +97,20 @@ def test_own_model_pretrain_sweep_ablation_resume_and_serve(tmp_path):
     assert (run.data.params["weights_loaded"], run.data.params["weights_new"], run.data.params["weights_unused"]) == \
         (str(len(loaded)), str(len(variant) - len(loaded)), str(len(state) - len(loaded)))
     assert "weights/load_report.json" in artifact_paths(client, run.info.run_id)
+
+    # A foundation checkpoint saved inside an encoder, with a decoder the network does not have.
+    torch.save({"model": {**{f"encoder.{k}": v for k, v in state.items()}, "decoder.proj.weight": torch.ones(2, 2)}},
+               project / "mae.pth")
+    mapped = run_mlexp(["train", "--backbone", "mymodels:twistnet_tiny", "--init", "pretrained", "--weights", "mae.pth",
+                        "--weights-key-map", "encoder.=", "--weights-strict", "false", *SMALL, "--log-models", "false",
+                        "--experiment", "own-mae"], env, project)
+    assert mapped.returncode == 0, mapped.stderr[-3000:]
+    assert "from mae.pth; 1 in the file unused: decoder.*" in mapped.stdout
+    mae_run = only_run(client, "own-mae")
+    assert (mae_run.data.params["weights_loaded"], mae_run.data.params["weights_unused"]) == (str(len(state)), "1")
+    report = json.loads(Path(client.download_artifacts(mae_run.info.run_id, "weights/load_report.json",
+                                                       str(tmp_path / "mae"))).read_text())
+    assert report["unused"] == ["decoder.proj.weight"] and report["new"] == []
 
     # Gradual unfreezing by the user's own stage patterns, one phase per epoch.
     gradual = run_mlexp(["train", "--backbone", "mymodels:twistnet_tiny", "--strategy", "gradual",
