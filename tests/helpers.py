@@ -41,10 +41,11 @@ def write_pretrained_weights(folder: Path, timm_name: str, arch: str, num_classe
     return save_weights(model.state_dict(), folder / f"{arch}.safetensors")
 
 
-def contract_artifacts(last_epoch: int) -> set[str]:
-    """Every file a finished training run must hold (the logging contract)."""
+def contract_artifacts(last_epoch: int, pretrained: bool = False) -> set[str]:
+    """Every file a finished training run must hold (the logging contract); a run that started
+    from a weights file also says what that file gave it (weights/load_report.json)."""
     checkpoint = f"checkpoints/last/epoch_{last_epoch:04d}"
-    return {"config.json", "checkpoints/last/manifest.json", f"{checkpoint}/model.safetensors",
+    return {*(["weights/load_report.json"] if pretrained else []), "config.json", "checkpoints/last/manifest.json", f"{checkpoint}/model.safetensors",
             f"{checkpoint}/training_state.pt", f"{checkpoint}/manifest.json", "checkpoints/best/model.safetensors",
             "checkpoints/final/model.safetensors", "summary/training_info.json", "metrics/epoch_metrics.csv",
             "metrics/batch_metrics.csv", "evaluation/val/per_class.csv", "evaluation/val/confusion_matrix.csv",
