@@ -205,15 +205,8 @@ class TrainConfig:
         self._validate_own_model_options()
 
     def _validate_own_model_options(self) -> None:
-        for part in (self.unfreeze_patterns or "").split(";"):
-            try:
-                re.compile(part.strip())
-            except re.error as error:
-                raise MlexpError(f"--unfreeze-patterns: {part.strip()!r} is not a regular expression ({error})") from None
-        for item in (self.weights_key_map or "").split(","):
-            if item.strip() and ("=" not in item or item.strip().startswith("=")):
-                raise MlexpError(f"--weights-key-map {item.strip()!r}: expected OLD=NEW, e.g. 'encoder.=' to drop "
-                                 f"an encoder. prefix")
+        phase_regexes(self.unfreeze_patterns)
+        key_map_pairs(self.weights_key_map)
 
     # --- conversion ------------------------------------------------------------------------
     @classmethod
@@ -279,6 +272,30 @@ def config_hash(cfg: TrainConfig) -> str:
     values = {k: v for k, v in cfg.to_dict().items()
               if k not in BOOKKEEPING and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def phase_regexes(text: str | None) -> list[str]:
+    """--unfreeze-patterns 'head|fc;layer4;.*' -> the regex of each phase, from the head down."""
+    parts = [part.strip() for part in (text or "").split(";") if part.strip()]
+    for part in parts:
+        try:
+            re.compile(part)
+        except re.error as error:
+            raise MlexpError(f"--unfreeze-patterns: {part!r} is not a regular expression ({error})") from None
+    return parts
+
+
+def key_map_pairs(text: str | None) -> list[tuple[str, str]]:
+    """--weights-key-map 'encoder.=,backbone.=net.' -> [("encoder.", ""), ("backbone.", "net.")]."""
+    pairs = []
+    for item in (text or "").split(","):
+        if item.strip():
+            old, sep, new = item.strip().partition("=")
+            if not sep or not old:
+                raise MlexpError(f"--weights-key-map {item.strip()!r}: expected OLD=NEW, e.g. 'encoder.=' to drop "
+                                 f"an encoder. prefix")
+            pairs.append((old, new))
+    return pairs
 
 
 def cli_name(field_name: str) -> str:

@@ -50,12 +50,12 @@ def load_plugins(plugins: str | None) -> None:
     for name in plugin_modules(plugins):
         if name in _imported:
             continue
-        from timm.models import _registry  # the registry's own table: what the import changed
+        from timm.models import list_models, model_entrypoint
 
-        before = dict(_registry._model_entrypoints)
+        before = {model: model_entrypoint(model) for model in list_models()}
         _import_user_module(name, f"--plugins {name}")
         _imported.add(name)
-        replaced = sorted(key for key, fn in before.items() if _registry._model_entrypoints.get(key) is not fn)
+        replaced = sorted(model for model, fn in before.items() if model_entrypoint(model) is not fn)
         if replaced:
             raise MlexpError(f"--plugins {name}: registers {', '.join(replaced[:3])}, already a timm model; "
                              f"rename it so that the name means one network")
@@ -70,11 +70,18 @@ def plugin_reference(name: str) -> tuple[str, str, str] | None:
         if not module or not factory.isidentifier():
             raise MlexpError(f"--backbone {name!r}: a model of your own is MODULE:FACTORY, e.g. mymodels:twistnet18")
         return module, factory, factory
-    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-    if found:
-        module, _, factory = found[0].value.partition(":")
-        return module.strip(), factory.strip(), name
-    return None
+    value = _entry_point_backbones().get(name)
+    if value is None:
+        return None
+    module, _, factory = value.partition(":")
+    return module.strip(), factory.strip(), name
+
+
+@functools.lru_cache(maxsize=1)
+def _entry_point_backbones() -> dict[str, str]:
+    """name -> "module:factory" of every installed package's `mlexp.backbones` entry points
+    (read once: resolving a name happens several times in a run)."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def register_factory(module_name: str, factory_name: str, backbone_name: str) -> str:

@@ -30,7 +30,7 @@ import warnings
 
 from torch import nn
 
-from mlexp.config import TrainConfig
+from mlexp.config import TrainConfig, phase_regexes
 from mlexp.errors import MlexpError
 from mlexp.models.heads import classifier_names
 
@@ -124,19 +124,6 @@ def _top_of_network(model: nn.Module, family: str) -> str | None:
     return None
 
 
-def user_phases(text: str) -> list[str]:
-    """--unfreeze-patterns 'head|fc;layer4;.*' -> the regex of each phase, from the head down."""
-    parts = [part.strip() for part in text.split(";") if part.strip()]
-    for part in parts:
-        try:
-            re.compile(part)
-        except re.error as error:
-            raise MlexpError(f"--unfreeze-patterns: {part!r} is not a regular expression ({error})") from None
-    if not parts:
-        raise MlexpError("--unfreeze-patterns: expected regexes separated by ';', e.g. 'head|fc;layer4;.*'")
-    return parts
-
-
 def phase_patterns(model: nn.Module, family: str, strategy: str, unfreeze_patterns: str | None = None) -> list[str]:
     """One regex per phase over parameter/module names; a name matching it is trainable then.
     Gradual phases: --unfreeze-patterns (each phase adds its regex to the ones before), else the
@@ -152,7 +139,7 @@ def phase_patterns(model: nn.Module, family: str, strategy: str, unfreeze_patter
     if strategy != "gradual":
         raise MlexpError(f"--strategy must be one of full, linear, gradual, got {strategy!r}")
     if unfreeze_patterns:
-        parts = user_phases(unfreeze_patterns)
+        parts = phase_regexes(unfreeze_patterns)
         return [_either(*parts[:index + 1]) for index in range(len(parts))]
     middle = _top_of_network(model, family) or _last_group(model, re.compile(head).match)
     if middle is None:
@@ -191,7 +178,7 @@ def layer_ids(model: nn.Module, is_head, unfreeze_patterns: str | None = None) -
     names = [n for n, _ in model.named_parameters()]
     raw: dict[str, int] = {}
     if unfreeze_patterns:
-        parts = [re.compile(part).match for part in user_phases(unfreeze_patterns)]
+        parts = [re.compile(part).match for part in phase_regexes(unfreeze_patterns)]
         raw = {n: len(parts) - next((i for i, matches in enumerate(parts) if matches(n)), len(parts)) for n in names}
     elif hasattr(model, "group_matcher"):
         from timm.models import group_parameters

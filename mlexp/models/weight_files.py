@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from mlexp.config import key_map_pairs
 from mlexp.errors import MlexpError
 
 if TYPE_CHECKING:
@@ -118,19 +119,6 @@ def name_groups(names: list[str], shown: int = 4) -> str:
     return ", ".join(groups[:shown]) + more
 
 
-def parse_key_map(text: str | None) -> list[tuple[str, str]]:
-    """`encoder.=,backbone.=net.` -> [("encoder.", ""), ("backbone.", "net.")]."""
-    pairs = []
-    for item in (text or "").split(","):
-        if item.strip():
-            old, sep, new = item.strip().partition("=")
-            if not sep or not old:
-                raise MlexpError(f"--weights-key-map {item.strip()!r}: expected OLD=NEW, e.g. 'encoder.=' to drop "
-                                 f"an encoder. prefix")
-            pairs.append((old, new))
-    return pairs
-
-
 def rename_keys(state: dict, key_map: list[tuple[str, str]]) -> dict:
     """Apply the first matching prefix rename to each name; other names stay as they are."""
     renamed = {}
@@ -149,7 +137,7 @@ def load_weights(model: torch.nn.Module, path: Path, timm_name: str, label: str 
     from mlexp.models.heads import find_classifier
 
     label = label or str(path)
-    state = rename_keys(read_state_dict(path, label), parse_key_map(key_map))
+    state = rename_keys(read_state_dict(path, label), key_map_pairs(key_map))
     filter_fn = timm_filter_fn(timm_name)
     if filter_fn is not None:
         try:
@@ -160,9 +148,9 @@ def load_weights(model: torch.nn.Module, path: Path, timm_name: str, label: str 
                              f"({type(exc).__name__}: {exc})") from exc
     head, rule = find_classifier(model)
     loaded = (load_checked if strict else load_matching)(model, state, tuple(head), label, timm_name)
-    target = model.state_dict()
-    return LoadReport(label, loaded, [k for k in target if k not in set(loaded)],
-                      [k for k in state if k not in set(loaded)], head, rule)
+    taken = set(loaded)
+    return LoadReport(label, loaded, [k for k in model.state_dict() if k not in taken],
+                      [k for k in state if k not in taken], head, rule)
 
 
 def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor], head: tuple[str, ...],

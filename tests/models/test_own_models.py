@@ -20,7 +20,7 @@ from mlexp.errors import MlexpError
 from mlexp.models.build import build_backbone, create_model
 from mlexp.models.catalogue import resolve_backbone
 from mlexp.models.heads import find_classifier
-from mlexp.models.plugins import copy_plugin_sources, plugin_requirements
+from mlexp.models.plugins import _entry_point_backbones, copy_plugin_sources, plugin_requirements
 from mlexp.models.strategies import build_strategy
 from mlexp.models.weight_sources import locate_weights
 
@@ -172,6 +172,7 @@ def test_a_package_names_its_factories_as_entry_points(project):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: twistpkg\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[mlexp.backbones]\ntwist_from_package = mymodels:twistnet_tiny\n")
     sys.path.insert(0, str(project))
+    _entry_point_backbones.cache_clear()  # read once per process: this test installs one after the start
     spec = resolve_backbone("twist_from_package", "scratch")
     assert (spec.arch, spec.plugin) == ("twist_from_package", "twist_from_package")
     assert type(create_model(spec, 3, 16)).__name__ == "TwistNet"
@@ -203,6 +204,6 @@ def test_weights_key_map_is_repeatable_on_the_command_line(project):
     done = CliRunner().invoke(cli, ["train", "--backbone", "mymodels:twistnet_tiny", "--init", "scratch", "--dry-run",
                                     "--weights-key-map", "encoder.=", "--weights-key-map", "backbone.=net."])
     assert done.exit_code == 0, done.output
-    from mlexp.models.weight_files import parse_key_map
+    from mlexp.config import key_map_pairs
 
-    assert parse_key_map("encoder.=,backbone.=net.") == [("encoder.", ""), ("backbone.", "net.")]
+    assert key_map_pairs("encoder.=,backbone.=net.") == [("encoder.", ""), ("backbone.", "net.")]
