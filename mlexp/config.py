@@ -56,7 +56,15 @@ class TrainConfig:
     weights_key_map: str | None = option(None, "Rename a prefix of the weights file's tensor names before loading, "
                                          "OLD=NEW (e.g. 'encoder.=' for a checkpoint saved inside an encoder); "
                                          "repeatable.", repeatable=True)
-    data: str = option("digits", "An ImageFolder path, 'digits' (built-in, offline) or 'synthetic'.")
+    data: str = option("digits", "An ImageFolder path; a folder with split files (labels/train1.txt, val1.txt, "
+                       "test1.txt, ...: one partition per fold); torchvision:NAME:ROOT for a torchvision dataset "
+                       "in a local folder (torchvision:DTD:/data/dtd, torchvision:CIFAR10:/data); 'digits' "
+                       "(built-in, offline) or 'synthetic'.")
+    download: bool = option(False, "Let a torchvision:NAME:ROOT dataset download its files into ROOT when they are "
+                            "missing (never done unless asked).")
+    splits: str | None = option(None, "A split manifest (CSV or JSON): each image's path (relative to --data), "
+                                "class, and its split (train, val, test or empty) in each fold; --fold chooses "
+                                "the fold.")
     val_dir: str | None = option(None, "A separate ImageFolder for validation (default: DATA/val if it "
                                  "exists, else a split of the training data).")
     val_split: float = option(0.2, "Fraction of the data (after any --test-split) held out for validation when "
@@ -127,8 +135,15 @@ class TrainConfig:
     reprob: float = option(0.0, "Random erasing probability.")
     ema: bool = option(False, "Keep an EMA of the weights; evaluate and checkpoint it.")
     ema_decay: float = option(0.999, "EMA decay per optimizer step.")
-    early_stop_patience: int = option(0, "Stop when val accuracy has not improved for this many epochs "
-                                      "(0 = off).")
+    early_stop_patience: int = option(0, "Stop when the best metric (--best-metric) has not improved for this "
+                                      "many epochs (0 = off).")
+    best_metric: str = option("val/acc", "The epoch metric that chooses the best checkpoint, early stopping and "
+                              "the best/* metrics: val/acc, val/loss, val/macro_f1, train/loss, ...")
+    best_mode: str = option("auto", "Whether the best metric is best high or low. 'auto': min for losses and "
+                            "errors, else max.", ("auto", "max", "min"))
+    best_checkpoint: str = option("weights", "What checkpoints/best/ keeps: the weights, or 'full': also the "
+                                  "optimizer, scheduler and history, so `--resume RUN --resume-from best` "
+                                  "continues from it.", ("weights", "full"))
     calibrate: bool = option(True, "Fit temperature scaling on the validation split after training.")
     channels_last: str = option("auto", "channels_last memory format. 'auto': on a GPU, for convolutional "
                                 "backbones (where cuDNN is faster with it); on a CPU, for ResNets (about "
@@ -149,6 +164,11 @@ class TrainConfig:
                                       "sqlite:///mlflow.db in the current folder).")
     resume: str | None = option(None, "Resume this run (MLflow run id, or an offline run's id) from its newest "
                                 "complete checkpoint.")
+    resume_from: str = option("last", "With --resume: continue from the newest checkpoint ('last'), or from the "
+                              "best one ('best'; the run must have kept it with --best-checkpoint full).",
+                              ("last", "best"))
+    log_dir: str = option("mlexp-output/runs", "Where each run's live logs go (RUN_ID/epoch_metrics.csv, "
+                          "batch_metrics.csv, log.jsonl), appended while it trains.")
     offline: bool = option(False, "Record the run on this machine only, with no tracking server "
                            "($MLEXP_OFFLINE=1 does the same); send it later with `mlexp sync --to URI`.")
     export_weights: bool = option(False, "Also write the final weights to the weights folder, where "
@@ -253,14 +273,15 @@ class TrainConfig:
 
 # Fields that say where and how a run is recorded, not what is trained: left out of its hash.
 BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "export_weights", "offline",
-               "system_metrics", "log_models")
+               "system_metrics", "log_models", "download", "resume_from", "log_dir", "best_checkpoint")
 
 
 # Fields added after runs were recorded, with the value that reproduces those runs: left out of
 # the hash while at it, so those runs keep their hash (and stay resumable, and counted once by
 # compare), and given to their recorded configs (they trained on plain resizes, no jitter).
 ADDED_LATER = {"test_split": 0.0, "test_dir": None, "train_crop": "resize", "color_jitter": 0.0, "plugins": None,
-               "weights_from": None, "weights_strict": True, "weights_key_map": None, "unfreeze_patterns": None}
+               "weights_from": None, "weights_strict": True, "weights_key_map": None, "unfreeze_patterns": None,
+               "best_metric": "val/acc", "best_mode": "auto", "splits": None}
 AUTO = -1  # --workers auto
 TRISTATE = ("auto", "true", "false")
 TRISTATE_FIELDS = ("channels_last",)
@@ -272,6 +293,22 @@ def config_hash(cfg: TrainConfig) -> str:
     values = {k: v for k, v in cfg.to_dict().items()
               if k not in BOOKKEEPING and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+LOWER_IS_BETTER = ("loss", "error", "ece", "time")
+
+
+def best_is_max(metric: str, mode: str) -> bool:
+    """Whether a higher value of `metric` is better: --best-mode, or by its name (losses,
+    errors, calibration error and times are best low)."""
+    if mode != "auto":
+        return mode == "max"
+    return not any(word in metric for word in LOWER_IS_BETTER)
+
+
+def best_key(metric: str) -> str:
+    """The best/* metric that holds a run's best value of `metric`: val/loss -> best/val_loss."""
+    return "best/" + metric.replace("/", "_")
 
 
 def phase_regexes(text: str | None) -> list[str]:
