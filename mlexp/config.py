@@ -75,8 +75,9 @@ class TrainConfig:
     test_dir: str | None = option(None, "A separate ImageFolder for the test set (default: DATA/test beside "
                                   "DATA/train if it exists, else --test-split of the data).")
     folds: int = option(0, "Use k-fold splits of the data instead of val-split (0 = off); the images must be one "
-                        "pool (no separate validation folder).")
-    fold: int = option(0, "Which fold (0-based) is the validation fold when --folds is set.")
+                        "pool (no separate validation folder, no split of their own).")
+    fold: int = option(0, "Which fold: with --folds K the validation fold (0-based); on data with a split of its "
+                       "own (split files, --splits, torchvision:DTD) its fold number (DTD's 1-10).")
     img_size: int = option(32, f"Square input size in pixels (at most {MAX_IMG_SIZE}).")
     train_crop: str = option("auto", "Training geometry: timm's random-resized crop (validation: resize and "
                              "center-crop by the model's crop_pct), or the whole image resized (tiny images "
@@ -364,6 +365,9 @@ def parse_value(name: str, annotation: Any, raw: Any) -> Any:
         return "true" if text.lower() in _TRUE else "false"
     if kind is int and text.lower() == "auto" and name == "workers":
         return AUTO
+    if kind is int and name in ("fold", "folds") and re.fullmatch(r"\d+\s*[-,][\d\s,-]*", text):
+        raise MlexpError(f"--{cli_name(name)} {text} names several folds, and a training run trains one (--fold N); "
+                         f"`mlexp sweep --folds {text}` trains each")
     try:
         if kind is bool:
             if text.lower() in _TRUE:

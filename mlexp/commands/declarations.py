@@ -48,6 +48,12 @@ class SweepOptions:
     scratch_only: bool = flag(False, "Only the scratch flavour of each backbone.")
     strategies: tuple[str, ...] = list_option(("full",), "Comma-separated: full, linear, gradual.")
     seeds: tuple[str, ...] = list_option(("42",), "Comma-separated seeds.")
+    folds: str | None = declared(None, "Data with a split of its own (DATA/labels/trainN.txt, --splits, "
+                                 "torchvision:DTD): which of its folds to train, e.g. 1-10, 1,3,5 or 2 (default: "
+                                 "all). Other data: K stratified folds of one pool, each trained. (default: no "
+                                 "folds, one --val-split)", "FOLDS")
+    fold: str | None = declared(None, "With --folds K: train only these of its folds (0-based), e.g. 0,2 or 0-2.",
+                                "FOLDS")
     parallel: int | None = declared(None, "Children training at once. (default: one per GPU (GPUs // "
                                     "--gpus-per-run); 1 on CPU, where N children share the cores, cores // N "
                                     "threads each; with Ray: the cluster's room)", "N")

@@ -23,7 +23,7 @@ import torch
 
 from mlexp import tracking
 from mlexp.data.digests import describe
-from mlexp.data.sources import CheckedImageFolder
+from mlexp.data.images import CheckedImageFolder
 from mlexp.errors import MlexpError
 from mlexp.tracking import registry
 from mlexp.training.evaluation import split_metrics, write_report

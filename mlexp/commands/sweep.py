@@ -12,11 +12,11 @@ from mlexp.commands.options import CONTEXT, build_config, config_options, declar
 from mlexp.config import parse_value
 from mlexp.errors import MlexpError
 from mlexp.sweep.local_executor import check_counts, make_local_executor
-from mlexp.sweep.plan import INITS
+from mlexp.sweep.plan import INITS, sweep_folds
 from mlexp.sweep.ray_executor import RayExecutor, import_ray
 
 # The grid's axes: a sweep sets these per child, so they are not training options of the sweep.
-SWEEP_AXES = ("backbone", "init", "strategy", "seed", "fold", "resume")
+SWEEP_AXES = ("backbone", "init", "strategy", "seed", "folds", "fold", "resume")
 
 
 @click.command("sweep", context_settings=CONTEXT)
@@ -28,7 +28,9 @@ def sweep_command(**values: Any) -> None:
     Each configuration trains in its own `mlexp train` process (its output in
     mlexp-output/sweeps/PARENT_RUN/), --parallel N at a time; --executor ray spreads them
     over a Ray cluster. Every other option is a training option applied to each run (see
-    `mlexp train --help`); `--folds K` runs each configuration on all K folds.
+    `mlexp train --help`); `--folds K` runs each configuration on all K folds, and on data
+    with a split of its own (DTD's labels/train1.txt ... test10.txt, --splits FILE) `--folds
+    1-10` or `--folds 1,3,5` runs it on those of its folds.
 
     Configurations that already FINISHED in the experiment are skipped, and interrupted ones
     resume their own run from their checkpoint, so re-running an interrupted sweep (or
@@ -40,6 +42,7 @@ def sweep_command(**values: Any) -> None:
     \b
     Examples:
       mlexp sweep --backbones resnet18,resnet50 --seeds 1,2,3 --folds 5 --epochs 10
+      mlexp sweep --data torchvision:DTD:/data/dtd --folds 1-10 --seeds 42,43,44
       mlexp sweep --backbones resnet18 resnet50 deit_small --scratch-only --parallel 2
       mlexp sweep --backbones resnet50 --gpus-per-run 2            (8 GPUs: 4 DDP children at once)
       mlexp sweep --executor ray --ray-address auto --tracking-uri http://mlflow.lab:5000
@@ -62,12 +65,13 @@ def sweep_with(values: dict[str, Any], parent_run_id: str | None = None) -> None
     seeds = [parse_value("seeds", int, seed) for seed in own.seeds]
     make_executor = executor_factory(own)
     base = build_config(training_values, world_size=max(own.gpus_per_run or 1, 1))  # a child's DDP processes
+    base, folds = sweep_folds(base, own.folds, own.fold)
     for strategy in own.strategies:
         base.replace(strategy=strategy)  # validates the name
     # What each child gets: the training options as typed (the sweep's own run name is its parent's)
     train_options = {name: value for name, value in user_values(training_values).items() if name != "run_name"}
-    result = run_sweep(base, list(own.backbones), inits, list(own.strategies), seeds, train_options, make_executor,
-                       retry_failed=own.retry_failed, parent_run_id=parent_run_id)
+    result = run_sweep(base, list(own.backbones), inits, list(own.strategies), seeds, folds, train_options,
+                       make_executor, retry_failed=own.retry_failed, parent_run_id=parent_run_id)
     if result.failed or result.killed:
         what = f"{len(result.failed)} configuration(s) FAILED" if result.failed else "some configurations were KILLED"
         click.echo(f"mlexp: {what}; see the runs' mlexp.error tag, or run the sweep again", err=True)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from mlexp.data.sources import ArrayImages, CheckedImageFolder, DataBundle
+from mlexp.data.images import ArrayImages, DataBundle
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def content_digest(dataset: Dataset) -> tuple[str, str | None]:
     if isinstance(dataset, Subset):
         dataset, indices = dataset.dataset, np.asarray(dataset.indices)
     digest = hashlib.sha256()
-    if isinstance(dataset, CheckedImageFolder):
+    if hasattr(dataset, "samples") and hasattr(dataset, "root"):  # files: a folder, split files, torchvision's
         samples = dataset.samples if indices is None else [dataset.samples[i] for i in indices]
         for path, label in samples:  # relative paths: the same folder copied elsewhere has the same digest
             digest.update(f"{os.path.relpath(path, dataset.root)}\t{label}\n".encode())
@@ -68,5 +68,11 @@ def content_digest(dataset: Dataset) -> tuple[str, str | None]:
         digest.update(np.ascontiguousarray(dataset.images[chosen]).tobytes())
         digest.update(np.ascontiguousarray(dataset.labels[chosen]).tobytes())
         return digest.hexdigest()[:12], None
+    if hasattr(dataset, "labels") and hasattr(dataset, "indices"):  # a torchvision dataset held in arrays (CIFAR)
+        digest.update(type(dataset.base).__name__.encode())
+        chosen = dataset.indices if indices is None else dataset.indices[indices]
+        digest.update(np.ascontiguousarray(chosen, dtype=np.int64).tobytes())
+        digest.update(np.asarray([dataset.labels[i] for i in chosen], dtype=np.int64).tobytes())
+        return digest.hexdigest()[:12], str(getattr(dataset.base, "root", "")) or None
     digest.update(str(len(dataset)).encode())
     return digest.hexdigest()[:12], None

@@ -77,15 +77,15 @@ def finished_before(tracking_uri: str, experiment: str) -> dict[str, str]:
 
 
 def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strategies: list[str],
-              seeds: list[int], train_options: dict[str, str], make_executor, retry_failed: bool = False,
-              parent_run_id: str | None = None) -> SweepResult:
+              seeds: list[int], folds: list[int], train_options: dict[str, str], make_executor,
+              retry_failed: bool = False, parent_run_id: str | None = None) -> SweepResult:
     """Train every configuration of the grid that has not finished before; summarise.
 
     `train_options`: the sweep's training options as typed (each child gets them).
     `make_executor()`: the executor, made (and checked) before any run exists.
     `parent_run_id`: an existing run to be the sweep's parent (the one `mlflow run` created).
     """
-    rows = expand_grid(base, backbones, inits, strategies, seeds)
+    rows = expand_grid(base, backbones, inits, strategies, seeds, folds)
     if base.dry_run:  # the configuration comparison, then the plan
         print(format_init_comparison([row.requested for row in rows]) + "\n", flush=True)
     print(format_plan(rows), flush=True)
@@ -93,7 +93,9 @@ def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strateg
         return SweepResult(None)
     executor = make_executor()  # bad --parallel, --gpus-per-run, no Ray: a user error, no run created
     try:
-        check_data_source(base)  # bad data is a user error before any run exists
+        # Bad data is a user error before any run exists; an official split's every fold (a missing split file)
+        for fold in folds[:1] if base.folds else folds:
+            check_data_source(base.replace(fold=fold))
         uri = absolute_uri(base.tracking_uri or tracking.default_tracking_uri())
         offline = tracking.offline_requested(base.offline)
         # Offline, the server's finished runs cannot be looked up: every configuration trains.
@@ -105,7 +107,7 @@ def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strateg
         name = base.run_name or sweep_name(backbones, rows)
         parent, grid_parent, experiment_id = open_parent(uri, base.experiment, name, rows, parent_run_id, offline)
         launch = Launch(executor, uri, offline, grid_parent, experiment_id, train_options, retry_failed)
-        return supervise(parent, launch, rows, done, grid_params(backbones, inits, strategies, seeds, base, rows))
+        return supervise(parent, launch, rows, done, grid_params(backbones, inits, strategies, seeds, folds, rows))
     finally:
         executor.close()
 

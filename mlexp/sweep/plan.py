@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from mlexp.config import TrainConfig, cli_name, config_hash
+from mlexp.config import TrainConfig, cli_name, config_hash, parse_value
+from mlexp.data.official import describe_folds, official_folds
+from mlexp.data.partitions import is_fold_list, parse_folds
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import CATALOGUE, BackboneSpec, resolve_backbone
 from mlexp.training.recipes import apply_init_adjustments
@@ -36,7 +38,7 @@ class PlanRow:
         the row's axes and its run name."""
         cfg = self.requested
         axes = {"backbone": cfg.backbone, "init": cfg.init, "strategy": cfg.strategy, "seed": str(cfg.seed),
-                "fold": str(cfg.fold), "run_name": self.run_name}
+                "folds": str(cfg.folds), "fold": str(cfg.fold), "run_name": self.run_name}
         args: list[str] = []
         for name, value in {**options, **axes}.items():
             args += [f"--{cli_name(name)}", str(value)]
@@ -45,14 +47,14 @@ class PlanRow:
     @property
     def label(self) -> str:
         cfg = self.effective
-        fold = f" fold {cfg.fold}" if cfg.folds else ""
+        fold = f" fold {cfg.fold}" if cfg.folds or cfg.fold else ""
         return f"{display_name(cfg.backbone, cfg.init)} {cfg.strategy} seed {cfg.seed}{fold}"
 
     @property
     def run_name(self) -> str:
         """Short, so the MLflow UI does not cut off seed and fold: resnet18_scratch-full-s42-f1."""
         cfg = self.effective
-        fold = f"-f{cfg.fold}" if cfg.folds else ""
+        fold = f"-f{cfg.fold}" if cfg.folds or cfg.fold else ""
         return f"{display_name(cfg.backbone, cfg.init)}-{cfg.strategy}-s{cfg.seed}{fold}"
 
 
@@ -65,11 +67,10 @@ def display_name(backbone: str, init: str) -> str:
 
 
 def expand_grid(base: TrainConfig, backbones: list[str], inits: list[str], strategies: list[str],
-                seeds: list[int]) -> list[PlanRow]:
+                seeds: list[int], folds: list[int]) -> list[PlanRow]:
     """The numbered plan. A backbone named with its init (`resnet50_scratch`) keeps that init;
     one without a pretrained flavour (vit_small) is planned for scratch only."""
     rows: list[PlanRow] = []
-    folds = grid_folds(base)
     for backbone in backbones:
         for init in backbone_inits(backbone, inits, base.plugins):
             for strategy in strategies:
@@ -81,9 +82,33 @@ def expand_grid(base: TrainConfig, backbones: list[str], inits: list[str], strat
     return rows
 
 
-def grid_folds(base: TrainConfig) -> list[int]:
-    """Every fold with --folds K, else the one --fold."""
-    return list(range(base.folds)) if base.folds else [base.fold]
+def sweep_folds(base: TrainConfig, folds: str | None, fold: str | None) -> tuple[TrainConfig, list[int]]:
+    """The sweep's fold axis: the base config (with its --folds count) and the folds to train.
+
+    Data with a split of its own (split files, --splits, DTD's partitions): `--folds 1-3` or
+    `--folds 2` selects its folds by their numbers (all of them by default). Other data: `--folds
+    K` makes K stratified folds of one pool, all trained unless `--fold 0,2` picks some."""
+    official = official_folds(base)
+    if official:
+        if folds and fold:
+            raise MlexpError(f"{describe_folds(base, official)}; choose its folds with --folds or --fold, not both")
+        chosen = parse_folds(folds or fold) if folds or fold else official
+        absent = [number for number in chosen if number not in official]
+        if absent:
+            raise MlexpError(f"{describe_folds(base, official)}; it has no fold {absent[0]}")
+        return base.replace(folds=0, fold=chosen[0]), chosen
+    if folds and is_fold_list(folds):
+        raise MlexpError(f"--folds {folds} selects folds of a split the data brings (DATA/labels/trainN.txt, "
+                         f"--splits FILE, torchvision:DTD), but --data {base.data} has none: --folds K makes K "
+                         "stratified folds, and --fold 0,2 chooses some of them")
+    count = parse_value("folds", int, folds) if folds else base.folds
+    base = base.replace(folds=count, fold=0)  # validates the count
+    chosen = parse_folds(fold, "--fold") if fold else list(range(count)) if count else [0]
+    if count and any(number >= count for number in chosen):
+        raise MlexpError(f"--fold {fold}: --folds {count} numbers its folds 0-{count - 1}")
+    if not count and chosen != [0]:
+        raise MlexpError(f"--fold {fold} picks folds of a k-fold split: add --folds K")
+    return base.replace(fold=chosen[0]), chosen
 
 
 def backbone_inits(backbone: str, inits: list[str], plugins: str | None = None) -> list[str]:
@@ -123,9 +148,9 @@ def format_plan(rows: list[PlanRow]) -> str:
 
 
 def grid_params(backbones: list[str], inits: list[str], strategies: list[str], seeds: list[int],
-                base: TrainConfig, rows: list[PlanRow]) -> dict[str, str]:
+                folds: list[int], rows: list[PlanRow]) -> dict[str, str]:
     """The parent run's params: each axis of the grid and its size."""
-    folds = [str(fold) for fold in grid_folds(base)]
+    folds = [str(fold) for fold in folds]
     axes = {"backbones": backbones, "inits": inits, "strategies": strategies, "seeds": [str(s) for s in seeds],
             "folds": folds}
     params = {f"sweep.{name}": ",".join(values) for name, values in axes.items()}

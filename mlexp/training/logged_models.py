@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from mlexp.config import TrainConfig
-from mlexp.data.sources import to_rgb8
+from mlexp.data.images import to_rgb8
 from mlexp.data.transforms import build_transforms
 from mlexp.errors import MlexpError
 from mlexp.models.build import create_model

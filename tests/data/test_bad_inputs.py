@@ -21,7 +21,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from mlexp.config import MAX_IMG_SIZE, TrainConfig
-from mlexp.data.sources import CheckedImageFolder, check_data_source, class_image_counts, load_rgb_image
+from mlexp.data.images import CheckedImageFolder, class_image_counts, load_rgb_image
+from mlexp.data.sources import check_data_source
 from mlexp.data.splits import check_split, split_indices
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import resolve_backbone

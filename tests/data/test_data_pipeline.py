@@ -24,8 +24,9 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from mlexp.config import TrainConfig, config_hash
+from mlexp.data.images import CheckedImageFolder
 from mlexp.data.loading import EpochSeeded
-from mlexp.data.sources import CheckedImageFolder, check_data_source
+from mlexp.data.sources import check_data_source
 from mlexp.data.transforms import build_transforms, data_config
 from mlexp.errors import MlexpError
 from mlexp.training import hardware

@@ -42,7 +42,8 @@ def test_schedule_warms_up_linearly_then_follows_the_schedule(scheduler):
 
 def test_test_split_is_held_out_first_disjoint_and_the_same_for_every_seed_and_fold():
     from mlexp.config import TrainConfig
-    from mlexp.data.sources import build_data, digits_arrays
+    from mlexp.data.images import digits_arrays
+    from mlexp.data.sources import build_data
 
     images = digits_arrays()[0]
     keys = {image.tobytes(): index for index, image in enumerate(images)}
