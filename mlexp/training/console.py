@@ -51,10 +51,11 @@ def print_weights_report(built) -> None:
         print(f"mlexp: weights: {report.summary()}", flush=True)
 
 
-def print_epoch(row: dict, is_best: bool) -> None:
+def print_epoch(row: dict, is_best: bool, best_metric: str = "val/acc") -> None:
+    chosen = "" if best_metric == "val/acc" else f" by {best_metric}"
     print(f"epoch {row['epoch']:>3}  train loss {row['train/loss']:.4f} acc {row['train/acc']:.3f}  "
           f"val loss {row['val/loss']:.4f} acc {row['val/acc']:.3f}  {row['epoch/time_s']:.1f}s"
-          + ("  (best)" if is_best else ""), flush=True)
+          + (f"  (best{chosen})" if is_best else ""), flush=True)
 
 
 LOGGED = ("params, tags, datasets, per-batch and per-epoch metrics, config.json, checkpoints/{last,best,final}, "
@@ -67,18 +68,27 @@ def print_outcome(result, delivery, tracking_uri: str) -> None:
         return
     if delivery.complete:
         where = f"open it: {tracking.ui_hint(tracking_uri, run_experiment_id(tracking_uri, delivery.run_id))}"
-        print(f"\nmlexp: run {delivery.run_id} FINISHED: best val acc {result.best_val_acc:.4f} at epoch "
-              f"{result.best_epoch}\n  logged: {LOGGED}"
+        print(f"\nmlexp: run {delivery.run_id} FINISHED: {best_phrase(result)}\n  logged: {LOGGED}"
               + (", logged models best and final" if result.effective.log_models else "")
               + f", evaluation/{'{test,val}' if result.tested else 'val'}/ (per-class table, confusion matrix)"
               + f"\n  {where}", flush=True)
         return
     if delivery.offline:
-        print(f"\nmlexp: offline run {delivery.run_id} FINISHED: best val acc {result.best_val_acc:.4f} at epoch "
-              f"{result.best_epoch}; {delivery.describe()}", flush=True)
+        print(f"\nmlexp: offline run {delivery.run_id} FINISHED: {best_phrase(result)}; {delivery.describe()}",
+              flush=True)
         return
-    print(f"\nmlexp: run {delivery.run_id}: training finished (best val acc {result.best_val_acc:.4f} at epoch "
-          f"{result.best_epoch}), but {delivery.describe()}", flush=True)
+    print(f"\nmlexp: run {delivery.run_id}: training finished ({best_phrase(result)}), but {delivery.describe()}",
+          flush=True)
+
+
+def best_phrase(result) -> str:
+    """'best val acc 0.9120 at epoch 7', or by another --best-metric: 'best val/loss 0.2810 at epoch 5
+    (val acc 0.9010)'."""
+    metric = result.effective.best_metric
+    if metric == "val/acc" or result.history is None or result.history.best_value is None:
+        return f"best val acc {result.best_val_acc:.4f} at epoch {result.best_epoch}"
+    return (f"best {metric} {result.history.best_value:.4f} at epoch {result.best_epoch} "
+            f"(val acc {result.best_val_acc:.4f})")
 
 
 def run_experiment_id(tracking_uri: str, run_id: str) -> str | None:

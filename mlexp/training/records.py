@@ -14,11 +14,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mlexp.training.loop import EpochStats, EvalResult, StepRecord
 
 # Logged to MLflow at step = epoch, and the CSV's columns under the same names.
-EPOCH_METRICS = ("train/loss", "train/loss_total", "train/acc", "val/loss", "val/acc", "epoch/time_s", "epoch/lr",
-                 "train/phase", "train/trainable_params")
+EPOCH_METRICS = ("train/loss", "train/loss_total", "train/acc", "val/loss", "val/acc", "val/macro_f1", "epoch/time_s",
+                 "epoch/lr", "train/phase", "train/trainable_params")
 EPOCH_COLUMNS = ["epoch", *EPOCH_METRICS, "samples", "is_best", "checkpoint_path", "timestamp"]
 # Logged to MLflow at step = global optimizer step.
 STEP_METRICS = ("batch/loss", "batch/lr", "batch/samples_per_s")
@@ -28,9 +30,22 @@ BATCH_COLUMNS = ["epoch", "batch", "step", *STEP_METRICS, "timestamp"]
 def epoch_record(epoch: int, stats: EpochStats, val: EvalResult, lr: float, phase: int, trainable: int) -> dict:
     """The one record of an epoch (its metrics under their MLflow names, and bookkeeping)."""
     return {"epoch": epoch, "train/loss": stats.loss, "train/loss_total": stats.loss_total, "train/acc": stats.acc,
-            "val/loss": val.loss, "val/acc": val.acc, "epoch/time_s": stats.time_s, "epoch/lr": lr,
+            "val/loss": val.loss, "val/acc": val.acc, "val/macro_f1": macro_f1(val.logits, val.labels),
+            "epoch/time_s": stats.time_s, "epoch/lr": lr,
             "train/phase": phase, "train/trainable_params": trainable, "samples": stats.samples,
             "checkpoint_path": "checkpoints/last"}
+
+
+def macro_f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """F1 averaged over the classes that occur in the labels or the predictions (scikit-learn's
+    f1_score(average="macro", zero_division=0)), in torch: it runs every epoch."""
+    predicted = logits.argmax(dim=1)
+    scores = []
+    for label in torch.unique(torch.cat([labels, predicted])):
+        hit, truth = predicted == label, labels == label
+        true_positive = (hit & truth).sum().item()
+        scores.append(2 * true_positive / (hit.sum().item() + truth.sum().item()))
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 def epoch_metrics(record: dict) -> dict[str, float]:
@@ -51,18 +66,21 @@ class History:
 
     epochs: list[dict[str, Any]] = field(default_factory=list)
     steps: list[list[Any]] = field(default_factory=list)  # rows in BATCH_COLUMNS order
-    best_val_acc: float = -1.0
+    best_val_acc: float = -1.0  # val/acc at the best epoch
     best_epoch: int = 0
+    best_value: float | None = None  # the best metric's value (--best-metric) at the best epoch
 
     def add_steps(self, records: list[StepRecord]) -> None:
         self.steps.extend([r.epoch, r.batch, r.step, r.loss, r.lr, r.samples_per_s, iso(r.timestamp)]
                           for r in records)
 
-    def add_epoch(self, row: dict[str, Any]) -> bool:
-        """Record an epoch; returns whether it is the best so far (by validation accuracy)."""
-        is_best = row["val/acc"] > self.best_val_acc
+    def add_epoch(self, row: dict[str, Any], metric: str = "val/acc", maximize: bool = True) -> bool:
+        """Record an epoch; returns whether it is the best so far by `metric` (a NaN never is)."""
+        value = row[metric]
+        is_best = value == value and (self.best_value is None or
+                                      (value > self.best_value if maximize else value < self.best_value))
         if is_best:
-            self.best_val_acc, self.best_epoch = row["val/acc"], row["epoch"]
+            self.best_value, self.best_val_acc, self.best_epoch = value, row["val/acc"], row["epoch"]
         self.epochs.append({**row, "is_best": is_best, "timestamp": datetime.now(timezone.utc).isoformat()})
         return is_best
 
@@ -75,6 +93,9 @@ class History:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "History":
+        """A checkpoint's history; one written before --best-metric chose by val/acc."""
+        if "best_value" not in state and state.get("best_epoch"):
+            state = {**state, "best_value": state["best_val_acc"]}
         return cls(**state)
 
 

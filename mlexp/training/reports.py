@@ -13,7 +13,7 @@ from accelerate import Accelerator
 
 import mlexp
 from mlexp import tracking
-from mlexp.config import TrainConfig, config_hash
+from mlexp.config import TrainConfig, best_key, config_hash
 from mlexp.data.transforms import data_config
 from mlexp.models.catalogue import BackboneSpec
 from mlexp.models.heads import find_classifier
@@ -106,7 +106,8 @@ def evaluate_splits(parts: TrainParts, history: History, test_loader, val_loader
     if not parts.accelerator.is_main_process:
         return []
     # val/acc and val/loss are the per-epoch curves: the end-of-run report adds the rest
-    logged = {f"val/{key}": value for key, value in split_metrics(results["val"]).items() if key not in ("acc", "loss")}
+    logged = {f"val/{key}": value for key, value in split_metrics(results["val"]).items()
+              if key not in ("acc", "loss", "macro_f1")}
     if "test" in results:
         logged |= {f"test/{key}": value for key, value in split_metrics(results["test"]).items()}
         logged["test/epoch"] = epoch
@@ -142,6 +143,7 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
             print(f"mlexp: exported weights to {exported}")
         total_time = sum(history.column("epoch/time_s"))
         tracker.log_metrics({"best/val_acc": history.best_val_acc, "best/epoch": history.best_epoch,
+                             best_key(cfg.best_metric): history.best_value,
                              "time/total_s": total_time, **hardware.peak_memory_mb(),
                              "model/params_trainable": parts.strategy.trainable_params(), **calibration},
                             step=last_epoch)
@@ -175,7 +177,8 @@ def log_models(tracker, parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec,
     final_weights = final_weights_model(parts).state_dict()
     best_weights = parts.best_weights or final_weights  # a resume begun past the best epoch: the final weights
     best_step = history.best_epoch if parts.best_weights is not None else last_epoch
-    for name, weights, step, extra in (("best", best_weights, best_step, reported + ["best/val_acc"]),
+    best_metrics = reported + sorted({"best/val_acc", best_key(cfg.best_metric)})
+    for name, weights, step, extra in (("best", best_weights, best_step, best_metrics),
                                        ("final", final_weights, last_epoch, [])):
         folder = staged_model(tracker, name, config, data.class_names, weights, example)
         metrics = [[key, step] for key in EPOCH_METRICS] + [[key, last_epoch] for key in extra]

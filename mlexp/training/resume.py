@@ -34,6 +34,7 @@ from mlexp.training.records import History
 
 LAST = "checkpoints/last"
 BEST = "checkpoints/best"
+BEST_STATE = "state"  # checkpoints/best/state/: the best epoch's whole training state, with --best-checkpoint full
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ResumePoint:
     tracking_uri: str | None
     offline: bool
     download_dir: Path | None = None  # removed by `cleanup`
+    branch: bool = False  # --resume-from best: a new run continues from the run's best checkpoint
 
     def cleanup(self) -> None:
         if self.download_dir is not None:
@@ -80,6 +82,10 @@ def save_epoch_checkpoints(parts: TrainParts, history: History, epoch: int, is_b
     if is_best:
         best = tracker.staging_dir(f"best-{epoch}")
         checkpoints.save_weights(eval_weights, best / checkpoints.WEIGHTS_FILE)
+        if cfg.best_checkpoint == "full":  # resumable: `--resume RUN --resume-from best`
+            state = checkpoints.save_training_state(best / BEST_STATE, weights, state_for_resume(parts, history, epoch),
+                                                    ema)
+            write_manifest(state, epoch, parts.global_step)
         tracker.log_artifacts(best, BEST)
         tracker.supersede(BEST, keep_newest=True)  # an older best not sent yet is never needed
     if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
@@ -131,8 +137,10 @@ def verified(folder: Path) -> dict | None:
         return None
 
 
-def find_resume_point(tracking_uri: str, run_id: str, offline: bool = False) -> ResumePoint:
+def find_resume_point(tracking_uri: str, run_id: str, offline: bool = False, from_best: bool = False) -> ResumePoint:
     """What `--resume RUN_ID` continues from; refuses (one line) a run that cannot be resumed."""
+    if from_best:
+        return best_resume_point(tracking_uri, run_id, offline)
     box = Outbox.find(run_id)
     info = box.info() if box is not None else None
     if info is not None and info.offline and info.run_id is None:
@@ -162,6 +170,37 @@ def find_resume_point(tracking_uri: str, run_id: str, offline: bool = False) -> 
         raise
     return ResumePoint(run_id, config, best[0] if best else None, best[1]["epoch"] if best else 0,
                        tracking_uri, False, download_dir)
+
+
+def best_resume_point(tracking_uri: str, run_id: str, offline: bool) -> ResumePoint:
+    """`--resume RUN --resume-from best`: the run's best checkpoint with its whole training state
+    (kept with --best-checkpoint full), for a new run that continues from that epoch; the run
+    itself, finished or not, is left as it is."""
+    if offline:
+        raise MlexpError("--resume-from best reads the run's best checkpoint from the tracking server; "
+                         "sync the run first (`mlexp sync`) and resume without --offline")
+    server.check_reachable(tracking_uri)
+    client = server.client_for(tracking_uri)
+    run_id = _server_run_id(client, run_id, tracking_uri)
+    config = read_started_config(tracking_uri, run_id, offline=False)
+    if config is None:
+        raise MlexpError(f"cannot resume run {run_id}: it has no config.json (it was not started by mlexp train)")
+    path = f"{BEST}/{BEST_STATE}"
+    if not server.artifact_exists(client, run_id, f"{path}/{server.MANIFEST}"):
+        raise MlexpError(f"run {run_id} kept only the weights of its best epoch (--best-checkpoint weights); train "
+                         "with --best-checkpoint full to resume from best, or start from its best weights with "
+                         f"--weights runs:/{run_id}/{BEST}/{checkpoints.WEIGHTS_FILE}")
+    download_dir = Path(tempfile.mkdtemp(prefix="mlexp-resume-"))
+    try:
+        folder = server.download(client, run_id, path, download_dir)
+        manifest = verified(folder)
+        if manifest is None:
+            raise MlexpError(f"run {run_id}'s best checkpoint does not match its manifest (sha256); it cannot be "
+                             "resumed from safely")
+    except BaseException:
+        shutil.rmtree(download_dir, ignore_errors=True)
+        raise
+    return ResumePoint(run_id, config, folder, manifest["epoch"], tracking_uri, False, download_dir, branch=True)
 
 
 def read_started_config(tracking_uri: str, run_id: str, offline: bool,

@@ -11,14 +11,14 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from mlexp import tracking
-from mlexp.config import TrainConfig, config_hash
+from mlexp.config import TrainConfig, best_is_max, config_hash
 from mlexp.data.digests import describe_splits, split_digest
 from mlexp.data.loading import loader_kwargs, loader_samples_per_s
 from mlexp.data.sources import build_data, check_data_source
@@ -29,6 +29,7 @@ from mlexp.models.weight_sources import WeightsFile, locate_weights
 from mlexp.tracking.outbox import Outbox
 from mlexp.tracking.sync import sync_outbox
 from mlexp.training.console import print_epoch, print_outcome, print_start, print_weights_report, report_delivery
+from mlexp.training.live_logs import FILES, LiveLogs, NoLogs, open_live_logs
 from mlexp.training.loop import TrainParts, evaluate, train_one_epoch
 from mlexp.training.parts import (
     build_parts,
@@ -67,9 +68,12 @@ def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dic
     if started is not None:  # it trained before (and was killed): continue it, the same configuration only
         check_same_configuration(cfg, spec, started, run_id)
         cfg = cfg.replace(resume=run_id)
-    if cfg.resume and (delivered := deliver_finished_run(cfg.resume)) is not None:
+    from_best = cfg.resume_from == "best"
+    if from_best and not cfg.resume:
+        raise MlexpError("--resume-from best needs --resume RUN_ID: the run whose best checkpoint to continue from")
+    if cfg.resume and not from_best and (delivered := deliver_finished_run(cfg.resume)) is not None:
         return delivered
-    resume = find_resume_point(tracking_uri, cfg.resume, offline) if cfg.resume else None
+    resume = find_resume_point(tracking_uri, cfg.resume, offline, from_best) if cfg.resume else None
     try:
         return _run(cfg, resume, tracking_uri, offline, run_id, extra_tags, track, spec)
     finally:
@@ -97,14 +101,17 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
     tracker: tracking.Tracker = tracking.NullTracker()
     if track and accelerator.is_main_process:
         run_name = effective.run_name or default_run_name(spec, effective)
+        tags = run_tags(spec, effective, extra_tags)
+        if resume and resume.branch:  # a new run, continuing another's best epoch
+            tags["mlexp.resumed_from"] = f"{resume.run_id} best epoch {resume.epoch}"
         try:
             tracker = tracking.open_run(tracking_uri, effective.experiment, run_name, run_id=run_id,
-                                        resume_run_id=resume.run_id if resume else None,
-                                        tags=run_tags(spec, effective, extra_tags), offline=offline)
+                                        resume_run_id=resume.run_id if resume and not resume.branch else None,
+                                        tags=tags, offline=offline)
         except BaseException:
             release_accelerator(accelerator)
             raise
-    training = Training(tracker, resume is None, tracking_uri)
+    training = Training(tracker, resume is None or resume.branch, tracking_uri)
     system = start_system_metrics(tracker, effective)
     try:
         with sigterm_as_interrupt():
@@ -165,6 +172,7 @@ class Training:
     tracker: tracking.Tracker
     started: bool
     tracking_uri: str
+    live: LiveLogs | NoLogs = field(default_factory=NoLogs)  # the run's local logs, once it trains
 
     def start(self) -> None:
         if not self.started:
@@ -172,6 +180,8 @@ class Training:
             self.started = True
 
     def end(self, status: str, error: str | None = None, wait_s: float | None = None):
+        self.live.flush_steps()
+        self.live.event("end", status=status, error=error)
         if not self.started:
             return self.tracker.abandon()
         return self.tracker.finish(status, error=error, wait_s=wait_s)
@@ -185,20 +195,29 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
     built = build_backbone(spec, data.num_classes, cfg.img_size, weights, cfg.weights_strict, cfg.weights_key_map)
     parts, train_loader, val_loader = build_parts(cfg, spec, built.model, data, accelerator)
     history, start_epoch = restore(resume, parts) if resume else (History(), 1)
+    if resume and resume.branch:  # it starts from the best epoch's weights: they stay the best until beaten
+        parts.best_weights = {name: tensor.detach().to("cpu", copy=True)
+                              for name, tensor in final_weights_model(parts).state_dict().items()}
     if accelerator.is_main_process:
         print_start(cfg, spec, built, data, accelerator, tracker, training.tracking_uri)
         print_weights_report(built)
     described = describe_splits(data, cfg.data)
     splits = [split.to_dict() for split in described]
-    if resume is None or resume.checkpoint_dir is None:  # a new run, or one killed before its first checkpoint
+    if resume is None or resume.checkpoint_dir is None or resume.branch:  # a new run, or one killed before its first checkpoint
         log_run_start(tracker, cfg, accelerator, built, parts, data)
+        for row in history.epochs if resume else []:  # a branch: the epochs it continues from, as they were
+            tracker.log_metrics(epoch_metrics(row), step=row["epoch"])
         tracker.log_inputs(splits)
         tracker.set_tags({"mlexp.split_digest": split_digest(described)})
         if accelerator.is_main_process:  # once per run: is the loader or the model the bottleneck?
             rate = loader_samples_per_s(train_loader.dataset, cfg, parts.workers)
             tracker.log_metrics({"perf/loader_samples_per_s": rate}, step=0)
     training.start()
-    if resume and accelerator.is_main_process:
+    training.live = live_logs(cfg, tracker, history, resume, start_epoch, accelerator.is_main_process)
+    if resume and resume.branch and accelerator.is_main_process:
+        print(f"mlexp: continuing run {resume.run_id}'s best epoch ({start_epoch - 1}) in run {tracker.run_id}",
+              flush=True)
+    elif resume and accelerator.is_main_process:
         print(f"mlexp: resuming run {resume.run_id} after epoch {start_epoch - 1} (step {parts.global_step})"
               if resume.checkpoint_dir else f"mlexp: run {resume.run_id} has no complete checkpoint yet: "
               "starting it over from epoch 1 (points it already logged are kept, not logged twice)", flush=True)
@@ -209,16 +228,28 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
     elif accelerator.is_main_process:
         print("mlexp: no test set (no DATA/test, --test-dir or --test-split): the test evaluation is skipped",
               flush=True)
-    train_epochs(parts, cfg, history, start_epoch, train_loader, val_loader, tracker)
+    train_epochs(parts, cfg, history, start_epoch, train_loader, val_loader, tracker, training.live)
     return finish_run(parts, cfg, spec, built, history, val_loader, tracker, test_loader, data, splits)
 
 
+def live_logs(cfg: TrainConfig, tracker, history: History, resume: ResumePoint | None, start_epoch: int,
+              main_process: bool) -> LiveLogs | NoLogs:
+    """The run's local logs (mlexp.training.live_logs), said where at the start."""
+    continued = resume is not None and not resume.branch and resume.checkpoint_dir is not None
+    live = open_live_logs(cfg.log_dir, tracker.run_id, history, start_epoch - 1 if continued else None, main_process)
+    if isinstance(live, LiveLogs):
+        live.event("resume" if continued else "start", run_id=tracker.run_id, after_epoch=start_epoch - 1)
+        print(f"mlexp: live logs (tail -f): {live.folder}/ ({', '.join(FILES)})", flush=True)
+    return live
+
+
 def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_epoch: int, train_loader,
-                 val_loader, tracker) -> None:
+                 val_loader, tracker, live: LiveLogs | NoLogs) -> None:
     """The epochs: train, evaluate, record, checkpoint; until the last epoch or a stop. A copy
     of the best epoch's weights is kept (the end-of-run report and the `best` model use them)."""
     def on_steps(records) -> None:
         history.add_steps(records)
+        live.steps(history.steps[-len(records):])
         for record in records:
             tracker.log_metrics(step_metrics(record), step=record.step)
 
@@ -232,13 +263,14 @@ def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_ep
         val = evaluate(eval_model(parts), val_loader, parts.accelerator, parts.channels_last)
         lr = history.steps[-1][4] if history.steps else cfg.lr
         row = epoch_record(epoch, stats, val, lr, strategy.phase, strategy.trainable_params())
-        is_best = history.add_epoch(row)
+        is_best = history.add_epoch(row, cfg.best_metric, best_is_max(cfg.best_metric, cfg.best_mode))
+        live.epoch(history.epochs[-1])
         if is_best:
             parts.best_weights = {name: tensor.detach().to("cpu", copy=True)
                                   for name, tensor in final_weights_model(parts).state_dict().items()}
         tracker.log_metrics(epoch_metrics(row), step=epoch)
         if parts.accelerator.is_main_process:
-            print_epoch(row, is_best)
+            print_epoch(row, is_best, cfg.best_metric)
         strategy.on_epoch_end(epoch, val.loss)
         stop = strategy.should_stop(epoch) or early_stop(cfg, history, epoch)
         save_epoch_checkpoints(parts, history, epoch, is_best, tracker, cfg)
