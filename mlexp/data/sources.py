@@ -26,7 +26,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 
 from mlexp.config import TrainConfig
-from mlexp.data.transforms import BUILT_IN, build_transforms, check_aa
+from mlexp.data.transforms import build_transforms, check_aa
+from mlexp.data_options import BUILT_IN
 from mlexp.errors import MlexpError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
