@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
+from mlexp.data_options import canonical_jitter, hashed_jitter, jitter_as_trained
 from mlexp.errors import MlexpError
 
 # Larger inputs are almost always a typo (2240 for 224) and would exhaust memory long after
@@ -131,8 +132,13 @@ class TrainConfig:
     aa: str | None = option(None, "RandAugment policy, e.g. rand-m9-mstd0.5 (timm syntax).")
     hflip: float | None = option(None, "Random horizontal flip probability (default: 0.5 with random-resized "
                                  "crops, 0 with --train-crop resize).")
-    color_jitter: float = option(0.4, "Colour jitter strength with random-resized crops (timm's; 0 = off; "
-                                 "RandAugment (--aa) replaces it).")
+    color_jitter: str | float | None = option(None, "Colour jitter on training images: one strength for "
+                                              "brightness, contrast and saturation (0.4), or B,C,S,H with a hue "
+                                              "shift H in [0, 0.5] (0.4,0.4,0.4,0.1); 0 = off. Default: 0.4 with "
+                                              "random-resized crops, 0 with --train-crop resize. RandAugment "
+                                              "(--aa) replaces it, with either crop.")
+    rotate: float = option(0.0, "Rotate training images by a random angle of up to this many degrees either "
+                           "way (0-180; 0 = off), in the backbone's interpolation; bare corners take its mean colour.")
     reprob: float = option(0.0, "Random erasing probability.")
     ema: bool = option(False, "Keep an EMA of the weights; evaluate and checkpoint it.")
     ema_decay: float = option(0.999, "EMA decay per optimizer step.")
@@ -182,6 +188,8 @@ class TrainConfig:
     dry_run: bool = option(False, "Print the effective configuration and the plan; train nothing.")
 
     def __post_init__(self) -> None:
+        if self.color_jitter is not None:  # typed as text first (the CLI's); one spelling per jitter
+            object.__setattr__(self, "color_jitter", canonical_jitter(self.color_jitter))
         self.validate()
 
     # --- validation ------------------------------------------------------------------------
@@ -198,7 +206,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise MlexpError(f"--{cli_name(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("weight_decay", "warmup_epochs", "clip_grad", "label_smoothing", "mixup", "cutmix",
-                        "reprob", "color_jitter", "checkpoint_every", "early_stop_patience", "folds", "gradual_patience",
+                        "reprob", "checkpoint_every", "early_stop_patience", "folds", "gradual_patience",
                         "momentum", "gamma")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -220,6 +228,8 @@ class TrainConfig:
             raise MlexpError(f"--workers must be 'auto' (-1) or a number of processes, got {self.workers}")
         if self.hflip is not None and not 0.0 <= self.hflip < 1.0:
             raise MlexpError(f"--hflip must be in [0, 1), got {self.hflip}")
+        if not 0.0 <= self.rotate <= 180.0:  # a range either way: a sign would mean nothing
+            raise MlexpError(f"--rotate must be in [0, 180] degrees, got {self.rotate}")
         for name in ("reprob", "label_smoothing"):
             if getattr(self, name) >= 1.0:
                 raise MlexpError(f"--{cli_name(name)} must be below 1, got {getattr(self, name)}")
@@ -266,7 +276,10 @@ class TrainConfig:
         for name in TRISTATE_FIELDS:
             if isinstance(restored.get(name), bool):
                 restored[name] = "true" if restored[name] else "false"
-        return cls(**restored)
+        cfg = cls(**restored)
+        if "rotate" in values:  # recorded since whole-image resizes apply a jitter
+            return cfg
+        return cfg.replace(color_jitter=jitter_as_trained(cfg.color_jitter, cfg.train_crop, cfg.data))
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -282,7 +295,7 @@ BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "e
 # compare), and given to their recorded configs (they trained on plain resizes, no jitter).
 ADDED_LATER = {"test_split": 0.0, "test_dir": None, "train_crop": "resize", "color_jitter": 0.0, "plugins": None,
                "weights_from": None, "weights_strict": True, "weights_key_map": None, "unfreeze_patterns": None,
-               "best_metric": "val/acc", "best_mode": "auto", "splits": None}
+               "best_metric": "val/acc", "best_mode": "auto", "splits": None, "rotate": 0.0}
 AUTO = -1  # --workers auto
 TRISTATE = ("auto", "true", "false")
 TRISTATE_FIELDS = ("channels_last",)
@@ -293,6 +306,8 @@ def config_hash(cfg: TrainConfig) -> str:
     (a sweep trains each once; `mlexp compare` counts each once)."""
     values = {k: v for k, v in cfg.to_dict().items()
               if k not in BOOKKEEPING and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    if "color_jitter" in values:
+        values["color_jitter"] = hashed_jitter(cfg.color_jitter, cfg.train_crop, cfg.data)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -15,7 +15,8 @@ from mlexp.config import TrainConfig
 from mlexp.data import partitions, torchvision_sets
 from mlexp.data.images import DataBundle, ListedImages
 from mlexp.data.splits import check_split, split_indices
-from mlexp.data.transforms import BUILT_IN, build_transforms
+from mlexp.data.transforms import build_transforms
+from mlexp.data_options import BUILT_IN
 from mlexp.errors import MlexpError
 
 

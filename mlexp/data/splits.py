@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from mlexp.config import TrainConfig
-from mlexp.data.transforms import BUILT_IN
+from mlexp.data_options import BUILT_IN
 from mlexp.errors import MlexpError
 
 SPLIT_SEED = 0

@@ -9,11 +9,18 @@ backbone's pretrained config at the run's `--img-size`, and the transforms are t
 `--train-crop` chooses the training geometry:
 
 - `random-resized`: timm's training pipeline: random-resized crop (scale 0.08-1), flip
-  (`--hflip`, default 0.5 here), colour jitter (`--color-jitter`), RandAugment (`--aa`),
-  random erasing (`--reprob`); validation resizes to img_size / crop_pct and center-crops.
+  (`--hflip`, default 0.5 here), colour jitter (`--color-jitter`, default 0.4 here), RandAugment
+  (`--aa`), random erasing (`--reprob`); validation resizes to img_size / crop_pct and center-crops.
 - `resize`: the whole image resized to img_size x img_size, for training and validation;
-  for tiny images (the built-in 8x8 `digits`), where a crop would cut the object away.
+  for tiny images (the built-in 8x8 `digits`), where a crop would cut the object away. Training
+  adds what is asked: RandAugment or colour jitter (default 0 here), flip (default 0 here), erasing.
 - `auto` (default): `random-resized` on image folders, `resize` on the built-in sets.
+
+Both geometries rotate training images by up to `--rotate` degrees after their crop or resize
+(torchvision's RandomRotation, in the backbone's interpolation, bare corners in its mean colour),
+and apply the jitter as torchvision's ColorJitter (brightness, contrast, saturation, hue), which
+RandAugment replaces, as in timm. All of these draw from torch's or Python's generator, which
+`loading.EpochSeeded` seeds per image.
 """
 
 from __future__ import annotations
@@ -23,23 +30,29 @@ from functools import lru_cache
 from torchvision import transforms
 
 from mlexp.config import TrainConfig
+from mlexp.data_options import DEFAULT_JITTER, geometry, jitter_factors
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import resolve_backbone
 
-BUILT_IN = ("digits", "synthetic")
 DEFAULT_HFLIP = {"random-resized": 0.5, "resize": 0.0}
 
 
 def train_crop(cfg: TrainConfig) -> str:
     """`--train-crop` with `auto` resolved: `random-resized` or `resize`."""
-    if cfg.train_crop != "auto":
-        return cfg.train_crop
-    return "resize" if cfg.data in BUILT_IN else "random-resized"
+    return geometry(cfg.train_crop, cfg.data)
 
 
 def hflip(cfg: TrainConfig) -> float:
     """`--hflip`, or its default for the training geometry (flips suit photos, not digits)."""
     return cfg.hflip if cfg.hflip is not None else DEFAULT_HFLIP[train_crop(cfg)]
+
+
+def color_jitter(cfg: TrainConfig) -> float | str:
+    """The jitter training applies: `--color-jitter`, or its default for the training geometry;
+    none with RandAugment (`--aa`), which replaces it (timm's rule, kept for resizes too)."""
+    if cfg.aa:
+        return 0.0
+    return cfg.color_jitter if cfg.color_jitter is not None else DEFAULT_JITTER[train_crop(cfg)]
 
 
 @lru_cache(maxsize=32)
@@ -55,12 +68,13 @@ def _data_config(timm_name: str, img_size: int) -> tuple:
 
 def data_config(cfg: TrainConfig) -> dict:
     """timm's data config of the run's backbone at its image size (input_size, interpolation,
-    mean, std, crop_pct, crop_mode), plus the resolved training geometry and flip: what
-    config.json and the `data.*` params record."""
+    mean, std, crop_pct, crop_mode), plus the resolved training geometry, flip, colour jitter
+    (one strength, or B,C,S,H) and rotation: what config.json and the `data.*` params record."""
 
     resolved = dict(_data_config(resolve_backbone(cfg.backbone, cfg.init, cfg.plugins).timm_name, cfg.img_size))
     return {**{key: list(value) if isinstance(value, tuple) else value for key, value in resolved.items()},
-            "train_crop": train_crop(cfg), "hflip": hflip(cfg)}
+            "train_crop": train_crop(cfg), "hflip": hflip(cfg), "color_jitter": color_jitter(cfg),
+            "rotate": cfg.rotate}
 
 
 def build_transforms(cfg: TrainConfig, train: bool) -> transforms.Compose:
@@ -72,22 +86,42 @@ def build_transforms(cfg: TrainConfig, train: bool) -> transforms.Compose:
         return _resize_pipeline(cfg, config, train)
     from timm.data import create_transform
 
-    return create_transform(
-        cfg.img_size, is_training=train, hflip=config["hflip"], vflip=0.0,
-        color_jitter=cfg.color_jitter, auto_augment=cfg.aa or None, interpolation=config["interpolation"],
-        mean=tuple(config["mean"]), std=tuple(config["std"]), re_prob=cfg.reprob, re_mode="pixel",
-        crop_pct=config["crop_pct"], crop_mode=config["crop_mode"])
+    common = dict(interpolation=config["interpolation"], mean=tuple(config["mean"]), std=tuple(config["std"]),
+                  crop_pct=config["crop_pct"], crop_mode=config["crop_mode"])
+    if not train:
+        return create_transform(cfg.img_size, is_training=False, **common)
+    # timm's three stages: the crop and flip, then the colour (RandAugment or jitter), then the
+    # tensor; a rotation goes between the first two, as in the resize pipeline.
+    crop, colour, final = create_transform(
+        cfg.img_size, is_training=True, hflip=config["hflip"], vflip=0.0,
+        color_jitter=jitter_factors(config["color_jitter"]), auto_augment=cfg.aa or None, re_prob=cfg.reprob,
+        re_mode="pixel", separate=True, **common)
+    return transforms.Compose([*crop.transforms, *_rotation(cfg, config), *colour.transforms, *final.transforms])
+
+
+def _rotation(cfg: TrainConfig, config: dict) -> list:
+    """`--rotate`, in the backbone's interpolation; the corners a rotation uncovers take the
+    backbone's mean colour, which normalisation turns into zeros, as RandAugment fills them."""
+    if not cfg.rotate:
+        return []
+    return [transforms.RandomRotation(cfg.rotate, interpolation=transforms.InterpolationMode(config["interpolation"]),
+                                      fill=[round(255 * m) for m in config["mean"]])]
 
 
 def _resize_pipeline(cfg: TrainConfig, config: dict, train: bool) -> transforms.Compose:
-    """Resize the whole image, then (training only) RandAugment and flip; normalise; erase."""
+    """Resize the whole image, then (training only) rotation, RandAugment or colour jitter, and
+    flip; normalise; erase."""
     interpolation = transforms.InterpolationMode(config["interpolation"])
     steps: list = [transforms.Resize((cfg.img_size, cfg.img_size), interpolation=interpolation)]
+    if train:
+        steps += _rotation(cfg, config)
     if train and cfg.aa:
         from timm.data.auto_augment import rand_augment_transform
 
         steps.append(rand_augment_transform(cfg.aa, {"translate_const": int(cfg.img_size * 0.45),
                                                      "img_mean": tuple(round(255 * m) for m in config["mean"])}))
+    elif train and any(jitter_factors(config["color_jitter"])):
+        steps.append(transforms.ColorJitter(*jitter_factors(config["color_jitter"])))
     if train and config["hflip"] > 0:
         steps.append(transforms.RandomHorizontalFlip(config["hflip"]))
     steps += [transforms.ToTensor(), transforms.Normalize(config["mean"], config["std"])]

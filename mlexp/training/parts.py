@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from mlexp.config import TrainConfig
 from mlexp.data.loading import EpochSeeded, loader_kwargs
-from mlexp.data.transforms import BUILT_IN
+from mlexp.data_options import BUILT_IN
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import BackboneSpec
 from mlexp.models.strategies import attach_head, build_strategy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -68,10 +69,29 @@ def test_from_strings_parses_types_and_treats_empty_as_unset():
     ({"mixed_precision": "fp8"}, "--mixed-precision must be one of"),
     ({"folds": "5", "fold": "5"}, "--fold must be in 0..4"),
     ({"ema": "maybe"}, "--ema must be true or false"),
+    ({"color_jitter": "1,2"}, "--color-jitter must be one strength .* or brightness,contrast,saturation"),
+    ({"color_jitter": "0.4,0.4,0.4,0.6"}, "hue at most 0.5, got '0.4,0.4,0.4,0.6'"),
+    ({"color_jitter": "-0.1"}, "each at least 0"),
+    ({"color_jitter": "strong"}, "--color-jitter must be"),
+    ({"rotate": "-5"}, r"--rotate must be in \[0, 180\] degrees"),
+    ({"rotate": "270"}, r"--rotate must be in \[0, 180\] degrees"),
 ])
 def test_bad_values_raise_one_clear_error(values, message):
     with pytest.raises(MlexpError, match=message):
         TrainConfig.from_strings(values)
+
+
+def test_color_jitter_is_one_number_as_before_or_four_with_hue_and_survives_every_round_trip():
+    assert TrainConfig.from_strings({"color_jitter": "0.4"}).color_jitter == 0.4  # a float, as runs recorded it
+    assert isinstance(TrainConfig.from_strings({"color_jitter": "0.4"}).color_jitter, float)
+    assert TrainConfig.from_strings({"color_jitter": ""}).color_jitter is None  # MLproject's "": the default
+    spellings = {"0.4,0.4,0.4": 0.4, "0.4, 0.4, 0.4, 0": 0.4, "0.4,0.4,0.4,0.1": "0.4,0.4,0.4,0.1",
+                 "1,0.5,0,0.5": "1.0,0.5,0.0,0.5", " 0 ": 0.0}
+    for typed, stored in spellings.items():  # one spelling per jitter: equal jitters hash alike
+        cfg = TrainConfig.from_strings({"color_jitter": typed, "rotate": "12.5"})
+        assert cfg.color_jitter == stored and cfg.rotate == 12.5
+        assert TrainConfig.from_strings(cfg.to_params()) == cfg  # MLflow params, `mlflow run -P`
+        assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg  # config.json
 
 
 def test_params_are_every_field_flat():

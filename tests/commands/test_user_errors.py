@@ -56,6 +56,8 @@ TRAIN = ["train", "--img-size", "16", "--batch-size", "4", "--epochs", "1"]
     (["--lr", "-0.1"], ["--lr must be positive"]),
     (["--batch-size", "0"], ["--batch-size must be positive"]),
     (["--val-split", "1.5"], ["--val-split"]),
+    (["--color-jitter", "0.4,0.4,0.4,0.9"], ["--color-jitter must be one strength", "hue at most 0.5"]),
+    (["--rotate", "-5"], ["--rotate must be in [0, 180] degrees"]),
     (["--epochs", "many"], ["--epochs must be a whole number"]),
     (["--epoch", "3"], ["no such option --epoch; did you mean --epochs?"]),
     (["--lrr", "3"], ["no such option --lrr; did you mean --lr?"]),  # only near misses, not --reprob

@@ -12,6 +12,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import weakref
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
+from torchvision import transforms
+from torchvision.transforms import functional as F
 
 from mlexp.config import TrainConfig, config_hash
 from mlexp.data.images import CheckedImageFolder
@@ -40,6 +43,13 @@ MODELS = {"resnet18": dict(backbone="resnet18", init="scratch"),
 
 def photo(size=(96, 80), seed=0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def real_photo() -> Image.Image:
+    """scikit-learn's flower photo (offline), shrunk: saturated reds, greens and blues."""
+    from sklearn.datasets import load_sample_images
+
+    return Image.fromarray(load_sample_images().images[1]).resize((120, 80), Image.BICUBIC)
 
 
 @pytest.mark.parametrize("timm_name", list(MODELS))
@@ -86,6 +96,100 @@ def test_a_randaugment_policy_timm_would_misread_is_refused(crop):
             check_data_source(TrainConfig(aa=policy, data="digits", train_crop=crop, **MODELS["resnet18"]))
 
 
+def seeded(seed: int, transform, image):
+    """`transform(image)` with Python's and torch's generators seeded, as EpochSeeded seeds them."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return transform(image)
+
+
+def as_image(tensor: torch.Tensor, config: dict) -> Image.Image:
+    """A normalised tensor back to the 8-bit image it was made from."""
+    mean, std = torch.tensor(config["mean"]).view(3, 1, 1), torch.tensor(config["std"]).view(3, 1, 1)
+    return F.to_pil_image((tensor * std + mean).clamp(0, 1))
+
+
+@pytest.mark.parametrize("crop", ["random-resized", "resize"])
+def test_rotate_turns_training_images_by_torchvisions_random_angle_with_bare_corners_in_the_mean(crop):
+    cfg = TrainConfig(data="/photos", img_size=64, train_crop=crop, color_jitter=0, **MODELS["resnet18"])
+    config, image = data_config(cfg), real_photo()
+    interpolation = transforms.InterpolationMode(config["interpolation"])
+    fill = [round(255 * m) for m in config["mean"]]
+    assert config["rotate"] == 0.0 and data_config(cfg.replace(rotate=30))["rotate"] == 30.0
+    plain, rotated = build_transforms(cfg, train=True), build_transforms(cfg.replace(rotate=90), train=True)
+    for seed in (1, 9):
+        mine = seeded(seed, rotated, image)
+        # the reference: the same crop (or resize), then torchvision's rotation by the angle drawn next
+        random.seed(seed), torch.manual_seed(seed)
+        if crop == "resize":
+            cropped = F.resize(image, [64, 64], interpolation=interpolation)
+        else:
+            cropped = create_transform(64, is_training=True, hflip=0.5, interpolation=config["interpolation"],
+                                       separate=True)[0](image)
+        angle = transforms.RandomRotation.get_params([-90.0, 90.0])
+        turned = F.rotate(cropped, angle, interpolation=interpolation, fill=fill)
+        assert torch.equal(mine, F.normalize(F.to_tensor(turned), config["mean"], config["std"]))
+        assert 15 < abs(angle) < 75  # these seeds' angles: every corner is bare
+        unrotated = seeded(seed, plain, image)
+        assert not torch.allclose(mine, unrotated, atol=0.1)
+        for corner in (mine[:, 0, 0], mine[:, -1, -1], mine[:, 0, -1], mine[:, -1, 0]):
+            assert corner.abs().max() < 0.02  # the mean colour, normalised: the photo is gone there
+        assert unrotated[:, 0, 0].abs().max() > 0.1
+        assert torch.equal(mine, seeded(seed, build_transforms(cfg.replace(rotate=90), train=True), image))
+
+
+def hue_and_value(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    hsv = np.asarray(image.convert("HSV")).astype(float) / 255
+    return hsv[..., 0], hsv[..., 2]
+
+
+@pytest.mark.parametrize("crop", ["random-resized", "resize"])
+def test_a_hue_jitter_shifts_the_hue_of_a_real_photo_and_keeps_its_brightness(crop):
+    cfg = TrainConfig(data="/photos", img_size=64, train_crop=crop, **MODELS["resnet18"])
+    hue_only = cfg.replace(color_jitter="0,0,0,0.5")
+    assert data_config(hue_only)["color_jitter"] == "0.0,0.0,0.0,0.5"
+    image = real_photo()
+    for seed in (0, 1):  # the same crop either way; only the colour differs
+        before = as_image(seeded(seed, build_transforms(cfg.replace(color_jitter=0), train=True), image),
+                          data_config(cfg))
+        after = as_image(seeded(seed, build_transforms(hue_only, train=True), image), data_config(cfg))
+        (hue_before, value_before), (hue_after, value_after) = hue_and_value(before), hue_and_value(after)
+        turned = np.abs(hue_after - hue_before)
+        turned = np.minimum(turned, 1 - turned)  # hue is an angle
+        assert np.median(turned) > 0.05, seed  # a shift of over 18 degrees of hue
+        assert np.abs(value_after - value_before).mean() < 0.03  # brightness kept
+
+
+def test_colour_jitter_reaches_whole_image_resizes_as_torchvisions_and_is_off_there_by_default():
+    cfg = TrainConfig(data="/photos", img_size=32, train_crop="resize", **MODELS["resnet18"])
+    config, image = data_config(cfg), real_photo()
+    assert config["color_jitter"] == 0.0 and data_config(cfg.replace(color_jitter=0.4))["color_jitter"] == 0.4
+    plain = build_transforms(cfg, train=False)(image)
+    assert torch.equal(seeded(0, build_transforms(cfg, train=True), image), plain)  # the default: no jitter
+    for jitter, factors in ((0.4, (0.4, 0.4, 0.4)), ("0.2,0.3,0.4,0.1", (0.2, 0.3, 0.4, 0.1))):
+        reference = transforms.Compose([
+            transforms.Resize((32, 32), interpolation=transforms.InterpolationMode(config["interpolation"])),
+            transforms.ColorJitter(*factors), transforms.ToTensor(), transforms.Normalize(config["mean"], config["std"])])
+        mine = seeded(1, build_transforms(cfg.replace(color_jitter=jitter), train=True), image)
+        assert torch.equal(mine, seeded(1, reference, image)) and not torch.allclose(mine, plain, atol=0.05)
+    with_aa = cfg.replace(color_jitter=0.4, aa="rand-m9-n2-mstd0.5")  # RandAugment replaces the jitter
+    assert data_config(with_aa)["color_jitter"] == 0.0
+    assert not any(isinstance(step, transforms.ColorJitter) for step in build_transforms(with_aa, True).transforms)
+
+
+def test_the_jitter_and_rotation_are_recorded_as_the_pipelines_apply_them():
+    folder = TrainConfig(data="/photos", **MODELS["resnet18"])
+    assert (data_config(folder)["color_jitter"], data_config(folder)["rotate"]) == (0.4, 0.0)  # timm's default
+    assert data_config(folder.replace(aa="rand-m9-mstd0.5"))["color_jitter"] == 0.0
+    assert data_config(TrainConfig(**MODELS["resnet18"]))["color_jitter"] == 0.0  # digits: none, as before
+    asked = folder.replace(data="digits", color_jitter="0.4,0.4,0.4,0.1", rotate=10)
+    assert (data_config(asked)["color_jitter"], data_config(asked)["rotate"]) == ("0.4,0.4,0.4,0.1", 10.0)
+    # timm gets the four factors, so its ColorJitter shifts hue too
+    jitter = [step for step in build_transforms(folder.replace(color_jitter="0.4,0.4,0.4,0.1"), True).transforms
+              if isinstance(step, transforms.ColorJitter)]
+    assert len(jitter) == 1 and jitter[0].hue == (-0.1, 0.1) and jitter[0].brightness == (0.6, 1.4)
+
+
 def test_every_image_mode_loads_as_a_3_channel_tensor_of_the_right_range(tmp_path):
     """Grayscale, RGBA, palette and 16-bit PNGs through the folder and the run's transform."""
     folder = tmp_path / "modes"
@@ -115,8 +219,10 @@ def test_every_image_mode_loads_as_a_3_channel_tensor_of_the_right_range(tmp_pat
         assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[1], pixels[2], atol=1e-5)
 
 
-def test_augmentations_depend_on_seed_epoch_and_image_only():
-    cfg = TrainConfig(data="folder", img_size=32, **MODELS["resnet18"])
+@pytest.mark.parametrize("augmentations", [{}, {"rotate": 30, "color_jitter": "0.4,0.4,0.4,0.1"},
+                                           {"train_crop": "resize", "rotate": 30, "color_jitter": "0.4,0.4,0.4,0.1"}])
+def test_augmentations_depend_on_seed_epoch_and_image_only(augmentations):
+    cfg = TrainConfig(data="folder", img_size=32, **MODELS["resnet18"], **augmentations)
 
     class Photos(torch.utils.data.Dataset):
         def __len__(self):
@@ -219,6 +325,36 @@ def test_configs_recorded_before_these_options_keep_their_meaning_and_hash():
     assert (old.train_crop, old.color_jitter, old.channels_last) == ("resize", 0.0, "false")
     assert config_hash(old) == config_hash(TrainConfig.from_dict(recorded | {"train_crop": "resize"}))
     assert config_hash(old) != config_hash(old.replace(train_crop="random-resized"))
+
+
+def test_runs_recorded_by_the_previous_release_keep_their_hash_and_train_as_they_did(tmp_path):
+    """Release 0.1's runs (digits: whole-image resizes, which ignored the 0.4 jitter they recorded)
+    read back with no jitter, and with the hash they were tagged with."""
+    with tarfile.open(Path(__file__).resolve().parents[1] / "fixtures" / "release-0.1-store.tar.gz") as archive:
+        archive.extractall(tmp_path, filter="data")
+    store = tmp_path / "mlexp-fixture-store"
+    with sqlite3.connect(store / "mlflow.db") as db:
+        tagged = dict(db.execute("select run_uuid, value from tags where key = 'mlexp.config_hash'").fetchall())
+    assert len(tagged) == 2
+    for run_id, recorded_hash in tagged.items():
+        recorded = json.loads(next(store.glob(f"mlruns/*/{run_id}/artifacts/config.json")).read_text())
+        assert recorded["color_jitter"] == 0.4 and recorded["data_config"]["train_crop"] == "resize"
+        old = TrainConfig.from_dict(recorded)
+        assert config_hash(old) == recorded_hash
+        assert data_config(old)["color_jitter"] == 0.0 and old.color_jitter is None  # as it trained
+        assert TrainConfig.from_dict(old.to_dict()) == old  # and recorded again, read back alike
+
+
+def test_the_default_jitter_keeps_the_hash_of_every_default_run_and_an_asked_jitter_gets_its_own():
+    assert config_hash(TrainConfig()) == "ce837bc2208c46f0"  # every default run so far carries it
+    assert config_hash(TrainConfig(data="/photos")) == "0de3a12f28776336"
+    # on photos the default is 0.4, as asking for it is; on digits asking for it means a jitter
+    assert config_hash(TrainConfig(data="/photos", color_jitter="0.4")) == config_hash(TrainConfig(data="/photos"))
+    assert config_hash(TrainConfig(color_jitter=0.4)) != config_hash(TrainConfig())
+    assert config_hash(TrainConfig(rotate=10)) != config_hash(TrainConfig())
+    # a run recorded since --rotate keeps its jitter (no longer the default's meaning on resizes)
+    asked = TrainConfig(color_jitter=0.4)
+    assert TrainConfig.from_dict(json.loads(asked.to_json())) == asked
 
 
 def write_photo_folder(root: Path, per_class: int = 24) -> Path:
