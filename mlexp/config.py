@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
-from mlexp.data_options import canonical_jitter, hashed_jitter, jitter_as_trained
 from mlexp.errors import MlexpError
+from mlexp.option_values import canonical_jitter, hashed_jitter, jitter_as_trained
 
 # Larger inputs are almost always a typo (2240 for 224) and would exhaust memory long after
 # the run started; ImageNet-style backbones are trained at 224-512 px.
@@ -309,22 +309,6 @@ def config_hash(cfg: TrainConfig) -> str:
     if "color_jitter" in values:
         values["color_jitter"] = hashed_jitter(cfg.color_jitter, cfg.train_crop, cfg.data)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
-LOWER_IS_BETTER = ("loss", "error", "ece", "time")
-
-
-def best_is_max(metric: str, mode: str) -> bool:
-    """Whether a higher value of `metric` is better: --best-mode, or by its name (losses,
-    errors, calibration error and times are best low)."""
-    if mode != "auto":
-        return mode == "max"
-    return not any(word in metric for word in LOWER_IS_BETTER)
-
-
-def best_key(metric: str) -> str:
-    """The best/* metric that holds a run's best value of `metric`: val/loss -> best/val_loss."""
-    return "best/" + metric.replace("/", "_")
 
 
 def phase_regexes(text: str | None) -> list[str]:

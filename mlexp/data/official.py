@@ -16,8 +16,8 @@ from mlexp.data import partitions, torchvision_sets
 from mlexp.data.images import DataBundle, ListedImages
 from mlexp.data.splits import check_split, split_indices
 from mlexp.data.transforms import build_transforms
-from mlexp.data_options import BUILT_IN
 from mlexp.errors import MlexpError
+from mlexp.option_values import BUILT_IN
 
 
 def official_folds(cfg: TrainConfig) -> list[int]:

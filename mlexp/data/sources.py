@@ -33,8 +33,8 @@ from mlexp.data.images import (
 from mlexp.data.official import check_official, official_bundle
 from mlexp.data.splits import check_split, split_indices
 from mlexp.data.transforms import build_transforms, check_aa
-from mlexp.data_options import BUILT_IN
 from mlexp.errors import MlexpError
+from mlexp.option_values import BUILT_IN
 
 
 def require_folder(path: Path, what: str) -> None:

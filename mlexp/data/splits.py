@@ -9,8 +9,8 @@ import math
 import numpy as np
 
 from mlexp.config import TrainConfig
-from mlexp.data_options import BUILT_IN
 from mlexp.errors import MlexpError
+from mlexp.option_values import BUILT_IN
 
 SPLIT_SEED = 0
 

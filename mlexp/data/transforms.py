@@ -30,9 +30,9 @@ from functools import lru_cache
 from torchvision import transforms
 
 from mlexp.config import TrainConfig
-from mlexp.data_options import DEFAULT_JITTER, geometry, jitter_factors
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import resolve_backbone
+from mlexp.option_values import DEFAULT_JITTER, geometry, jitter_factors
 
 DEFAULT_HFLIP = {"random-resized": 0.5, "resize": 0.0}
 

@@ -13,7 +13,6 @@ import hashlib
 from dataclasses import dataclass
 
 from mlexp.config import TrainConfig, cli_name, config_hash, parse_value
-from mlexp.data.official import describe_folds, official_folds
 from mlexp.data.partitions import is_fold_list, parse_folds
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import CATALOGUE, BackboneSpec, resolve_backbone
@@ -88,6 +87,9 @@ def sweep_folds(base: TrainConfig, folds: str | None, fold: str | None) -> tuple
     Data with a split of its own (split files, --splits, DTD's partitions): `--folds 1-3` or
     `--folds 2` selects its folds by their numbers (all of them by default). Other data: `--folds
     K` makes K stratified folds of one pool, all trained unless `--fold 0,2` picks some."""
+    # here: the data readers load torch, and the CLI imports this module on its fast paths
+    from mlexp.data.official import describe_folds, official_folds
+
     official = official_folds(base)
     if official:
         if folds and fold:

@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader
 
 from mlexp.config import TrainConfig
 from mlexp.data.loading import EpochSeeded, loader_kwargs
-from mlexp.data_options import BUILT_IN
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import BackboneSpec
 from mlexp.models.strategies import attach_head, build_strategy
+from mlexp.option_values import BUILT_IN
 from mlexp.training import hardware
 from mlexp.training.loop import TrainParts
 from mlexp.training.optimizer import build_optimizer, build_scheduler

@@ -13,11 +13,12 @@ from accelerate import Accelerator
 
 import mlexp
 from mlexp import tracking
-from mlexp.config import TrainConfig, best_key, config_hash
+from mlexp.config import TrainConfig, config_hash
 from mlexp.data.transforms import data_config
 from mlexp.models.catalogue import BackboneSpec
 from mlexp.models.heads import find_classifier
 from mlexp.models.weight_sources import default_export_path
+from mlexp.option_values import best_key
 from mlexp.training import checkpoints, hardware
 from mlexp.training.calibration import calibrate
 from mlexp.training.evaluation import best_weights_model, split_metrics, write_report

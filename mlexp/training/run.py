@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from mlexp import tracking
-from mlexp.config import TrainConfig, best_is_max, config_hash
+from mlexp.config import TrainConfig, config_hash
 from mlexp.data.digests import describe_splits, split_digest
 from mlexp.data.loading import loader_kwargs, loader_samples_per_s
 from mlexp.data.sources import build_data, check_data_source
@@ -26,6 +26,7 @@ from mlexp.errors import MlexpError
 from mlexp.models.build import build_backbone
 from mlexp.models.catalogue import BackboneSpec, resolve_backbone
 from mlexp.models.weight_sources import WeightsFile, locate_weights
+from mlexp.option_values import best_is_max
 from mlexp.tracking.outbox import Outbox
 from mlexp.tracking.sync import sync_outbox
 from mlexp.training.console import print_epoch, print_outcome, print_start, print_weights_report, report_delivery

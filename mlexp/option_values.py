@@ -1,6 +1,6 @@
-"""What the data pipeline's options mean: the training geometry `--train-crop auto` resolves to,
-and the values `--color-jitter` takes. The config parses, validates and hashes them with these;
-`data/transforms` builds the pipeline from them."""
+"""What some options' values mean: the training geometry `--train-crop auto` resolves to, the
+values `--color-jitter` takes, and which way a `--best-metric` is better. The config parses,
+validates and hashes them with these; the data pipeline, training and compare read them."""
 
 from __future__ import annotations
 
@@ -63,3 +63,19 @@ def hashed_jitter(jitter: float | str | None, train_crop: str, data: str) -> flo
     if jitter is None:
         return DEFAULT_JITTER["random-resized"]
     return f"{jitter} with resize" if jitter and geometry(train_crop, data) == "resize" else jitter
+
+
+LOWER_IS_BETTER = ("loss", "error", "ece", "time")
+
+
+def best_is_max(metric: str, mode: str) -> bool:
+    """Whether a higher value of `metric` is better: --best-mode, or by its name (losses,
+    errors, calibration error and times are best low)."""
+    if mode != "auto":
+        return mode == "max"
+    return not any(word in metric for word in LOWER_IS_BETTER)
+
+
+def best_key(metric: str) -> str:
+    """The best/* metric that holds a run's best value of `metric`: val/loss -> best/val_loss."""
+    return "best/" + metric.replace("/", "_")
