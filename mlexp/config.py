@@ -145,7 +145,7 @@ class TrainConfig:
     early_stop_patience: int = option(0, "Stop when the best metric (--best-metric) has not improved for this "
                                       "many epochs (0 = off).")
     best_metric: str = option("val/acc", "The epoch metric that chooses the best checkpoint, early stopping and "
-                              "the best/* metrics: val/acc, val/loss, val/macro_f1, train/loss, ...")
+                              "the best/* metrics.", ("val/acc", "val/loss", "val/macro_f1", "train/loss", "train/acc"))
     best_mode: str = option("auto", "Whether the best metric is best high or low. 'auto': min for losses and "
                             "errors, else max.", ("auto", "max", "min"))
     best_checkpoint: str = option("weights", "What checkpoints/best/ keeps: the weights, or 'full': also the "

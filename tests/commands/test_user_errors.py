@@ -63,6 +63,12 @@ TRAIN = ["train", "--img-size", "16", "--batch-size", "4", "--epochs", "1"]
     (["--lrr", "3"], ["no such option --lrr; did you mean --lr?"]),  # only near misses, not --reprob
     (["--tracking-uri", "http://127.0.0.1:9"], ["cannot reach the MLflow tracking server"]),
     (["--resume", "0123456789abcdef0123456789abcdef"], ["cannot resume", "0123456789abcdef"]),
+    (["--fold", "1-3"], ["--fold 1-3 names several folds", "mlexp sweep --folds 1-3"]),
+    (["--splits", "splits.csv"], ["--splits lists image files; pass the folder they are under as --data"]),
+    (["--data", "torchvision:Imagenette:/tmp"], ["mlexp reads these torchvision datasets: DTD"]),
+    (["--data", "torchvision:CIFAR10"], ["name the local folder too, torchvision:CIFAR10:ROOT"]),
+    (["--resume-from", "best"], ["--resume-from best needs --resume RUN_ID"]),
+    (["--best-metric", "val/auc"], ["--best-metric must be one of val/acc"]),
 ])
 def test_bad_options_give_one_line_and_exit_2(args, fragments, sqlite_uri, capsys):
     code, err = run_cli(TRAIN + ["--backbone", "resnet18_scratch", *args], capsys)

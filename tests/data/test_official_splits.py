@@ -146,6 +146,8 @@ def test_options_that_would_replace_an_official_split_are_refused(dtd, change, m
 
 
 def test_damaged_split_files_are_named(dtd):
+    with pytest.raises(MlexpError, match=r"--splits .*nothing.csv: no such file"):
+        check_data_source(TrainConfig(data=str(dtd), splits=str(dtd / "nothing.csv"), fold=1))
     (dtd / "labels" / "val2.txt").write_text((dtd / "labels" / "val2.txt").read_text() + "zero/missing.png\n")
     with pytest.raises(MlexpError, match=r"1 listed image\(s\) are not under .*zero/missing.png"):
         check_data_source(TrainConfig(data=str(dtd), fold=2))
