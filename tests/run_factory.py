@@ -21,14 +21,19 @@ def log_run(client: MlflowClient, experiment: str, *, backbone: str = "resnet18"
             train_acc: list[float] | None = None, epoch_time: float = 10.0, epochs: int | None = None,
             trainable: int = 1000, status: str = "FINISHED", dataset: str = "digits",
             name: str | None = None, start_time: int | None = None, heartbeat: int | None = None,
-            tags: dict[str, str] | None = None) -> str:
+            tags: dict[str, str] | None = None, best_metric: str | None = "val/acc", best_mode: str = "auto") -> str:
     """One run with the logging contract: effective params (the backbone by its catalogue name,
     as training logs it), mlexp tags, per-epoch metrics and, once finished, the end-of-run
-    summary. Statuses other than RUNNING end the run. `tags`: more tags (mlflow.parentRunId...)."""
+    summary. Statuses other than RUNNING end the run. `tags`: more tags (mlflow.parentRunId...).
+    `best_metric`/`best_mode`: what chose the best epoch (best/<metric> and best/epoch follow);
+    None: a run from before --best-metric, without those params."""
     train_acc = list(train_acc) if train_acc is not None else [min(1.0, v + 0.05) for v in val_acc]
     cfg = TrainConfig(backbone=resolve_backbone(backbone, init).name, init=init, strategy=strategy, seed=seed,
-                      folds=3, fold=fold, epochs=epochs or len(val_acc))
+                      folds=3, fold=fold, epochs=epochs or len(val_acc), best_metric=best_metric or "val/acc",
+                      best_mode=best_mode)
     params = cfg.to_params() | {"distributed_type": "NO", "num_processes": "1"}
+    if best_metric is None:
+        params = {name: value for name, value in params.items() if name not in ("best_metric", "best_mode")}
     tags = {"mlexp.backbone": backbone, "mlexp.init": init, "mlexp.strategy": strategy, "mlexp.dataset": dataset,
             "mlexp.version": "0.1.0", **({"mlexp.heartbeat": str(heartbeat)} if heartbeat else {}), **(tags or {})}
     run = client.create_run(experiment_id(client, experiment), start_time=start_time,
@@ -44,6 +49,8 @@ def log_run(client: MlflowClient, experiment: str, *, backbone: str = "resnet18"
         best = max(val_acc)
         final = {"best/val_acc": best, "best/epoch": val_acc.index(best) + 1,
                  "time/total_s": epoch_time * len(val_acc), "model/params_trainable": trainable}
+        if best_metric == "val/loss":  # chosen by the lowest val/loss (1.5 (1 - val/acc)): the same epoch
+            final["best/val_loss"] = 1.5 * (1 - best)
         metrics += [Metric(key, float(value), now + 100, len(val_acc)) for key, value in final.items()]
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
                      tags=[RunTag("mlflow.source.type", "LOCAL")])

@@ -211,6 +211,24 @@ def strategy_winner(result: CompareResult, say: Numbers) -> list[str]:
     return answers
 
 
+def asked_pairs(result: CompareResult, say: Numbers) -> list[str]:
+    """--pair: one sentence per row, e.g. "Frozen pretrained (linear probe) vs scratch (full
+    training) on resnet18: +4.0 pp, 95% CI [...], n = 5 pairs, p (Holm) = 0.062 (verdict)"."""
+    rows = rows_of(result, "pair")
+    answers = []
+    for pair in result.arm_pairs:
+        mine = rows[(rows["a"] == pair.a.spec) & (rows["b"] == pair.b.spec)]
+        for row in mine.to_dict("records"):
+            scope = ("" if row["backbone"] == "-" else " over all backbones" if row["backbone"] == "all backbones"
+                     else f" on {row['backbone']}")
+            said = [say.evidence(row), verdict(row, pair.a.describe(), pair.b.describe(), say.higher)] if row["n"] \
+                else []  # no pairs: the note says why
+            said += [row["note"]] if row["note"] else []
+            answers.append(f"{capital(pair.describe())}{scope}: {'; '.join(said)} (`--pair '{pair.label}'`, "
+                           f"{say.metric}).")
+    return answers
+
+
 def features(result: CompareResult) -> list[str]:
     if not result.features:
         return ["Not computed: run `mlexp compare --features` to compare the representations (linear CKA) of the "
@@ -246,8 +264,13 @@ def report_markdown(result: CompareResult) -> str:
              + (" (each pair at the epoch its shorter run stopped: --equal-budget)" if result.equal_budget else "")
              + ". Pairs share dataset, seed and fold. Intervals are 95% studentized bootstrap intervals; p-values "
              "are sign-flip permutation tests, Holm-adjusted over every comparison of this report.", ""]
+    if result.metric.reason:
+        lines += [f"Compared on {result.metric.key}: {result.metric.reason}.", ""]
     if result.metric.biased_note:
         lines += [f"> {result.metric.biased_note}", ""]
+    if result.arm_pairs:  # asked for by name: first
+        lines += ["## The pairs asked for (--pair)", "", *(f"- {sentence}" for sentence in asked_pairs(result, say)),
+                  ""]
     for number, (question, said) in enumerate(zip(QUESTIONS, answers), start=1):
         lines += [f"## {number}. {question}", "", *(f"- {sentence}" for sentence in said), ""]
     repeats = [row for row in result.excluded if row["status"] == "DUPLICATE"]

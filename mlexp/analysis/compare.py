@@ -26,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from mlexp.analysis.arms import check_keys, parse_pairs
 from mlexp.analysis.comparisons import choose_metric, comparisons
 from mlexp.analysis.groups import RUN_METRICS, banded_curves, difference_curves, group_table, metric_values
 from mlexp.analysis.mlflow_internals import Reader
@@ -37,6 +38,7 @@ from mlexp.analysis.tables import render_summary
 from mlexp.config import BOOKKEEPING, DEFAULT_EXPERIMENT
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import CATALOGUE
+from mlexp.option_values import best_is_max
 from mlexp.sweep.plan import display_name
 from mlexp.tracking import check_reachable, default_tracking_uri
 
@@ -61,19 +63,22 @@ RESERVED = {"run_id", "run_name", *RUN_METRICS}
 def compare(client_or_uri: Any, experiments: list[str], filter_string: str | None = None,
             group_by: list[str] | None = None, out_dir: Path | str = "mlexp-compare",
             plots: bool = True, *, metric: str | None = None, equal_budget: bool = False,
-            between_backbones: bool = False, features: bool = False) -> CompareResult:
+            between_backbones: bool = False, features: bool = False, arm_pairs: list[str] | tuple = ()
+            ) -> CompareResult:
     """Query the runs of `experiments`, compute the statistics, write tables and plots to out_dir.
 
-    metric: what the comparisons compare (default: test/acc when the runs have it, else
-    best/val_acc); equal_budget: compare each pair at the epoch the shorter run stopped;
-    between_backbones: also compare architectures with each other; features: load the paired
-    pretrained and scratch models and compare their representations (CKA, mlexp.analysis.features)."""
+    metric: what the comparisons compare (default: test/acc when the runs have it, else the
+    runs' own best metric, best/val_acc by default); equal_budget: compare each pair at the epoch
+    the shorter run stopped; between_backbones: also compare architectures with each other;
+    features: load the paired pretrained and scratch models and compare their representations
+    (CKA, mlexp.analysis.features); arm_pairs: --pair values, 'A vs B' (mlexp.analysis.arms)."""
 
     started = time.perf_counter()
     client = mlflow_client(client_or_uri)
     group_by = list(group_by or DEFAULT_GROUP_BY)
     if not experiments:
         raise MlexpError("name at least one experiment to compare (--experiment NAME)")
+    specs = parse_pairs(arm_pairs)  # a malformed --pair fails before the server is asked anything
     names = resolve_experiments(client, experiments)
     warming = threading.Thread(target=warm_up, name="mlexp-plot-warm-up", daemon=True)
     if plots:
@@ -87,13 +92,19 @@ def compare(client_or_uri: Any, experiments: list[str], filter_string: str | Non
     used = [run for run in records if run.run_id in compared]
     available = {key for run in used for key in run.metrics}
     everywhere = set.intersection(*(set(run.metrics) for run in used)) if used else set()
-    chosen = choose_metric(metric, available, everywhere, equal_budget)
+    chosen = choose_metric(metric, available, everywhere, equal_budget, {own_best(run) for run in used})
     runs["value"] = metric_values(runs, records, chosen)
     missing = runs.loc[runs["value"].isna(), "run_id"].tolist()
-    table, pairs = comparisons(runs, chosen, equal_budget=equal_budget, between_backbones=between_backbones)
+    check_keys(specs, used, field_value)
+    by_id = {run.run_id: run for run in used}
+    for index, spec in enumerate(specs):
+        runs[f"_pair{index}"] = pd.Series([spec.side(by_id[i], field_value) for i in runs["run_id"]], dtype=object,
+                                          index=runs.index)
+    table, pairs = comparisons(runs, chosen, equal_budget=equal_budget, between_backbones=between_backbones,
+                               arm_pairs=specs)
     result = CompareResult(names, filter_string, group_by, runs, group_table(runs, group_by), pairs, table,
                            chosen, excluded=excluded, ignored=ignored, equal_budget=equal_budget,
-                           lacking_metric=missing)
+                           lacking_metric=missing, arm_pairs=specs)
     result.reads = {"taken": dict(reader.taken), "fallbacks": list(reader.fallbacks)}
     result.curves = {key: banded_curves(runs, histories[key], group_by) for key in CURVE_KEYS}
     result.diff_curves = difference_curves(runs, histories["val/acc"])
@@ -122,6 +133,13 @@ def field_value(run: RunRecord, name: str) -> str | None:
     if name == "arch":
         return arch_of(run)
     return run.tags.get(TAG_ALIASES.get(name, f"mlexp.{name}")) or run.tags.get(name) or run.param(name)
+
+
+def own_best(run: RunRecord) -> tuple[str, bool]:
+    """The metric a run chose its best epoch by (--best-metric; val/acc before there was one)
+    and whether higher is better there (--best-mode)."""
+    metric = run.param("best_metric") or "val/acc"
+    return metric, best_is_max(metric, run.param("best_mode") or "auto")
 
 
 def arch_of(run: RunRecord) -> str | None:

@@ -12,7 +12,10 @@ Kinds of comparison (column `kind`):
 - `interaction`: backbone A's pretraining gain minus backbone B's, matched pair by pair;
 - `time`: pretrained minus scratch total training time (s), per backbone;
 - `convergence`: pretrained minus scratch epochs to reach a common level of validation
-  accuracy, per backbone.
+  accuracy, per backbone;
+- `pair` (only when asked: `--pair 'A vs B'`, `mlexp.analysis.arms`): arm A minus arm B, any two
+  sets of runs, matched on dataset, seed, fold and architecture (over all architectures, and per
+  architecture when there are several).
 
 Every row has the statistics of `mlexp.analysis.stats.paired`; `p_holm` is the p-value adjusted with
 Holm's method over every row of the report, and it is what the tables and report.md show.
@@ -28,7 +31,9 @@ import numpy as np
 import pandas as pd
 
 from mlexp.analysis import stats
+from mlexp.analysis.arms import ArmPair
 from mlexp.errors import MlexpError
+from mlexp.option_values import best_is_max, best_key
 
 MATCH = ["_dataset", "seed", "fold"]        # what every pair shares
 CONVERGENCE_FRACTION = 0.95                 # the level: 95% of the weaker init's mean best val acc
@@ -41,13 +46,17 @@ VALUE_COLUMNS = ["kind", "backbone", "init", "strategy", "a", "b", "n", "a_mean"
 
 @dataclass(frozen=True)
 class Metric:
-    """What is compared: a metric key of the runs (fractions are shown in percentage points)."""
+    """What is compared: a metric key of the runs (fractions are shown in percentage points).
+    `higher`: its direction when the runs said it (--best-mode), else None: by its name;
+    `reason`: why compare chose it, when that is not the plain default."""
 
     key: str
+    higher: bool | None = None
+    reason: str = ""
 
     @property
     def higher_is_better(self) -> bool:
-        return not any(word in self.key for word in ("loss", "error", "time", "ece"))
+        return self.higher if self.higher is not None else best_is_max(self.key, "auto")
 
     @property
     def is_fraction(self) -> bool:
@@ -58,8 +67,8 @@ class Metric:
 
     @property
     def biased_note(self) -> str | None:
-        if self.key == BEST_VAL:
-            return ("best/val_acc is optimistically biased: the same validation split chose the best epoch. "
+        if self.key.startswith("best/val"):
+            return (f"{self.key} is optimistically biased: the same validation split chose the best epoch. "
                     "Runs with a test split (--test-split) are compared on test/acc instead.")
         return None
 
@@ -67,9 +76,11 @@ class Metric:
 CURVE_METRICS = (BEST_VAL, "val/acc")  # what --equal-budget can read at an earlier epoch
 
 
-def choose_metric(requested: str | None, available: set[str], everywhere: set[str], equal_budget: bool) -> Metric:
-    """--metric, else test/acc when every run has a test split, else best/val_acc.
-    `available`: metric keys some run has; `everywhere`: keys every run has."""
+def choose_metric(requested: str | None, available: set[str], everywhere: set[str], equal_budget: bool,
+                  own_best: set[tuple[str, bool]] | None = None) -> Metric:
+    """--metric, else test/acc when every run has a test split, else the runs' own best metric.
+    `available`: metric keys some run has; `everywhere`: keys every run has; `own_best`: each
+    run's (--best-metric, whether higher is better), ("val/acc", True) for runs from before it."""
 
     if requested:
         if requested != BEST_VAL and requested not in available:
@@ -80,7 +91,32 @@ def choose_metric(requested: str | None, available: set[str], everywhere: set[st
             raise MlexpError(f"--equal-budget reads the val/acc curves at an earlier epoch; {requested!r} has no "
                              f"such curve: compare {' or '.join(CURVE_METRICS)} with it, or drop --equal-budget")
         return Metric(requested)
-    return Metric("test/acc" if "test/acc" in everywhere and not equal_budget else BEST_VAL)
+    if "test/acc" in everywhere and not equal_budget:
+        return Metric("test/acc")
+    return own_best_metric(own_best or set(), equal_budget, available)
+
+
+def own_best_metric(own_best: set[tuple[str, bool]], equal_budget: bool, available: set[str]) -> Metric:
+    """best/<the runs' --best-metric>, in its direction, when every run chose its best epoch by the
+    same metric. Runs that chose by different ones fall back to best/val_acc (every compared run
+    has a val/acc curve) with a line saying so, rather than refuse: a report still comes out, every
+    pair is measured on one thing, and --metric picks another."""
+    if len(own_best) > 1:
+        chosen = ", ".join(f"{metric} ({'max' if higher else 'min'})" for metric, higher in sorted(own_best))
+        return Metric(BEST_VAL, reason=f"the runs chose their best epochs by different metrics ({chosen}): compared "
+                                       f"on {BEST_VAL}; --metric KEY compares another")
+    metric, higher = next(iter(own_best), ("val/acc", True))
+    key = best_key(metric)
+    if (key, higher) == (BEST_VAL, True):
+        return Metric(BEST_VAL)
+    if equal_budget:
+        return Metric(BEST_VAL, reason=f"--equal-budget reads the val/acc curves: compared on {BEST_VAL}, not the "
+                                       f"runs' own {key}")
+    if key not in available:  # chosen by it, but not logged as best/* (runs from before training logged it)
+        return Metric(BEST_VAL, reason=f"the runs chose their best epochs by {metric}, but none logged {key}: "
+                                       f"compared on {BEST_VAL}")
+    return Metric(key, higher, reason=f"the runs' own best metric (--best-metric {metric}, best "
+                                      f"{'high' if higher else 'low'})")
 
 
 # --- matching ------------------------------------------------------------------------------------
@@ -168,65 +204,100 @@ def comparison_row(kind: str, scope: dict[str, str], a: str, b: str, pairs: pd.D
 
 
 # --- all rows --------------------------------------------------------------------------------------
-def comparisons(runs: pd.DataFrame, metric: Metric, *, equal_budget: bool = False,
-                between_backbones: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(every comparison as a row, Holm-adjusted; the pretrained/scratch pairs behind the init rows)."""
-    if runs.empty:
-        return pd.DataFrame(columns=VALUE_COLUMNS), pd.DataFrame()
-    rows: list[dict] = []
-    pair_frames: list[pd.DataFrame] = []
+class RowMaker:
+    """Collects the rows of one report: `add` pairs a frame's runs (or takes ready `pairs`),
+    equalises their budgets when asked, and appends the comparison's row."""
 
-    def compare_on(kind, scope, frame, column, a, b, keys, value="value", note="", level=math.nan, budget=True,
-                   pairs=None):
+    def __init__(self, metric: Metric, equal_budget: bool):
+        self.metric, self.equal_budget, self.rows = metric, equal_budget, []
+
+    def add(self, kind, scope, frame, column, a, b, keys, value="value", note="", level=math.nan, budget=True,
+            pairs=None) -> pd.DataFrame:
         pairs = pair_up(frame, column, a, b, keys, value) if pairs is None else pairs
-        if budget and equal_budget and value == "value":
-            pairs = equalise_budget(pairs, metric)
-        said = "; ".join(text for text in (note, budget_note(pairs, a, b, equal_budget) if budget else "") if text)
-        rows.append(comparison_row(kind, scope, a, b, pairs, said, level, UNITS.get(kind, metric.format_diff)))
+        if budget and self.equal_budget and value == "value":
+            pairs = equalise_budget(pairs, self.metric)
+        said = "; ".join(text for text in (note, budget_note(pairs, a, b, self.equal_budget) if budget else "")
+                         if text)
+        self.rows.append(comparison_row(kind, scope, a, b, pairs, said, level,
+                                        UNITS.get(kind, self.metric.format_diff)))
         return pairs
 
-    archs = sorted(runs["_arch"].dropna().unique())
+
+def comparisons(runs: pd.DataFrame, metric: Metric, *, equal_budget: bool = False, between_backbones: bool = False,
+                arm_pairs: list[ArmPair] | tuple = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(every comparison as a row, Holm-adjusted; the pretrained/scratch pairs behind the init rows).
+    `arm_pairs`: the --pair arms, whose sides are in the runs' `_pair<index>` columns."""
+    if runs.empty and not arm_pairs:
+        return pd.DataFrame(columns=VALUE_COLUMNS), pd.DataFrame()
+    made = RowMaker(metric, equal_budget)
+    pair_frames = init_rows(made, runs) if not runs.empty else []
+    for (arch, init), mine in runs.groupby(["_arch", "_init"], sort=True):
+        for first, second in itertools.combinations(sorted(mine["_strategy"].unique()), 2):
+            made.add("strategy", {"backbone": arch, "init": init}, mine, "_strategy", first, second, MATCH)
+    if between_backbones:
+        for (init, strategy), mine in runs.groupby(["_init", "_strategy"], sort=True):
+            for first, second in itertools.combinations(sorted(mine["_arch"].unique()), 2):
+                made.add("backbone", {"init": init, "strategy": strategy}, mine, "_arch", first, second, MATCH)
+    for index, pair in enumerate(arm_pairs):
+        arm_rows(made, runs, f"_pair{index}", pair)
+    table = pd.DataFrame(made.rows, columns=VALUE_COLUMNS)
+    table["p_holm"] = stats.holm(table["p_value"].to_numpy(dtype=float))  # over every row, --pair ones too
+    pairs = pd.concat(pair_frames, ignore_index=True) if pair_frames else pd.DataFrame()
+    return table, pairs
+
+
+def init_rows(made: RowMaker, runs: pd.DataFrame) -> list[pd.DataFrame]:
+    """Pretrained minus scratch per backbone (and strategy), its time and convergence, over all
+    backbones, and the interactions; returns the pairs behind the per-backbone init rows."""
     init_keys = ["_strategy", *MATCH]
     gains: dict[str, pd.DataFrame] = {}
-    for arch in archs:
+    pair_frames = []
+    for arch in sorted(runs["_arch"].dropna().unique()):
         mine = runs[runs["_arch"] == arch]
         if not set(mine["_init"]) >= {"pretrained", "scratch"}:
             continue
         every = pair_up(mine, "_init", "pretrained", "scratch", init_keys)
         per_strategy = {strategy: pairs.reset_index(drop=True) for strategy, pairs in every.groupby("_strategy")}
         label = "all" if len(per_strategy) > 1 else next(iter(per_strategy), "-")
-        pairs = compare_on("init", {"backbone": arch, "strategy": label}, None, "_init", "pretrained", "scratch",
-                           init_keys, pairs=every)
+        pairs = made.add("init", {"backbone": arch, "strategy": label}, None, "_init", "pretrained", "scratch",
+                         init_keys, pairs=every)
         pair_frames.append(pairs.assign(backbone=arch))
         gains[arch] = pairs.assign(gain=pairs["value_a"] - pairs["value_b"])
         if len(per_strategy) > 1:  # else the row above is that one strategy's
             for strategy, pairs in per_strategy.items():
-                compare_on("init", {"backbone": arch, "strategy": strategy}, None, "_init", "pretrained", "scratch",
-                           init_keys, pairs=pairs)
-        compare_on("time", {"backbone": arch}, mine, "_init", "pretrained", "scratch", init_keys,
-                   value="total_time_s", budget=False)
+                made.add("init", {"backbone": arch, "strategy": strategy}, None, "_init", "pretrained", "scratch",
+                         init_keys, pairs=pairs)
+        made.add("time", {"backbone": arch}, mine, "_init", "pretrained", "scratch", init_keys,
+                 value="total_time_s", budget=False)
         level = CONVERGENCE_FRACTION * min(mine[mine["_init"] == init]["best_val_acc"].mean()
                                            for init in ("pretrained", "scratch"))
         reached = mine.assign(epochs_to_level=[first_epoch_reaching(points, level)
                                                for points in mine["_val_acc_points"]])
-        compare_on("convergence", {"backbone": arch}, reached, "_init", "pretrained", "scratch", init_keys,
-                   value="epochs_to_level", level=level, budget=False,
-                   note=never_reached_note(reached, level))
+        made.add("convergence", {"backbone": arch}, reached, "_init", "pretrained", "scratch", init_keys,
+                 value="epochs_to_level", level=level, budget=False, note=never_reached_note(reached, level))
     if len(gains) > 1:
-        compare_on("init", {"backbone": "all backbones", "strategy": "all"}, runs, "_init", "pretrained", "scratch",
-                   ["_arch", *init_keys])
-        rows += interaction_rows(gains, init_keys, metric)
-    for (arch, init), mine in runs.groupby(["_arch", "_init"], sort=True):
-        for first, second in itertools.combinations(sorted(mine["_strategy"].unique()), 2):
-            compare_on("strategy", {"backbone": arch, "init": init}, mine, "_strategy", first, second, MATCH)
-    if between_backbones:
-        for (init, strategy), mine in runs.groupby(["_init", "_strategy"], sort=True):
-            for first, second in itertools.combinations(sorted(mine["_arch"].unique()), 2):
-                compare_on("backbone", {"init": init, "strategy": strategy}, mine, "_arch", first, second, MATCH)
-    table = pd.DataFrame(rows, columns=VALUE_COLUMNS)
-    table["p_holm"] = stats.holm(table["p_value"].to_numpy(dtype=float))
-    pairs = pd.concat(pair_frames, ignore_index=True) if pair_frames else pd.DataFrame()
-    return table, pairs
+        made.add("init", {"backbone": "all backbones", "strategy": "all"}, runs, "_init", "pretrained", "scratch",
+                 ["_arch", *init_keys])
+        made.rows += interaction_rows(gains, init_keys, made.metric)
+    return pair_frames
+
+
+def arm_rows(made: RowMaker, runs: pd.DataFrame, column: str, pair: ArmPair) -> None:
+    """--pair: arm A minus arm B over the runs matched on dataset, seed, fold and (unless an arm
+    names it) the architecture; over all architectures, and per architecture when there are several.
+    An arm that matches no run, or runs that match both arms, are said in the row's note."""
+    a, b = pair.a.spec, pair.b.spec
+    sides = runs[column] if column in runs else pd.Series([None] * len(runs), index=runs.index, dtype=object)
+    notes = [f"no run matches {spec}" for spec in (a, b) if not (sides == spec).any()]
+    if (sides == "both").any():
+        notes.append(f"{int((sides == 'both').sum())} run(s) match both arms: left out")
+    frame = runs[sides.isin([a, b])]
+    keys = [*MATCH, "_arch"] if pair.match_arch else list(MATCH)
+    archs = sorted(pair_up(frame, column, a, b, keys)["_arch"].unique()) if pair.match_arch else []
+    overall = "all backbones" if len(archs) > 1 else archs[0] if archs else "-"
+    made.add("pair", {"backbone": overall}, frame, column, a, b, keys, note="; ".join(notes))
+    for arch in archs if len(archs) > 1 else []:
+        made.add("pair", {"backbone": arch}, frame[frame["_arch"] == arch], column, a, b, keys)
 
 
 def first_epoch_reaching(points: list[tuple[int, float]], level: float) -> float:

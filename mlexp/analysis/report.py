@@ -74,10 +74,15 @@ def log_compare_run(tracking_uri: str, result: CompareResult, out_dir: Path, exp
             metrics[f"pretrain_gain/{name}"] = row["mean_diff"]
             metrics[f"pretrain_pairs/{name}"] = row["n"]
             metrics[f"pretrain_p_holm/{name}"] = row["p_holm"]
+        asked = result.comparisons[result.comparisons["kind"] == "pair"].drop_duplicates(["a", "b"])
+        for number, row in enumerate(asked.to_dict("records"), start=1):  # each --pair's first row: all backbones
+            metrics.update({f"pair_diff/{number}": row["mean_diff"], f"pair_n/{number}": row["n"],
+                            f"pair_p_holm/{number}": row["p_holm"]})
         # Prefixed: under `mlflow run` the entry point's own parameters are already on the run.
         tracker.log_params({"compare.experiments": ",".join(result.experiments.values())[:6000],
                             "compare.filter": result.filter_string or "", "compare.group_by": ",".join(result.group_by),
-                            "compare.metric": result.metric.key, "compare.equal_budget": str(result.equal_budget)})
+                            "compare.metric": result.metric.key, "compare.equal_budget": str(result.equal_budget),
+                            "compare.pair": "; ".join(pair.label for pair in result.arm_pairs)[:6000]})
         tracker.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))},
                             step=0)
         tracker.log_artifacts(out_dir, "compare", copy=True)  # the user keeps out_dir

@@ -28,6 +28,7 @@ class CompareResult:
     equal_budget: bool = False
     lacking_metric: list[str] = field(default_factory=list)  # runs without the compared metric (left out of it)
     features: list = field(default_factory=list)   # mlexp.analysis.features.FeatureComparison per backbone
+    arm_pairs: list = field(default_factory=list)  # mlexp.analysis.arms.ArmPair per --pair (rows of kind pair)
     files: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None              # the MLflow run the outputs were logged to

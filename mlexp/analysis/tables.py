@@ -32,7 +32,7 @@ DEFINITIONS = {
     "gain_5": "val/acc at epoch min(5, last) minus val/acc at the first epoch logged",
     "pairs": "pretrained and scratch runs of one arch matched on dataset, strategy, seed and fold",
     "comparisons": "one row per paired comparison (kind init, strategy, backbone, interaction, time, "
-                   "convergence): mean_diff = mean of A - B over matched pairs; ci_low/ci_high: 95% studentized "
+                   "convergence, pair: the arms of --pair, a and b as written): mean_diff = mean of A - B over matched pairs; ci_low/ci_high: 95% studentized "
                    "bootstrap interval (none below 4 pairs, with zero spread or ties); p_value: sign-flip permutation "
                    "test (exact up to 16 pairs); p_holm: Holm-adjusted over the whole report; win_prob: share "
                    "of pairs A wins (ties half) with a Wilson interval; detectable: smallest difference "
@@ -68,7 +68,8 @@ COMPARISON_NOTES = {
     "init": "initial weights of both sides",
     "strategy": "fine-tuning strategy of both sides (all: every strategy, matched on it)",
     "A - B": "what is compared: A minus B",
-    "n": "matched pairs (same dataset, seed and fold; same strategy or init where those are not compared)",
+    "n": "matched pairs (same dataset, seed and fold; same strategy or init where those are not compared; same "
+         "architecture for --pair unless an arm names it)",
     "A": "mean of A over the pairs",
     "B": "mean of B over the pairs",
     "diff": "mean of A - B over the pairs",
@@ -93,6 +94,7 @@ KIND_TITLES = {
     "backbone": "Backbone A minus backbone B, {metric}",
     "time": "Training time, pretrained minus scratch",
     "convergence": "Convergence, pretrained minus scratch: epochs to reach a level of val acc",
+    "pair": "Pairs asked for (--pair): arm A minus arm B, {metric}",
 }
 
 
@@ -240,6 +242,8 @@ def render_summary(result: CompareResult, markdown: bool) -> str:
     if not result.groups.empty:
         rows = metric_rows(result)
         parts += [heading(f"{result.metric.key} per group"), table(rows, markdown), legend(rows, METRIC_NOTES, markdown)]
+        if result.metric.reason:
+            parts.append(f"Compared on {result.metric.key}: {result.metric.reason}.")
         if result.metric.biased_note:
             parts.append(f"Note: {result.metric.biased_note}")
         if result.lacking_metric:

@@ -8,7 +8,8 @@ left empty (`--out ""`, an MLproject parameter left at "") takes the field's def
 default is restated anywhere else.
 
 A list option (`list_option`) takes comma-separated values, is repeatable where it names
-experiments, and is parsed into a tuple.
+experiments, and is parsed into a tuple; a repeated option (`repeated_option`) keeps each
+value whole (`--pair 'init=pretrained,strategy=linear vs init=scratch,strategy=full'`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def list_option(default: tuple[str, ...], help: str, metavar: str = "NAMES", rep
     """A comma-separated list (repeatable: the option may also be given several times)."""
     return field(default=default, metadata={"help": help, "metavar": metavar, "choices": None, "list": True,
                                             "repeatable": repeatable})
+
+
+def repeated_option(help: str, metavar: str):
+    """An option that may be given several times, each value kept whole (its commas are its own)."""
+    return field(default=(), metadata={"help": help, "metavar": metavar, "choices": None, "repeatable": True})
 
 
 def flag(default: bool, help: str):
@@ -65,6 +71,18 @@ class SweepOptions:
                              "(pip install 'mlexp[ray]').", "[local|ray]", ("local", "ray"))
     ray_address: str | None = declared(None, "The Ray cluster to use (`ray start --head` prints it). (default: a "
                                        "new local Ray instance)", "auto|HOST:PORT")
+    strategy_epochs: tuple[str, ...] = list_option((), "Epochs per strategy, comma-separated NAME=N (e.g. "
+                                                   "linear=15,full=30): replaces --epochs for that strategy's runs, "
+                                                   "before the scratch multipliers.", "NAME=N")
+    strategy_lr: tuple[str, ...] = list_option((), "Learning rate per strategy, comma-separated NAME=LR (e.g. "
+                                               "linear=0.01,full=0.001): replaces --lr for that strategy's runs, "
+                                               "before the scratch multipliers.", "NAME=LR")
+    init_epochs: tuple[str, ...] = list_option((), "Epochs per init, comma-separated NAME=N (e.g. scratch=20): "
+                                               "what that init's runs train for (no multiplier applied; it wins "
+                                               "over --strategy-epochs).", "NAME=N")
+    init_lr: tuple[str, ...] = list_option((), "Learning rate per init, comma-separated NAME=LR (e.g. "
+                                           "scratch=0.002): what that init's runs train with (no multiplier "
+                                           "applied; it wins over --strategy-lr).", "NAME=LR")
     retry_failed: bool = flag(False, "Train again the configurations that FAILED in an earlier run of this sweep "
                                      "(each resumes its run from its last checkpoint).")
 
@@ -80,8 +98,16 @@ class CompareOptions:
                                             "init, strategy, dataset, experiment, any param (lr, epochs, ...) "
                                             "or tags.X / params.X.")
     metric: str | None = declared(None, "What the paired comparisons compare: any metric key of the runs. "
-                                  "(default: test/acc when every run has a test split, else best/val_acc, which "
-                                  "is optimistically biased)", "KEY")
+                                  "(default: test/acc when every run has a test split, else the runs' own best "
+                                  "metric, best/<--best-metric> in the direction of their --best-mode: "
+                                  "best/val_acc unless they chose another; optimistically biased; runs that chose "
+                                  "different ones, or logged no best/* of theirs, are compared on best/val_acc, and "
+                                  "the report says so)", "KEY")
+    pair: tuple[str, ...] = repeated_option("Compare two arms head to head: 'A vs B', each arm KEY=VALUE[,...] "
+                                            "over init, strategy, backbone, arch, dataset or any param (e.g. "
+                                            "'init=pretrained,strategy=linear vs init=scratch,strategy=full'), "
+                                            "paired on dataset, architecture, seed and fold. Repeat it, or separate "
+                                            "pairs with ';'.", "'A vs B'")
     equal_budget: bool = flag(False, "Compare each pair at the epoch its shorter run stopped (from the val/acc "
                                      "curves), when the two sides trained for different numbers of epochs.")
     between_backbones: bool = flag(False, "Also compare the architectures with each other, per init and "
@@ -115,8 +141,10 @@ class RegisterOptions:
     name: str | None = declared(None, "The registered model's name.", "NAME")
     experiment: tuple[str, ...] = list_option((DEFAULT_EXPERIMENT,), "Register the best model of these "
                                               "experiments (repeat or comma-separate).", "NAME", repeatable=True)
-    metric: str = declared("val/acc", "How 'best' is chosen: a validation metric of the runs' best models "
-                           "(lower wins for a loss).", "KEY")
+    metric: str | None = declared(None, "How 'best' is chosen: a validation metric of the runs' best models "
+                                  "(lower wins for a loss). (default: the metric each run chose its best epoch "
+                                  "by, --best-metric, in the direction of its --best-mode; runs that chose by "
+                                  "different metrics need --metric)", "KEY")
     model: str | None = declared(None, "Register this model instead (runs:/RUN_ID, models:/MODEL_ID, ...).", "URI")
     alias: str = declared("champion", "The alias to point at the new version (it moves when you register again).",
                           "ALIAS")

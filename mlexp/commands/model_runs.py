@@ -8,7 +8,8 @@ image's prediction, and is linked to the model (model input, metrics linked to i
 
 register: the best `best` logged model of the chosen experiments, by a validation metric
 (never by a test metric: choosing by the test set would make it a second validation set),
-registered under a name with an alias pointing at it. Registering again moves the alias.
+by default the one each run chose its best epoch by (--best-metric, --best-mode), registered
+under a name with an alias pointing at it. Registering again moves the alias.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mlexp import tracking
 from mlexp.data.digests import describe
 from mlexp.data.images import CheckedImageFolder
 from mlexp.errors import MlexpError
+from mlexp.option_values import best_is_max, best_key
 from mlexp.tracking import registry
 from mlexp.training.evaluation import split_metrics, write_report
 from mlexp.training.logged_models import (
@@ -146,15 +148,20 @@ class Registered:
     value: float
 
 
-def register_best(name: str, experiments: list[str], tracking_uri: str | None, metric: str = "val/acc",
+def register_best(name: str, experiments: list[str], tracking_uri: str | None, metric: str | None = None,
                   alias: str = "champion", model_uri: str | None = None, echo=print) -> Registered:
-    """Register `model_uri`, else the best mlexp `best` model of `experiments` by `metric`
-    (higher is better unless it names a loss), under `name`, and point `alias` at it."""
+    """Register `model_uri`, else the best mlexp `best` model of `experiments` by `metric` (higher
+    is better unless it names a loss), by default by the metric each run chose its best epoch
+    by (--best-metric, --best-mode), under `name`, and point `alias` at it."""
     uri = tracking_uri or tracking.default_tracking_uri()
     tracking.check_reachable(uri)
     client = tracking.client_for(uri)
-    model = resolve(client, model_uri) if model_uri else best_model(client, experiments, metric)
-    value = next((m.value for m in model.metrics or [] if m.key == metric), float("nan"))
+    if model_uri:
+        model, metric = resolve(client, model_uri), metric or "val/acc"
+    else:
+        model, metric = best_model(client, experiments, metric)
+    value = model_value(model, metric)
+    value = float("nan") if value is None else value
     version = registry.register_version(
         client, name, model, alias, {MODEL_TAG: MODEL_TYPE},
         description="An mlexp image classifier: uint8 RGB images in, class probabilities out.")
@@ -163,7 +170,11 @@ def register_best(name: str, experiments: list[str], tracking_uri: str | None, m
     return Registered(name, version, alias, model.model_id, model.source_run_id, value)
 
 
-def best_model(client, experiments: list[str], metric: str):
+def best_model(client, experiments: list[str], metric: str | None):
+    """(the best READY `best` model of the experiments, the metric it won by). `metric` None:
+    each model's own --best-metric and --best-mode (its `best` weights are its best epoch by
+    them); models that chose by different metrics cannot be ranked on one scale, and registering
+    moves an alias people serve from, so that is a user error naming --metric, not a guess."""
     from mlflow.entities import LoggedModelStatus
 
     ids = []
@@ -172,13 +183,48 @@ def best_model(client, experiments: list[str], metric: str):
         if found is None:
             raise MlexpError(f"no experiment named {experiment!r} at {client.tracking_uri}")
         ids.append(found.experiment_id)
-    lower_is_better = "loss" in metric
-    candidates = client.search_logged_models(
-        ids, filter_string=f"name = 'best' AND tags.`{MODEL_TAG}` = '{MODEL_TYPE}'",
-        order_by=[{"field_name": f"metrics.{metric}", "ascending": lower_is_better}], max_results=50)
-    candidates = [m for m in candidates if m.status == LoggedModelStatus.READY
-                  and any(point.key == metric for point in m.metrics or [])]
-    if not candidates:
-        raise MlexpError(f"no finished mlexp run in {', '.join(experiments)} has a 'best' model with {metric} "
+    candidates = [m for m in search_all(client, ids, f"name = 'best' AND tags.`{MODEL_TAG}` = '{MODEL_TYPE}'")
+                  if m.status == LoggedModelStatus.READY]
+    if metric:
+        key, higher = metric, best_is_max(metric, "auto")
+    else:
+        key, higher = own_best_metric(candidates, experiments)
+    scored = [(value, model) for model in candidates if (value := model_value(model, key)) is not None]
+    if not scored:
+        raise MlexpError(f"no finished mlexp run in {', '.join(experiments)} has a 'best' model with {key} "
                          "(runs log their models when they finish)")
-    return candidates[0]
+    return max(scored, key=lambda pair: pair[0] if higher else -pair[0])[1], key
+
+
+def own_best_metric(models: list, experiments: list[str]) -> tuple[str, bool]:
+    """The one (--best-metric, higher is better) the models' runs chose their best epochs by."""
+    chosen = {}
+    for model in models:
+        params = model.params or {}
+        metric = params.get("best_metric") or "val/acc"  # models from before --best-metric: val/acc
+        chosen.setdefault((metric, best_is_max(metric, params.get("best_mode") or "auto")), []).append(model)
+    if len(chosen) > 1:
+        said = ", ".join(f"{metric} ({'max' if higher else 'min'}): {len(found)} run(s)"
+                         for (metric, higher), found in sorted(chosen.items()))
+        raise MlexpError(f"the runs of {', '.join(experiments)} chose their best epochs by different metrics "
+                         f"({said}); say which to rank their best models by: --metric KEY (e.g. --metric val/acc)")
+    return next(iter(chosen), ("val/acc", True))
+
+
+def model_value(model, metric: str) -> float | None:
+    """The model's value of `metric`: the point linked to it (its best epoch's), else best/<metric>."""
+    values = {point.key: point.value for point in model.metrics or []}
+    return values.get(metric, values.get(best_key(metric)))
+
+
+def search_all(client, experiment_ids: list[str], filter_string: str) -> list:
+    """Every logged model the filter finds, page by page (ranking them is ours: one sweep's
+    models may be ranked by different metrics)."""
+    found, token = [], None
+    while True:
+        page = client.search_logged_models(experiment_ids, filter_string=filter_string, max_results=100,
+                                           page_token=token)
+        found += list(page)
+        token = page.token
+        if not token:
+            return found

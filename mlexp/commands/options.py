@@ -95,6 +95,9 @@ def parse_options(declaration: type, values: dict[str, Any]):
         if f.metadata.get("list"):
             names = split_names([raw] if isinstance(raw, str) else raw or ())
             parsed[f.name] = tuple(names) if names else f.default
+        elif f.metadata.get("repeatable"):  # each value whole: commas are part of it
+            kept = [str(value).strip() for value in ([raw] if isinstance(raw, str) else raw or ())]
+            parsed[f.name] = tuple(value for value in kept if value) or f.default
         elif raw is None or raw == "":
             parsed[f.name] = f.default
         else:
@@ -145,19 +148,23 @@ def one_line(error: BaseException) -> str:
 
 
 # Options that take a list: `--backbones resnet18 resnet50` means `--backbones resnet18,resnet50`.
-LIST_OPTIONS = ("--backbones", "--inits", "--strategies", "--seeds", "--experiment", "--group-by")
+LIST_OPTIONS = ("--backbones", "--inits", "--strategies", "--seeds", "--experiment", "--group-by",
+                "--strategy-epochs", "--strategy-lr", "--init-epochs", "--init-lr")
+# Options whose words make one value: `--pair A B` and `--pair A vs B` mean `--pair 'A vs B'`.
+WORDS_OPTIONS = ("--pair",)
 
 
 def join_list_options(argv: list[str]) -> list[str]:
-    """Join the space-separated values of a list option with commas (the users' guides' form)."""
+    """Join the space-separated values of a list option with commas (the users' guides' form),
+    and the words of a --pair with spaces."""
     joined: list[str] = []
-    collecting = False
+    separator = None
     for arg in argv:
         if arg.startswith("-"):
-            collecting = arg in LIST_OPTIONS
+            separator = "," if arg in LIST_OPTIONS else " " if arg in WORDS_OPTIONS else None
             joined.append(arg)
-        elif collecting and joined and not joined[-1].startswith("-"):
-            joined[-1] = f"{joined[-1]},{arg}"
+        elif separator and joined and not joined[-1].startswith("-"):
+            joined[-1] = f"{joined[-1]}{separator}{arg}"
         else:
             joined.append(arg)
     return joined

@@ -23,7 +23,7 @@ def compare_command(**values: Any) -> None:
 
     Pairs runs on seed and fold, reports each difference with a 95% bootstrap interval, a
     permutation p-value (Holm-adjusted) and P(A beats B), and answers the research questions
-    in words in report.md.
+    in words in report.md. --pair compares any two arms (sets of KEY=VALUE conditions) the same way.
 
     \b
     Examples:
@@ -31,6 +31,7 @@ def compare_command(**values: Any) -> None:
       mlexp compare --experiment digits-sweep --features --metric test/acc
       mlexp compare --experiment a b --group-by arch init --out report/
       mlexp compare --experiment digits-sweep --filter "params.epochs = '10'" --group-by strategy,lr
+      mlexp compare --experiment digits-sweep --pair 'init=pretrained,strategy=linear vs init=scratch,strategy=full'
     """
     compare_with(values)
 
@@ -43,7 +44,7 @@ def compare_with(values: dict[str, Any], run_id: str | None = None) -> None:
     result = run_compare(own.tracking_uri, list(own.experiment), own.filter, list(own.group_by), Path(own.out),
                          compare_experiment=own.compare_experiment, log_run=own.log_run, run_id=run_id,
                          metric=own.metric, equal_budget=own.equal_budget, between_backbones=own.between_backbones,
-                         features=own.features)
+                         features=own.features, arm_pairs=list(own.pair))
     click.echo(format_table(result))
     click.echo(f"Wrote {len(result.files)} files to {own.out}/ (the research questions answered: {own.out}/report.md)"
                + (f"; logged to MLflow run {result.run_id}" if result.run_id else ""))

@@ -12,6 +12,8 @@ from mlexp.commands.options import CONTEXT, build_config, config_options, declar
 from mlexp.config import parse_value
 from mlexp.errors import MlexpError
 from mlexp.sweep.local_executor import check_counts, make_local_executor
+from mlexp.sweep.overrides import OPTIONS as OVERRIDE_OPTIONS
+from mlexp.sweep.overrides import Overrides
 from mlexp.sweep.plan import INITS, sweep_folds
 from mlexp.sweep.ray_executor import RayExecutor, import_ray
 
@@ -31,6 +33,7 @@ def sweep_command(**values: Any) -> None:
     `mlexp train --help`); `--folds K` runs each configuration on all K folds, and on data
     with a split of its own (DTD's labels/train1.txt ... test10.txt, --splits FILE) `--folds
     1-10` or `--folds 1,3,5` runs it on those of its folds.
+    --strategy-epochs/--strategy-lr and --init-epochs/--init-lr set them per strategy or init.
 
     Configurations that already FINISHED in the experiment are skipped, and interrupted ones
     resume their own run from their checkpoint, so re-running an interrupted sweep (or
@@ -44,6 +47,7 @@ def sweep_command(**values: Any) -> None:
       mlexp sweep --backbones resnet18,resnet50 --seeds 1,2,3 --folds 5 --epochs 10
       mlexp sweep --data torchvision:DTD:/data/dtd --folds 1-10 --seeds 42,43,44
       mlexp sweep --backbones resnet18 resnet50 deit_small --scratch-only --parallel 2
+      mlexp sweep --strategies linear,full --strategy-epochs linear=15,full=30 --init-epochs scratch=20
       mlexp sweep --backbones resnet50 --gpus-per-run 2            (8 GPUs: 4 DDP children at once)
       mlexp sweep --executor ray --ray-address auto --tracking-uri http://mlflow.lab:5000
     """
@@ -63,6 +67,7 @@ def sweep_with(values: dict[str, Any], parent_run_id: str | None = None) -> None
         if init not in INITS:
             raise MlexpError(f"--inits takes {', '.join(INITS)}, got {init!r}")
     seeds = [parse_value("seeds", int, seed) for seed in own.seeds]
+    overrides = Overrides.parse({name: getattr(own, name) for name in OVERRIDE_OPTIONS}, list(own.strategies), INITS)
     make_executor = executor_factory(own)
     base = build_config(training_values, world_size=max(own.gpus_per_run or 1, 1))  # a child's DDP processes
     base, folds = sweep_folds(base, own.folds, own.fold)
@@ -71,7 +76,7 @@ def sweep_with(values: dict[str, Any], parent_run_id: str | None = None) -> None
     # What each child gets: the training options as typed (the sweep's own run name is its parent's)
     train_options = {name: value for name, value in user_values(training_values).items() if name != "run_name"}
     result = run_sweep(base, list(own.backbones), inits, list(own.strategies), seeds, folds, train_options,
-                       make_executor, retry_failed=own.retry_failed, parent_run_id=parent_run_id)
+                       make_executor, retry_failed=own.retry_failed, parent_run_id=parent_run_id, overrides=overrides)
     if result.failed or result.killed:
         what = f"{len(result.failed)} configuration(s) FAILED" if result.failed else "some configurations were KILLED"
         click.echo(f"mlexp: {what}; see the runs' mlexp.error tag, or run the sweep again", err=True)

@@ -23,12 +23,21 @@ from mlexp.config import DEFAULT_EXPERIMENT, TrainConfig
 from mlexp.data.sources import check_data_source
 from mlexp.errors import MlexpError
 from mlexp.sweep.local_executor import ChildJob, ChildOutcome
-from mlexp.sweep.plan import PlanRow, display_name, expand_grid, format_plan, grid_hash, grid_params, sweep_name
+from mlexp.sweep.overrides import Overrides
+from mlexp.sweep.plan import (
+    PlanRow,
+    display_name,
+    dry_run_comparison,
+    expand_grid,
+    format_plan,
+    grid_hash,
+    grid_params,
+    sweep_name,
+)
 from mlexp.sweep.progress import SweepProgress
 from mlexp.tracking import claims, server
 from mlexp.tracking.outbox import Outbox
 from mlexp.tracking.run import create_offline_run
-from mlexp.training.recipes import format_init_comparison
 
 POLL_S = 0.25  # how often the launcher looks at its children (a poll is cheap: no server request)
 STATE_EVERY_S = 3.0  # how often it reads the grid's claims and runs from the server
@@ -78,16 +87,18 @@ def finished_before(tracking_uri: str, experiment: str) -> dict[str, str]:
 
 def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strategies: list[str],
               seeds: list[int], folds: list[int], train_options: dict[str, str], make_executor,
-              retry_failed: bool = False, parent_run_id: str | None = None) -> SweepResult:
+              retry_failed: bool = False, parent_run_id: str | None = None,
+              overrides: Overrides | None = None) -> SweepResult:
     """Train every configuration of the grid that has not finished before; summarise.
 
     `train_options`: the sweep's training options as typed (each child gets them).
     `make_executor()`: the executor, made (and checked) before any run exists.
     `parent_run_id`: an existing run to be the sweep's parent (the one `mlflow run` created).
+    `overrides`: per-strategy and per-init epochs and lr (`sweep.overrides`).
     """
-    rows = expand_grid(base, backbones, inits, strategies, seeds, folds)
+    rows = expand_grid(base, backbones, inits, strategies, seeds, folds, overrides)
     if base.dry_run:  # the configuration comparison, then the plan
-        print(format_init_comparison([row.requested for row in rows]) + "\n", flush=True)
+        print(dry_run_comparison(rows) + "\n", flush=True)
     print(format_plan(rows), flush=True)
     if base.dry_run:
         return SweepResult(None)
@@ -107,7 +118,8 @@ def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strateg
         name = base.run_name or sweep_name(backbones, rows)
         parent, grid_parent, experiment_id = open_parent(uri, base.experiment, name, rows, parent_run_id, offline)
         launch = Launch(executor, uri, offline, grid_parent, experiment_id, train_options, retry_failed)
-        return supervise(parent, launch, rows, done, grid_params(backbones, inits, strategies, seeds, folds, rows))
+        return supervise(parent, launch, rows, done,
+                         grid_params(backbones, inits, strategies, seeds, folds, rows, overrides))
     finally:
         executor.close()
 

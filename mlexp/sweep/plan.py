@@ -10,13 +10,14 @@ child process runs with: the sweep's own training options plus the row's axes.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mlexp.config import TrainConfig, cli_name, config_hash, parse_value
 from mlexp.data.partitions import is_fold_list, parse_folds
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import CATALOGUE, BackboneSpec, resolve_backbone
-from mlexp.training.recipes import apply_init_adjustments
+from mlexp.sweep.overrides import Overrides
+from mlexp.training.recipes import apply_init_adjustments, format_init_comparison
 
 INITS = ("pretrained", "scratch")
 
@@ -30,16 +31,17 @@ class PlanRow:
     spec: BackboneSpec
     effective: TrainConfig
     config_hash: str
+    overridden: dict[str, str] = field(default_factory=dict)  # the row's per-strategy/init values, as options
 
     def train_args(self, options: dict[str, str]) -> list[str]:
         """The `mlexp train` options of this row's child: the sweep's training options as the
         user gave them (so the child builds its config exactly as a single run would), then
-        the row's axes and its run name."""
+        the row's per-strategy and per-init values, its axes and its run name."""
         cfg = self.requested
         axes = {"backbone": cfg.backbone, "init": cfg.init, "strategy": cfg.strategy, "seed": str(cfg.seed),
                 "folds": str(cfg.folds), "fold": str(cfg.fold), "run_name": self.run_name}
         args: list[str] = []
-        for name, value in {**options, **axes}.items():
+        for name, value in {**options, **self.overridden, **axes}.items():
             args += [f"--{cli_name(name)}", str(value)]
         return args
 
@@ -66,18 +68,21 @@ def display_name(backbone: str, init: str) -> str:
 
 
 def expand_grid(base: TrainConfig, backbones: list[str], inits: list[str], strategies: list[str],
-                seeds: list[int], folds: list[int]) -> list[PlanRow]:
+                seeds: list[int], folds: list[int], overrides: Overrides | None = None) -> list[PlanRow]:
     """The numbered plan. A backbone named with its init (`resnet50_scratch`) keeps that init;
-    one without a pretrained flavour (vit_small) is planned for scratch only."""
+    one without a pretrained flavour (vit_small) is planned for scratch only. `overrides`: the
+    per-strategy and per-init epochs and lr (`sweep.overrides`), part of each row's request."""
     rows: list[PlanRow] = []
+    overrides = overrides or Overrides()
     for backbone in backbones:
         for init in backbone_inits(backbone, inits, base.plugins):
             for strategy in strategies:
+                changes = overrides.changes(strategy, init)
                 for seed in seeds:
                     for fold in folds:
                         requested = base.replace(backbone=backbone, init=init, strategy=strategy, seed=seed,
-                                                 fold=fold)
-                        rows.append(plan_row(len(rows) + 1, requested))
+                                                 fold=fold, **changes)
+                        rows.append(plan_row(len(rows) + 1, requested, {k: str(v) for k, v in changes.items()}))
     return rows
 
 
@@ -134,10 +139,10 @@ def backbone_inits(backbone: str, inits: list[str], plugins: str | None = None) 
     return options
 
 
-def plan_row(index: int, requested: TrainConfig) -> PlanRow:
+def plan_row(index: int, requested: TrainConfig, overridden: dict[str, str] | None = None) -> PlanRow:
     spec = resolve_backbone(requested.backbone, requested.init, requested.plugins)
     effective = apply_init_adjustments(requested, spec)
-    return PlanRow(index, requested, spec, effective, config_hash(effective))
+    return PlanRow(index, requested, spec, effective, config_hash(effective), dict(overridden or {}))
 
 
 def format_plan(rows: list[PlanRow]) -> str:
@@ -149,14 +154,25 @@ def format_plan(rows: list[PlanRow]) -> str:
     return "\n".join(lines)
 
 
+def dry_run_comparison(rows: list[PlanRow]) -> str:
+    """Pretrained vs scratch values per architecture, derived from one request; with per-strategy
+    or per-init values each row asked for something else, so the plan's lines are the truth."""
+    if any(row.overridden for row in rows):
+        return ("Per-strategy / per-init values (--strategy-epochs, --strategy-lr, --init-epochs, --init-lr): each "
+                "run's effective epochs and lr are in the plan below.")
+    return format_init_comparison([row.requested for row in rows])
+
+
 def grid_params(backbones: list[str], inits: list[str], strategies: list[str], seeds: list[int],
-                folds: list[int], rows: list[PlanRow]) -> dict[str, str]:
-    """The parent run's params: each axis of the grid and its size."""
+                folds: list[int], rows: list[PlanRow], overrides: Overrides | None = None) -> dict[str, str]:
+    """The parent run's params: each axis of the grid, its size, and the per-strategy and
+    per-init overrides as given (sweep.strategy_epochs = linear=15,full=30)."""
     folds = [str(fold) for fold in folds]
     axes = {"backbones": backbones, "inits": inits, "strategies": strategies, "seeds": [str(s) for s in seeds],
             "folds": folds}
     params = {f"sweep.{name}": ",".join(values) for name, values in axes.items()}
     params["sweep.size"] = f"{len(rows)} runs"
+    params.update({f"sweep.{option}": spec for option, spec in (overrides.specs if overrides else {}).items()})
     return params
 
 

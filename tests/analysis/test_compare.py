@@ -411,3 +411,35 @@ def test_two_equal_pairs_unequal_budgets_and_the_report(sqlite_uri, tmp_path):
         compare(client, ["demo"], out_dir=tmp_path / "bad", plots=False, metric="val/loss", equal_budget=True)
     by_loss = compare(client, ["demo"], out_dir=tmp_path / "loss", plots=False, metric="val/loss")
     assert not by_loss.metric.higher_is_better and by_loss.metric.key == "val/loss"
+
+
+def test_the_default_metric_is_the_runs_own_best_metric(sqlite_uri, tmp_path):
+    """Runs that chose their best epoch by val/loss are compared on best/val_loss, lower better;
+    runs that chose by different metrics fall back to best/val_acc, and the report says why."""
+    client = MlflowClient(sqlite_uri)
+    best = {("pretrained", 1): 0.9, ("pretrained", 2): 0.8, ("scratch", 1): 0.7, ("scratch", 2): 0.75}
+    for (init, seed), top in best.items():
+        log_run(client, "by-loss", init=init, seed=seed, val_acc=[0.5, top], best_metric="val/loss")
+        log_run(client, "older", init=init, seed=seed, val_acc=[0.5, top], best_metric=None)  # before --best-metric
+    result = compare(client, ["by-loss"], out_dir=tmp_path / "loss", plots=False)
+    assert (result.metric.key, result.metric.higher_is_better) == ("best/val_loss", False)
+    [gain] = result.comparisons[result.comparisons["kind"] == "init"].to_dict("records")
+    losses = {key: 1.5 * (1 - top) for key, top in best.items()}  # what the runs logged as best/val_loss
+    assert gain["mean_diff"] == pytest.approx(sum(losses["pretrained", s] - losses["scratch", s] for s in (1, 2)) / 2)
+    report = (tmp_path / "loss" / "report.md").read_text()
+    assert "Compared on best/val_loss: the runs' own best metric (--best-metric val/loss, best low)." in report
+    assert "best/val_loss is optimistically biased" in report
+
+    older = compare(client, ["older"], out_dir=tmp_path / "older", plots=False)
+    assert (older.metric.key, older.metric.reason) == ("best/val_acc", "")
+    mixed = compare(client, ["by-loss", "older"], group_by=["experiment", "init"], out_dir=tmp_path / "mixed",
+                    plots=False)
+    assert mixed.metric.key == "best/val_acc" and mixed.metric.higher_is_better
+    line = "the runs chose their best epochs by different metrics (val/acc (max), val/loss (min))"
+    assert line in mixed.metric.reason and line in (tmp_path / "mixed" / "report.md").read_text()
+    assert line in format_table(mixed)
+    log_run(client, "f1", val_acc=[0.5, 0.6], best_metric="val/macro_f1")  # chose by it, logged no best/val_macro_f1
+    unlogged = compare(client, ["f1"], out_dir=tmp_path / "f1", plots=False)
+    assert unlogged.metric.key == "best/val_acc" and "none logged best/val_macro_f1" in unlogged.metric.reason
+    budget = compare(client, ["by-loss"], out_dir=tmp_path / "budget", plots=False, equal_budget=True)
+    assert budget.metric.key == "best/val_acc" and "--equal-budget reads the val/acc curves" in budget.metric.reason
