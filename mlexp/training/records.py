@@ -49,7 +49,8 @@ def macro_f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def epoch_metrics(record: dict) -> dict[str, float]:
-    return {name: record[name] for name in EPOCH_METRICS}
+    """The epoch's metrics (an epoch recorded by an older mlexp lacks the newer ones)."""
+    return {name: record[name] for name in EPOCH_METRICS if name in record}
 
 
 def step_metrics(record: StepRecord) -> dict[str, float]:
@@ -85,8 +86,8 @@ class History:
         return is_best
 
     def column(self, name: str) -> list:
-        """One field of every epoch, in order."""
-        return [row[name] for row in self.epochs]
+        """One field of every epoch, in order (None where an older mlexp did not record it)."""
+        return [row.get(name) for row in self.epochs]
 
     def to_state(self) -> dict[str, Any]:
         return asdict(self)
