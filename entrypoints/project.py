@@ -7,8 +7,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from mlexp.commands.cli import cli
+from mlexp.commands.cli import cli, without_uri_credentials
 from mlexp.commands.options import user_errors
+from mlexp.credentials import adopt_environment
 
 
 def parse(command: str, argv: list[str]) -> dict[str, Any]:
@@ -26,4 +27,5 @@ def run_entry_point(command: str, call: Callable[[dict[str, Any], str | None], N
     """Parse this process's arguments as `mlexp COMMAND` would and call the library with them,
     user errors as one line and exit status 2, as the CLI does."""
     with user_errors():
-        call(parse(command, sys.argv[1:]), project_run_id())
+        adopt_environment()
+        call(parse(command, without_uri_credentials(sys.argv[1:])), project_run_id())

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
+from mlexp.credentials import redact
 from mlexp.errors import MlexpError
 from mlexp.option_values import canonical_jitter, hashed_jitter, jitter_as_trained
 
@@ -256,12 +257,12 @@ class TrainConfig:
         return cls(**typed)
 
     def to_params(self) -> dict[str, str]:
-        """Flat MLflow params: every field, as text ('' for unset)."""
-        return {f.name: "" if getattr(self, f.name) is None else str(getattr(self, f.name))
-                for f in fields(self)}
+        """Flat MLflow params: every field, as text ('' for unset); credentials masked."""
+        return {name: "" if value is None else str(value) for name, value in self.to_dict().items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field; a tracking URI's credentials masked (what is written is never a secret)."""
+        return {**dataclasses.asdict(self), "tracking_uri": redact(self.tracking_uri)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -17,6 +17,7 @@ from mlexp.commands.options import CONTEXT, Commands, build_config, config_optio
 from mlexp.commands.runs import compare_command, monitor_command, reap_command, sync_command
 from mlexp.commands.sweep import sweep_command
 from mlexp.config import TrainConfig
+from mlexp.credentials import adopt_environment, adopt_uri_credentials
 from mlexp.models.catalogue import catalogue_rows
 from mlexp.models.preflight import preflight
 from mlexp.training.recipes import preset_rows
@@ -113,5 +114,21 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """The `mlexp` command: run the CLI, user errors as one line and exit status 2."""
     with user_errors():
-        cli.main(args=join_list_options(sys.argv[1:] if argv is None else argv), prog_name="mlexp",
-                 standalone_mode=False)
+        adopt_environment()  # http(s) credentials in a URI go to MLflow's variables, nowhere else
+        args = without_uri_credentials(join_list_options(sys.argv[1:] if argv is None else argv))
+        cli.main(args=args, prog_name="mlexp", standalone_mode=False)
+
+
+URI_OPTIONS = ("--tracking-uri", "--to")
+
+
+def without_uri_credentials(argv: list[str]) -> list[str]:
+    """The URI options' values with their http(s) credentials adopted (mlexp.credentials)."""
+    cleaned = list(argv)
+    for index, arg in enumerate(cleaned):
+        name, equals, value = arg.partition("=")
+        if name in URI_OPTIONS and equals:
+            cleaned[index] = f"{name}={adopt_uri_credentials(value)}"
+        elif arg in URI_OPTIONS and index + 1 < len(cleaned):
+            cleaned[index + 1] = adopt_uri_credentials(cleaned[index + 1])
+    return cleaned

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from typing import Any, get_type_hints
 import click
 
 from mlexp.config import TrainConfig, base_type, cli_name, config_fields, parse_value
+from mlexp.credentials import redact
 from mlexp.errors import MlexpError
 from mlexp.training.recipes import config_from_user_values
 
@@ -154,6 +156,28 @@ LIST_OPTIONS = ("--backbones", "--inits", "--strategies", "--seeds", "--experime
 WORDS_OPTIONS = ("--pair",)
 
 
+REFUSED = re.compile(r"endpoint (?P<endpoint>\S+) failed with error code (?P<code>401|403)")
+NEEDED = {"runs/create": "EDIT on the experiment", "experiments/create": "an account that may create experiments",
+          "registered-models/create": "an account that may create models", "model-versions/create": "EDIT on the model",
+          "runs/log-batch": "EDIT on the experiment", "runs/update": "EDIT on the experiment"}
+
+
+def refusal(error: BaseException) -> str | None:
+    """A tracking server's 401 or 403 (MLflow's authentication app), as one line: who was
+    refused what, and which permission that needs. None for any other error."""
+    found = REFUSED.search(str(error)) if type(error).__name__ == "MlflowException" else None
+    if found is None:
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    endpoint = found["endpoint"].split("/mlflow/", 1)[-1]
+    if found["code"] == "401":
+        return (f"the tracking server did not accept the credentials{f' of user {user!r}' if user else ''} (401, "
+                f"{endpoint}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+    needed = NEEDED.get(endpoint, "a permission this user lacks")
+    return (f"the tracking server refused {endpoint} to {f'user {user!r}' if user else 'this user'} (403 permission "
+            f"denied): it needs {needed}; an admin or the experiment's owner (MANAGE) can grant it")
+
+
 def join_list_options(argv: list[str]) -> list[str]:
     """Join the space-separated values of a list option with commas (the users' guides' form),
     and the words of a --pair with spaces."""
@@ -196,7 +220,14 @@ def user_errors():
     except (MlexpError, click.UsageError) as error:
         if rank == 0:
             line = usage_line(error) if isinstance(error, click.UsageError) else one_line(error)
-            print(f"mlexp: error: {line}", file=sys.stderr)
+            print(f"mlexp: error: {redact(line)}", file=sys.stderr)  # a URI it names keeps its secret
+        sys.exit(2)
+    except Exception as error:  # noqa: BLE001 - only the tracking server's refusals are the user's to fix
+        line = refusal(error)
+        if line is None:
+            raise
+        if rank == 0:
+            print(f"mlexp: error: {redact(line)}", file=sys.stderr)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt) as error:
         print(f"mlexp: {'aborted' if isinstance(error, click.exceptions.Abort) else 'interrupted'}", file=sys.stderr)

@@ -23,7 +23,8 @@ def free_port() -> int:
 
 def start_local_server(root: Path, timeout_s: float = 120.0, port: int | None = None,
                        artifacts: Path | None = None, nice: int = 0,
-                       backend: str | None = None) -> tuple[subprocess.Popen, str]:
+                       backend: str | None = None, app_name: str | None = None,
+                       env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """A server on 127.0.0.1 storing into `root` (SQLite + artifacts); returns (process, URI).
 
     `port`: a given port (to restart a stopped server where its clients expect it).
@@ -31,6 +32,8 @@ def start_local_server(root: Path, timeout_s: float = 120.0, port: int | None = 
     `backend`: another backend store URI (postgresql://..., a team server's).
     `nice`: run the server at a lower CPU priority (a benchmark's stand-in for a server on
     another machine: its work then takes only CPU time the training leaves idle).
+    `app_name`: MLflow's --app-name (basic-auth: users and permissions); `env`: more variables
+    for the server (MLFLOW_AUTH_CONFIG_PATH).
     """
     root = Path(root).resolve()  # the server runs with cwd=root: relative paths would nest
     root.mkdir(parents=True, exist_ok=True)
@@ -39,9 +42,10 @@ def start_local_server(root: Path, timeout_s: float = 120.0, port: int | None = 
     log = open(root / "server.log", "a")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", backend or f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(artifacts)],
+         "--backend-store-uri", backend or f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(artifacts),
+         *(["--app-name", app_name] if app_name else [])],
         stdout=log, stderr=subprocess.STDOUT, cwd=root, preexec_fn=(lambda: os.nice(nice)) if nice else None,
-        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {})))
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout_s
     while time.time() < deadline:

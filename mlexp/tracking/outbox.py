@@ -31,7 +31,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from mlexp.credentials import redact
 from mlexp.tracking.outbox_info import Pending, RunInfo
+from mlexp.tracking.private_files import PRIVATE_FILE, private_folder, private_tree
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -93,13 +95,16 @@ class Outbox:
                tags: dict[str, str] | None = None, offline: bool = False) -> "Outbox":
         """The outbox of a run, created if new (an existing one is reopened as it is)."""
         box = cls(outbox_root() / local_id)
-        box.files_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(box.files_dir, outbox_root())
+        if not box.db_path.exists():  # SQLite gives its -wal and -shm files the database file's mode
+            os.close(os.open(box.db_path, os.O_CREAT | os.O_WRONLY, PRIVATE_FILE))
+            os.chmod(box.db_path, PRIVATE_FILE)  # whatever the umask
         box._creating = True
         with box.transaction() as db:
             db.execute("INSERT OR IGNORE INTO run (id, local_id, run_id, tracking_uri, experiment, experiment_id, "
                        "run_name, parent_local_id, tags, start_time, offline, status, status_sent) "
                        "VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'RUNNING', 1)",
-                       (local_id, run_id, tracking_uri, experiment, experiment_id, run_name, parent_local_id,
+                       (local_id, run_id, redact(tracking_uri), experiment, experiment_id, run_name, parent_local_id,
                         json.dumps(tags or {}), now_ms(), int(offline)))
         return box
 
@@ -195,7 +200,7 @@ class Outbox:
     def set_server_run(self, run_id: str, tracking_uri: str, experiment_id: str) -> None:
         with self.transaction() as db:
             db.execute("UPDATE run SET run_id = ?, tracking_uri = ?, experiment_id = ? WHERE id = 1",
-                       (run_id, tracking_uri, experiment_id))
+                       (run_id, redact(tracking_uri), experiment_id))
 
     def set_status(self, status: str) -> None:
         """The status the server must end up with (sent once everything before it is)."""
@@ -247,6 +252,7 @@ class Outbox:
             target.rmdir()
             shutil.move(str(local_dir), target)
             local_dir = target
+        private_tree(local_dir)
         size = sum(p.stat().st_size for p in local_dir.rglob("*") if p.is_file())
         with self.transaction() as db:
             cursor = db.execute("INSERT INTO files (op, local_path, artifact_path, bytes, after_seq, meta) "

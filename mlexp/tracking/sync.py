@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from mlexp.config import DEFAULT_EXPERIMENT
+from mlexp.credentials import MASK, redact
 from mlexp.errors import MlexpError
 from mlexp.tracking import server
 from mlexp.tracking.outbox import Outbox, all_outboxes, outbox_root
@@ -93,10 +94,10 @@ def sync_outbox(box: Outbox, to: str | None, dry_run: bool, stall: float | None 
             return SyncResult(name, before, None,
                               f"would send {before.describe()} to {info.tracking_uri or to or '?'} "
                               f"({box.disk_bytes() / 1e6:.1f} MB on disk){refused}")
-        uri = info.tracking_uri or to
+        uri = with_credentials(info.tracking_uri, to) if info.tracking_uri else to
         if uri is None:
             raise MlexpError(f"run {info.local_id} was recorded offline: say where to send it with --to URI")
-        if to and info.tracking_uri and to != info.tracking_uri:
+        if to and info.tracking_uri and redact(to) != info.tracking_uri:
             raise MlexpError(f"run {info.run_id} belongs to {info.tracking_uri}; --to is for offline runs only")
         server.check_reachable(uri)
         client = server.client_for(uri)
@@ -156,3 +157,15 @@ def parent_server_id(parent_local_id: str, client, uri: str) -> str:
         raise MlexpError(f"the parent run {parent_local_id} of this offline run is neither here nor on {uri}; "
                          "sync the parent first")
     return found
+
+
+def with_credentials(recorded: str, to: str | None) -> str:
+    """The URI to reconnect to a store the outbox names with its password masked (a database
+    URI): $MLFLOW_TRACKING_URI or --to when it is that store, with its password."""
+    if MASK not in recorded:
+        return recorded
+    for candidate in (to, os.environ.get("MLFLOW_TRACKING_URI")):
+        if candidate and redact(candidate) == recorded:
+            return candidate
+    raise MlexpError(f"the outbox keeps no password for {recorded}; set MLFLOW_TRACKING_URI (or --to) to that store's "
+                     "URI with its password and sync again")

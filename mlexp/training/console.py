@@ -10,6 +10,7 @@ from accelerate import Accelerator
 
 from mlexp import tracking
 from mlexp.config import TrainConfig
+from mlexp.credentials import redact
 from mlexp.models.catalogue import BackboneSpec
 from mlexp.training import checkpoints
 
@@ -25,7 +26,7 @@ def print_start(cfg: TrainConfig, spec: BackboneSpec, built, data, accelerator: 
     adjusted = f" (scratch x{cfg.scratch_epochs_mult:g})" if spec.init == "scratch" and \
         cfg.scratch_epochs_mult != 1 else ""
     processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
-    where = "offline (`mlexp sync` sends it)" if getattr(tracker, "offline", False) else tracking_uri
+    where = "offline (`mlexp sync` sends it)" if getattr(tracker, "offline", False) else redact(tracking_uri)
     run = f"run {tracker.run_id}" if tracker.run_id else "untracked"
     precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
     print(f"mlexp: {spec.name} ({spec.init}, weights: {describe_weights(built)}) | {data.name}: "
@@ -67,7 +68,7 @@ def print_outcome(result, delivery, tracking_uri: str) -> None:
     if delivery is None:
         return
     if delivery.complete:
-        where = f"open it: {tracking.ui_hint(tracking_uri, run_experiment_id(tracking_uri, delivery.run_id))}"
+        where = f"open it: {redact(tracking.ui_hint(tracking_uri, run_experiment_id(tracking_uri, delivery.run_id)))}"
         print(f"\nmlexp: run {delivery.run_id} FINISHED: {best_phrase(result)}\n  logged: {LOGGED}"
               + (", logged models best and final" if result.effective.log_models else "")
               + f", evaluation/{'{test,val}' if result.tested else 'val'}/ (per-class table, confusion matrix)"

@@ -1,0 +1,94 @@
+"""A team server with authentication: MLflow's own basic-auth app, real accounts. Credentials
+given in the URI or in the environment train, and are found nowhere afterwards: not in the
+server's store or artifacts, the outbox, the local logs or anything printed. A user with READ
+permission is refused in one line, with no run left behind."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from mlexp.tracking.local_server import start_local_server, stop_local_server
+from tests.faults import TINY
+from tests.helpers import run_mlexp, subprocess_env
+
+ADMIN = ("admin", "Adm1n-" + secrets.token_hex(6))
+ALICE = ("alice", "Al1ce-" + secrets.token_hex(6))  # creates the experiment: MANAGE on it
+BOB = ("bob", "B0b-" + secrets.token_hex(6))  # the server's default permission on it: READ
+
+
+def call(uri: str, endpoint: str, body: dict, who: tuple[str, str]) -> dict:
+    token = base64.b64encode(f"{who[0]}:{who[1]}".encode()).decode()
+    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"{}")
+
+
+@pytest.fixture
+def auth_server(tmp_path):
+    root = tmp_path / "server"
+    root.mkdir()
+    (root / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = {ADMIN[0]}\n"
+        f"admin_password = {ADMIN[1]}\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    proc, uri = start_local_server(root, app_name="basic-auth", env={
+        "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
+    for user in (ALICE, BOB):
+        call(uri, "users/create", {"username": user[0], "password": user[1]}, ADMIN)
+    yield root, uri
+    stop_local_server(proc)
+
+
+def files_holding(secret: str, *folders: Path) -> list[Path]:
+    return [path for folder in folders for path in folder.rglob("*")
+            if path.is_file() and secret.encode() in path.read_bytes()]
+
+
+def test_credentials_train_and_are_written_nowhere(auth_server, tmp_path, monkeypatch):
+    root, uri = auth_server
+    host = uri.removeprefix("http://")
+    work, outbox = tmp_path / "work", tmp_path / "outbox"
+    work.mkdir()
+    env = subprocess_env(f"http://{ALICE[0]}:{ALICE[1]}@{host}", MLEXP_OUTBOX_DIR=str(outbox))
+    args = ["train", *TINY, "--epochs", "1", "--log-models", "false", "--system-metrics", "false"]
+    printed = []
+    in_uri = run_mlexp([*args, "--experiment", "team"], env, work)  # in $MLFLOW_TRACKING_URI
+    printed.append(in_uri.stdout + in_uri.stderr)
+    assert in_uri.returncode == 0, printed[-1][-2000:]
+    env.pop("MLFLOW_TRACKING_URI")
+    in_option = run_mlexp([*args, "--experiment", "team", "--tracking-uri", f"http://{ALICE[0]}:{ALICE[1]}@{host}"],
+                          env, work)
+    printed.append(in_option.stdout + in_option.stderr)
+    assert in_option.returncode == 0, printed[-1][-2000:]
+    in_env = run_mlexp([*args, "--experiment", "team", "--tracking-uri", uri],
+                       {**env, "MLFLOW_TRACKING_USERNAME": ALICE[0], "MLFLOW_TRACKING_PASSWORD": ALICE[1]}, work)
+    printed.append(in_env.stdout + in_env.stderr)
+    assert in_env.returncode == 0, printed[-1][-2000:]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ALICE[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ALICE[1])
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("team").experiment_id])
+    assert len(runs) == 3 and {run.info.status for run in runs} == {"FINISHED"}
+    assert {run.data.params["tracking_uri"] for run in runs} <= {"", uri}
+    assert not any(ALICE[1] in text for text in printed)
+    assert not files_holding(ALICE[1], root, outbox, work)  # the store, the artifacts, outboxes, live logs
+
+    # a READ user: one line naming the permission, exit 2, nothing created
+    bob = run_mlexp([*args, "--experiment", "team", "--tracking-uri", f"http://{BOB[0]}:{BOB[1]}@{host}"], env, work)
+    lines = [line for line in bob.stderr.splitlines() if line.strip()]
+    assert bob.returncode == 2 and len(lines) == 1, bob.stderr[-2000:]
+    assert "refused runs/create to user 'bob' (403 permission denied): it needs EDIT on the experiment" in lines[0]
+    assert BOB[1] not in bob.stdout + bob.stderr
+    assert len(client.search_runs([client.get_experiment_by_name("team").experiment_id])) == 3
+    # a wrong password: one line, the password never echoed
+    wrong = run_mlexp([*args, "--tracking-uri", f"http://{ALICE[0]}:not-{ALICE[1]}@{host}"], env, work)
+    assert wrong.returncode == 2 and "401" in wrong.stderr and ALICE[1] not in wrong.stdout + wrong.stderr
