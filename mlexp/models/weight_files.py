@@ -146,11 +146,27 @@ def load_weights(model: torch.nn.Module, path: Path, timm_name: str, label: str 
         except Exception as exc:  # the adapter choked: the file is not this arch's
             raise MlexpError(f"weights {label} do not fit {timm_name}: timm could not adapt them "
                              f"({type(exc).__name__}: {exc})") from exc
+    check_kinds(model, state, label, timm_name)
     head, rule = find_classifier(model)
     loaded = (load_checked if strict else load_matching)(model, state, tuple(head), label, timm_name)
     taken = set(loaded)
     return LoadReport(label, loaded, [k for k in model.state_dict() if k not in taken],
                       [k for k in state if k not in taken], head, rule)
+
+
+def check_kinds(model: torch.nn.Module, state: dict[str, torch.Tensor], label: str, arch: str) -> None:
+    """Weights of the wrong kind are refused, not cast: a complex tensor anywhere, or an integer
+    or boolean one where the model has a floating-point one (a uint8 image dump, a quantized
+    file). Integer buffers where the model has integer ones (BatchNorm's num_batches_tracked,
+    position indices) are the model's own and load as before."""
+    target = model.state_dict()
+    wrong = sorted(key for key, tensor in state.items() if tensor.is_complex() or (
+        key in target and target[key].is_floating_point() and not tensor.is_floating_point()))
+    if wrong:
+        kinds = sorted({str(state[key].dtype).removeprefix("torch.") for key in wrong})
+        raise MlexpError(f"weights {label}: {len(wrong)} tensor(s) are {', '.join(kinds)} where {arch} has "
+                         f"floating-point ones ({name_groups(wrong)}); pretrained weights are float16, bfloat16 "
+                         "or float32 tensors: they would be cast, not loaded")
 
 
 def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor], head: tuple[str, ...],

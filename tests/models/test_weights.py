@@ -66,6 +66,20 @@ def test_weights_file_loads_every_backbone_tensor_and_reinits_head(tmp_path, fmt
     assert built.model.fc.weight.shape == (10, 512)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.complex64])
+def test_weights_of_the_wrong_kind_are_refused_not_cast(tmp_path, dtype):
+    donor = donor_state()
+    wrong = {key: (value * 10).to(dtype) if value.is_floating_point() else value for key, value in donor.items()}
+    save_file(wrong, tmp_path / "wrong.safetensors")
+    with pytest.raises(MlexpError, match=rf"tensor\(s\) are {str(dtype).removeprefix('torch.')} where resnet18 has "
+                                         "floating-point ones") as raised:
+        build_backbone(resolve_backbone("resnet18"), 10, 32, str(tmp_path / "wrong.safetensors"))
+    assert "\n" not in str(raised.value) and "conv1.*" in str(raised.value)
+    # BatchNorm's integer counters stay integers: the donor's own file loads
+    save_file(donor, tmp_path / "right.safetensors")
+    assert build_backbone(resolve_backbone("resnet18"), 10, 32, str(tmp_path / "right.safetensors")).loaded_tensors
+
+
 def test_same_class_count_keeps_the_classifier(tmp_path):
     donor = donor_state(num_classes=10)
     save_file(donor, tmp_path / "w.safetensors")
