@@ -75,15 +75,46 @@ def class_folders(root: Path) -> list[str]:
         return sorted(entry.name for entry in entries if entry.is_dir() and not is_hidden(entry.name))
 
 
+def class_files(root: Path, name: str) -> tuple[list[str], list[str]]:
+    """One class's images: (paths, links into other classes). Symlinks are followed, each real
+    file counted once and each real folder walked once (a directory link that loops back ends
+    there instead of multiplying the class), in a stable order. A file that really lies in
+    another class folder of this tree would be relabelled: it is left out and returned apart."""
+    root_text = str(root)
+    others = [os.path.realpath(root / other) + os.sep for other in class_folders(root) if other != name]
+    walked, visits = set(), []
+    for folder, subfolders, names in os.walk(root / name, followlinks=True):
+        real = os.path.realpath(folder)
+        subfolders[:] = [] if real in walked else [d for d in subfolders if not is_hidden(d)]
+        if real not in walked:
+            walked.add(real)
+            visits.append((folder, names))
+    counted, files, foreign = set(), [], []
+    for folder, names in sorted(visits):  # torchvision's order: folders by path, then files by name
+        for file_name in sorted(names):
+            path = os.path.join(folder, file_name)
+            real_file = os.path.realpath(path)
+            if real_file in counted or not _is_image_under(root_text, path):
+                continue
+            counted.add(real_file)
+            (foreign if any(real_file.startswith(other) for other in others) else files).append(path)
+    return files, foreign
+
+
 def class_image_counts(root: Path) -> dict[str, int]:
-    """Images per class, found by the same rule CheckedImageFolder uses (symlinks followed)."""
-    counts = {}
+    """Images per class, found by the same rule CheckedImageFolder uses (class_files); links
+    into another class are said in one line (left out of both)."""
+    counts, foreign = {}, {}
     for name in class_folders(root):
-        count = 0
-        for folder, subfolders, files in os.walk(root / name, followlinks=True):
-            subfolders[:] = [d for d in subfolders if not is_hidden(d)]  # never descend into .git
-            count += sum(1 for f in files if _is_image_under(str(root), os.path.join(folder, f)))
-        counts[name] = count
+        files, links = class_files(root, name)
+        counts[name] = len(files)
+        if links:
+            foreign[name] = links
+    if foreign:
+        total = sum(len(links) for links in foreign.values())
+        name, links = next(iter(foreign.items()))
+        print(f"mlexp: warning: {total} image(s) in {root} are links into another class's folder (e.g. {links[0]} "
+              f"under {name!r}): left out, since their label would be two classes", flush=True)
     return counts
 
 
@@ -133,6 +164,16 @@ class CheckedImageFolder(datasets.ImageFolder):
         if not classes:
             raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
         return classes, {name: index for index, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """Each real image once, per class_files (torchvision's walk would follow a symlink loop
+        until the path is too long, and count every lap)."""
+        samples = [(path, index) for name, index in sorted(class_to_idx.items(), key=lambda item: item[1])
+                   for path in class_files(Path(directory), name)[0]]
+        if not samples and not allow_empty:
+            raise FileNotFoundError(f"Found no valid image file in {directory}.")
+        return samples
 
     def __getitem__(self, index: int):
         path = self.samples[index][0]

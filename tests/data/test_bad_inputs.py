@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,8 +22,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from mlexp.config import MAX_IMG_SIZE, TrainConfig
-from mlexp.data.images import CheckedImageFolder, class_image_counts, load_rgb_image
-from mlexp.data.sources import check_data_source
+from mlexp.data.images import CheckedImageFolder, class_image_counts, digits_arrays, load_rgb_image
+from mlexp.data.sources import build_data, check_data_source
 from mlexp.data.splits import check_split, split_indices
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import resolve_backbone
@@ -435,3 +436,25 @@ def test_a_sweep_over_bad_data_leaves_no_run_behind(tmp_path):
                       "--folds", "3", "--epochs", "1"], subprocess_env(f"sqlite:///{db}"), cwd=tmp_path, timeout=120)
     one_line_error(done, "class 'dog'", "--folds 3")
     assert runs_in(db) == 0
+
+
+def test_symlink_loops_and_links_into_another_class_never_multiply_the_data(tmp_path, capsys):
+    images, labels = digits_arrays()
+    data = tmp_path / "data"
+    for number, name in enumerate(("a", "b")):
+        (data / name).mkdir(parents=True)
+        for index, row in enumerate(np.flatnonzero(labels == number)[:5]):
+            Image.fromarray(images[row]).save(data / name / f"{index}.png")
+    (data / "a" / "loop").symlink_to(data / "a", target_is_directory=True)  # a/loop/loop/loop/...
+    (data / "a" / "up").symlink_to(data, target_is_directory=True)  # a/up/b/*.png: class b's images
+    (data / "b" / "from_a.png").symlink_to(data / "a" / "0.png")  # would relabel an image of a
+    (data / "a" / "again.png").symlink_to(data / "a" / "1.png")  # one real file, two names
+
+    assert class_image_counts(data) == {"a": 5, "b": 5}
+    warning = capsys.readouterr().out
+    assert "6 image(s)" in warning and "links into another class's folder" in warning  # b's 5 via a/up, from_a
+    folder = CheckedImageFolder(data)
+    assert len(folder.samples) == 10 and sorted(folder.targets) == [0] * 5 + [1] * 5
+    assert len({os.path.realpath(path) for path, _ in folder.samples}) == 10
+    data_set = build_data(TrainConfig(data=str(data), val_split=0.4, img_size=16))
+    assert len(data_set.train_set) + len(data_set.val_set) == 10
