@@ -22,6 +22,9 @@ from mlexp.data.splits import SPLIT_SEED
 from mlexp.errors import MlexpError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# What reading a damaged or hostile file raises: PIL's decompression-bomb guard (a 60000 x 60000
+# header in a small file) is its own exception, neither an OSError nor a ValueError.
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
 # Transparent pixels have no colour of their own (what RGBA stores under alpha 0 is often
 # black or garbage), so images with alpha are flattened onto one fixed background.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -179,7 +182,7 @@ class CheckedImageFolder(datasets.ImageFolder):
         path = self.samples[index][0]
         try:
             return super().__getitem__(index)
-        except (OSError, ValueError) as error:
+        except UNREADABLE as error:
             raise MlexpError(f"cannot read image {path} ({error}); fix or remove the file") from None
 
 
@@ -228,6 +231,6 @@ class ListedImages(Dataset):
         path, label = self.samples[index]
         try:
             image = load_rgb_image(path)
-        except (OSError, ValueError) as error:
+        except UNREADABLE as error:
             raise MlexpError(f"cannot read image {path} ({error}); fix or remove the file") from None
         return (self.transform(image) if self.transform is not None else image), label

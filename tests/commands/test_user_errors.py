@@ -123,15 +123,27 @@ def test_empty_and_single_class_folders(sqlite_uri, tmp_path, capsys):
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def test_unreadable_image_fails_the_run_cleanly(sqlite_uri, tmp_path, capsys):
+def png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk claiming width x height (a decompression bomb's first 33 bytes)."""
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + header + struct.pack(
+        ">I", zlib.crc32(b"IHDR" + header))
+
+
+@pytest.mark.parametrize("name, content", [("broken.png", b"this is not a png"),
+                                           ("bomb.png", png_header(60000, 60000))])
+def test_unreadable_image_fails_the_run_cleanly(sqlite_uri, tmp_path, capsys, name, content):
     folder = make_image_folder(tmp_path / "imgs")
-    (folder / "class0" / "broken.png").write_bytes(b"this is not a png")
+    (folder / "class0" / name).write_bytes(content)
     code, err = run_cli(TRAIN + ["--backbone", "resnet18_scratch", "--data", str(folder), "--val-split", "0.3"],
                         capsys)
-    assert_one_line_error(code, err, "cannot read image", "broken.png")
+    assert_one_line_error(code, err, "cannot read image", name)
     client = MlflowClient(sqlite_uri)
     [run] = client.search_runs([client.get_experiment_by_name("mlexp").experiment_id])
-    assert run.info.status == "FAILED" and "broken.png" in run.data.tags["mlexp.error"]
+    assert run.info.status == "FAILED" and name in run.data.tags["mlexp.error"]
 
 
 def test_console_script_error_has_no_traceback(tmp_path):
