@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from torch.utils.data import Dataset, Subset
@@ -76,3 +78,44 @@ def content_digest(dataset: Dataset) -> tuple[str, str | None]:
         return digest.hexdigest()[:12], str(getattr(dataset.base, "root", "")) or None
     digest.update(str(len(dataset)).encode())
     return digest.hexdigest()[:12], None
+
+
+DUPLICATE_PAIRS = (("val", "train"), ("test", "train"), ("test", "val"))
+
+
+def cross_split_duplicates(data: DataBundle) -> tuple[dict[str, int], list[str]]:
+    """Images of one split that are byte-for-byte copies of an image of another (val or test
+    in train, test in val): ({"data/duplicates_val_in_train": n, ...}, an example of each). A
+    copy under another name makes validation or test accuracy overstate. Files are hashed only
+    where their size occurs in another split too: distinct images cost one stat each."""
+    splits = {"train": data.train_set, "val": data.val_set, "test": data.test_set}
+    items = {name: _sized_items(dataset) for name, dataset in splits.items() if dataset is not None}
+    sizes = {name: {size for size, _, _ in found} for name, found in items.items()}
+    digests: dict[str, dict[str, str]] = {}
+    for name, found in items.items():
+        shared = set().union(*(sizes[other] for other in items if other != name))
+        digests[name] = {hashlib.sha256(read()).hexdigest(): label for size, label, read in found if size in shared}
+    counts, examples = {}, []
+    for copy, original in DUPLICATE_PAIRS:
+        if copy in digests and original in digests:
+            common = sorted(digests[copy].keys() & digests[original].keys())
+            counts[f"data/duplicates_{copy}_in_{original}"] = len(common)
+            examples += [f"{digests[copy][key]} in {copy} = {digests[original][key]} in {original}"
+                         for key in common[:1]]
+    return counts, examples
+
+
+def _sized_items(dataset: Dataset) -> list[tuple[int, str, Callable[[], bytes]]]:
+    """(size in bytes, name, a reader of its bytes) of each image of a split that has files or
+    arrays; [] for others (a torchvision dataset held in its own format)."""
+    indices = None
+    if isinstance(dataset, Subset):
+        dataset, indices = dataset.dataset, list(dataset.indices)
+    if hasattr(dataset, "samples") and hasattr(dataset, "root"):
+        samples = dataset.samples if indices is None else [dataset.samples[i] for i in indices]
+        return [(os.stat(path).st_size, os.path.relpath(path, dataset.root), Path(path).read_bytes)
+                for path, _ in samples]
+    if isinstance(dataset, ArrayImages):
+        chosen = range(len(dataset.labels)) if indices is None else indices
+        return [(dataset.images[i].nbytes, f"image {i}", dataset.images[i].tobytes) for i in chosen]
+    return []

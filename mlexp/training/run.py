@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from mlexp import tracking
 from mlexp.config import TrainConfig, config_hash
-from mlexp.data.digests import describe_splits, split_digest
+from mlexp.data.digests import cross_split_duplicates, describe_splits, split_digest
 from mlexp.data.loading import loader_kwargs, loader_samples_per_s
 from mlexp.data.sources import build_data, check_data_source
 from mlexp.errors import MlexpError
@@ -210,6 +210,7 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
             tracker.log_metrics(epoch_metrics(row), step=row["epoch"])
         tracker.log_inputs(splits)
         tracker.set_tags({"mlexp.split_digest": split_digest(described)})
+        report_duplicates(tracker, data, accelerator.is_main_process)
         if accelerator.is_main_process:  # once per run: is the loader or the model the bottleneck?
             rate = loader_samples_per_s(train_loader.dataset, cfg, parts.workers)
             tracker.log_metrics({"perf/loader_samples_per_s": rate}, step=0)
@@ -231,6 +232,17 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
               flush=True)
     train_epochs(parts, cfg, history, start_epoch, train_loader, val_loader, tracker, training.live)
     return finish_run(parts, cfg, spec, built, history, val_loader, tracker, test_loader, data, splits)
+
+
+def report_duplicates(tracker, data, main_process: bool) -> None:
+    """Exact copies across the splits, before training: logged (data/duplicates_*), and said."""
+    counts, examples = cross_split_duplicates(data)
+    tracker.log_metrics(counts, step=0)
+    if main_process and any(counts.values()):
+        found = ", ".join(f"{n} {key.removeprefix('data/duplicates_').replace('_in_', ' image(s) in ')}"
+                          for key, n in counts.items() if n)
+        print(f"mlexp: warning: exact copies across the splits: {found} (e.g. {examples[0]}); the held-out "
+              "accuracy overstates", flush=True)
 
 
 def live_logs(cfg: TrainConfig, tracker, history: History, resume: ResumePoint | None, start_epoch: int,

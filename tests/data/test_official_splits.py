@@ -175,3 +175,16 @@ def test_fold_selections_of_a_sweep(dtd):
         sweep_folds(pooled, "1-3", None)
     with pytest.raises(MlexpError, match="numbers its folds 0-4"):
         sweep_folds(pooled, "5", "5")
+
+
+def test_exact_copies_across_the_splits_are_counted(dtd):
+    from mlexp.data.digests import cross_split_duplicates
+
+    train_line, val_line = lines(dtd, "train", 1)[0], lines(dtd, "val", 1)[0]
+    (dtd / "images" / val_line).write_bytes((dtd / "images" / train_line).read_bytes())  # a copy, another name
+    counts, examples = cross_split_duplicates(build_data(TrainConfig(data=str(dtd), fold=1, img_size=16)))
+    assert counts == {"data/duplicates_val_in_train": 1, "data/duplicates_test_in_train": 0,
+                      "data/duplicates_test_in_val": 0}
+    assert examples == [f"{val_line} in val = {train_line} in train"]
+    clean = cross_split_duplicates(build_data(TrainConfig(data="digits", img_size=16)))[0]
+    assert clean == {"data/duplicates_val_in_train": 0}
