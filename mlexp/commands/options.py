@@ -175,7 +175,7 @@ def refusal(error: BaseException) -> str | None:
                 f"{endpoint}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
     needed = NEEDED.get(endpoint, "a permission this user lacks")
     return (f"the tracking server refused {endpoint} to {f'user {user!r}' if user else 'this user'} (403 permission "
-            f"denied): it needs {needed}; an admin or the experiment's owner (MANAGE) can grant it")
+            f"denied): it needs {needed}; an admin or its owner (MANAGE) can grant it")
 
 
 def join_list_options(argv: list[str]) -> list[str]:

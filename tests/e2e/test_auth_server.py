@@ -89,6 +89,23 @@ def test_credentials_train_and_are_written_nowhere(auth_server, tmp_path, monkey
     assert "refused runs/create to user 'bob' (403 permission denied): it needs EDIT on the experiment" in lines[0]
     assert BOB[1] not in bob.stdout + bob.stderr
     assert len(client.search_runs([client.get_experiment_by_name("team").experiment_id])) == 3
+    # the owner's sweep (children inherit the credentials), compare and register; the READ user's refused
+    owner = {**env, "MLFLOW_TRACKING_URI": f"http://{ALICE[0]}:{ALICE[1]}@{host}"}
+    tiny = ["--backbones", "test_resnet", "--inits", "scratch", "--seeds", "1", "--img-size", "16", "--epochs", "1",
+            "--calibrate", "false", "--system-metrics", "false", "--experiment", "team-sweep"]
+    done = [run_mlexp(["sweep", *tiny], owner, work), run_mlexp(["compare", "--experiment", "team-sweep"], owner, work),
+            run_mlexp(["register", "--experiment", "team-sweep", "--name", "team-model"], owner, work)]
+    assert [outcome.returncode for outcome in done] == [0, 0, 0], [o.stdout[-1500:] + o.stderr[-1500:] for o in done]
+    printed += [outcome.stdout + outcome.stderr for outcome in done]
+    reader = {**env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": BOB[0], "MLFLOW_TRACKING_PASSWORD": BOB[1]}
+    for args_, needed in ((["sweep", *tiny, "--seeds", "2"], "refused runs/create to user 'bob'"),
+                          (["register", "--experiment", "team-sweep", "--name", "team-model"],
+                           "refused model-versions/create to user 'bob' (403 permission denied): it needs EDIT")):
+        refused = run_mlexp(args_, reader, work)
+        lines = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert refused.returncode == 2 and len(lines) == 1 and needed in lines[0], refused.stderr[-2000:]
+    assert not any(ALICE[1] in text for text in printed)
+    assert not files_holding(ALICE[1], root, outbox, work)
     # a wrong password: one line, the password never echoed
     wrong = run_mlexp([*args, "--tracking-uri", f"http://{ALICE[0]}:not-{ALICE[1]}@{host}"], env, work)
     assert wrong.returncode == 2 and "401" in wrong.stderr and ALICE[1] not in wrong.stdout + wrong.stderr
