@@ -19,7 +19,7 @@ import click
 
 from mlexp.config import TrainConfig, base_type, cli_name, config_fields, parse_value
 from mlexp.credentials import redact
-from mlexp.errors import MlexpError
+from mlexp.errors import MlexpError, RunFailed
 from mlexp.training.recipes import config_from_user_values
 
 # Every command's context: -h as --help, and help text up to 110 columns wide.
@@ -222,6 +222,10 @@ def user_errors():
             line = usage_line(error) if isinstance(error, click.UsageError) else one_line(error)
             print(f"mlexp: error: {redact(line)}", file=sys.stderr)  # a URI it names keeps its secret
         sys.exit(2)
+    except RunFailed as error:  # its status and cause are recorded: the reason in one line, exit 1
+        if rank == 0:
+            print(f"mlexp: error: {redact(one_line(error))}", file=sys.stderr)
+        sys.exit(1)
     except Exception as error:  # noqa: BLE001 - only the tracking server's refusals are the user's to fix
         line = refusal(error)
         if line is None:

@@ -159,10 +159,31 @@ class RunTracker:
 
     def finish(self, status: str, error: str | None = None, wait_s: float | None = None) -> Delivery:
         """Record the final status, give the sender up to `wait_s`, report what the server has."""
-        if error:
-            self.set_tags({"mlexp.error": error[:5000]})
-        self.outbox.set_status(status)
+        try:
+            if error:
+                self.set_tags({"mlexp.error": error[:5000]})
+            self.outbox.set_status(status)
+        except Exception as stuck:  # noqa: BLE001 - tested below: only an outbox that cannot be written
+            if not outbox_unwritable(stuck):
+                raise
+            return self._end_directly(error, stuck)
         return self._close(grace_s() if wait_s is None else wait_s)
+
+    def _end_directly(self, error: str | None, stuck: BaseException) -> Delivery:
+        """The outbox cannot take the final status (disk full, read-only): FAILED with the cause,
+        written to the server directly, so the run is never left RUNNING with no reason given.
+        What the outbox already holds stays there for `mlexp sync`."""
+        delivery = self._close(0.0)
+        cause = f"the outbox {self.outbox.folder} cannot be written ({stuck})"
+        message = f"{error}; {cause}" if error and "disk is full" not in error else cause
+        if self.client is not None and self.outbox.info().run_id:
+            try:
+                self.client.set_tag(self.run_id, "mlexp.error", message[:5000])
+                self.client.set_terminated(self.run_id, "FAILED")
+            except Exception:  # noqa: BLE001 - the server is away too: the outbox is all there is
+                pass
+        delivery.status = "FAILED"
+        return delivery
 
     def abandon(self, wait_s: float = 5.0) -> Delivery:
         """Stop without a status change (a resume that never started training)."""
@@ -317,3 +338,15 @@ def end_run(tracking_uri: str, run_id: str, status: str, message: str, tags: dic
     if tags:
         tracker.set_tags(tags)
     return tracker.finish(status, error=message, wait_s=wait_s)
+
+
+def outbox_unwritable(error: BaseException) -> bool:
+    """Whether `error` says the outbox's disk cannot take a write: full, over quota or read-only
+    (SQLite's "database or disk is full", an OSError, safetensors' IoError)."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return True
+    text = str(error)
+    return any(sign in text for sign in ("database or disk is full", "readonly database", "No space left",
+                                         "StorageFull", "Read-only file system"))

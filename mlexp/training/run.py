@@ -22,12 +22,13 @@ from mlexp.config import TrainConfig, config_hash
 from mlexp.data.digests import cross_split_duplicates, describe_splits, split_digest
 from mlexp.data.loading import loader_kwargs, loader_samples_per_s
 from mlexp.data.sources import build_data, check_data_source
-from mlexp.errors import MlexpError
+from mlexp.errors import MlexpError, RunFailed
 from mlexp.models.build import build_backbone
 from mlexp.models.catalogue import BackboneSpec, resolve_backbone
 from mlexp.models.weight_sources import WeightsFile, locate_weights
 from mlexp.option_values import best_is_max
-from mlexp.tracking.outbox import Outbox
+from mlexp.tracking.outbox import Outbox, outbox_root
+from mlexp.tracking.run import outbox_unwritable
 from mlexp.tracking.sync import sync_outbox
 from mlexp.training.console import print_epoch, print_outcome, print_start, print_weights_report, report_delivery
 from mlexp.training.live_logs import FILES, LiveLogs, NoLogs, open_live_logs
@@ -124,12 +125,20 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
         report_delivery(training.end("KILLED", "interrupted", wait_s=KILLED_WAIT_S), accelerator)
         raise
     except BaseException as error:
-        report_delivery(training.end("FAILED", f"{type(error).__name__}: {error}"), accelerator)
+        delivery = training.end("FAILED", f"{type(error).__name__}: {error}")
+        if outbox_unwritable(error):  # recorded on the server directly; the cause in one line, not two tracebacks
+            raise RunFailed(f"run {tracker.run_id} FAILED: its outbox cannot be written ({error}); free space "
+                            f"under {outbox_root()} (or set MLEXP_OUTBOX_DIR), then `mlexp sync` sends what it "
+                            "holds") from None
+        report_delivery(delivery, accelerator)
         raise
     finally:
         release_accelerator(accelerator)
     ended = time.perf_counter()
     delivery = training.end("FINISHED")
+    if delivery is not None and delivery.status == "FAILED":  # trained, but the outbox took no final status
+        raise RunFailed(f"run {delivery.run_id} FAILED after training: its outbox cannot be written; free space "
+                        f"under {outbox_root()}, then `mlexp sync` sends what it holds")
     if delivery is not None and delivery.complete:
         result.delivered_s = time.perf_counter() - ended
     if accelerator.is_main_process:
@@ -181,8 +190,11 @@ class Training:
             self.started = True
 
     def end(self, status: str, error: str | None = None, wait_s: float | None = None):
-        self.live.flush_steps()
-        self.live.event("end", status=status, error=error)
+        try:
+            self.live.flush_steps()
+            self.live.event("end", status=status, error=error)
+        except OSError:  # the local logs are a convenience: a full disk must not keep the run's status back
+            pass
         if not self.started:
             return self.tracker.abandon()
         return self.tracker.finish(status, error=error, wait_s=wait_s)
