@@ -100,19 +100,12 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
     weights = (locate_weights(spec, effective.weights, tracking_uri, weights_from=effective.weights_from)
                if spec.init == "pretrained" else effective.weights)
     accelerator = make_accelerator(effective)
-    tracker: tracking.Tracker = tracking.NullTracker()
-    if track and accelerator.is_main_process:
-        run_name = effective.run_name or default_run_name(spec, effective)
-        tags = run_tags(spec, effective, extra_tags)
-        if resume and resume.branch:  # a new run, continuing another's best epoch
-            tags["mlexp.resumed_from"] = f"{resume.run_id} best epoch {resume.epoch}"
-        try:
-            tracker = tracking.open_run(tracking_uri, effective.experiment, run_name, run_id=run_id,
-                                        resume_run_id=resume.run_id if resume and not resume.branch else None,
-                                        tags=tags, offline=offline)
-        except BaseException:
-            release_accelerator(accelerator)
-            raise
+    try:
+        tracker = open_tracker(effective, spec, tracking_uri, offline, run_id, extra_tags, resume) \
+            if track and accelerator.is_main_process else tracking.NullTracker()
+    except BaseException:
+        release_accelerator(accelerator)
+        raise
     training = Training(tracker, resume is None or resume.branch, tracking_uri)
     system = start_system_metrics(tracker, effective)
     try:
@@ -144,6 +137,17 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
     if accelerator.is_main_process:
         print_outcome(result, delivery, tracking_uri)
     return result
+
+
+def open_tracker(effective: TrainConfig, spec: BackboneSpec, tracking_uri: str, offline: bool, run_id: str | None,
+                 extra_tags: dict | None, resume: ResumePoint | None) -> tracking.Tracker:
+    """The run this process logs to: new, adopted (`run_id`), resumed, or a branch of another's best epoch."""
+    tags = run_tags(spec, effective, extra_tags)
+    if resume and resume.branch:  # a new run, continuing another's best epoch
+        tags["mlexp.resumed_from"] = f"{resume.run_id} best epoch {resume.epoch}"
+    return tracking.open_run(tracking_uri, effective.experiment, effective.run_name or default_run_name(spec, effective),
+                             run_id=run_id, resume_run_id=resume.run_id if resume and not resume.branch else None,
+                             tags=tags, offline=offline)
 
 
 def check_same_configuration(cfg: TrainConfig, spec: BackboneSpec | None, started: TrainConfig,
