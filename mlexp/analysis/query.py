@@ -15,6 +15,7 @@ useful work on these acyclic records and otherwise takes most of the time.
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -78,8 +79,11 @@ def resolve_experiments(client, experiments: list[str] | None) -> dict[str, str]
                 experiment = _experiment_by_id(client, name)
             if experiment is None or experiment.lifecycle_stage != "active":
                 known = sorted(e.name for e in client.search_experiments())
+                with_commas = [other for other in known if "," in other and name in other.split(",")[0]]
+                hint = (f"; a name with commas is written as a JSON list: --experiment '{json.dumps(with_commas[:1])}'"
+                        if with_commas else "")
                 raise MlexpError(f"no MLflow experiment {name!r} at {client.tracking_uri}; existing "
-                                 f"experiments: {', '.join(known) or 'none'}")
+                                 f"experiments: {json.dumps(known) if with_commas else ', '.join(known) or 'none'}{hint}")
             resolved[experiment.experiment_id] = experiment.name
         return resolved
     except MlflowException as error:

@@ -7,8 +7,9 @@ fields, and `parse_options` turns what the user typed into the typed declaration
 left empty (`--out ""`, an MLproject parameter left at "") takes the field's default, so no
 default is restated anywhere else.
 
-A list option (`list_option`) takes comma-separated values, is repeatable where it names
-experiments, and is parsed into a tuple; a repeated option (`repeated_option`) keeps each
+A list option (`list_option`) takes comma-separated values or a JSON list (a name with a
+comma in it: `--experiment '["lr=0.1, wd=0"]'`), is repeatable where it names experiments,
+and is parsed into a tuple; a repeated option (`repeated_option`) keeps each
 value whole (`--pair 'init=pretrained,strategy=linear vs init=scratch,strategy=full'`).
 """
 
@@ -90,7 +91,8 @@ class SweepOptions:
 @dataclass(frozen=True)
 class CompareOptions:
     experiment: tuple[str, ...] = list_option((DEFAULT_EXPERIMENT,), "Experiment to compare (name or id); repeat "
-                                              "it or separate names with commas.", "NAME", repeatable=True)
+                                              "it or separate names with commas (a name with commas: a JSON "
+                                              "list, '[\"a, b\"]').", "NAME", repeatable=True)
     filter: str | None = declared(None, "MLflow search filter, e.g. \"params.lr = '0.001' and "
                                   "tags.`mlexp.dataset` = 'digits'\".")
     group_by: tuple[str, ...] = list_option(("backbone", "strategy"), "Comma-separated: backbone (named as in "

@@ -6,6 +6,7 @@ status 2. Shared by the `mlexp` CLI and the MLflow Project entry points, so both
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import re
@@ -111,8 +112,23 @@ def parse_options(declaration: type, values: dict[str, Any]):
 
 
 def split_names(values) -> list[str]:
-    """Repeated options and comma-separated values (the MLproject passes one string) -> names."""
-    return [name.strip() for value in values for name in str(value).split(",") if name.strip()]
+    """Repeated options and comma-separated values (the MLproject passes one string) -> names.
+    A value written as a JSON list keeps each name whole: `--experiment '["lr=0.1, wd=0", "b"]'`
+    names an experiment whose name has a comma in it."""
+    names = []
+    for value in values:
+        text = str(value).strip()
+        if text.startswith("["):
+            try:
+                listed = json.loads(text)
+            except ValueError as error:
+                raise MlexpError(f"{text!r} starts like a JSON list of names but is not one ({error})") from None
+            if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+                raise MlexpError(f"{text!r}: a JSON list of names is a list of strings, e.g. [\"a, b\", \"c\"]")
+            names += [name for name in listed if name.strip()]
+        else:
+            names += [name.strip() for name in text.split(",") if name.strip()]
+    return names
 
 
 def user_values(values: dict[str, Any]) -> dict[str, Any]:

@@ -52,3 +52,11 @@ def test_values_are_parsed_into_their_types():
 def test_bad_values_are_one_clear_error(values, message):
     with pytest.raises(MlexpError, match=message):
         parse_options(SweepOptions, values)
+
+
+def test_a_name_with_commas_is_addressed_as_a_json_list():
+    parsed = parse_options(CompareOptions, {"experiment": ('["lr=0.1, wd=0.05", "plain"]', "other")})
+    assert parsed.experiment == ("lr=0.1, wd=0.05", "plain", "other")
+    assert parse_options(CompareOptions, {"experiment": "a,b"}).experiment == ("a", "b")  # commas still separate
+    with pytest.raises(MlexpError, match="starts like a JSON list of names but is not one"):
+        parse_options(CompareOptions, {"experiment": '["unclosed'})

@@ -159,3 +159,15 @@ def test_compare_errors_are_one_line(sqlite_uri, capsys):
     assert_one_line_error(code, err, "does-not-exist")
     code, err = run_cli(["compare", "--experiment", "exists", "--filter", "params.lr >>> 3"], capsys)
     assert_one_line_error(code, err, "filter")
+
+
+def test_an_experiment_named_with_commas_is_addressed_as_a_json_list(sqlite_uri, capsys):
+    client = MlflowClient(sqlite_uri)
+    run = client.create_run(client.create_experiment("lr=0.1, wd=0.05"))
+    client.log_metric(run.info.run_id, "val/acc", 0.5)
+    client.set_terminated(run.info.run_id)
+    capsys.readouterr()  # MLflow's own lines from creating the store
+    code, err = run_cli(["monitor", "--summary", "--experiment", "lr=0.1, wd=0.05"], capsys)
+    assert_one_line_error(code, err, "no MLflow experiment 'lr=0.1'", """--experiment '["lr=0.1, wd=0.05"]'""")
+    main(["monitor", "--summary", "--experiment", '["lr=0.1, wd=0.05"]'])
+    assert run.info.run_id[:8] in capsys.readouterr().out
