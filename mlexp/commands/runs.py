@@ -100,7 +100,7 @@ def sync_command(**values: Any) -> None:
     """
     own = parse_options(SyncOptions, values)
     results = sync(own.run, own.all, own.to, own.dry_run, echo=click.echo)
-    if any(result.after is not None and not result.complete for result in results):
+    if any(result.damaged or (result.after is not None and not result.complete) for result in results):
         sys.exit(1)
 
 

@@ -363,13 +363,16 @@ class Outbox:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+QUARANTINE = ".damaged-"  # a damaged outbox moved aside by `mlexp sync` (mlexp.tracking.damage)
+
+
 def all_outboxes() -> Iterator[Outbox]:
     """Every readable outbox on this machine (a folder left half-made by a kill is skipped)."""
     root = outbox_root()
     if not root.is_dir():
         return
     for folder in sorted(root.iterdir()):
-        if (folder / "outbox.db").is_file():
+        if (folder / "outbox.db").is_file() and QUARANTINE not in folder.name:
             box = Outbox(folder)
             try:
                 box.info()

@@ -173,7 +173,8 @@ class Sender:
                 wake.clear()
 
     def _records_step(self) -> bool:
-        rows = server.batch_of(self.outbox.next_records(READ_ROWS))
+        read = self.outbox.next_records(READ_ROWS)
+        rows = server.batch_of(self._well_formed(read))
         if rows:
             self._send_rows(rows)
             self.activity = time.monotonic()
@@ -182,7 +183,23 @@ class Sender:
             # A full batch: more are waiting. Otherwise collect for SEND_INTERVAL_S (fewer,
             # larger requests) unless woken (a heartbeat, the end of the run).
             return len(rows) >= server.MAX_METRICS_PER_REQUEST
+        if read:  # only malformed rows, now kept aside: the next ones at once
+            return True
         return self._send_status()
+
+    def _well_formed(self, rows: list[tuple]) -> list[tuple]:
+        """The rows that can be sent; one that never can (a damaged outbox) is kept aside with its
+        reason, so it does not hold back every record behind it."""
+        good = []
+        for row in rows:
+            reason = server.malformed(row)
+            if reason is None:
+                good.append(row)
+                continue
+            self.outbox.reject(json.dumps(dict(zip(("seq", "kind", "key", "text", "num", "timestamp", "step"), row)),
+                                          default=str), f"malformed record: {reason}")
+            self.outbox.delete_records([row[0]])
+        return good
 
     def _send_rows(self, rows: list[tuple]) -> None:
         try:

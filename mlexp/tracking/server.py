@@ -204,6 +204,26 @@ def send_records(client, run_id: str, rows: list[tuple]) -> None:
                      tags=[RunTag(k, v) for k, v in tags.items()])
 
 
+RECORD_KINDS = ("metric", "param", "tag")
+
+
+def malformed(row: tuple) -> str | None:
+    """Why an outbox row (seq, kind, key, text, num, timestamp, step) can never be sent, if it
+    cannot (a damaged outbox: an unknown kind, a metric that is not a number, no key); else None."""
+    _, kind, key, text, num, timestamp, step = row
+    if kind not in RECORD_KINDS:
+        return f"unknown record kind {kind!r}"
+    if not isinstance(key, str) or not key:
+        return "no key"
+    if kind == "metric":
+        try:
+            float(num if num is not None else text)
+            int(timestamp), int(step)
+        except (TypeError, ValueError):
+            return f"metric {key!r} is not a number ({num if num is not None else text!r})"
+    return None
+
+
 def batch_of(rows: list[tuple]) -> list[tuple]:
     """The longest prefix of rows that fits one log_batch request.
 

@@ -16,6 +16,7 @@ from mlexp.config import DEFAULT_EXPERIMENT
 from mlexp.credentials import MASK, redact
 from mlexp.errors import MlexpError
 from mlexp.tracking import server
+from mlexp.tracking.damage import damaged_outboxes, rescue
 from mlexp.tracking.outbox import Outbox, all_outboxes, outbox_root
 from mlexp.tracking.outbox_info import Pending
 from mlexp.tracking.sender import Sender
@@ -27,12 +28,15 @@ class SyncResult:
     before: Pending
     after: Pending | None  # None: not attempted (dry run, live process)
     note: str = ""
+    damaged: bool = False  # the outbox was damaged: reported, moved aside, its whole checkpoints sent
 
     @property
     def complete(self) -> bool:
         return self.after is not None and self.after.empty and not self.after.rejected
 
     def line(self) -> str:
+        if self.damaged:
+            return f"{self.run}: {self.note}"
         if self.after is None:
             return f"{self.run}: {self.note or 'would send ' + self.before.describe()}"
         if self.after.empty:
@@ -61,19 +65,34 @@ def chosen_outboxes(run: str | None, every: bool) -> list[Outbox]:
 def sync(run: str | None = None, every: bool = False, to: str | None = None, dry_run: bool = False,
          echo=print) -> list[SyncResult]:
     results = []
-    boxes = chosen_outboxes(run, every)
+    damaged = list(damaged_outboxes(run if not every else None)) if run or every else []
+    for folder, problem in damaged:  # said first, never blocking the rest
+        uri = to or os.environ.get("MLFLOW_TRACKING_URI") or server.default_tracking_uri()
+        results.append(SyncResult(folder.name, Pending(0, 0, 0, 0, None, 0), None,
+                                  rescue(folder, problem, uri, dry_run).split(": ", 1)[1], damaged=True))
+        echo(results[-1].line())
+    boxes = [] if run and damaged else [box for box in chosen_outboxes(run, every) if box.folder.is_dir()]
     for box in boxes:
         try:
             result = sync_outbox(box, to, dry_run)
-        except MlexpError as error:
-            if len(boxes) == 1:
+        except Exception as error:  # noqa: BLE001 - one outbox's trouble is said on its line, the others still go
+            if len(boxes) == 1 and isinstance(error, MlexpError):
                 raise
-            result = SyncResult(label(box), box.pending(), box.pending(), f" ({error})")
+            reason = str(error) if isinstance(error, MlexpError) else f"{type(error).__name__}: {server.first_line(error)}"
+            result = SyncResult(safe_label(box), Pending(0, 0, 0, 0, None, 0), None, f"not sent ({reason})")
+            result.damaged = True
         echo(result.line())
         results.append(result)
     if not results:
         echo(f"nothing to sync: no outbox in {outbox_root()}")
     return results
+
+
+def safe_label(box: Outbox) -> str:
+    try:
+        return label(box)
+    except Exception:  # noqa: BLE001 - the outbox cannot even say its name: its folder does
+        return box.folder.name
 
 
 def label(box: Outbox) -> str:
@@ -108,7 +127,11 @@ def sync_outbox(box: Outbox, to: str | None, dry_run: bool, stall: float | None 
         after = box.pending()
         note = f" -> run {run_id} at {uri}" if not info.run_id else ""
         if after.rejected:
-            note += f"; {after.rejected} refused by the server for good (kept in {box.db_path})"
+            reasons = sorted({reason for _, reason in box.rejected()})
+            note += (f"; {after.rejected} refused for good, kept in {box.db_path}: {'; '.join(reasons[:3])}"
+                     + (f" and {len(reasons) - 3} more reasons" if len(reasons) > 3 else ""))
+        if not after.empty and sender.health.last_error:  # why it still waits: 401/403, refused, network, disk
+            note += f" (last error: {sender.health.last_error})"
         result = SyncResult(name, before, after, note)
         if after.empty and not after.rejected:
             box.remove()
