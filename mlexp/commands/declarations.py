@@ -170,7 +170,9 @@ class SyncOptions:
     all: bool = flag(False, "Every outbox on this machine (parents before their children).")
     to: str | None = declared(None, "Tracking URI for offline runs (others go back to the server they came "
                               "from).", "URI")
-    dry_run: bool = flag(False, "Say what waits, and its size on disk; send nothing.")
+    dry_run: bool = flag(False, "Check every outbox and say what waits, its size on disk, what was refused and "
+                                "which are damaged; send and move nothing.")
+    verbose: bool = flag(False, "Show the sender's own lines while it sends (each failure, each recovery).")
 
 
 @dataclass(frozen=True)

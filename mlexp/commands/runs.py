@@ -99,7 +99,7 @@ def sync_command(**values: Any) -> None:
       mlexp sync --all --to http://mlflow.example:5000    (runs recorded with --offline)
     """
     own = parse_options(SyncOptions, values)
-    results = sync(own.run, own.all, own.to, own.dry_run, echo=click.echo)
+    results = sync(own.run, own.all, own.to, own.dry_run, echo=click.echo, verbose=own.verbose)
     if any(result.damaged or (result.after is not None and not result.complete) for result in results):
         sys.exit(1)
 

@@ -63,7 +63,7 @@ def chosen_outboxes(run: str | None, every: bool) -> list[Outbox]:
 
 
 def sync(run: str | None = None, every: bool = False, to: str | None = None, dry_run: bool = False,
-         echo=print) -> list[SyncResult]:
+         echo=print, verbose: bool = False) -> list[SyncResult]:
     results = []
     damaged = list(damaged_outboxes(run if not every else None)) if run or every else []
     for folder, problem in damaged:  # said first, never blocking the rest
@@ -74,7 +74,7 @@ def sync(run: str | None = None, every: bool = False, to: str | None = None, dry
     boxes = [] if run and damaged else [box for box in chosen_outboxes(run, every) if box.folder.is_dir()]
     for box in boxes:
         try:
-            result = sync_outbox(box, to, dry_run)
+            result = sync_outbox(box, to, dry_run, quiet=not verbose)
         except Exception as error:  # noqa: BLE001 - one outbox's trouble is said on its line, the others still go
             if len(boxes) == 1 and isinstance(error, MlexpError):
                 raise
@@ -101,7 +101,8 @@ def label(box: Outbox) -> str:
     return f"{name}({info.run_id or info.local_id}{', offline' if info.offline and not info.run_id else ''})"
 
 
-def sync_outbox(box: Outbox, to: str | None, dry_run: bool, stall: float | None = None) -> SyncResult:
+def sync_outbox(box: Outbox, to: str | None, dry_run: bool, stall: float | None = None,
+                quiet: bool = True) -> SyncResult:
     info = box.info()
     name = label(box)  # before the sync: an offline run is still named by its local id
     before = box.pending()
@@ -121,7 +122,7 @@ def sync_outbox(box: Outbox, to: str | None, dry_run: bool, stall: float | None 
         server.check_reachable(uri)
         client = server.client_for(uri)
         run_id = info.run_id or ensure_server_run(box, client, uri)
-        sender = Sender(box, client, run_id, quiet=True).start()
+        sender = Sender(box, client, run_id, quiet=quiet).start()
         drain(box, sender, stall_s() if stall is None else stall)
         sender.stop()
         after = box.pending()

@@ -57,6 +57,11 @@ def test_damaged_outboxes_are_reported_quarantined_and_never_block_the_healthy_o
     with sqlite3.connect(not_a_number.db_path) as db:
         db.execute("UPDATE records SET num = 'abc' WHERE step = 2")
 
+    checked: list[str] = []
+    sync(every=True, dry_run=True, echo=checked.append)  # the check: said, nothing moved or sent
+    assert sum("outbox damaged (" in line and "would move it aside" in line for line in checked) == 2
+    assert truncated.folder.exists() and overwritten.folder.exists()
+
     lines: list[str] = []
     results = sync(every=True, echo=lines.append)
 
