@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+from mlexp.credentials import redact
 from mlexp.errors import MlexpError
 
 # MLflow reads these at every request; set before the first one.
@@ -57,6 +58,9 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
                              "or --offline") from None
         create_sqlite_store(tracking_uri, store)
         return
+    if tracking_uri.startswith(DATABASE_SCHEMES):
+        check_database(tracking_uri, timeout_s)
+        return
     if not tracking_uri.startswith(("http://", "https://")):
         return
     try:
@@ -69,6 +73,27 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
         raise MlexpError(f"cannot reach the MLflow tracking server at {tracking_uri} ({reason}); "
                          "start it (`mlflow server --host 127.0.0.1 --port 5000`), pass another "
                          "--tracking-uri, or train with --offline and `mlexp sync` later") from None
+
+
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
+def check_database(tracking_uri: str, timeout_s: float) -> None:
+    """A database store answers one connection, or the reason is one line (its password masked):
+    MLflow itself would retry for a minute, printing a warning each time, then a traceback."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(tracking_uri, connect_args={"connect_timeout": int(timeout_s)}
+                                      if tracking_uri.startswith("postgresql") else {})
+    try:
+        with engine.connect():
+            return
+    except Exception as error:  # noqa: BLE001 - any failure to connect is the same answer to the user
+        reason = " ".join(str(getattr(error, "orig", None) or error).split())
+        raise MlexpError(f"cannot connect to the MLflow tracking store {redact(tracking_uri)} ({redact(reason)}); "
+                         "check its address, user and password") from None
+    finally:
+        engine.dispose()
 
 
 def create_sqlite_store(tracking_uri: str, store: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlexp.tracking.local_server import start_local_server, stop_local_server
+from tests.e2e.test_team_server import postgres_uri  # noqa: F401 - the fixture
 from tests.faults import TINY
 from tests.helpers import run_mlexp, subprocess_env
 
@@ -109,3 +111,31 @@ def test_credentials_train_and_are_written_nowhere(auth_server, tmp_path, monkey
     # a wrong password: one line, the password never echoed
     wrong = run_mlexp([*args, "--tracking-uri", f"http://{ALICE[0]}:not-{ALICE[1]}@{host}"], env, work)
     assert wrong.returncode == 2 and "401" in wrong.stderr and ALICE[1] not in wrong.stdout + wrong.stderr
+
+
+def test_a_database_uri_s_password_connects_and_is_written_nowhere(postgres_uri, tmp_path):
+    """mlexp straight on PostgreSQL (no server), its password required (scram-sha-256) and given
+    in the URI: the run trains, and the password is in no param, file, outbox or printed line."""
+    secret = "Pg-" + secrets.token_hex(6)
+    port = postgres_uri.rsplit(":", 1)[1].split("/")[0]
+    psql = sorted(Path("/usr/lib/postgresql").glob("*/bin/psql"))[-1]
+    run_sql = [psql, "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-d", "mlflow", "-v", "ON_ERROR_STOP=1", "-c"]
+    subprocess.run([*run_sql, f"ALTER USER postgres PASSWORD '{secret}'"], check=True, capture_output=True)
+    hba = subprocess.run([*run_sql, "SHOW hba_file"], check=True, capture_output=True, text=True).stdout
+    hba_file = Path(next(line.strip() for line in hba.splitlines() if line.strip().endswith("pg_hba.conf")))
+    hba_file.write_text("local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+    subprocess.run([*run_sql, "SELECT pg_reload_conf()"], check=True, capture_output=True)
+    uri = postgres_uri.replace("postgres@", f"postgres:{secret}@")
+    work, outbox = tmp_path / "work", tmp_path / "outbox"
+    work.mkdir()
+    env = subprocess_env(uri, MLEXP_OUTBOX_DIR=str(outbox))
+    done = run_mlexp(["train", *TINY, "--epochs", "1", "--log-models", "false", "--system-metrics", "false",
+                      "--experiment", "pg", "--tracking-uri", uri], env, work)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert secret not in done.stdout + done.stderr and "postgres:***@" in done.stdout
+    wrong = run_mlexp(["train", *TINY, "--epochs", "1", "--tracking-uri", uri.replace(secret, "not-it")], env, work)
+    assert wrong.returncode == 2 and "not-it" not in wrong.stderr and "Traceback" not in wrong.stderr, wrong.stderr
+    [run] = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("pg").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["tracking_uri"] == postgres_uri.replace(
+        "postgres@", "postgres:***@")
+    assert not files_holding(secret, work, outbox, hba_file.parent)  # the database's own files included
