@@ -242,15 +242,15 @@ def user_errors():
         if rank == 0:
             print(f"mlexp: error: {redact(one_line(error))}", file=sys.stderr)
         sys.exit(1)
-    except Exception as error:  # noqa: BLE001 - only the tracking server's refusals are the user's to fix
+    except (click.exceptions.Abort, KeyboardInterrupt) as error:
+        print(f"mlexp: {'aborted' if isinstance(error, click.exceptions.Abort) else 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except Exception as error:  # noqa: BLE001 - last: of the rest, only a tracking server's refusal is the user's to fix
         line = refusal(error)
         if line is None:
             raise
         if rank == 0:
             print(f"mlexp: error: {redact(line)}", file=sys.stderr)
         sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt) as error:
-        print(f"mlexp: {'aborted' if isinstance(error, click.exceptions.Abort) else 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
-    except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
