@@ -19,7 +19,6 @@ without timm. Loading the located file is `mlexp.models.weight_files`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import shutil
@@ -33,6 +32,7 @@ from urllib.parse import urlparse
 
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import BackboneSpec, TimmSource, timm_source
+from mlexp.tracking.server import file_sha256
 
 PROBE_TIMEOUT_S = 1.5
 
@@ -45,14 +45,6 @@ class WeightsFile:
     source: str  # "file" | "mlflow-run" | "mlflow-model" | "weights-dir" | "timm"
     sha256: str
     label: str  # what to call it in messages (the URI the user typed, or the path)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_dir() -> Path:

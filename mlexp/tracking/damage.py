@@ -11,7 +11,6 @@ checkpoint is a checkpoint, whatever happened to the database beside it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import tempfile
@@ -67,19 +66,11 @@ def whole_checkpoints(folder: Path) -> list[tuple[Path, dict]]:
     for manifest_path in (folder / "files").rglob(server.MANIFEST):
         try:
             manifest = json.loads(manifest_path.read_text())
-            if all(sha256(manifest_path.parent / name) == entry["sha256"] for name, entry in manifest["files"].items()):
+            if all(server.file_sha256(manifest_path.parent / name) == entry["sha256"] for name, entry in manifest["files"].items()):
                 found.append((manifest_path.parent, manifest))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return sorted(found, key=lambda item: item[1]["epoch"])
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def rescue(folder: Path, problem: str, tracking_uri: str, dry_run: bool = False) -> str:

@@ -96,6 +96,17 @@ def check_database(tracking_uri: str, timeout_s: float) -> None:
         engine.dispose()
 
 
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read in blocks: what checkpoint manifests and weights provenance record."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def create_sqlite_store(tracking_uri: str, store: Path) -> None:
     """Create a new SQLite store under a file lock: MLflow's schema creation is not safe when
     two processes start on a new store at once (two launchers: "table ... already exists")."""

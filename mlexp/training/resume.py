@@ -25,9 +25,9 @@ from pathlib import Path
 from mlexp import faults
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError
-from mlexp.models.weight_sources import file_sha256
 from mlexp.tracking import server
 from mlexp.tracking.outbox import Outbox
+from mlexp.tracking.server import file_sha256
 from mlexp.training import checkpoints
 from mlexp.training.loop import TrainParts
 from mlexp.training.records import History
