@@ -10,6 +10,7 @@ import json
 import os
 import random
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -283,7 +284,7 @@ def test_channels_last_auto_is_for_cnns_on_a_gpu_and_resnets_on_a_cpu_and_worker
 
 # A fresh process per arm: the allocator's settings are process-wide.
 TRAINING_STEPS = """
-import resource, sys, timm, torch
+import json, resource, sys, timm, torch
 from mlexp.training import hardware
 if sys.argv[1] == "keep":
     assert hardware.keep_freed_memory()
@@ -292,28 +293,34 @@ model = timm.create_model("resnet18", num_classes=10)
 images, labels = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
 def step():
     torch.nn.functional.cross_entropy(model(images), labels).backward()
-step(); step()  # the first steps fault their buffers in, either way
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+before = faults(); step(); first = faults() - before  # the first step faults its buffers in, either way
+step()
+per_step = []
+for _ in range(10):
+    before = faults(); step(); per_step.append(faults() - before)
+print(json.dumps({"first": first, "per_step": per_step}))
 """
 
 
 @pytest.mark.slow  # real processes or a long simulation: `make test`, not `make check`
 def test_kept_freed_memory_is_reused_without_page_faults():
-    def faults(arm: str) -> int:
+    def faults(arm: str) -> dict:
         done = subprocess.run([sys.executable, "-c", TRAINING_STEPS, arm], capture_output=True, text=True,
                               env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
-        return int(done.stdout.split()[-1])
+        return json.loads(done.stdout.splitlines()[-1])
 
-    # Without the change a step usually faults its activations in again (44,000-75,000 faults
-    # over these 5 steps), but glibc's own sliding mmap threshold sometimes keeps them too
-    # (1,216 once): that arm is printed, not asserted. With the change, at most a few
-    # hundred faults per step, whatever else the machine does (31-2,320 measured).
-    print("faults over 5 steps, glibc's default:", faults("default"))
-    assert faults("keep") < 5 * 1000
+    # Without the change a step usually faults its activations in again (8,000-16,000 faults a
+    # step, half a first step's), but glibc's own sliding mmap threshold sometimes keeps them too
+    # (60 a step): that arm is printed, not asserted. With the change the usual step faults
+    # nothing (0 measured); now and then one step grows the heap (26-5,048 once), so the median
+    # step is what is asserted, against the first step's faults on the same machine.
+    print("faults per step, glibc's default:", faults("default"))
+    kept = faults("keep")
+    print("faults per step, freed memory kept:", kept)
+    assert statistics.median(kept["per_step"]) < kept["first"] / 100
 
 
 def test_configs_recorded_before_these_options_keep_their_meaning_and_hash():
