@@ -10,6 +10,8 @@ ETA; `reap` ends such runs FAILED with `mlexp.error` saying why (they stay resum
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from typing import Any
 
@@ -77,21 +79,45 @@ def lost_runs(client_or_uri: Any = None, experiments: list[str] | None = None, n
     return [run for run in runs if is_lost(run, now)]
 
 
+def process_state(run: RunRecord) -> str:
+    """Where the run's process ran, and whether it is gone (known only on its own machine)."""
+    host, _, pid = run.tags.get("mlexp.process", "").rpartition(":")
+    if not pid.isdigit():
+        return ""
+    if host != socket.gethostname():
+        return f"it ran on {host} (pid {pid})"
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return f"its process (pid {pid}) on this machine is gone"
+    except PermissionError:
+        pass  # another user's process of that pid: alive
+    return f"its process (pid {pid}) on this machine is still alive but silent"
+
+
+def known_cause(run: RunRecord) -> str:
+    """What is known of why a lost run fell silent, beyond its missing heartbeat."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last_beat(run)))
+    parts = [f"no heartbeat since {since}", process_state(run)]
+    if run.tags.get("mlexp.last_problem"):
+        parts.append(f"its last problem: {run.tags['mlexp.last_problem']}")
+    return "; ".join(part for part in parts if part)
+
+
 def reap(tracking_uri: str, experiments: list[str] | None = None, dry_run: bool = False) -> list[str]:
     """End every lost run FAILED, saying why; returns one line per run."""
 
     lines = []
     for run in lost_runs(tracking_uri, experiments):
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last_beat(run)))
+        cause = known_cause(run)
         if not dry_run:
-            reason = (f"lost: no heartbeat since {since} (the process was killed or its machine lost); "
+            reason = (f"lost: {cause} (the process was killed or its machine lost); "
                       f"reaped by `mlexp reap`; `mlexp train --resume {run.run_id}` continues it")
             if tracking.end_run(tracking_uri, run.run_id, "FAILED", reason, tags={"mlexp.reaped": "true"}) is None:
                 lines.append(f"left {run.run_name} ({run.run_id}) alone: it ended on this machine and its results "
                              f"wait in its outbox; `mlexp sync --run {run.run_id}` sends them")
                 continue
-        lines.append(f"{'would mark' if dry_run else 'marked'} {run.run_name} ({run.run_id}) FAILED: "
-                     f"no heartbeat since {since}")
+        lines.append(f"{'would mark' if dry_run else 'marked'} {run.run_name} ({run.run_id}) FAILED: {cause}")
     return lines
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,9 @@ class RunTracker:
         self._beats = threading.Event()
         self._beat_thread: threading.Thread | None = None
         if self.sender is not None and heartbeat:
-            self.set_tags({"mlexp.heartbeat_s": f"{heartbeat_s():g}"})
+            # Where it runs: `reap` can then say whether that process is gone.
+            self.set_tags({"mlexp.heartbeat_s": f"{heartbeat_s():g}",
+                           "mlexp.process": f"{socket.gethostname()}:{os.getpid()}"})
             self._beat_thread = threading.Thread(target=self._heartbeat, name="mlexp-heartbeat", daemon=True)
             self._beat_thread.start()
 
@@ -197,14 +200,26 @@ class RunTracker:
     def _heartbeat(self) -> None:
         lower_this_threads_priority()
         period = heartbeat_s()
+        told = ""
         while True:
             try:
                 self.outbox.add_texts("tag", {"mlexp.heartbeat": str(now_ms())}, replace=True)
                 self._wake()
-            except Exception:  # noqa: BLE001 - a missed beat (disk full, locked) is retried next period
-                pass
+            except Exception as missed:  # noqa: BLE001 - a missed beat (disk full, locked) is retried next period
+                told = self._tell_server(f"its heartbeat could not be written to the outbox ({missed})", told)
             if self._beats.wait(period):
                 return
+
+    def _tell_server(self, problem: str, told: str) -> str:
+        """Write `problem` straight to the server as `mlexp.last_problem` (once each), for `reap`
+        to show if the run falls silent: the outbox is what failed. Returns what was told."""
+        if problem == told or self.client is None or not self.outbox.info().run_id:
+            return told
+        try:
+            self.client.set_tag(self.run_id, "mlexp.last_problem", problem[:5000])
+        except Exception:  # noqa: BLE001 - the server is away too: nothing else can be told
+            return told
+        return problem
 
     def _close(self, wait_s: float) -> Delivery:
         self._beats.set()

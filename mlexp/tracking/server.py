@@ -218,7 +218,7 @@ def set_status(client, run_id: str, status: str, end_time: int | None) -> None:
     client.set_terminated(run_id, status, end_time=end_time)
     if status == "FINISHED":  # an earlier failure (or a reap) of this run was resumed and made good
         run = client.get_run(run_id)
-        for tag in ("mlexp.error", "mlexp.reaped"):
+        for tag in ("mlexp.error", "mlexp.reaped", "mlexp.last_problem"):
             if tag in run.data.tags:
                 client.delete_tag(run_id, tag)
 

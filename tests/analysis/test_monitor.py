@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import time
 import uuid
 
 import pytest
 from mlflow import MlflowClient
 
-from mlexp.analysis.monitor import progress, summary, total_epochs
+from mlexp.analysis.monitor import progress, reap, summary, total_epochs
 from mlexp.analysis.query import RunRecord
 from mlexp.errors import MlexpError
+from mlexp.tracking import open_run
 from tests.run_factory import log_run
 
 
@@ -92,3 +95,34 @@ def test_progress_against_live_server(server_uri):
     (row,) = [line for line in text.splitlines() if line.startswith(experiment)]
     assert "3/6" in row and "75.0%" in row and "0m30s" in row  # 3 epochs of 10 s left
     assert "live: " not in summary(server_uri, [experiment]) and "0 finished" in summary(server_uri, [experiment])
+
+
+def test_reap_says_what_is_known_of_a_silent_run_beyond_its_missing_heartbeat(sqlite_uri, monkeypatch):
+    """A run whose outbox broke mid-training (here: its records table dropped) cannot beat:
+    its heartbeat thread writes the problem straight to the server, and `reap` shows it with
+    the state of the run's process (this test's own: alive, yet silent: its tracker is stopped)."""
+    monkeypatch.setenv("MLEXP_HEARTBEAT_S", "0.2")
+    tracker = open_run(sqlite_uri, "silent", "broken-outbox")
+    client = MlflowClient(sqlite_uri)
+
+    def wait_for(tag: str) -> None:
+        deadline = time.time() + 60
+        while tag not in client.get_run(tracker.run_id).data.tags:
+            assert time.time() < deadline, f"{tag} never reached the server"
+            time.sleep(0.05)
+
+    wait_for("mlexp.process")  # the records the damage below would drop are on the server
+    with sqlite3.connect(tracker.outbox.folder / "outbox.db") as damage:
+        damage.execute("DROP TABLE records")
+    wait_for("mlexp.last_problem")
+    tracker._beats.set()  # the beats stop and the outbox's lock goes, as a killed process's would
+    tracker.sender.stop()
+    tracker.outbox.unlock()
+    time.sleep(0.5)  # more than 1.5 periods of silence
+
+    [line] = reap(sqlite_uri, ["silent"])
+    assert f"({tracker.run_id}) FAILED: no heartbeat since" in line
+    assert f"its process (pid {os.getpid()}) on this machine is still alive but silent" in line
+    assert "its last problem: its heartbeat could not be written to the outbox (no such table: records)" in line
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and "its last problem: its heartbeat" in run.data.tags["mlexp.error"]

@@ -284,6 +284,7 @@ def test_killed_run_shows_lost_then_reaped_then_resumed(server_uri, tmp_path):
 
     reaped = run_mlexp(["reap", "--experiment", "lost"], env, tmp_path)
     assert reaped.returncode == 0 and f"({run_id}) FAILED" in reaped.stdout
+    assert f"its process (pid {proc.pid}) on this machine is gone" in reaped.stdout, reaped.stdout
     run = client.get_run(run_id)
     assert run.info.status == "FAILED" and "no heartbeat since" in run.data.tags["mlexp.error"]
 
