@@ -24,17 +24,18 @@ EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "epoch/time_s
 class RestartableServer:
     """A real `mlflow server` on a fixed 127.0.0.1 port, stopped and started like a real outage."""
 
-    def __init__(self, root: Path, artifacts: Path | None = None):
-        self.root, self.artifacts = root, artifacts
+    def __init__(self, root: Path, artifacts: Path | None = None, **server_options):
+        """`server_options`: start_local_server's own (backend, app_name, env), kept for restarts."""
+        self.root, self.options = root, dict(server_options, artifacts=artifacts)
         root.mkdir(parents=True, exist_ok=True)
-        self.proc, self.uri = start_local_server(root, artifacts=artifacts)
+        self.proc, self.uri = start_local_server(root, **self.options)
         self.port = int(self.uri.rsplit(":", 1)[1])
 
     def stop(self) -> None:
         stop_local_server(self.proc)
 
     def start(self) -> None:
-        self.proc, uri = start_local_server(self.root, port=self.port, artifacts=self.artifacts)
+        self.proc, uri = start_local_server(self.root, port=self.port, **self.options)
         assert uri == self.uri
 
 

@@ -73,8 +73,11 @@ def sweep_with(values: dict[str, Any], parent_run_id: str | None = None) -> None
     base, folds = sweep_folds(base, own.folds, own.fold)
     for strategy in own.strategies:
         base.replace(strategy=strategy)  # validates the name
-    # What each child gets: the training options as typed (the sweep's own run name is its parent's)
-    train_options = {name: value for name, value in user_values(training_values).items() if name != "run_name"}
+    # What each child gets: the training options as typed, but for the sweep's own run name (its
+    # parent's) and the tracking URI: a database URI's password on a child's command line would
+    # show in every local user's `ps`, so children take the URI from their environment.
+    train_options = {name: value for name, value in user_values(training_values).items()
+                     if name not in ("run_name", "tracking_uri")}
     result = run_sweep(base, list(own.backbones), inits, list(own.strategies), seeds, folds, train_options,
                        make_executor, retry_failed=own.retry_failed, parent_run_id=parent_run_id, overrides=overrides)
     if result.failed or result.killed:

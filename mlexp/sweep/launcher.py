@@ -338,6 +338,7 @@ def finish_child(outcome: ChildOutcome, row: PlanRow, job: ChildJob, result: Swe
         progress.durations.append(outcome.seconds)
         acc = f"best val acc {outcome.best_val_acc:.4f}" if outcome.best_val_acc is not None else "best val acc -"
         line = f"[{row.index}/{total}] FINISHED {row.run_name}  {acc}  {outcome.seconds:.1f} s"
+        line += f"  ({outcome.message})" if outcome.message else ""
     elif outcome.status == "KILLED":
         result.killed.append(outcome.run_id)
         progress.killed += 1

@@ -128,28 +128,41 @@ def settle(job: ChildJob, run_id: str, exit_code: int, seconds: float) -> ChildO
     died before its training could end its run (a user error, a crash at start, a kill)
     has its run ended FAILED here, with the reason, never left RUNNING."""
     message = log_error(job.log_path, exit_code)
-    status, best = run_result(job, run_id)
+    status, best, waiting = run_result(job, run_id)
     if status in (None, "RUNNING"):
         status = "FAILED"
         end_untrained(job, run_id, status, message or f"exit status {exit_code}")
     elif exit_code != 0 and status == "FINISHED":
         status = "FAILED"  # never reported as a success when the process said otherwise
-    return ChildOutcome(job.index, status, run_id, exit_code, seconds, best, "" if status == "FINISHED" else message)
+    if status == "FINISHED":  # what is said beside FINISHED: only whether the server knows it yet
+        message = (f"the server does not have it all yet: its last records wait in its outbox; "
+                   f"`mlexp sync --run {run_id}` sends them") if waiting and not job.offline else ""
+    return ChildOutcome(job.index, status, run_id, exit_code, seconds, best, message)
 
 
-def run_result(job: ChildJob, run_id: str) -> tuple[str | None, float | None]:
+def run_result(job: ChildJob, run_id: str) -> tuple[str | None, float | None, bool]:
+    """How the child's run ended, its best validation accuracy, and whether its outbox still
+    holds records the server lacks (the server's own answer, where it can give one)."""
     box = Outbox.find(run_id)
     local = box.info().status if box is not None else None
+    waiting = still_waiting(run_id)
     if job.offline:
-        return local, None
+        return local, None, waiting
     try:
         run = server.client_for(job.tracking_uri).get_run(run_id)
     except Exception:  # noqa: BLE001 - the server is away: the outbox knows how the run ended
-        return local, None
+        return local, None, waiting
     if local in TERMINAL and run.info.status == "RUNNING":
         run = deliver_leftovers(box, run_id, job.tracking_uri) or run
+        waiting = still_waiting(run_id)
     status = local if local in TERMINAL and run.info.status == "RUNNING" else run.info.status
-    return status, run.data.metrics.get("best/val_acc")
+    return status, run.data.metrics.get("best/val_acc"), waiting
+
+
+def still_waiting(run_id: str) -> bool:
+    """Whether the run's outbox on this machine still holds records (a delivered one is removed)."""
+    box = Outbox.find(run_id)
+    return box is not None and not box.pending().empty
 
 
 def deliver_leftovers(box, run_id: str, tracking_uri: str):
