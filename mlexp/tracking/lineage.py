@@ -80,7 +80,11 @@ def publish_logged_model(client, run_id: str, local_dir: Path, meta: dict) -> st
     if model.status == LoggedModelStatus.READY:
         return model.model_id
     crash_point("logged_model", meta["name"])
-    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=meta["step"])])
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=meta["step"])])
+    except Exception as error:  # noqa: BLE001 - re-raised unless it is the link made before
+        if not is_unique_key_race(error):  # a sender cut off after this call (a slow server) retries
+            raise
     link_metrics(client, run_id, model.model_id, meta.get("metrics", []), meta.get("datasets", {}))
     described = Model.load(str(local_dir))  # the MLmodel file says which logged model it is
     described.model_id, described.model_uuid, described.run_id = model.model_id, model.model_id, run_id

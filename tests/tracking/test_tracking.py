@@ -197,6 +197,31 @@ def test_an_upload_whose_files_vanished_is_kept_aside_not_delivered(sqlite_uri):
     assert "is missing" in Outbox.find(tracker.run_id).rejected()[0][1]
 
 
+def test_a_logged_model_published_again_after_its_output_was_linked_completes(sqlite_uri, tmp_path):
+    """A sender cut off after linking the model as its run's output (its grace ran out on a
+    slow server) leaves the operation to the next sender, which must complete it: the store
+    refuses the same link twice (SQLite's UNIQUE constraint, PostgreSQL's duplicate key)."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    from mlexp.tracking import lineage
+
+    client = MlflowClient(sqlite_uri)
+    run_id = client.create_run(client.create_experiment("retry")).info.run_id
+    folder = tmp_path / "model"
+    folder.mkdir()
+    Model().save(str(folder / "MLmodel"))
+    (folder / "weights.bin").write_bytes(b"w" * 100)
+    first = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="best", source_run_id=run_id)
+    client.log_outputs(run_id, [LoggedModelOutput(first.model_id, step=3)])  # where the first sender stopped
+
+    model_id = lineage.publish_logged_model(client, run_id, folder, {"name": "best", "step": 3})
+    assert model_id == first.model_id
+    assert client.get_logged_model(model_id).status == LoggedModelStatus.READY
+    assert [output.model_id for output in client.get_run(run_id).outputs.model_outputs] == [model_id]
+    assert "weights.bin" in [f.path for f in client.list_logged_model_artifacts(model_id)]
+
+
 def test_two_runs_logging_the_same_datasets_at_once_both_get_them(server_uri):
     """A parallel sweep's children log identical splits into one experiment at the same moment:
     MLflow's store can refuse the second insert of a dataset; both runs must still get it."""
