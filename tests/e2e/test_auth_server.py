@@ -42,7 +42,8 @@ def auth_server(postgres, tmp_path):
     (root / "auth.ini").write_text(
         f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {postgres.new_database()}\n"
         f"admin_username = {ADMIN[0]}\nadmin_password = {ADMIN[1]}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 60\n")  # as the README's team server: a checked login is remembered
     server = RestartableServer(root, backend=postgres.new_database(), app_name="basic-auth", env={
         "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
     for user in (ALICE, BOB, CAROL):
