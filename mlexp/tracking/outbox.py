@@ -379,3 +379,15 @@ def all_outboxes() -> Iterator[Outbox]:
             except (sqlite3.Error, FileNotFoundError):
                 continue
             yield box
+
+
+def outbox_unwritable(error: BaseException) -> bool:
+    """Whether `error` says the outbox's disk cannot take a write: full, over quota or read-only
+    (SQLite's "database or disk is full", an OSError, safetensors' IoError)."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return True
+    text = str(error)
+    return any(sign in text for sign in ("database or disk is full", "readonly database", "No space left",
+                                         "StorageFull", "Read-only file system"))

@@ -18,7 +18,7 @@ from pathlib import Path
 from mlexp.config import DEFAULT_EXPERIMENT
 from mlexp.errors import MlexpError
 from mlexp.tracking import server
-from mlexp.tracking.outbox import TERMINAL, Outbox, new_local_id, now_ms, outbox_root
+from mlexp.tracking.outbox import TERMINAL, Outbox, new_local_id, now_ms, outbox_root, outbox_unwritable
 from mlexp.tracking.outbox_info import Pending
 from mlexp.tracking.sender import Sender, lower_this_threads_priority, seconds_from_env
 
@@ -353,15 +353,3 @@ def end_run(tracking_uri: str, run_id: str, status: str, message: str, tags: dic
     if tags:
         tracker.set_tags(tags)
     return tracker.finish(status, error=message, wait_s=wait_s)
-
-
-def outbox_unwritable(error: BaseException) -> bool:
-    """Whether `error` says the outbox's disk cannot take a write: full, over quota or read-only
-    (SQLite's "database or disk is full", an OSError, safetensors' IoError)."""
-    import errno
-
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-        return True
-    text = str(error)
-    return any(sign in text for sign in ("database or disk is full", "readonly database", "No space left",
-                                         "StorageFull", "Read-only file system"))

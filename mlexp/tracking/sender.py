@@ -33,7 +33,7 @@ from pathlib import Path
 from mlexp.errors import MlexpError
 from mlexp.faults import crash_point
 from mlexp.tracking import lineage, server
-from mlexp.tracking.outbox import Outbox
+from mlexp.tracking.outbox import Outbox, outbox_unwritable
 
 SEND_INTERVAL_S = 2.0
 BACKOFF_START_S = 0.5
@@ -89,6 +89,10 @@ class Health:
             now = time.monotonic()
             if self.failing_since is None:
                 self.failing_since = now
+            # The outbox's own disk refusing (full, read-only) is not the server's doing: the
+            # training's writes meet it too, and the run ends saying so in one line.
+            if outbox_unwritable(error):
+                return
             if not self.announced and now - self.failing_since >= self.NOTICE_AFTER_S:
                 self.announced = True
                 if not self.quiet:

@@ -27,8 +27,7 @@ from mlexp.models.build import build_backbone
 from mlexp.models.catalogue import BackboneSpec, resolve_backbone
 from mlexp.models.weight_sources import WeightsFile, locate_weights
 from mlexp.option_values import best_is_max
-from mlexp.tracking.outbox import Outbox, outbox_root
-from mlexp.tracking.run import outbox_unwritable
+from mlexp.tracking.outbox import Outbox, outbox_root, outbox_unwritable
 from mlexp.tracking.sync import sync_outbox
 from mlexp.training.console import print_epoch, print_outcome, print_start, print_weights_report, report_delivery
 from mlexp.training.live_logs import FILES, LiveLogs, NoLogs, open_live_logs
