@@ -145,18 +145,16 @@ def run_result(job: ChildJob, run_id: str) -> tuple[str | None, float | None, bo
     holds records the server lacks (the server's own answer, where it can give one)."""
     box = Outbox.find(run_id)
     local = box.info().status if box is not None else None
-    waiting = still_waiting(run_id)
     if job.offline:
-        return local, None, waiting
+        return local, None, still_waiting(run_id)
     try:
         run = server.client_for(job.tracking_uri).get_run(run_id)
     except Exception:  # noqa: BLE001 - the server is away: the outbox knows how the run ended
-        return local, None, waiting
+        return local, None, still_waiting(run_id)
     if local in TERMINAL and run.info.status == "RUNNING":
         run = deliver_leftovers(box, run_id, job.tracking_uri) or run
-        waiting = still_waiting(run_id)
     status = local if local in TERMINAL and run.info.status == "RUNNING" else run.info.status
-    return status, run.data.metrics.get("best/val_acc"), waiting
+    return status, run.data.metrics.get("best/val_acc"), still_waiting(run_id)
 
 
 def still_waiting(run_id: str) -> bool:
