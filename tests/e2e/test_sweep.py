@@ -49,11 +49,12 @@ def test_dry_run_prints_the_plan_and_creates_nothing(sqlite_uri, capsys):
 @pytest.mark.slow
 def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, tmp_path, monkeypatch, capsys):
     weights = tmp_path / "weights"
-    write_pretrained_weights(weights, "resnet18", "resnet18")
-    write_pretrained_weights(weights, "deit_small_patch16_224", "deit_small")
+    # timm's tiny ResNet and ViT: the two families' stages and layers, each under 400k parameters
+    write_pretrained_weights(weights, "test_resnet", "test_resnet")
+    write_pretrained_weights(weights, "test_vit", "test_vit")
     monkeypatch.setenv("MLEXP_WEIGHTS_DIR", str(weights))
     client = MlflowClient(server_uri)
-    grid = ["--backbones", "resnet18,deit_small", "--seeds", "1,2,3", "--test-split", "0.2", "--experiment",
+    grid = ["--backbones", "test_resnet,test_vit", "--seeds", "1,2,3", "--test-split", "0.2", "--experiment",
             "sweep-e2e", "--parallel", "2"]
 
     sweep(grid)
@@ -64,24 +65,24 @@ def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, 
     assert {f"evaluation/{split}/{name}" for split in ("test", "val") for name in
             ("per_class.csv", "confusion_matrix.csv", "confusion_matrix.png")} <= artifact_paths(client, first[0].info.run_id)
     assert {(r.data.tags["mlexp.backbone"], r.data.tags["mlexp.init"]) for r in first} == {
-        ("resnet18", "pretrained"), ("resnet18", "scratch"), ("deit_small", "pretrained"), ("deit_small", "scratch")}
+        ("test_resnet", "pretrained"), ("test_resnet", "scratch"), ("test_vit", "pretrained"), ("test_vit", "scratch")}
     for child in first:  # the scratch multipliers are applied exactly once
         expected_lr = "0.0015" if child.data.tags["mlexp.init"] == "scratch" else "0.001"
         assert child.data.params["lr"] == expected_lr
     [parent] = [r for r in runs_of(client, "sweep-e2e") if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.metrics["sweep/finished"] == 12
-    assert parent.info.run_name == "sweep resnet18+deit_small (12 runs)"
+    assert parent.info.run_name == "sweep test_resnet+test_vit (12 runs)"
     assert {key: parent.data.params[key] for key in ("sweep.backbones", "sweep.inits", "sweep.seeds", "sweep.size")} \
-        == {"sweep.backbones": "resnet18,deit_small", "sweep.inits": "pretrained,scratch", "sweep.seeds": "1,2,3",
+        == {"sweep.backbones": "test_resnet,test_vit", "sweep.inits": "pretrained,scratch", "sweep.seeds": "1,2,3",
             "sweep.size": "12 runs"}
-    assert {r.info.run_name for r in first} >= {"resnet18_scratch-full-s1", "deit_small_pretrained-full-s2"}
+    assert {r.info.run_name for r in first} >= {"test_resnet_scratch-full-s1", "test_vit_pretrained-full-s2"}
     assert {"summary/sweep_summary.json", "summary/sweep_summary.txt"} <= artifact_paths(client, parent.info.run_id)
 
     sweep(grid)  # the same sweep again: everything finished before, nothing is trained and no run is made
     assert len(runs_of(client, "sweep-e2e")) == 13
 
     # resnet50 has no pretrained weights here: its configuration FAILS, the other trains, exit status 1
-    sweep(["--backbones", "resnet18", "resnet50", "--pretrained-only", "--seeds", "7", "--experiment", "sweep-fail"],
+    sweep(["--backbones", "test_resnet", "resnet50", "--pretrained-only", "--seeds", "7", "--experiment", "sweep-fail"],
           expect=1)
     failing = children(client, "sweep-fail")
     assert sorted(r.info.status for r in failing) == ["FAILED", "FINISHED"]
@@ -110,7 +111,7 @@ def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, 
     logged = ["report.md", "comparisons.csv", "groups.csv", "groups.md", "compare.json", "pairs.csv",
               "val_acc_curves.png", "val_loss_curves.png", "pretrain_gain_curves.png", "best_acc_bar.png",
               "time_bar.png"]
-    logged += [f"features/{arch}_{name}" for arch in ("resnet18", "deit_small")
+    logged += [f"features/{arch}_{name}" for arch in ("test_resnet", "test_vit")
                for name in ("cka.png", "cka.csv", "cka_by_layer.csv")]
     for name in logged:
         assert f"compare/{name}" in files, name
@@ -119,11 +120,11 @@ def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, 
     groups = report["groups"]
     assert len(groups) == 4 and all(group["runs"] == 3 and group["metric_n"] == 3 for group in groups)
     # paired pretrained-minus-scratch rows, matched on seed (and fold), for both backbones; and their interaction
-    assert {pair["backbone"] for pair in report["pairs"]} == {"resnet18", "deit_small"}
+    assert {pair["backbone"] for pair in report["pairs"]} == {"test_resnet", "test_vit"}
     rows = report["comparisons"]
     gains = {row["backbone"]: row for row in rows if row["kind"] == "init"}
-    assert set(gains) == {"resnet18", "deit_small", "all backbones"}
-    assert [gains[arch]["n"] for arch in ("resnet18", "deit_small", "all backbones")] == [3, 3, 6]
+    assert set(gains) == {"test_resnet", "test_vit", "all backbones"}
+    assert [gains[arch]["n"] for arch in ("test_resnet", "test_vit", "all backbones")] == [3, 3, 6]
     assert [row["kind"] for row in rows].count("interaction") == 1
     assert all(row["p_holm"] >= row["p_value"] > 0 for row in rows if row["n"])
     answers = (tmp_path / "cmp" / "report.md").read_text()
@@ -131,9 +132,9 @@ def test_sweep_skip_finished_failures_then_compare_on_a_live_server(server_uri, 
         assert f"## {number}. " in answers
     assert "n = 3 pairs" in answers and "linear CKA between pretrained and scratch" in answers
     features = {row["backbone"]: row for row in report["features"]}
-    assert features["resnet18"]["layers"] == ["act1", "layer1", "layer2", "layer3", "layer4", "pre_logits"]
-    assert len(features["deit_small"]["layers"]) == 13 and not features["deit_small"]["problem"]
+    assert features["test_resnet"]["layers"] == ["act1", "layer1", "layer2", "layer3", "layer4", "pre_logits"]
+    assert len(features["test_vit"]["layers"]) == 7 and not features["test_vit"]["problem"]  # 6 blocks + pre_logits
     for row in features.values():
         assert all(-0.2 < value <= 1.0 + 1e-9 for value in row["same_layer_cka"])
         assert set(row["to_init"]) == {"pretrained", "scratch"}  # the weights file, and the seed's init
-    assert "resnet18" in printed and "deit_small" in printed and "report.md" in printed  # the terminal table
+    assert "test_resnet" in printed and "test_vit" in printed and "report.md" in printed  # the terminal table
