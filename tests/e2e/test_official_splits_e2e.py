@@ -10,7 +10,7 @@ from mlexp.commands.cli import main
 from tests.data.test_official_splits import CONTEXTS, expected_digest, lines, make_dtd_layout
 from tests.helpers import runs_of
 
-TINY = ["--backbones", "resnet18", "--scratch-only", "--img-size", "16", "--batch-size", "64", "--epochs", "1",
+TINY = ["--backbones", "test_resnet", "--inits", "scratch", "--img-size", "16", "--batch-size", "64", "--epochs", "1",
         "--scratch-epochs-mult", "1", "--calibrate", "false", "--log-models", "false", "--system-metrics", "false"]
 
 
