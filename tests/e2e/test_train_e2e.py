@@ -92,7 +92,7 @@ def test_torchrun_two_processes_is_one_compiled_ddp_run_with_identical_weights(s
     """torchrun on CPU: real DDP over gloo (not two lone trainings), one run, ranks in sync; with
     --compile and channels_last on top of DDP (plain DDP: the gradual-unfreezing torchrun test)."""
     env = subprocess_env(server_uri)
-    args = ["--backbone", "resnet18_scratch", "--data", "digits", "--epochs", "1", "--img-size", "16",
+    args = ["--backbone", "test_resnet", "--init", "scratch", "--data", "digits", "--epochs", "1", "--img-size", "16",
             "--batch-size", "32", "--compile", "true", "--channels-last", "true", "--experiment", "e2e-torchrun"]
     rank0, rank1 = torchrun_train(args, env, tmp_path)
     assert rank0.keys() == rank1.keys()
@@ -117,7 +117,7 @@ def test_accelerate_launch_multi_cpu_is_one_ddp_run(server_uri, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "mlexp", "train", "--backbone", "resnet18_scratch", "--data", "synthetic", "--epochs", "1",
+         "-m", "mlexp", "train", "--backbone", "test_resnet", "--init", "scratch", "--data", "synthetic", "--epochs", "1",
          "--img-size", "16", "--experiment", "e2e-accelerate"],
         env=dict(env, ACCELERATE_USE_CPU="true"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
