@@ -7,6 +7,7 @@ and exit with status 2.
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Any
 
@@ -113,10 +114,23 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The `mlexp` command: run the CLI, user errors as one line and exit status 2."""
-    with user_errors():
-        adopt_environment()  # http(s) credentials in a URI go to MLflow's variables, nowhere else
-        args = without_uri_credentials(join_list_options(sys.argv[1:] if argv is None else argv))
-        cli.main(args=args, prog_name="mlexp", standalone_mode=False)
+    try:
+        with user_errors():
+            adopt_environment()  # http(s) credentials in a URI go to MLflow's variables, nowhere else
+            args = without_uri_credentials(join_list_options(sys.argv[1:] if argv is None else argv))
+            cli.main(args=args, prog_name="mlexp", standalone_mode=False)
+    finally:
+        if argv is None:  # the whole process is this command (in-process callers keep their collector)
+            shorten_shutdown()
+
+
+def shorten_shutdown() -> None:
+    """Python's shutdown runs full collections over every object torch, timm and MLflow made,
+    ~1 s of each command on 2 cores. One collection now (so garbage cycles still finalize, files
+    in them flush) and freezing the survivors leaves shutdown a third of that: atexit handlers
+    and the joins of running threads are untouched."""
+    gc.collect()
+    gc.freeze()
 
 
 URI_OPTIONS = ("--tracking-uri", "--to")
