@@ -24,14 +24,43 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow end-to-end tests first (a stable sort keeps each group in file order). `make
-    test` runs two test processes with pytest-xdist's worksteal: each starts with half the
-    list and, once its own half is done, takes half of what the other has left, so the long
-    tests are shared out and the short ones fill the end. (`--dist load` hands each process
-    fixed batches up front: in a fresh clone one process then ran its long tests alone for
-    minutes, 22.9 minutes in all at 148% CPU.)"""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+# The tests that take minutes (on 2 cores), longest first: each test process starts on one of
+# them, so no process is left running one alone at the end. A name that no longer matches
+# only loses its place in the queue.
+LONGEST = ("test_every_training_entry_point_gives_the_cli_config", "test_credentials_train_and_are_written_nowhere",
+           "test_own_model_pretrain_sweep_ablation_resume_and_serve",
+           "test_sigkill_at_twenty_two_moments_then_resume_gives_the_uninterrupted_model",
+           "test_ray_trains_the_grid_and_a_killed_worker_resumes_the_same_run",
+           "test_sweep_skip_finished_failures_then_compare_on_a_live_server",
+           "test_a_run_becomes_a_registered_served_evaluated_model",
+           "test_a_sweep_over_official_partitions_trains_each_on_its_files_lines")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The heavy tests (end-to-end, or marked slow) first, shared out between the test processes.
+
+    `make test` runs two test processes with pytest-xdist's worksteal: each starts with its
+    contiguous share of this list and, once its own share is done, takes the end of what another
+    has left. So each share starts with every n-th heavy test (the longest first) and ends with
+    unit tests, which are what gets stolen and what fills the end. (`--dist load` hands out fixed
+    batches up front: in a fresh clone one process then ran its long tests alone for minutes.)"""
+    def heavy(item: pytest.Item) -> bool:
+        return "e2e" in item.path.parts or item.get_closest_marker("slow") is not None
+
+    def rank(item: pytest.Item) -> int:
+        name = item.name.split("[", 1)[0]
+        return LONGEST.index(name) if name in LONGEST else len(LONGEST)
+
+    heavy_items = sorted((item for item in items if heavy(item)), key=rank)
+    light_items = [item for item in items if not heavy(item)]
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    shares = [heavy_items[k::workers] for k in range(workers)]
+    share_size = -(-len(items) // workers)  # xdist's first split: equal contiguous shares
+    for share in shares:
+        take = max(0, share_size - len(share))
+        share += light_items[:take]
+        del light_items[:take]
+    items[:] = [item for share in shares for item in share] + light_items
 
 
 @pytest.fixture(autouse=True)
