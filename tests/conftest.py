@@ -54,10 +54,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     heavy_items = sorted((item for item in items if heavy(item)), key=rank)
     light_items = [item for item in items if not heavy(item)]
     workers = getattr(config, "workerinput", {}).get("workercount", 1)
-    shares = [heavy_items[k::workers] for k in range(workers)]
-    share_size = -(-len(items) // workers)  # xdist's first split: equal contiguous shares
-    for share in shares:
-        take = max(0, share_size - len(share))
+    shares, left = [heavy_items[k::workers] for k in range(workers)], len(items)
+    for index, share in enumerate(shares):
+        size = left // (workers - index)  # xdist's first split: what is left, evenly
+        left -= size
+        take = max(0, size - len(share))
         share += light_items[:take]
         del light_items[:take]
     items[:] = [item for share in shares for item in share] + light_items
