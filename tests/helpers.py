@@ -12,8 +12,10 @@ import timm
 from mlflow import MlflowClient
 
 from mlexp.training.checkpoints import save_weights
+from tests.warm_start import WarmStarter
 
 ROOT = Path(__file__).resolve().parents[1]
+WARM_STARTER = WarmStarter()
 DIGITS_TRAIN_SIZE = 1437  # 1,797 digits, 20% held out (stratified, fixed split seed)
 
 
@@ -27,8 +29,8 @@ def subprocess_env(tracking_uri: str, **extra: str) -> dict[str, str]:
 
 
 def run_mlexp(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlexp", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    """`python -m mlexp ARGS` to its end, output captured (started warm: tests/warm_start.py)."""
+    return WARM_STARTER.run(args, env, cwd, timeout)
 
 
 def write_pretrained_weights(folder: Path, timm_name: str, arch: str, num_classes: int = 1000, seed: int = 0,
