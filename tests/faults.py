@@ -4,14 +4,14 @@ tiny trainings as real processes, and the completeness check every fault must pa
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 from mlexp.tracking.local_server import start_local_server, stop_local_server
-from tests.helpers import artifact_paths, contract_artifacts, steps
+from tests.helpers import WARM_STARTER, artifact_paths, contract_artifacts, steps
+from tests.warm_start import WarmProcess
 
 # A 0.4 M-parameter ResNet at 16 px: a whole epoch of digits in about a second on one core.
 TINY = ["--backbone", "test_resnet", "--init", "scratch", "--data", "digits", "--img-size", "16",
@@ -39,9 +39,9 @@ class RestartableServer:
         assert uri == self.uri
 
 
-def mlexp_process(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mlexp", *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def mlexp_process(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen | WarmProcess:
+    """`python -m mlexp ARGS` running, its output (stderr with it) in `.stdout` (started warm: tests/warm_start.py)."""
+    return WARM_STARTER.popen(args, env, cwd)
 
 
 def train_past_epoch_1(experiment: str, epochs: int, batch_size: int, env: dict[str, str],

@@ -63,6 +63,53 @@ def read_line(conn: socket.socket) -> str:
     return line.decode()
 
 
+class WarmProcess:
+    """A warm-started command, as the `subprocess.Popen` of a plain one: its pid (signals reach
+    it as they would), `stdout` when asked for, and its exit status (negative: the signal that
+    ended it) told by the starter."""
+
+    def __init__(self, conn: socket.socket, pid: int, args: list[str]) -> None:
+        self.conn, self.pid, self.args = conn, pid, args
+        self.returncode: int | None = None
+        self.stdout = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self.conn], [], [], 0)[0]:
+            self.wait()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.conn.settimeout(timeout)
+            try:
+                said = read_line(self.conn)
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(self.args, timeout) from None
+            if not said:
+                raise RuntimeError(f"the warm starter ended while {self.args[:2]} ran (its error is above)")
+            self.returncode = int(said)
+            self.conn.close()
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        """The rest of stdout, once the command has ended (its text read where the caller left it)."""
+        rest: list[str] = []
+        reader = threading.Thread(target=lambda: rest.append(self.stdout.read()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if reader.is_alive():
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(timeout)
+        return rest[0], None
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class WarmStarter:
     """The client side: one starter process per test process, started on first use."""
 
@@ -74,32 +121,47 @@ class WarmStarter:
 
     def run(self, args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
         """As `subprocess.run([python, -m, mlexp, *args], capture_output=True, text=True)`."""
-        if os.environ.get("MLEXP_TESTS_COLD") == "1" or not self.ready_for(env):
+        if not self.ready_for(env):
             return subprocess.run([sys.executable, "-m", "mlexp", *args], env=env, cwd=cwd, capture_output=True,
                                   text=True, timeout=timeout)
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-                open(os.devnull, "rb") as stdin, socket.socket(socket.AF_UNIX) as conn:
-            conn.connect(self.socket_path)
-            request = json.dumps({"args": args, "env": env, "cwd": str(cwd)}).encode()
-            socket.send_fds(conn, [len(request).to_bytes(8, "big")], [stdin.fileno(), out.fileno(), err.fileno()])
-            conn.sendall(request)
-            pid = int(read_line(conn))
-            conn.settimeout(timeout)
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            process = self.fork(args, env, cwd, out.fileno(), err.fileno())
             try:
-                said = read_line(conn)
-            except TimeoutError:  # as subprocess.run: the process is killed, then the caller told
-                os.kill(pid, signal.SIGKILL)
-                conn.settimeout(30)
-                read_line(conn)
-                raise subprocess.TimeoutExpired(["mlexp", *args], timeout) from None
-            if not said:
-                raise RuntimeError(f"the warm starter ended while mlexp {args[:1]} ran (its error is above)")
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:  # as subprocess.run: the process is killed, then the caller told
+                process.kill()
+                process.wait(30)
+                raise
             out.seek(0)
             err.seek(0)
-            return subprocess.CompletedProcess(["mlexp", *args], int(said), out.read().decode(errors="replace"),
-                                               err.read().decode(errors="replace"))
+            return subprocess.CompletedProcess(["mlexp", *args], process.returncode,
+                                               out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+
+    def popen(self, args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen | WarmProcess:
+        """As `subprocess.Popen([python, -m, mlexp, *args], stdout=PIPE, stderr=STDOUT, text=True)`."""
+        if not self.ready_for(env):
+            return subprocess.Popen([sys.executable, "-m", "mlexp", *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+        reading, writing = os.pipe()
+        try:
+            process = self.fork(args, env, cwd, writing, writing)
+        finally:
+            os.close(writing)  # the child holds it now: the pipe ends when the child (and what it started) does
+        process.stdout = open(reading, encoding="utf-8", errors="replace")  # noqa: SIM115 (the caller's to read)
+        return process
+
+    def fork(self, args: list[str], env: dict[str, str], cwd: Path, stdout: int, stderr: int) -> WarmProcess:
+        conn = socket.socket(socket.AF_UNIX)
+        conn.connect(self.socket_path)
+        request = json.dumps({"args": args, "env": env, "cwd": str(cwd)}).encode()
+        with open(os.devnull, "rb") as stdin:
+            socket.send_fds(conn, [len(request).to_bytes(8, "big")], [stdin.fileno(), stdout, stderr])
+        conn.sendall(request)
+        return WarmProcess(conn, int(read_line(conn)), ["mlexp", *args])
 
     def ready_for(self, env: dict[str, str]) -> bool:
+        if os.environ.get("MLEXP_TESTS_COLD") == "1":
+            return False
         with self.lock:
             if self.process is None:
                 self.start(env)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from mlexp.commands.cli import main
-from tests.helpers import artifact_paths, runs_of, subprocess_env, write_pretrained_weights
+from tests.helpers import artifact_paths, run_mlexp, runs_of, subprocess_env, write_pretrained_weights
 
 SMALL = ["--data", "digits", "--img-size", "16", "--batch-size", "64", "--epochs", "1", "--calibrate", "false"]
 
@@ -30,8 +28,7 @@ def children(client: MlflowClient, experiment: str) -> list:
 
 
 def test_unknown_backbone_in_the_grid_stops_before_anything_starts(sqlite_uri, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "mlexp", "sweep", "--backbones", "resnt18", *SMALL],
-                          env=subprocess_env(sqlite_uri), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = run_mlexp(["sweep", "--backbones", "resnt18", *SMALL], subprocess_env(sqlite_uri), tmp_path, timeout=120)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "resnet18" in done.stderr and "Traceback" not in done.stderr
     assert not runs_of(MlflowClient(sqlite_uri), "mlexp")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from mlexp.config import TrainConfig, config_fields
 from mlexp.training import hardware
 from mlexp.training.recipes import preset_fields
+from tests.faults import mlexp_process
 from tests.helpers import (
     DIGITS_TRAIN_SIZE,
     ROOT,
@@ -132,8 +133,7 @@ def test_sigkill_in_second_epoch_then_resume_has_no_duplicate_and_no_gap(server_
     # the tiny ResNet at batch 2: ~700 steps, ~6 s per epoch on one core, so the kill lands well inside epoch 2
     args = ["train", "--backbone", "test_resnet", "--init", "scratch", "--data", "digits", "--epochs", "3",
             "--img-size", "16", "--batch-size", "2", "--scratch-epochs-mult", "1", "--experiment", "e2e-resume"]
-    proc = subprocess.Popen([sys.executable, "-m", "mlexp", *args], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = mlexp_process(args, env, tmp_path)
     client = MlflowClient(server_uri)
     try:
         for line in proc.stdout:  # "epoch   1 ..." is printed once epoch 1 is evaluated and logged
