@@ -58,6 +58,9 @@ class TrainConfig:
     weights_key_map: str | None = option(None, "Rename a prefix of the weights file's tensor names before loading, "
                                          "OLD=NEW (e.g. 'encoder.=' for a checkpoint saved inside an encoder); "
                                          "repeatable.", repeatable=True)
+    task: str = option("classification", "What the model learns: classification (one label per image) or detection "
+                       "(boxes: Faster R-CNN over the backbone, data in COCO JSON or YOLO folders; README, "
+                       "\"Detection\").", ("classification", "detection"))
     data: str = option("digits", "An ImageFolder path; a folder with split files (labels/train1.txt, val1.txt, "
                        "test1.txt, ...: one partition per fold); torchvision:NAME:ROOT for a torchvision dataset "
                        "in a local folder (torchvision:DTD:/data/dtd, torchvision:CIFAR10:/data); 'digits' "
@@ -146,7 +149,9 @@ class TrainConfig:
     early_stop_patience: int = option(0, "Stop when the best metric (--best-metric) has not improved for this "
                                       "many epochs (0 = off).")
     best_metric: str = option("val/acc", "The epoch metric that chooses the best checkpoint, early stopping and "
-                              "the best/* metrics.", ("val/acc", "val/loss", "val/macro_f1", "train/loss", "train/acc"))
+                              "the best/* metrics (a detection run's default: val/map).",
+                              ("val/acc", "val/loss", "val/macro_f1", "train/loss", "train/acc", "val/map", "val/map_50",
+                               "val/map_75"))
     best_mode: str = option("auto", "Whether the best metric is best high or low. 'auto': min for losses and "
                             "errors, else max.", ("auto", "max", "min"))
     best_checkpoint: str = option("weights", "What checkpoints/best/ keeps: the weights, or 'full': also the "
@@ -219,6 +224,11 @@ class TrainConfig:
         if not 0.0 <= self.test_split < 1.0 or (not self.folds and self.val_split + self.test_split >= 1.0):
             raise MlexpError(f"--test-split must be in [0, 1) and leave data to train on with --val-split "
                              f"{self.val_split}, got {self.test_split}")
+        detection_metric = self.best_metric.startswith("val/map")
+        if detection_metric != (self.task == "detection") and self.best_metric not in ("val/acc", "train/loss"):
+            raise MlexpError(f"--best-metric {self.best_metric} is not a metric of --task {self.task}")
+        if self.task == "detection" and (self.mixup > 0 or self.cutmix > 0 or self.strategy != "full"):
+            raise MlexpError("--task detection trains with --strategy full and without --mixup/--cutmix for now")
         if self.folds == 1:
             raise MlexpError("--folds must be 0 (off) or at least 2")
         if self.folds and not 0 <= self.fold < self.folds:
@@ -296,7 +306,8 @@ BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "e
 # compare), and given to their recorded configs (they trained on plain resizes, no jitter).
 ADDED_LATER = {"test_split": 0.0, "test_dir": None, "train_crop": "resize", "color_jitter": 0.0, "plugins": None,
                "weights_from": None, "weights_strict": True, "weights_key_map": None, "unfreeze_patterns": None,
-               "best_metric": "val/acc", "best_mode": "auto", "splits": None, "rotate": 0.0}
+               "best_metric": "val/acc", "best_mode": "auto", "splits": None, "rotate": 0.0,
+               "task": "classification"}
 AUTO = -1  # --workers auto
 TRISTATE = ("auto", "true", "false")
 TRISTATE_FIELDS = ("channels_last",)

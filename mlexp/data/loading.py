@@ -83,7 +83,7 @@ class EpochSeeded(Dataset):
 
 
 def loader_samples_per_s(dataset: Dataset, cfg: TrainConfig, workers: int, max_batches: int = 30,
-                         max_seconds: float = 3.0) -> float:
+                         max_seconds: float = 3.0, collate=None) -> float:
     """The loader alone (decoding and augmentation, no model): training images per second
     over up to `max_batches` batches or `max_seconds`, from the first batch on (worker
     start-up left out) when there are two or more. Next to perf/samples_per_s it says
@@ -92,7 +92,8 @@ def loader_samples_per_s(dataset: Dataset, cfg: TrainConfig, workers: int, max_b
 
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(dataset, shuffle=False, **{**loader_kwargs(cfg, workers), "persistent_workers": False})
+    loader = DataLoader(dataset, shuffle=False, collate_fn=collate,
+                        **{**loader_kwargs(cfg, workers), "persistent_workers": False})
     with torch.random.fork_rng(devices=[]):
         began = time.perf_counter()
         started, counted, first_batch = began, 0, 0

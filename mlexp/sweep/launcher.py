@@ -20,7 +20,6 @@ from pathlib import Path
 
 from mlexp import tracking
 from mlexp.config import DEFAULT_EXPERIMENT, TrainConfig
-from mlexp.data.sources import check_data_source
 from mlexp.errors import MlexpError
 from mlexp.sweep.local_executor import ChildJob, ChildOutcome
 from mlexp.sweep.overrides import Overrides
@@ -35,6 +34,7 @@ from mlexp.sweep.plan import (
     sweep_name,
 )
 from mlexp.sweep.progress import SweepProgress
+from mlexp.tasks.kinds import task_of
 from mlexp.tracking import claims, server
 from mlexp.tracking.outbox import Outbox
 from mlexp.tracking.run import create_offline_run
@@ -106,7 +106,7 @@ def run_sweep(base: TrainConfig, backbones: list[str], inits: list[str], strateg
     try:
         # Bad data is a user error before any run exists; an official split's every fold (a missing split file)
         for fold in folds[:1] if base.folds else folds:
-            check_data_source(base.replace(fold=fold))
+            task_of(base).check_data(base.replace(fold=fold))
         uri = absolute_uri(base.tracking_uri or tracking.default_tracking_uri())
         offline = tracking.offline_requested(base.offline)
         # Offline, the server's finished runs cannot be looked up: every configuration trains.

@@ -53,7 +53,14 @@ def print_weights_report(built) -> None:
 
 
 def print_epoch(row: dict, is_best: bool, best_metric: str = "val/acc") -> None:
-    chosen = "" if best_metric == "val/acc" else f" by {best_metric}"
+    chosen = "" if best_metric in ("val/acc", "val/map") else f" by {best_metric}"
+    if "val/map" in row:  # detection: the loss's parts, and COCO's mAPs
+        parts = "  ".join(f"{key.removeprefix('train/loss_')} {value:.4f}" for key, value in row.items()
+                          if key.startswith("train/loss_") and key != "train/loss_total")
+        print(f"epoch {row['epoch']:>3}  train loss {row['train/loss']:.4f} ({parts})  val mAP {row['val/map']:.3f} "
+              f"mAP50 {row['val/map_50']:.3f}  {row['epoch/time_s']:.1f}s" + (f"  (best{chosen})" if is_best else ""),
+              flush=True)
+        return
     print(f"epoch {row['epoch']:>3}  train loss {row['train/loss']:.4f} acc {row['train/acc']:.3f}  "
           f"val loss {row['val/loss']:.4f} acc {row['val/acc']:.3f}  {row['epoch/time_s']:.1f}s"
           + (f"  (best{chosen})" if is_best else ""), flush=True)
@@ -70,8 +77,10 @@ def print_outcome(result, delivery, tracking_uri: str) -> None:
     if delivery.complete:
         where = f"open it: {redact(tracking.ui_hint(tracking_uri, run_experiment_id(tracking_uri, delivery.run_id)))}"
         print(f"\nmlexp: run {delivery.run_id} FINISHED: {best_phrase(result)}\n  logged: {LOGGED}"
-              + (", logged models best and final" if result.effective.log_models else "")
-              + f", evaluation/{'{test,val}' if result.tested else 'val'}/ (per-class table, confusion matrix)"
+              + (", logged models best and final" if result.effective.log_models and result.effective.task == "classification"
+                 else "")
+              + f", evaluation/{'{test,val}' if result.tested else 'val'}/ "
+              + ("(per-class AP)" if result.effective.task == "detection" else "(per-class table, confusion matrix)")
               + f"\n  {where}", flush=True)
         return
     if delivery.offline:
@@ -86,6 +95,8 @@ def best_phrase(result) -> str:
     """'best val acc 0.9120 at epoch 7', or by another --best-metric: 'best val/loss 0.2810 at epoch 5
     (val acc 0.9010)'."""
     metric = result.effective.best_metric
+    if result.effective.task == "detection" and result.history is not None:
+        return f"best {metric} {result.history.best_value:.4f} at epoch {result.best_epoch}"
     if metric == "val/acc" or result.history is None or result.history.best_value is None:
         return f"best val acc {result.best_val_acc:.4f} at epoch {result.best_epoch}"
     return (f"best {metric} {result.history.best_value:.4f} at epoch {result.best_epoch} "

@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from mlexp.training.records import BATCH_COLUMNS, EPOCH_COLUMNS, History
+from mlexp.training.records import History
 
 BATCH_FLUSH_S = 1.0
 FILES = ("epoch_metrics.csv", "batch_metrics.csv", "log.jsonl")
@@ -28,7 +28,7 @@ class LiveLogs:
     """The run's local logs, appended as it trains (main process only)."""
 
     def __init__(self, folder: Path, history: History, resumed_after: int | None):
-        self.folder = folder
+        self.folder, self.epoch_columns = folder, history.epoch_columns()
         folder.mkdir(parents=True, exist_ok=True)
         self._rewrite(history)
         self.pending: list[list] = []
@@ -39,12 +39,12 @@ class LiveLogs:
 
     def _rewrite(self, history: History) -> None:
         with open(self.folder / "epoch_metrics.csv", "w", newline="") as out:
-            writer = csv.DictWriter(out, fieldnames=EPOCH_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(out, fieldnames=self.epoch_columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(history.epochs)
         with open(self.folder / "batch_metrics.csv", "w", newline="") as out:
             writer = csv.writer(out)
-            writer.writerow(BATCH_COLUMNS)
+            writer.writerow(history.batch_columns())
             writer.writerows(history.steps)
 
     def _events_before(self, epoch: int) -> list[dict]:
@@ -83,7 +83,7 @@ class LiveLogs:
         """An epoch's row, the moment it is evaluated (with the steps that led to it)."""
         self.flush_steps()
         with open(self.folder / "epoch_metrics.csv", "a", newline="") as out:
-            csv.DictWriter(out, fieldnames=EPOCH_COLUMNS, extrasaction="ignore").writerow(row)
+            csv.DictWriter(out, fieldnames=self.epoch_columns, extrasaction="ignore").writerow(row)
         self.event("epoch", **row)
 
 

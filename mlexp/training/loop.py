@@ -37,16 +37,18 @@ class StepRecord:
     lr: float
     samples_per_s: float
     timestamp: float
+    components: dict[str, float] = field(default_factory=dict)  # the loss's named parts (`batch/loss_<name>`)
 
 
 @dataclass
 class EpochStats:
     loss: float  # mean training loss per sample
     loss_total: float  # sum of the per-step losses (the CSV's total_loss column)
-    acc: float
+    acc: float  # NaN for a task without class predictions (detection)
     steps: int
     samples: int
     time_s: float
+    components: dict[str, float] = field(default_factory=dict)  # each loss component's mean per sample
 
 
 @dataclass
@@ -66,6 +68,7 @@ class TrainParts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: nn.Module
+    task: object  # mlexp.tasks.kinds.Task: the model's loss, as a total and its components
     strategy: object  # finetune.Strategy: train_mode(), drop_frozen_grads()
     module: nn.Module | None = None  # the plain model (no DDP or compile wrapper): checkpoints, EMA
     mixup: Callable | None = None  # timm Mixup: (images, labels) -> (images, soft targets)
@@ -107,11 +110,11 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[l
                     description: str = "") -> EpochStats:
     accelerator = parts.accelerator
     parts.strategy.train_mode(parts.model)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    correct = torch.zeros((), device=accelerator.device)
-    seen = torch.zeros((), device=accelerator.device)
-    step_loss = torch.zeros((), device=accelerator.device)
-    pending: list[tuple[torch.Tensor, int, float, float, float]] = []  # loss, batch, lr, samples/s, wall time
+    names = parts.task.components
+    # [total loss, each component] summed over samples, and over the optimizer step's micro-batches
+    loss_sums, step_losses = (torch.zeros(1 + len(names), device=accelerator.device) for _ in range(2))
+    correct, seen = (torch.zeros((), device=accelerator.device) for _ in range(2))
+    pending: list[tuple[torch.Tensor, int, float, float, float]] = []  # losses, batch, lr, samples/s, wall time
     records: list[StepRecord] = []
     global_batch = 0
     epoch_start = last_step_time = time.perf_counter()
@@ -120,21 +123,24 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[l
     def report() -> None:
         if not pending:
             return
-        losses = accelerator.reduce(torch.stack([p[0] for p in pending]), reduction="mean").tolist()
-        new = [StepRecord(epoch, batch, parts.global_step - len(pending) + i + 1, loss, lr, rate, wall)
-               for i, (loss, (_, batch, lr, rate, wall)) in enumerate(zip(losses, pending))]
+        # one collective for every pending step's loss and components
+        rows = accelerator.reduce(torch.stack([p[0] for p in pending]), reduction="mean").tolist()
+        new = [StepRecord(epoch, batch, parts.global_step - len(pending) + i + 1, row[0], lr, rate, wall,
+                          dict(zip(names, row[1:])))
+               for i, (row, (_, batch, lr, rate, wall)) in enumerate(zip(rows, pending))]
         pending.clear()
         records.extend(new)
         on_steps(new)
         progress.show(new[-1])
 
     for images, labels in progress.bar:
-        loss, logits = forward_backward(parts, images, labels)
-        batch_size = labels.shape[0]
-        loss_sum += loss.detach() * batch_size
-        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        losses, logits = forward_backward(parts, images, labels)
+        batch_size = images.shape[0]
+        loss_sums += losses * batch_size
+        if logits is not None:
+            correct += (logits.detach().argmax(dim=1) == labels).sum()
         seen += batch_size
-        step_loss += loss.detach() / accelerator.gradient_accumulation_steps
+        step_losses += losses / accelerator.gradient_accumulation_steps
         global_batch += batch_size * accelerator.num_processes
         if accelerator.sync_gradients:
             lr = current_lr(parts.optimizer)  # the lr this step used, before the schedule moves on
@@ -145,23 +151,26 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, on_steps: Callable[[l
             crash_point("step", parts.global_step)
             now = time.perf_counter()
             seconds = now - last_step_time
-            pending.append((step_loss, len(records) + len(pending) + 1, lr,
+            pending.append((step_losses, len(records) + len(pending) + 1, lr,
                             global_batch / seconds if seconds > 0 else 0.0, time.time()))
-            step_loss = torch.zeros((), device=accelerator.device)
+            step_losses = torch.zeros(1 + len(names), device=accelerator.device)
             last_step_time, global_batch = now, 0
             if len(pending) >= LOG_EVERY:
                 report()
     report()
     progress.bar.close()
 
-    totals = accelerator.reduce(torch.stack([loss_sum, correct, seen]), reduction="sum").tolist()
-    return EpochStats(loss=totals[0] / max(totals[2], 1), loss_total=sum(r.loss for r in records),
-                      acc=totals[1] / max(totals[2], 1), steps=len(records), samples=int(totals[2]),
-                      time_s=time.perf_counter() - epoch_start)
+    totals = accelerator.reduce(torch.cat([loss_sums, torch.stack([correct, seen])]), reduction="sum").tolist()
+    samples = max(totals[-1], 1)
+    return EpochStats(loss=totals[0] / samples, loss_total=sum(r.loss for r in records),
+                      acc=totals[-2] / samples if not names else float("nan"), steps=len(records),
+                      samples=int(totals[-1]), time_s=time.perf_counter() - epoch_start,
+                      components={name: total / samples for name, total in zip(names, totals[1:-2])})
 
 
-def forward_backward(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch: forward, backward and (on the accumulation boundary) the optimizer step."""
+def forward_backward(parts: TrainParts, images: torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch: forward, backward and (on the accumulation boundary) the optimizer step.
+    Returns the detached [total loss, each component] and the logits (None for detection)."""
     accelerator = parts.accelerator
     with accelerator.accumulate(parts.model):
         targets = labels
@@ -170,8 +179,7 @@ def forward_backward(parts: TrainParts, images: torch.Tensor, labels: torch.Tens
         if parts.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
-            logits = parts.model(images)
-            loss = parts.loss_fn(logits, targets)
+            loss, components, logits = parts.task.loss(parts.model, images, targets, parts.loss_fn)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             parts.strategy.drop_frozen_grads()
@@ -179,7 +187,8 @@ def forward_backward(parts: TrainParts, images: torch.Tensor, labels: torch.Tens
                 accelerator.clip_grad_norm_(parts.model.parameters(), parts.clip_grad)
         parts.optimizer.step()
         parts.optimizer.zero_grad(set_to_none=True)
-    return loss, logits
+    losses = torch.stack([loss, *components.values()]).detach()
+    return losses, None if logits is None else logits.detach()
 
 
 @torch.no_grad()

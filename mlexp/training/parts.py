@@ -13,18 +13,18 @@ from mlexp.config import TrainConfig
 from mlexp.data.loading import EpochSeeded, loader_kwargs
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import BackboneSpec
-from mlexp.models.strategies import attach_head, build_strategy
+from mlexp.models.strategies import build_strategy
 from mlexp.option_values import BUILT_IN
+from mlexp.tasks.kinds import Task
 from mlexp.training import hardware
 from mlexp.training.loop import TrainParts
 from mlexp.training.optimizer import build_optimizer, build_scheduler
 from mlexp.training.records import History
 
 
-def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, data,
-                accelerator: Accelerator) -> tuple[TrainParts, DataLoader, DataLoader]:
-    """Head, strategy, optimizer, loaders, schedule and EMA around the built backbone."""
-    attach_head(model, cfg.head, data.num_classes)
+def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, data, accelerator: Accelerator,
+                task: Task) -> tuple[TrainParts, DataLoader, DataLoader]:
+    """Strategy, optimizer, loaders, schedule and EMA around the task's model."""
     strategy = build_strategy(model, spec.family, cfg)
     channels_last = hardware.choose_channels_last(cfg.channels_last, accelerator.device.type,
                                                   hardware.is_convolutional(model), spec.family)
@@ -32,7 +32,7 @@ def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, da
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(strategy.param_groups(cfg.weight_decay), cfg, accelerator.device.type)
     workers = hardware.worker_count(cfg, built_in=cfg.data in BUILT_IN)
-    train_loader, val_loader = make_loaders(data, cfg, accelerator.num_processes, workers)
+    train_loader, val_loader = make_loaders(data, cfg, accelerator.num_processes, workers, task.collate)
     module = model  # wrappers below share its parameters; it is what gets saved and loaded
     if cfg.compile:
         model = torch.compile(model)
@@ -40,7 +40,7 @@ def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, da
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
     # Not prepared by Accelerate: its wrapper steps the schedule once per process per step.
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    parts = TrainParts(accelerator, model, optimizer, scheduler, make_loss(cfg), strategy, module,
+    parts = TrainParts(accelerator, model, optimizer, scheduler, make_loss(cfg), task, strategy, module,
                        mixup=make_mixup(cfg, data.num_classes), clip_grad=cfg.clip_grad,
                        channels_last=channels_last, workers=workers)
     if cfg.ema:
@@ -71,13 +71,14 @@ def release_accelerator(accelerator: Accelerator) -> None:
     accelerator.end_training()
 
 
-def make_loaders(data, cfg: TrainConfig, num_processes: int, workers: int) -> tuple[DataLoader, DataLoader]:
+def make_loaders(data, cfg: TrainConfig, num_processes: int, workers: int,
+                 collate=None) -> tuple[DataLoader, DataLoader]:
     # Drop the ragged last batch when a full one exists: mixup needs even batches and
     # BatchNorm cannot train on a batch of one.
     drop_last = len(data.train_set) >= cfg.batch_size * num_processes
     train = DataLoader(EpochSeeded(data.train_set, cfg.seed), shuffle=True, drop_last=drop_last,
-                       **loader_kwargs(cfg, workers))
-    val = DataLoader(data.val_set, shuffle=False, **loader_kwargs(cfg, workers))
+                       collate_fn=collate, **loader_kwargs(cfg, workers))
+    val = DataLoader(data.val_set, shuffle=False, collate_fn=collate, **loader_kwargs(cfg, workers))
     if len(train) == 0:
         raise MlexpError(f"the training set ({len(data.train_set)} images) is smaller than one batch; "
                          "lower --batch-size")

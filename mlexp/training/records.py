@@ -25,6 +25,8 @@ EPOCH_COLUMNS = ["epoch", *EPOCH_METRICS, "samples", "is_best", "checkpoint_path
 # Logged to MLflow at step = global optimizer step.
 STEP_METRICS = ("batch/loss", "batch/lr", "batch/samples_per_s")
 BATCH_COLUMNS = ["epoch", "batch", "step", *STEP_METRICS, "timestamp"]
+# A detection run's epochs: its loss components' means (train/loss_<name>) and COCO's mAP on validation.
+DETECTION_METRICS = ("val/map", "val/map_50", "val/map_75")
 
 
 def epoch_record(epoch: int, stats: EpochStats, val: EvalResult, lr: float, phase: int, trainable: int) -> dict:
@@ -48,13 +50,34 @@ def macro_f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
+def detection_epoch_record(epoch: int, stats: EpochStats, val: dict[str, float], lr: float, phase: int,
+                           trainable: int) -> dict:
+    """A detection epoch: the loss, each component's mean, and the validation mAPs."""
+    return {"epoch": epoch, "train/loss": stats.loss, "train/loss_total": stats.loss_total,
+            **{f"train/{name}": value for name, value in stats.components.items()},
+            **{f"val/{name}": value for name, value in val.items()}, "epoch/time_s": stats.time_s, "epoch/lr": lr,
+            "train/phase": phase, "train/trainable_params": trainable, "samples": stats.samples,
+            "checkpoint_path": "checkpoints/last"}
+
+
+def epoch_metric_names(components: list[str]) -> tuple[str, ...]:
+    """The metrics an epoch logs: classification's, or a detection run's (`components` set)."""
+    if not components:
+        return EPOCH_METRICS
+    return ("train/loss", "train/loss_total", *(f"train/{name}" for name in components), *DETECTION_METRICS,
+            "epoch/time_s", "epoch/lr", "train/phase", "train/trainable_params")
+
+
 def epoch_metrics(record: dict) -> dict[str, float]:
     """The epoch's metrics (an epoch recorded by an older mlexp lacks the newer ones)."""
-    return {name: record[name] for name in EPOCH_METRICS if name in record}
+    names = EPOCH_METRICS if "val/map" not in record else epoch_metric_names(
+        [key.removeprefix("train/") for key in record if key.startswith("train/loss_") and key != "train/loss_total"])
+    return {name: record[name] for name in names if name in record}
 
 
 def step_metrics(record: StepRecord) -> dict[str, float]:
-    return {"batch/loss": record.loss, "batch/lr": record.lr, "batch/samples_per_s": record.samples_per_s}
+    return {"batch/loss": record.loss, "batch/lr": record.lr, "batch/samples_per_s": record.samples_per_s,
+            **{f"batch/{name}": value for name, value in record.components.items()}}
 
 
 def iso(timestamp: float) -> str:
@@ -70,10 +93,17 @@ class History:
     best_val_acc: float = -1.0  # val/acc at the best epoch
     best_epoch: int = 0
     best_value: float | None = None  # the best metric's value (--best-metric) at the best epoch
+    components: list[str] = field(default_factory=list)  # the loss's named parts (detection), in every row
 
     def add_steps(self, records: list[StepRecord]) -> None:
-        self.steps.extend([r.epoch, r.batch, r.step, r.loss, r.lr, r.samples_per_s, iso(r.timestamp)]
-                          for r in records)
+        self.steps.extend([r.epoch, r.batch, r.step, r.loss, r.lr, r.samples_per_s, iso(r.timestamp),
+                           *(r.components[name] for name in self.components)] for r in records)
+
+    def epoch_columns(self) -> list[str]:
+        return ["epoch", *epoch_metric_names(self.components), *EPOCH_COLUMNS[len(EPOCH_METRICS) + 1:]]
+
+    def batch_columns(self) -> list[str]:
+        return [*BATCH_COLUMNS, *(f"batch/{name}" for name in self.components)]
 
     def add_epoch(self, row: dict[str, Any], metric: str = "val/acc", maximize: bool = True) -> bool:
         """Record an epoch; returns whether it is the best so far by `metric` (a NaN never is)."""
@@ -81,7 +111,7 @@ class History:
         is_best = value == value and (self.best_value is None or
                                       (value > self.best_value if maximize else value < self.best_value))
         if is_best:
-            self.best_value, self.best_val_acc, self.best_epoch = value, row["val/acc"], row["epoch"]
+            self.best_value, self.best_val_acc, self.best_epoch = value, row.get("val/acc", float("nan")), row["epoch"]
         self.epochs.append({**row, "is_best": is_best, "timestamp": datetime.now(timezone.utc).isoformat()})
         return is_best
 
@@ -103,12 +133,12 @@ class History:
 def write_csvs(history: History, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "epoch_metrics.csv", "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=EPOCH_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(out, fieldnames=history.epoch_columns(), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history.epochs)
     with open(directory / "batch_metrics.csv", "w", newline="") as out:
         writer = csv.writer(out)
-        writer.writerow(BATCH_COLUMNS)
+        writer.writerow(history.batch_columns())
         writer.writerows(history.steps)
 
 
@@ -125,7 +155,7 @@ def training_info(spec, cfg, built, history: History, calibration: dict, params:
             "status": "FINISHED", "config": cfg.to_dict(), "params": params,
             "weights": {"source": built.weights_source, "path": built.weights_path, "sha256": built.weights_sha256},
             "best_epoch": history.best_epoch, "best_val_acc": history.best_val_acc,
-            "epochs": {name: history.column(name) for name in EPOCH_METRICS},
+            "epochs": {name: history.column(name) for name in epoch_metric_names(history.components)},
             "total_time_s": sum(history.column("epoch/time_s")), "calibration": calibration,
             "artifacts": {"config": "config.json", "last": "checkpoints/last/",
                           "best": "checkpoints/best/model.safetensors", "final": "checkpoints/final/model.safetensors",

@@ -21,12 +21,13 @@ from mlexp import tracking
 from mlexp.config import TrainConfig, config_hash
 from mlexp.data.digests import cross_split_duplicates, describe_splits, split_digest
 from mlexp.data.loading import loader_kwargs, loader_samples_per_s
-from mlexp.data.sources import build_data, check_data_source
 from mlexp.errors import MlexpError, RunFailed
 from mlexp.models.build import build_backbone
 from mlexp.models.catalogue import BackboneSpec, resolve_backbone
 from mlexp.models.weight_sources import WeightsFile, locate_weights
 from mlexp.option_values import best_is_max
+from mlexp.tasks.detection.evaluation import evaluate_detector
+from mlexp.tasks.kinds import task_of
 from mlexp.tracking.outbox import Outbox, outbox_root, outbox_unwritable
 from mlexp.tracking.sync import sync_outbox
 from mlexp.training.console import print_epoch, print_outcome, print_start, print_weights_report, report_delivery
@@ -41,7 +42,7 @@ from mlexp.training.parts import (
     release_accelerator,
 )
 from mlexp.training.recipes import apply_init_adjustments, format_init_comparison, format_training_plan
-from mlexp.training.records import History, epoch_metrics, epoch_record, step_metrics
+from mlexp.training.records import History, detection_epoch_record, epoch_metrics, epoch_record, step_metrics
 from mlexp.training.reports import (
     TrainResult,
     default_run_name,
@@ -94,7 +95,7 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
     if effective.dry_run:
         print(format_init_comparison([cfg]) + "\n\n" + format_training_plan([effective]))
         return TrainResult(None, "DRY_RUN", 0.0, 0, effective)
-    check_data_source(effective)
+    task_of(effective).check_data(effective)
     # Find pretrained weights before any MLflow run exists: missing weights are a user error, not a FAILED run.
     weights = (locate_weights(spec, effective.weights, tracking_uri, weights_from=effective.weights_from)
                if spec.init == "pretrained" else effective.weights)
@@ -207,10 +208,13 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
            training: Training, resume: ResumePoint | None) -> TrainResult:
     tracker = training.tracker
     set_seed(cfg.seed)
-    data = build_data(cfg)
+    task = task_of(cfg)
+    data = task.build_data(cfg)
     built = build_backbone(spec, data.num_classes, cfg.img_size, weights, cfg.weights_strict, cfg.weights_key_map)
-    parts, train_loader, val_loader = build_parts(cfg, spec, built.model, data, accelerator)
+    model = task.build_model(spec, built.model, cfg, data.num_classes)
+    parts, train_loader, val_loader = build_parts(cfg, spec, model, data, accelerator, task)
     history, start_epoch = restore(resume, parts) if resume else (History(), 1)
+    history.components = list(task.components)
     if resume and resume.branch:  # it starts from the best epoch's weights: they stay the best until beaten
         parts.best_weights = {name: tensor.detach().to("cpu", copy=True)
                               for name, tensor in final_weights_model(parts).state_dict().items()}
@@ -227,7 +231,7 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
         tracker.set_tags({"mlexp.split_digest": split_digest(described)})
         report_duplicates(tracker, data, accelerator.is_main_process)
         if accelerator.is_main_process:  # once per run: is the loader or the model the bottleneck?
-            rate = loader_samples_per_s(train_loader.dataset, cfg, parts.workers)
+            rate = loader_samples_per_s(train_loader.dataset, cfg, parts.workers, collate=task.collate)
             tracker.log_metrics({"perf/loader_samples_per_s": rate}, step=0)
     training.start()
     training.live = live_logs(cfg, tracker, history, resume, start_epoch, accelerator.is_main_process)
@@ -240,7 +244,7 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
               "starting it over from epoch 1 (points it already logged are kept, not logged twice)", flush=True)
     test_loader = None
     if data.test_set is not None:
-        test_loader = accelerator.prepare(DataLoader(data.test_set, shuffle=False,
+        test_loader = accelerator.prepare(DataLoader(data.test_set, shuffle=False, collate_fn=task.collate,
                                                      **loader_kwargs(cfg, parts.workers)))
     elif accelerator.is_main_process:
         print("mlexp: no test set (no DATA/test, --test-dir or --test-split): the test evaluation is skipped",
@@ -288,9 +292,8 @@ def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_ep
         if hasattr(train_loader.dataset, "set_epoch"):  # EpochSeeded: this epoch's augmentations
             train_loader.dataset.set_epoch(epoch)
         stats = train_one_epoch(parts, train_loader, epoch, on_steps, f"epoch {epoch}/{cfg.epochs}")
-        val = evaluate(eval_model(parts), val_loader, parts.accelerator, parts.channels_last)
         lr = history.steps[-1][4] if history.steps else cfg.lr
-        row = epoch_record(epoch, stats, val, lr, strategy.phase, strategy.trainable_params())
+        row, val_loss = evaluate_epoch(parts, val_loader, epoch, stats, lr)
         is_best = history.add_epoch(row, cfg.best_metric, best_is_max(cfg.best_metric, cfg.best_mode))
         live.epoch(history.epochs[-1])
         if is_best:
@@ -299,11 +302,23 @@ def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_ep
         tracker.log_metrics(epoch_metrics(row), step=epoch)
         if parts.accelerator.is_main_process:
             print_epoch(row, is_best, cfg.best_metric)
-        strategy.on_epoch_end(epoch, val.loss)
+        strategy.on_epoch_end(epoch, val_loss)
         stop = strategy.should_stop(epoch) or early_stop(cfg, history, epoch)
         save_epoch_checkpoints(parts, history, epoch, is_best, tracker, cfg)
         if stop:
             break
+
+
+def evaluate_epoch(parts: TrainParts, val_loader, epoch: int, stats, lr: float) -> tuple[dict, float]:
+    """The epoch's record, with its validation scores (the task's), and its validation loss
+    (what gradual unfreezing watches; NaN where the task's model has none in eval mode)."""
+    strategy, model = parts.strategy, eval_model(parts)
+    if parts.task.name == "detection":
+        scores, _ = evaluate_detector(model, val_loader, parts.accelerator, [])
+        return detection_epoch_record(epoch, stats, scores, lr, strategy.phase, strategy.trainable_params()), \
+            float("nan")
+    val = evaluate(model, val_loader, parts.accelerator, parts.channels_last)
+    return epoch_record(epoch, stats, val, lr, strategy.phase, strategy.trainable_params()), val.loss
 
 
 KILLED_WAIT_S = 5.0  # Ctrl-C: a short wait for the sender, then the rest stays in the outbox

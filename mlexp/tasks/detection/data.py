@@ -1,0 +1,52 @@
+"""A detection run's splits, as a classification run has them: DATA/train, DATA/val and
+DATA/test folders (each COCO or YOLO), or one folder split by --val-split / --test-split /
+--folds with the same fixed split seed (images are not stratified: an image holds several classes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Subset
+
+from mlexp.config import TrainConfig
+from mlexp.data.images import DataBundle
+from mlexp.data.splits import split_indices
+from mlexp.errors import MlexpError
+from mlexp.tasks.detection.annotations import DetectionSplit, is_detection_folder, read_split
+from mlexp.tasks.detection.images import DetectionImages
+
+
+def detection_splits(cfg: TrainConfig) -> tuple[DetectionSplit, DetectionSplit | None, DetectionSplit | None]:
+    """Every split's annotations, read and checked (a malformed one names its file and line)."""
+    root = Path(cfg.data)
+    if not root.is_dir() or not is_detection_folder(root):
+        raise MlexpError(f"--task detection reads a folder with annotations.json (COCO) or images/ and labels/ "
+                         f"(YOLO), or train/ and val/ folders of them; {root} is not one")
+    if (root / "train").is_dir():
+        train = read_split(root / "train")
+        val = read_split(root / "val") if (root / "val").is_dir() else None
+        test = read_split(root / "test") if (root / "test").is_dir() else None
+    else:
+        train, val, test = read_split(root), None, None
+    for other in (val, test):
+        if other is not None and other.class_names != train.class_names:
+            raise MlexpError(f"the splits of {root} name different classes: {train.class_names} and "
+                             f"{other.class_names}")
+    return train, val, test
+
+
+def detection_bundle(cfg: TrainConfig) -> DataBundle:
+    train, val, test = detection_splits(cfg)
+    images = DetectionImages(train.images, cfg.img_size, root=Path(cfg.data))
+    if val is None:
+        train_idx, val_idx, test_idx = split_indices(np.zeros(len(images), dtype=int), cfg,
+                                                     test_split=cfg.test_split if test is None else 0.0)
+        train_set, val_set = Subset(images, train_idx), Subset(images, val_idx)
+        test_set = Subset(images, test_idx) if len(test_idx) else None
+    else:
+        train_set, val_set, test_set = images, DetectionImages(val.images, cfg.img_size, root=Path(cfg.data)), None
+    if test is not None:
+        test_set = DetectionImages(test.images, cfg.img_size, root=Path(cfg.data))
+    return DataBundle(train_set, val_set, len(train.class_names), train.class_names, Path(cfg.data).name, test_set)
+

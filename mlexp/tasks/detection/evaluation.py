@@ -1,0 +1,26 @@
+"""A detector's score on a split: COCO's mAPs (mlexp.tasks.detection.metrics) over every
+image of it, each process's detections gathered first."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from mlexp.tasks.detection.metrics import as_metric_inputs, map_results, new_map_metric
+
+
+@torch.no_grad()
+def evaluate_detector(model: torch.nn.Module, loader, accelerator: Accelerator,
+                      class_names: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """({"map", "map_50", "map_75"}, one row per class with its AP)."""
+    model.eval()
+    metric = new_map_metric()
+    for images, targets in loader:
+        with accelerator.autocast():
+            detections = model(images)
+        predictions, truths = as_metric_inputs(detections, targets)
+        if accelerator.num_processes > 1:  # boxes per image differ: gathered as objects, not tensors
+            predictions, truths = gather_object(predictions), gather_object(truths)
+        metric.update(predictions, truths)
+    return map_results(metric, class_names)

@@ -1,0 +1,45 @@
+"""Annotated images as tensors for torchvision's detectors: each image resized to
+`img_size` x `img_size` (its boxes with it) and scaled to 0..1 (the detector normalises
+inputs itself), and its target: boxes in pixels of the resized image, labels counted from 1
+(torchvision's detectors keep 0 for the background)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mlexp.tasks.detection.annotations import AnnotatedImage
+
+
+class DetectionImages(Dataset):
+    def __init__(self, images: list[AnnotatedImage], img_size: int, root: Path | None = None) -> None:
+        self.images, self.img_size = images, img_size
+        # as an ImageFolder has them: split digests and the duplicate check read (path, label) and root
+        self.root = str(root or (images[0].path.parent if images else "."))
+        self.samples = [(str(item.path), annotations_line(item)) for item in images]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        item = self.images[index]
+        picture = Image.open(item.path).convert("RGB").resize((self.img_size, self.img_size), Image.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        boxes = torch.tensor(item.boxes, dtype=torch.float32).reshape(-1, 4) * self.img_size
+        return pixels, {"boxes": boxes, "labels": torch.tensor(item.labels, dtype=torch.int64) + 1}
+
+
+
+def annotations_line(item: AnnotatedImage) -> str:
+    """An image's annotations in one line (a split's digest changes when a box does)."""
+    return json.dumps([[label, *(round(v, 5) for v in box)] for label, box in zip(item.labels, item.boxes)])
+
+
+def collate(batch: list) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Images stacked (they share one size); targets kept as a list (each image has its own box count)."""
+    return torch.stack([pixels for pixels, _ in batch]), [target for _, target in batch]
