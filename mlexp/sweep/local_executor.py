@@ -62,8 +62,16 @@ class ChildOutcome:
     run_id: str | None = None
     exit_code: int | None = None
     seconds: float = 0.0
-    best_val_acc: float | None = None
+    best: tuple[str, float] | None = None  # the run's best validation score, named (best_score)
     message: str = ""
+
+
+def best_score(metrics: dict[str, float]) -> tuple[str, float] | None:
+    """A finished run's best validation score and its name: val acc, or a detector's val mAP."""
+    for key, name in (("best/val_acc", "val acc"), ("best/val_map", "val mAP")):
+        if key in metrics:
+            return name, metrics[key]
+    return None
 
 
 # --- one job, wherever it runs ----------------------------------------------------------------
@@ -140,8 +148,8 @@ def settle(job: ChildJob, run_id: str, exit_code: int, seconds: float) -> ChildO
     return ChildOutcome(job.index, status, run_id, exit_code, seconds, best, message)
 
 
-def run_result(job: ChildJob, run_id: str) -> tuple[str | None, float | None, bool]:
-    """How the child's run ended, its best validation accuracy, and whether its outbox still
+def run_result(job: ChildJob, run_id: str) -> tuple[str | None, tuple[str, float] | None, bool]:
+    """How the child's run ended, its best validation score (best_score), and whether its outbox still
     holds records the server lacks (the server's own answer, where it can give one)."""
     box = Outbox.find(run_id)
     local = box.info().status if box is not None else None
@@ -154,7 +162,7 @@ def run_result(job: ChildJob, run_id: str) -> tuple[str | None, float | None, bo
     if local in TERMINAL and run.info.status == "RUNNING":
         run = deliver_leftovers(box, run_id, job.tracking_uri) or run
     status = local if local in TERMINAL and run.info.status == "RUNNING" else run.info.status
-    return status, run.data.metrics.get("best/val_acc"), still_waiting(run_id)
+    return status, best_score(run.data.metrics), still_waiting(run_id)
 
 
 def still_waiting(run_id: str) -> bool:
@@ -225,7 +233,7 @@ def finished_by_own_attempt(job: ChildJob) -> ChildOutcome | None:
     attempt, run = state.claims.get(job.config_hash), state.children.get(job.config_hash)
     if run is None or attempt is None or attempt.owner != job.owner or run.info.status != "FINISHED":
         return None
-    return ChildOutcome(job.index, "FINISHED", run.info.run_id, 0, 0.0, run.data.metrics.get("best/val_acc"))
+    return ChildOutcome(job.index, "FINISHED", run.info.run_id, 0, 0.0, best_score(run.data.metrics))
 
 
 def stop_process(process: subprocess.Popen, wait_s: float = STOP_WAIT_S) -> None:

@@ -7,7 +7,9 @@ AP; malformed annotations stop it before any run exists."""
 from __future__ import annotations
 
 import csv
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from mlexp.models.catalogue import resolve_backbone
 from mlexp.tasks.detection.evaluation import evaluate_detector
 from mlexp.tasks.kinds import TASKS
 from tests.detection_data import digit_scenes, write_coco, write_yolo
-from tests.helpers import artifact_paths, run_mlexp, runs_of, steps, subprocess_env
+from tests.helpers import artifact_paths, run_mlexp, runs_of, steps, subprocess_env, write_pretrained_weights
 
 COMPONENTS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 SIZE, BATCH, EPOCHS = 96, 8, 3
@@ -98,3 +100,34 @@ def test_malformed_annotations_stop_the_run_before_it_exists(damage, named, scen
     assert done.returncode == 2 and len(lines) == 1 and named in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not runs_of(MlflowClient(sqlite_uri), "malformed")  # no run, RUNNING or otherwise
+
+
+def test_a_sweep_of_pretrained_and_scratch_detectors_sums_up_by_val_map(scenes, sqlite_uri, tmp_path):
+    """backbone x init x seeds as for classification: every child a detector run, each said with
+    its best val mAP, and the sweep's summary choosing each backbone's best by it."""
+    weights = tmp_path / "weights"
+    write_pretrained_weights(weights, "test_resnet", "test_resnet")  # no hub here: the test's own file
+    root = write_yolo(tmp_path / "yolo", scenes[:24])
+    done = run_mlexp(["sweep", "--task", "detection", "--backbones", "test_resnet", "--seeds", "1,2", "--data",
+                      str(root), "--img-size", "64", "--epochs", "1", "--batch-size", "8", "--system-metrics", "false",
+                      "--experiment", "detect-sweep"],
+                     subprocess_env(sqlite_uri, MLEXP_WEIGHTS_DIR=str(weights)), tmp_path, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    client = MlflowClient(sqlite_uri)
+    runs = runs_of(client, "detect-sweep")
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    assert len(children) == 4 and {run.info.status for run in children} == {"FINISHED"}
+    assert {(run.data.tags["mlexp.init"], run.data.params["seed"]) for run in children} == {
+        (init, seed) for init in ("pretrained", "scratch") for seed in ("1", "2")}
+    assert all(run.data.params["task"] == "detection" and "best/val_map" in run.data.metrics for run in children)
+    said = [line for line in done.stdout.splitlines() if "] FINISHED test_resnet_" in line]
+    assert len(said) == 4 and all("best val mAP 0." in line for line in said), said
+    [parent] = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary/sweep_summary.json",
+                                                        str(tmp_path))).read_text())
+    assert len(summary["finished"]) == 4 and not summary["failed"]
+    assert {row["backbone"] for row in summary["best"]} == {"test_resnet_pretrained", "test_resnet_scratch"}
+    for row in summary["best"]:
+        chosen = max((run for run in children if run.data.tags["mlexp.init"] in row["backbone"]),
+                     key=lambda run: run.data.metrics["best/val_map"])
+        assert row["run_id"] == chosen.info.run_id and row["best_val_map"] == chosen.data.metrics["best/val_map"]
