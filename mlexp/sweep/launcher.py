@@ -356,22 +356,21 @@ def finish_child(outcome: ChildOutcome, row: PlanRow, job: ChildJob, result: Swe
 
 def best_per_backbone(client, run_ids: list[str]) -> list[dict]:
     """The final summary: the best run of each backbone by best/val_acc (a detector's by
-    best/val_map: the row says `best_val_map`), named as `mlexp compare` and `mlexp backbones`
-    name them (resnet18_pretrained, resnet18_scratch)."""
+    best/val_map, in `best_val_map`), named as `mlexp compare` and `mlexp backbones` name them
+    (resnet18_pretrained, resnet18_scratch)."""
     best: dict[str, dict] = {}
     for run_id in run_ids:
         run = client.get_run(run_id)
-        score = best_score(run.data.metrics)
-        acc, column = (score[1], "best_val_map" if score[0] == "val mAP" else "best_val_acc") if score else (None, "")
+        name, score = best_score(run.data.metrics) or ("", None)
+        column = "best_val_map" if name == "val mAP" else "best_val_acc"
         backbone = display_name(run.data.params.get("effective.backbone", run.data.params.get("backbone", "?")),
                                 run.data.tags.get("mlexp.init", ""))
-        if acc is not None and (backbone not in best or acc > best[backbone]["score"]):
+        if score is not None and (backbone not in best or score > best[backbone][column]):
             best[backbone] = {"backbone": backbone, "run_id": run_id, "run_name": run.info.run_name,
-                              "strategy": run.data.tags.get("mlexp.strategy"), column: acc, "score": acc,
+                              "strategy": run.data.tags.get("mlexp.strategy"), column: score,
                               "best_epoch": run.data.metrics.get("best/epoch"),
                               "time_s": run.data.metrics.get("time/total_s")}
-    return [{key: value for key, value in row.items() if key != "score"}
-            for row in sorted(best.values(), key=lambda row: -row["score"])]
+    return sorted(best.values(), key=lambda row: -row.get("best_val_acc", row.get("best_val_map", 0.0)))
 
 
 def summary_text(result: SweepResult) -> str:
@@ -379,12 +378,9 @@ def summary_text(result: SweepResult) -> str:
               "failed": len(result.failed), "killed": len(result.killed), "skipped": len(result.skipped)}
     lines = [f"\nSweep {result.parent_run_id}: " + ", ".join(f"{n} {what}" for what, n in counts.items() if n)]
     if result.best:
-        detection = "best_val_map" in result.best[0]
-        lines += ["", "Best run per backbone:",
-                  f"  {'backbone':<24} {'best val mAP' if detection else 'best val acc':>12} {'epoch':>5}  "
-                  f"{'strategy':<8} run"]
-        lines += [f"  {row['backbone']:<24} {row['best_val_map' if detection else 'best_val_acc']:>12.4f} "
-                  f"{row['best_epoch'] or 0:>5.0f}  "
+        label, column = ("val mAP", "best_val_map") if "best_val_map" in result.best[0] else ("val acc", "best_val_acc")
+        lines += ["", "Best run per backbone:", f"  {'backbone':<24} {'best ' + label:>12} {'epoch':>5}  {'strategy':<8} run"]
+        lines += [f"  {row['backbone']:<24} {row[column]:>12.4f} {row['best_epoch'] or 0:>5.0f}  "
                   f"{row['strategy'] or '':<8} {row['run_id']}" for row in result.best]
     if result.failed:
         lines += ["", "FAILED (their errors are in each run's mlexp.error tag):", *(f"  {run}" for run in result.failed)]
