@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mlexp.credentials import redact
+from mlexp.tracking.locks import fork_safe_locks
 from mlexp.tracking.outbox_info import Pending, RunInfo
 from mlexp.tracking.private_files import PRIVATE_FILE, private_folder, private_tree
 
@@ -174,10 +175,12 @@ class Outbox:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         self._lock_file = handle
+        fork_safe_locks.add(handle)
         return True
 
     def unlock(self) -> None:
         if self._lock_file is not None:
+            fork_safe_locks.discard(self._lock_file)
             self._lock_file.close()
             self._lock_file = None
 

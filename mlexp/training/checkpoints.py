@@ -7,6 +7,7 @@ tensors and plain Python values, loaded with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,15 @@ def save_training_state(directory: Path, model_state: dict[str, torch.Tensor], s
     save_weights(model_state, directory / WEIGHTS_FILE)
     if ema_state is not None:
         save_weights(ema_state, directory / EMA_WEIGHTS_FILE)
-    torch.save(state, directory / STATE_FILE)
+    try:
+        torch.save(state, directory / STATE_FILE)
+    except RuntimeError:
+        # torch reports a short write ("unexpected pos 704 vs 598") without the OS's reason (a full
+        # disk, a quota): write it again through Python's file, which raises the OSError that says
+        # it (and the callers turn into one line), or completes the file if the cause has passed.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        (directory / STATE_FILE).write_bytes(buffer.getbuffer())
     return directory
 
 

@@ -131,3 +131,25 @@ def test_a_sweep_of_pretrained_and_scratch_detectors_sums_up_by_val_map(scenes, 
         chosen = max((run for run in children if run.data.tags["mlexp.init"] in row["backbone"]),
                      key=lambda run: run.data.metrics["best/val_map"])
         assert row["run_id"] == chosen.info.run_id and row["best_val_map"] == chosen.data.metrics["best/val_map"]
+
+
+def test_a_detector_killed_mid_epoch_resumes_with_one_point_per_step(scenes, sqlite_uri, tmp_path):
+    """SIGKILL after optimizer step 5 (inside epoch 2 of 3, 3 steps an epoch), then `--resume`:
+    the run finishes with exactly one point of the loss and of each component per step."""
+    root = write_yolo(tmp_path / "yolo", scenes[:30])  # 24 train images: 3 steps of 8 an epoch
+    args = ["train", "--task", "detection", "--backbone", "test_resnet", "--init", "scratch", "--data", str(root),
+            "--img-size", "64", "--epochs", "3", "--batch-size", "8", "--scratch-epochs-mult", "1",
+            "--system-metrics", "false", "--experiment", "detect-resume"]
+    env = subprocess_env(sqlite_uri)
+    killed = run_mlexp(args, {**env, "MLEXP_FAULT": "step=5"}, tmp_path)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    client = MlflowClient(sqlite_uri)
+    [run] = runs_of(client, "detect-resume")
+    assert steps(client, run.info.run_id, "val/map") == [1]  # killed inside epoch 2
+    resumed = run_mlexp(["train", "--resume", run.info.run_id], env, tmp_path)
+    assert resumed.returncode == 0 and "resuming run" in resumed.stdout, resumed.stderr[-3000:]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    for key in ("batch/loss", *(f"batch/{name}" for name in COMPONENTS)):
+        assert steps(client, run.info.run_id, key) == list(range(1, 10)), key
+    for key in ("val/map", "train/loss_classifier"):
+        assert steps(client, run.info.run_id, key) == [1, 2, 3], key

@@ -35,3 +35,18 @@ def test_a_full_outbox_disk_fails_the_run_with_its_cause(sqlite_uri, tmp_path, s
     assert run.info.status == "FAILED"
     cause = run.data.tags["mlexp.error"]  # SQLite's words, or the checkpoint writer's, whichever hit the wall first
     assert "cannot be written" in cause and ("disk is full" in cause or "No space left" in cause), cause
+
+
+def test_a_checkpoint_too_large_for_its_disk_says_the_disk_is_full(small_disk):
+    """torch.save reports a short write without its cause ("unexpected pos ..."); the checkpoint
+    writer raises the OS's own error instead, which a run turns into its one line."""
+    import errno
+
+    import torch
+
+    from mlexp.tracking.outbox import outbox_unwritable
+    from mlexp.training.checkpoints import save_training_state
+
+    with pytest.raises(OSError) as raised:
+        save_training_state(small_disk / "checkpoint", {"w": torch.zeros(1)}, {"optimizer": torch.zeros(1_000_000)})
+    assert raised.value.errno == errno.ENOSPC and outbox_unwritable(raised.value)
