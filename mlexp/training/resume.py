@@ -99,10 +99,11 @@ def save_epoch_checkpoints(parts: TrainParts, history: History, epoch: int, is_b
     shutil.copyfile(last / server.MANIFEST, published / server.MANIFEST)
     faults.crash_point("checkpoint", epoch)
     tracker.remember("checkpoint", {"epoch": epoch, "dir": str(last)})
-    # Only now, with the new checkpoint whole on disk and remembered, may an unsent older one
-    # (the server is away) go: a kill before this line still leaves the older one to resume from.
-    tracker.supersede(LAST)
+    # Only now, with the new checkpoint whole on disk, remembered and queued, may an unsent older
+    # one (the server is away or busy) go: whatever ends the process in between, a SIGKILL or a
+    # Ctrl-C whose clean end empties the outbox, one of the two stays queued to resume from.
     tracker.log_artifacts(last, f"{LAST}/{manifest['folder']}")
+    tracker.supersede(LAST, keep_newest=True)
     tracker.publish_checkpoint(published, LAST, epoch)
 
 
@@ -210,7 +211,22 @@ def read_started_config(tracking_uri: str, run_id: str, offline: bool,
     box = box or Outbox.find(run_id)
     values = box.get("config") if box is not None else None
     if values is None and not offline:
-        values = server.read_json_artifact(server.client_for(tracking_uri), run_id, "config.json")
+        from mlflow.exceptions import MlflowException
+
+        client = server.client_for(tracking_uri)
+        # A config.json that is there but cannot be read now is an error, never "not started":
+        # training the run over would throw its progress away.
+        try:
+            listed = server.artifact_exists(client, run_id, "config.json")
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise MlexpError(f"cannot list run {run_id}'s artifacts at {tracking_uri} now "
+                             f"({server.first_line(error)}); try again") from None
+        if listed:
+            values = server.read_json_artifact(client, run_id, "config.json")
+            if values is None:
+                raise MlexpError(f"cannot read run {run_id}'s config.json from {tracking_uri} now; try again")
     return TrainConfig.from_dict(values).replace(resume=None) if values is not None else None
 
 

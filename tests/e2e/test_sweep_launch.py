@@ -159,7 +159,7 @@ def test_ctrl_c_ends_children_killed_and_the_same_command_resumes_them_in_their_
     assert {run.info.run_id for run in children_after} == {run.info.run_id for run in children}  # resumed in place
     assert_each_trained_once(client, children_after, epochs=10)
     for log in logs_of(tmp_path, parent.info.run_id):  # each child's log: its first part, then its resume
-        assert "mlexp: resuming run" in log.read_text()
+        assert "mlexp: resuming run" in log.read_text(), log.read_text()[-4000:]
 
 
 def as_from_a_terminal() -> None:
