@@ -34,6 +34,7 @@ from mlexp.analysis.plots import warm_up
 from mlexp.analysis.query import FINISHED, RunRecord, fetch_runs, mlflow_client, resolve_experiments
 from mlexp.analysis.report import log_compare_run, write_outputs
 from mlexp.analysis.result import CompareResult
+from mlexp.analysis.scores import ACCURACY, SCORES, Score, score_of
 from mlexp.analysis.tables import render_summary
 from mlexp.config import BOOKKEEPING, DEFAULT_EXPERIMENT
 from mlexp.errors import MlexpError
@@ -50,7 +51,7 @@ TAG_ALIASES = {"arch": "mlexp.backbone", "init": "mlexp.init", "strategy": "mlex
 # What marks a training run (besides a `backbone` param): mlexp's tags, or a training metric.
 TRAINING_TAGS = ("mlexp.backbone", "mlexp.init", "mlexp.strategy", "mlexp.sweep_id", "mlexp.config_hash")
 TRAINING_METRIC_PREFIXES = ("train/", "val/", "epoch/", "best/")
-CURVE_KEYS = ("val/acc", "val/loss")
+CURVE_KEYS = (*(score.curve for score in SCORES.values()), "val/loss")  # fetched for the runs that logged them
 PAIR_FIELDS = ("arch", "init", "dataset", "strategy")  # kept per run (as _arch, ...) to match pairs on
 CONVERGENCE_FRACTION = 0.95
 EARLY_EPOCHS = 5
@@ -87,13 +88,13 @@ def compare(client_or_uri: Any, experiments: list[str], filter_string: str | Non
     records, histories = fetch_runs(client, list(names), filter_string, CURVE_KEYS,
                                     wants_history=lambda run: run.status == FINISHED, reader=reader)
     fetched = time.perf_counter()
-    runs, excluded, ignored = run_table(records, histories, group_by, names)
+    runs, excluded, ignored, score = run_table(records, histories, group_by, names)
     compared = set(runs["run_id"])  # once: a set built per record would cost O(runs^2) over thousands
     used = [run for run in records if run.run_id in compared]
     available = {key for run in used for key in run.metrics}
     everywhere = set.intersection(*(set(run.metrics) for run in used)) if used else set()
-    chosen = choose_metric(metric, available, everywhere, equal_budget, {own_best(run) for run in used})
-    runs["value"] = metric_values(runs, records, chosen)
+    chosen = choose_metric(metric, available, everywhere, equal_budget, {own_best(run) for run in used}, score)
+    runs["value"] = metric_values(runs, records, chosen, score)
     missing = runs.loc[runs["value"].isna(), "run_id"].tolist()
     check_keys(specs, used, field_value)
     by_id = {run.run_id: run for run in used}
@@ -104,10 +105,10 @@ def compare(client_or_uri: Any, experiments: list[str], filter_string: str | Non
                                arm_pairs=specs)
     result = CompareResult(names, filter_string, group_by, runs, group_table(runs, group_by), pairs, table,
                            chosen, excluded=excluded, ignored=ignored, equal_budget=equal_budget,
-                           lacking_metric=missing, arm_pairs=specs)
+                           lacking_metric=missing, arm_pairs=specs, score=score)
     result.reads = {"taken": dict(reader.taken), "fallbacks": list(reader.fallbacks)}
-    result.curves = {key: banded_curves(runs, histories[key], group_by) for key in CURVE_KEYS}
-    result.diff_curves = difference_curves(runs, histories["val/acc"])
+    result.curves = {key: banded_curves(runs, histories[key], group_by) for key in (score.curve, "val/loss")}
+    result.diff_curves = difference_curves(runs, histories[score.curve])
     if features:
         from mlexp.analysis.features import compare_features  # here: it loads torch, only --features needs it
 
@@ -138,7 +139,7 @@ def field_value(run: RunRecord, name: str) -> str | None:
 def own_best(run: RunRecord) -> tuple[str, bool]:
     """The metric a run chose its best epoch by (--best-metric; val/acc before there was one)
     and whether higher is better there (--best-mode)."""
-    metric = run.param("best_metric") or "val/acc"
+    metric = run.param("best_metric") or "val/acc"  # a detector's is always logged
     return metric, best_is_max(metric, run.param("best_mode") or "auto")
 
 
@@ -222,10 +223,11 @@ def duplicates(runs: list[RunRecord]) -> dict[str, str]:
 
 
 def run_table(records: list[RunRecord], histories: dict, group_by: list[str], experiments: dict[str, str]
-              ) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, int]]:
+              ) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, int], Score]:
     """Per-run quantities for every finished training run, the training runs left out (and why),
-    and how many runs of each kind were not training runs."""
-    val_acc = histories.get("val/acc", {})
+    how many runs of each kind were not training runs, and the score they are measured by (their
+    task's: accuracy, or a detector's mAP). Columns keep accuracy's names inside compare; what is
+    written is named after the score (mlexp.analysis.report)."""
     parent_ids = {run.tags["mlflow.parentRunId"] for run in records if "mlflow.parentRunId" in run.tags}
     rows, excluded, ignored, training = [], [], {}, []
     for run in records:
@@ -234,7 +236,10 @@ def run_table(records: list[RunRecord], histories: dict, group_by: list[str], ex
             ignored[kind] = ignored.get(kind, 0) + 1
         else:
             training.append(run)
-    usable = [run for run in training if run.status == FINISHED and (run.run_id in val_acc or "val/acc" in run.metrics)]
+    score = score_of({run.param("task") or "classification" for run in training if run.status == FINISHED})
+    curves = histories.get(score.curve, {})
+    usable = [run for run in training
+              if run.status == FINISHED and (run.run_id in curves or score.curve in run.metrics)]
     duplicate_of = duplicates(usable)
     usable = [run for run in usable if run.run_id not in duplicate_of]
     check_group_by(usable, group_by)
@@ -242,28 +247,29 @@ def run_table(records: list[RunRecord], histories: dict, group_by: list[str], ex
     for run in training:
         experiment = experiments.get(run.experiment_id, run.experiment_id)
         if run.run_id in usable_ids:
-            rows.append(run_row(run, val_acc.get(run.run_id, []), group_by, experiment))
+            rows.append(run_row(run, curves.get(run.run_id, []), group_by, experiment, score))
         elif run.run_id in duplicate_of:
             excluded.append({"run_id": run.run_id, "run_name": run.run_name, "status": "DUPLICATE",
                              "experiment": experiment, "reason": duplicate_of[run.run_id]})
         else:
-            reason = f"status {run.status}" if run.status != FINISHED else "finished without a val/acc metric"
+            reason = f"status {run.status}" if run.status != FINISHED else f"finished without a {score.curve} metric"
             excluded.append({"run_id": run.run_id, "run_name": run.run_name, "status": run.status,
                              "experiment": experiment, "reason": reason})
     runs = pd.DataFrame(rows)
     if runs.empty:
         columns = ["run_id", *group_by, *(f"_{name}" for name in PAIR_FIELDS), "seed", "fold", *RUN_METRICS]
-        return pd.DataFrame(columns=[*columns, "_val_acc_points"]), excluded, ignored
+        return pd.DataFrame(columns=[*columns, "_val_acc_points"]), excluded, ignored, score
     runs["epochs_to_95"] = epochs_to_reach(runs, group_by)
-    return runs, excluded, ignored
+    return runs, excluded, ignored, score
 
 
-def run_row(run: RunRecord, points: list[tuple[int, float]], group_by: list[str], experiment: str) -> dict:
+def run_row(run: RunRecord, points: list[tuple[int, float]], group_by: list[str], experiment: str,
+            score: Score = ACCURACY) -> dict:
     """One finished run: its group, its pairing keys and its quantities (see compare_report.DEFINITIONS)."""
     m = run.metrics
     epochs = points[-1][0] if points else math.nan
-    final_val = m.get("val/acc", points[-1][1] if points else math.nan)
-    final_train = m.get("train/acc", math.nan)
+    final_val = m.get(score.curve, points[-1][1] if points else math.nan)
+    final_train = m.get(score.train, math.nan) if score.train else math.nan
     total = m.get("time/total_s", math.nan)
     if math.isnan(total) and run.end_time and run.start_time:
         total = (run.end_time - run.start_time) / 1000
@@ -272,7 +278,7 @@ def run_row(run: RunRecord, points: list[tuple[int, float]], group_by: list[str]
         **{name: experiment if name == "experiment" else field_value(run, name) or "-" for name in group_by},
         **{f"_{name}": field_value(run, name) or "-" for name in PAIR_FIELDS},
         "seed": run.param("seed") or "-", "fold": run.param("fold") or "-",
-        "best_val_acc": m.get("best/val_acc", max((v for _, v in points), default=final_val)),
+        "best_val_acc": m.get(score.best, max((v for _, v in points), default=final_val)),
         "final_val_acc": final_val, "final_train_acc": final_train, "overfit_gap": final_train - final_val,
         "total_time_s": total,
         "epoch_time_s": total / epochs if epochs else math.nan,  # time/total_s is the sum of epoch times
@@ -330,4 +336,4 @@ def compare_run_place(result: CompareResult) -> tuple[str, str]:
 def format_table(result: CompareResult) -> str:
     """The groups, the paired pretrained-vs-scratch differences and the excluded runs, as text."""
 
-    return render_summary(result, markdown=False)
+    return result.score.worded(render_summary(result, markdown=False))

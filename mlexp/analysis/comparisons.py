@@ -32,12 +32,12 @@ import pandas as pd
 
 from mlexp.analysis import stats
 from mlexp.analysis.arms import ArmPair
+from mlexp.analysis.scores import ACCURACY, Score
 from mlexp.errors import MlexpError
 from mlexp.option_values import best_is_max, best_key
 
 MATCH = ["_dataset", "seed", "fold"]        # what every pair shares
 CONVERGENCE_FRACTION = 0.95                 # the level: 95% of the weaker init's mean best val acc
-BEST_VAL = "best/val_acc"
 UNITS = {"time": lambda seconds: f"{seconds:.1f} s", "convergence": lambda epochs: f"{epochs:.1f} epochs"}
 VALUE_COLUMNS = ["kind", "backbone", "init", "strategy", "a", "b", "n", "a_mean", "b_mean", "mean_diff", "std_diff",
                  "ci_low", "ci_high", "p_value", "p_holm", "p_exact", "win_prob", "win_low", "win_high",
@@ -60,7 +60,7 @@ class Metric:
 
     @property
     def is_fraction(self) -> bool:
-        return any(word in self.key for word in ("acc", "f1", "top5", "precision", "recall"))
+        return any(word in self.key for word in ("acc", "f1", "top5", "precision", "recall", "map"))
 
     def format_diff(self, value: float) -> str:
         return f"{100 * value:.1f} pp" if self.is_fraction else f"{value:.3g}"
@@ -69,52 +69,54 @@ class Metric:
     def biased_note(self) -> str | None:
         if self.key.startswith("best/val"):
             return (f"{self.key} is optimistically biased: the same validation split chose the best epoch. "
-                    "Runs with a test split (--test-split) are compared on test/acc instead.")
+                    f"Runs with a test split (--test-split) are compared on {self.key.replace('best/val_', 'test/')} "
+                    "instead.")
         return None
 
 
-CURVE_METRICS = (BEST_VAL, "val/acc")  # what --equal-budget can read at an earlier epoch
-
-
 def choose_metric(requested: str | None, available: set[str], everywhere: set[str], equal_budget: bool,
-                  own_best: set[tuple[str, bool]] | None = None) -> Metric:
-    """--metric, else test/acc when every run has a test split, else the runs' own best metric.
-    `available`: metric keys some run has; `everywhere`: keys every run has; `own_best`: each
-    run's (--best-metric, whether higher is better), ("val/acc", True) for runs from before it."""
+                  own_best: set[tuple[str, bool]] | None = None, score: Score = ACCURACY) -> Metric:
+    """--metric, else the score's test value (test/acc, a detector's test/map) when every run has
+    a test split, else the runs' own best metric. `available`: metric keys some run has;
+    `everywhere`: keys every run has; `own_best`: each run's (--best-metric, whether higher is
+    better), ("val/acc", True) for runs from before it."""
 
+    curve_metrics = (score.best, score.curve)  # what --equal-budget can read at an earlier epoch
     if requested:
-        if requested != BEST_VAL and requested not in available:
+        if requested != score.best and requested not in available:
             keys = sorted(key for key in available if not key.startswith(("train/batch", "sys/")))
             raise MlexpError(f"--metric {requested!r} is not a metric of the compared runs; "
                              f"they have: {', '.join(keys[:30]) or 'none'}")
-        if equal_budget and requested not in CURVE_METRICS:
-            raise MlexpError(f"--equal-budget reads the val/acc curves at an earlier epoch; {requested!r} has no "
-                             f"such curve: compare {' or '.join(CURVE_METRICS)} with it, or drop --equal-budget")
+        if equal_budget and requested not in curve_metrics:
+            raise MlexpError(f"--equal-budget reads the {score.curve} curves at an earlier epoch; {requested!r} has "
+                             f"no such curve: compare {' or '.join(curve_metrics)} with it, or drop --equal-budget")
         return Metric(requested)
-    if "test/acc" in everywhere and not equal_budget:
-        return Metric("test/acc")
-    return own_best_metric(own_best or set(), equal_budget, available)
+    if score.test in everywhere and not equal_budget:
+        return Metric(score.test)
+    return own_best_metric(own_best or set(), equal_budget, available, score)
 
 
-def own_best_metric(own_best: set[tuple[str, bool]], equal_budget: bool, available: set[str]) -> Metric:
+def own_best_metric(own_best: set[tuple[str, bool]], equal_budget: bool, available: set[str],
+                    score: Score = ACCURACY) -> Metric:
     """best/<the runs' --best-metric>, in its direction, when every run chose its best epoch by the
-    same metric. Runs that chose by different ones fall back to best/val_acc (every compared run
-    has a val/acc curve) with a line saying so, rather than refuse: a report still comes out, every
-    pair is measured on one thing, and --metric picks another."""
+    same metric. Runs that chose by different ones fall back to the score's best (best/val_acc:
+    every compared run has its curve) with a line saying so, rather than refuse: a report still
+    comes out, every pair is measured on one thing, and --metric picks another."""
+    fallback = score.best
     if len(own_best) > 1:
         chosen = ", ".join(f"{metric} ({'max' if higher else 'min'})" for metric, higher in sorted(own_best))
-        return Metric(BEST_VAL, reason=f"the runs chose their best epochs by different metrics ({chosen}): compared "
-                                       f"on {BEST_VAL}; --metric KEY compares another")
-    metric, higher = next(iter(own_best), ("val/acc", True))
+        return Metric(fallback, reason=f"the runs chose their best epochs by different metrics ({chosen}): compared "
+                                       f"on {fallback}; --metric KEY compares another")
+    metric, higher = next(iter(own_best), (score.curve, True))
     key = best_key(metric)
-    if (key, higher) == (BEST_VAL, True):
-        return Metric(BEST_VAL)
+    if (key, higher) == (fallback, True):
+        return Metric(fallback)
     if equal_budget:
-        return Metric(BEST_VAL, reason=f"--equal-budget reads the val/acc curves: compared on {BEST_VAL}, not the "
-                                       f"runs' own {key}")
+        return Metric(fallback, reason=f"--equal-budget reads the {score.curve} curves: compared on {fallback}, "
+                                       f"not the runs' own {key}")
     if key not in available:  # chosen by it, but not logged as best/* (runs from before training logged it)
-        return Metric(BEST_VAL, reason=f"the runs chose their best epochs by {metric}, but none logged {key}: "
-                                       f"compared on {BEST_VAL}")
+        return Metric(fallback, reason=f"the runs chose their best epochs by {metric}, but none logged {key}: "
+                                       f"compared on {fallback}")
     return Metric(key, higher, reason=f"the runs' own best metric (--best-metric {metric}, best "
                                       f"{'high' if higher else 'low'})")
 
@@ -162,7 +164,7 @@ def at_epoch(points: list[tuple[int, float]], epoch: float, best_so_far: bool) -
 def equalise_budget(pairs: pd.DataFrame, metric: Metric) -> pd.DataFrame:
     """Both sides of each pair at the epoch the shorter one stopped, read from val/acc curves."""
     epoch = np.minimum(pairs["epochs_a"], pairs["epochs_b"])
-    best = metric.key == BEST_VAL
+    best = metric.key.startswith("best/")  # the best so far; else the value at that epoch
     return pairs.assign(value_a=[at_epoch(p, e, best) for p, e in zip(pairs["points_a"], epoch)],
                         value_b=[at_epoch(p, e, best) for p, e in zip(pairs["points_b"], epoch)])
 

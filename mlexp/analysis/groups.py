@@ -11,6 +11,7 @@ import pandas as pd
 from mlexp.analysis import stats
 from mlexp.analysis.comparisons import MATCH, Metric, pair_up
 from mlexp.analysis.query import RunRecord
+from mlexp.analysis.scores import ACCURACY, Score
 
 # Per-run quantities aggregated per group (mean and std of each).
 RUN_METRICS = ["best_val_acc", "final_val_acc", "final_train_acc", "overfit_gap", "total_time_s",
@@ -20,9 +21,10 @@ RUN_METRICS = ["best_val_acc", "final_val_acc", "final_train_acc", "overfit_gap"
 METRIC_SUMMARY = ["n", "mean", "std", "ci_low", "ci_high", "median", "iqm"]
 
 
-def metric_values(runs: pd.DataFrame, records: list[RunRecord], metric: Metric) -> pd.Series:
+def metric_values(runs: pd.DataFrame, records: list[RunRecord], metric: Metric, score: Score = ACCURACY
+                  ) -> pd.Series:
     """Each run's value of the compared metric (NaN where a run lacks it)."""
-    if metric.key == "best/val_acc":
+    if metric.key == score.best:  # best_val_acc holds the score's best (or the highest of its curve)
         return runs["best_val_acc"].astype(float)
     latest = {run.run_id: run.metrics.get(metric.key, math.nan) for run in records}
     return pd.Series([latest.get(run_id, math.nan) for run_id in runs["run_id"]], index=runs.index, dtype=float)

@@ -36,14 +36,16 @@ def warm_up() -> None:
 def plot_all(result: CompareResult, out_dir: Path) -> list[Path]:
     files = []
     styles = group_styles(result)
-    for key, name, label, scale in (("val/acc", "val_acc_curves.png", "Validation accuracy (%)", 100.0),
+    score = result.score
+    for key, name, label, scale in ((score.curve, f"val_{score.name}_curves.png", f"Validation {score.label} (%)",
+                                     100.0),
                                     ("val/loss", "val_loss_curves.png", "Validation loss", 1.0)):
         curves = result.curves.get(key)
         if curves is not None and not curves.empty:
             files.append(save(curves_figure(curves, scale, label, styles), out_dir / name))
     if not result.diff_curves.empty:
-        files.append(save(difference_figure(result.diff_curves), out_dir / "pretrain_gain_curves.png"))
-    files.append(save(best_acc_figure(result, styles), out_dir / "best_acc_bar.png"))
+        files.append(save(difference_figure(result.diff_curves, score.worded("val acc")), out_dir / "pretrain_gain_curves.png"))
+    files.append(save(best_acc_figure(result, styles), out_dir / f"best_{score.name}_bar.png"))
     files.append(save(time_figure(result, styles), out_dir / "time_bar.png"))
     return files
 
@@ -99,7 +101,7 @@ def curves_figure(curves: pd.DataFrame, scale: float, ylabel: str, styles: dict[
     return fig
 
 
-def difference_figure(diffs: pd.DataFrame):
+def difference_figure(diffs: pd.DataFrame, label: str = "val acc"):
     """Pretrained minus scratch val acc by epoch, per backbone, with the 95% band over pairs."""
     from matplotlib import colormaps
     from matplotlib.ticker import MaxNLocator
@@ -114,7 +116,7 @@ def difference_figure(diffs: pd.DataFrame):
     ax.axhline(0, color="black", linewidth=0.8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("Epoch")
-    ax.set_ylabel("Pretrained minus scratch val acc (pp)")
+    ax.set_ylabel(f"Pretrained minus scratch {label} (pp)")
     ax.set_title("Pretraining gain by epoch: mean over seed/fold pairs, 95% band")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -151,12 +153,12 @@ def best_acc_figure(result: CompareResult, styles: dict[str, dict[str, Any]] | N
     styles = styles or group_styles(result)
     fig = new_figure(max(6, 0.45 * len(result.groups) + 3), 6, bottom=0.32, left=0.13, top=0.87)
     ax = fig.add_subplot()
-    plot_bars(ax, result, "best_val_acc", 100.0, "Best validation accuracy (%)", styles, values=True)
+    plot_bars(ax, result, "best_val_acc", 100.0, f"Best validation {result.score.label} (%)", styles, values=True)
     means = result.groups["best_val_acc_mean"].to_numpy(dtype=float) * 100
     stds = result.groups["best_val_acc_std"].fillna(0).to_numpy(dtype=float) * 100
     bottom, top = zoomed_limits(means - stds, means + stds)
     ax.set_ylim(bottom, top)
-    ax.set_title("Best validation accuracy per group\n(mean ± std over runs"
+    ax.set_title(f"Best validation {result.score.label} per group\n(mean ± std over runs"
                  + (f"; the y axis starts at {bottom:.0f}%)" if bottom > 0 else ")"), fontsize=11)
     return fig
 

@@ -132,8 +132,9 @@ def fetch_runs(client, experiment_ids: list[str], filter_string: str | None = No
                 page, token = reader.search_page(experiment_ids, filter_string, token)
                 records = [RunRecord(**fields) for fields in page]
                 runs.extend(records)
-                run_ids = [run.run_id for run in records if wants_history(run)]
-                for key in history_keys:
+                wanted = [run for run in records if wants_history(run)]
+                for key in history_keys:  # a run has a history of the keys it has a latest value of
+                    run_ids = [run.run_id for run in wanted if key in run.metrics]
                     for start in range(0, len(run_ids), reader.batch_size):
                         batch = run_ids[start:start + reader.batch_size]
                         pending.append((key, pool.submit(reader.histories, batch, key)))

@@ -15,6 +15,7 @@ import mlexp
 from mlexp import tracking
 from mlexp.analysis.answers import report_markdown
 from mlexp.analysis.plots import plot_all
+from mlexp.analysis.scores import Score
 from mlexp.analysis.tables import DEFINITIONS, render_summary
 
 if TYPE_CHECKING:
@@ -25,17 +26,27 @@ def write_outputs(result: CompareResult, out_dir: Path, plots: bool = True) -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     names = ("groups.csv", "pairs.csv", "comparisons.csv", "runs.csv", "groups.md", "compare.json", "report.md")
     files = [out_dir / name for name in names]
-    result.groups.to_csv(files[0], index=False)
+    score = result.score  # the files name the runs' score: a detector's columns say val_map, not val_acc
+    written(result.groups, score).to_csv(files[0], index=False)
     result.pairs.drop(columns=["points_a", "points_b"], errors="ignore").to_csv(files[1], index=False)
     result.comparisons.to_csv(files[2], index=False)
-    result.runs.drop(columns=[c for c in result.runs.columns if c.startswith("_")]).to_csv(files[3], index=False)
-    files[4].write_text(render_summary(result, markdown=True))
+    written(result.runs.drop(columns=[c for c in result.runs.columns if c.startswith("_")]), score).to_csv(
+        files[3], index=False)
+    files[4].write_text(score.worded(render_summary(result, markdown=True)))
     files[5].write_text(json.dumps(summary_json(result), indent=2, allow_nan=False))
-    files[6].write_text(report_markdown(result))
+    files[6].write_text(score.worded(report_markdown(result)))
     if plots and not result.groups.empty:
         files += plot_all(result, out_dir)
     files += [path for feature in result.features for path in feature.files]
     return files
+
+
+def written(frame: pd.DataFrame, score: Score) -> pd.DataFrame:
+    """A table as the files show it: columns named after the score; a task with no training
+    curve of its score (a detector's) has no train columns to show."""
+    if score.train is None:
+        frame = frame.drop(columns=[c for c in frame.columns if c.startswith(("final_train_acc", "overfit_gap"))])
+    return frame.rename(columns=score.columns(frame.columns))
 
 
 def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -44,14 +55,15 @@ def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def summary_json(result: CompareResult) -> dict[str, Any]:
+    score = result.score
     return {"experiments": result.experiments, "filter": result.filter_string, "group_by": result.group_by,
-            "n_runs": len(result.runs), "groups": records(result.groups),
+            "n_runs": len(result.runs), "groups": records(written(result.groups, score)),
             "metric": result.metric.key, "equal_budget": result.equal_budget,
             "comparisons": records(result.comparisons),
             "pairs": records(result.pairs.drop(columns=["points_a", "points_b"], errors="ignore")),
             "features": [feature.summary() for feature in result.features],
             "excluded": result.excluded, "not_training_runs": result.ignored, "mlflow_reads": result.reads,
-            "definitions": DEFINITIONS}
+            "definitions": {score.worded(name): score.worded(said) for name, said in DEFINITIONS.items()}}
 
 
 # --- the MLflow run -------------------------------------------------------------------------------------

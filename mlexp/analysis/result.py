@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from mlexp.analysis.comparisons import Metric
+from mlexp.analysis.scores import ACCURACY, Score
 
 
 @dataclass
@@ -33,3 +34,4 @@ class CompareResult:
     timings: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None              # the MLflow run the outputs were logged to
     reads: dict[str, Any] = field(default_factory=dict)  # which MLflow doors answered (mlflow_internals)
+    score: Score = ACCURACY                # what the runs' task is measured by (a detector's: mAP)

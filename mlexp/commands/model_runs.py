@@ -68,6 +68,10 @@ def evaluate_model(model_uri: str, data: str, tracking_uri: str | None, experime
         classifier = load_classifier(download_classifier(client, model, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if classifier.config.get("task", "classification") != "classification":
+        raise MlexpError(f"--model {model_uri} is a {classifier.config['task']} model: `mlexp evaluate` scores "
+                         "classifiers on an image folder; a detector's test mAP comes from its run's test split "
+                         "(DATA/test), and `mlflow models serve` answers its boxes")
     folder = CheckedImageFolder(str(root), transform=classifier.transform)
     check_same_classes(folder.classes, classifier.class_names, root)
     echo(f"mlexp: evaluating {model_uri} (logged model {model.model_id}, {model.name} of run "

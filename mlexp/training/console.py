@@ -77,7 +77,7 @@ def print_outcome(result, delivery, tracking_uri: str) -> None:
     if delivery.complete:
         where = f"open it: {redact(tracking.ui_hint(tracking_uri, run_experiment_id(tracking_uri, delivery.run_id)))}"
         print(f"\nmlexp: run {delivery.run_id} FINISHED: {best_phrase(result)}\n  logged: {LOGGED}"
-              + (", logged models best and final" if result.effective.log_models and result.effective.task == "classification"
+              + (", logged models best and final" if result.effective.log_models
                  else "")
               + f", evaluation/{'{test,val}' if result.tested else 'val'}/ "
               + ("(per-class AP)" if result.effective.task == "detection" else "(per-class table, confusion matrix)")

@@ -8,7 +8,8 @@ best epoch's step) and `final` (at the last epoch's step). Each is a pyfunc mode
   (`mlflow models serve`), POST /invocations with {"inputs": [image, ...]} where each image is
   a nested list of rows of [r, g, b] values 0-255;
 - output: one row per image, the probability of each class (float32) in columns named by the
-  class names.
+  class names; a detector's (a run of `--task detection`): one row per image with `boxes`
+  ([x1, y1, x2, y2] in that image's pixels), `labels` (class names) and `scores`, best first.
 
 The weights and the run's effective configuration travel inside it (artifacts/classifier/), so
 `mlexp evaluate`, `--weights models:/NAME@ALIAS` and serving all rebuild the same network.
@@ -37,6 +38,7 @@ from mlexp.models.build import create_model
 from mlexp.models.catalogue import resolve_backbone
 from mlexp.models.plugins import copy_plugin_sources, plugin_requirements
 from mlexp.models.strategies import attach_head
+from mlexp.tasks.kinds import task_of
 from mlexp.tracking.server import first_line
 from mlexp.training.checkpoints import WEIGHTS_FILE, load_weights, save_weights
 
@@ -79,15 +81,41 @@ def write_classifier(folder: Path, config: dict, class_names: list[str], weights
 
 
 def load_classifier(folder: Path) -> Classifier:
+    """The network a model folder describes, its weights loaded: a classifier, or (task
+    detection) the detector its run trained, with the run's validation transforms."""
     described = json.loads((folder / CLASSIFIER_FILE).read_text())
     cfg = TrainConfig.from_dict(described["config"])
     if (folder / CODE_DIR).is_dir() and str(folder / CODE_DIR) not in sys.path:
         sys.path.insert(0, str(folder / CODE_DIR))  # the user's own network travels as source
     class_names = list(described["class_names"])
-    model = create_model(resolve_backbone(cfg.backbone, cfg.init, cfg.plugins), len(class_names), cfg.img_size)
-    attach_head(model, cfg.head, len(class_names))
+    spec = resolve_backbone(cfg.backbone, cfg.init, cfg.plugins)
+    model = create_model(spec, len(class_names), cfg.img_size)
+    if cfg.task == "classification":
+        attach_head(model, cfg.head, len(class_names))
+    else:
+        model = task_of(cfg).build_model(spec, model, cfg, len(class_names))
     model.load_state_dict(load_weights(folder / WEIGHTS_FILE))
-    return Classifier(model.eval(), build_transforms(cfg, train=False), class_names, described["config"])
+    transform = build_transforms(cfg, train=False) if cfg.task == "classification" else None
+    return Classifier(model.eval(), transform, class_names, described["config"])
+
+
+@torch.no_grad()
+def detections(detector: Classifier, images: list) -> pd.DataFrame:
+    """One row per image: its boxes ([x1, y1, x2, y2] in the image's own pixels), their class
+    names and scores. Each image is resized to the run's square size as in training, and
+    the boxes are scaled back."""
+    size = int(detector.config["img_size"])
+    rows = []
+    for start in range(0, len(images), PREDICT_BATCH):
+        batch = images[start:start + PREDICT_BATCH]
+        pixels = [torch.from_numpy(np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0)
+                  .permute(2, 0, 1) for image in batch]
+        for image, found in zip(batch, detector.model(pixels)):
+            scale = torch.tensor([image.width / size, image.height / size] * 2)
+            rows.append({"boxes": (found["boxes"] * scale).tolist(),
+                         "labels": [detector.class_names[int(label) - 1] for label in found["labels"]],
+                         "scores": found["scores"].tolist()})
+    return pd.DataFrame(rows, columns=["boxes", "labels", "scores"])
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -100,6 +128,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     # float columns out, declared in save_pyfunc), which a type hint could not express.
     def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
         images = as_images(model_input)
+        if self.classifier.config.get("task", "classification") == "detection":
+            return detections(self.classifier, images)
         probabilities = torch.softmax(self.classifier.logits(images), dim=1).numpy().astype(np.float32)
         return pd.DataFrame(probabilities, columns=self.classifier.class_names)
 
@@ -119,13 +149,15 @@ def as_images(model_input) -> list:
 
 
 def save_pyfunc(target: Path, classifier_dir: Path, class_names: list[str], example: np.ndarray,
-                extra_requirements: list[str] | None = None) -> Path:
+                extra_requirements: list[str] | None = None, detector: bool = False) -> Path:
     """An MLflow pyfunc model folder around a classifier folder (no server involved)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-                               outputs=Schema([ColSpec("float", name) for name in class_names]))
+    # A detector's rows (boxes, labels, scores per image) are lists of each image's own length: no
+    # column schema can say that, so its output is described in the model's docstring only.
+    outputs = Schema([ColSpec("float", name) for name in class_names]) if not detector else None
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]), outputs=outputs)
     quiet = logging.getLogger("mlflow.pyfunc")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # not "Validating input example" twice per run
@@ -159,10 +191,12 @@ def example_images(dataset, count: int = 1) -> np.ndarray:
     indices = list(getattr(dataset, "indices", range(len(dataset))))[:count]
     images = []
     for index in indices:
-        if hasattr(raw, "images"):  # in-memory arrays (digits, synthetic)
+        if hasattr(raw, "images"):  # in-memory arrays (digits, synthetic), or a detection set's annotated files
             from PIL import Image
 
-            images.append(np.asarray(to_rgb8(Image.fromarray(raw.images[index]))))
+            item = raw.images[index]
+            image = Image.open(item.path) if hasattr(item, "path") else Image.fromarray(item)
+            images.append(np.asarray(to_rgb8(image)))
         else:
             images.append(np.asarray(raw.loader(raw.samples[index][0])))
     return np.stack(images).astype(np.uint8)
@@ -234,6 +268,7 @@ def staged_model(tracker, name: str, config: dict, class_names: list[str], weigh
         target = tracker.staging_dir(f"model-{name}")
         target.rmdir()  # save_model creates it
         return save_pyfunc(target, classifier, class_names, example,
-                           plugin_requirements(config.get("backbone", ""), config.get("plugins")))
+                           plugin_requirements(config.get("backbone", ""), config.get("plugins")),
+                           detector=config.get("task") == "detection")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -21,12 +21,13 @@ from mlexp.models.heads import find_classifier
 from mlexp.models.weight_sources import default_export_path
 from mlexp.option_values import best_key
 from mlexp.tasks.detection.evaluation import evaluate_detector
+from mlexp.tasks.kinds import task_of
 from mlexp.training import checkpoints, hardware
 from mlexp.training.calibration import calibrate
 from mlexp.training.evaluation import best_weights_model, split_metrics, write_report
 from mlexp.training.loop import EvalResult, TrainParts, evaluate
 from mlexp.training.parts import eval_model, final_weights_model
-from mlexp.training.records import EPOCH_METRICS, History, training_info, write_csvs, write_json
+from mlexp.training.records import History, epoch_metric_names, training_info, write_csvs, write_json
 from mlexp.training.system_metrics import SystemMetrics
 
 
@@ -190,7 +191,7 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
         tracker.log_artifacts(final.parent, "checkpoints/final")
         tracker.log_artifacts(summary, "summary")
         tracker.log_artifacts(metrics, "metrics")
-        if cfg.log_models and not detection:  # a detector's logged model is not built yet (README: Detection)
+        if cfg.log_models:
             log_models(tracker, parts, cfg, spec, history, data, splits, reported, last_epoch)
     return TrainResult(tracker.run_id, "FINISHED", history.best_val_acc, history.best_epoch, cfg,
                        final_weights_model(parts), history, tested=test_loader is not None)
@@ -211,11 +212,11 @@ def log_models(tracker, parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec,
     final_weights = final_weights_model(parts).state_dict()
     best_weights = parts.best_weights or final_weights  # a resume begun past the best epoch: the final weights
     best_step = history.best_epoch if parts.best_weights is not None else last_epoch
-    best_metrics = reported + sorted({"best/val_acc", best_key(cfg.best_metric)})
+    best_metrics = reported + sorted({best_key(task_of(cfg).primary_metric), best_key(cfg.best_metric)})
     for name, weights, step, extra in (("best", best_weights, best_step, best_metrics),
                                        ("final", final_weights, last_epoch, [])):
         folder = staged_model(tracker, name, config, data.class_names, weights, example)
-        metrics = [[key, step] for key in EPOCH_METRICS] + [[key, last_epoch] for key in extra]
+        metrics = [[key, step] for key in epoch_metric_names(history.components)] + [[key, last_epoch] for key in extra]
         tracker.log_model(folder, name, step, {"metrics": metrics, "datasets": datasets, "tags": tags,
                                                "params": cfg.to_params(), "model_type": MODEL_TYPE})
 

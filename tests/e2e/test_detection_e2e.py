@@ -11,10 +11,13 @@ import json
 import math
 from pathlib import Path
 
+import mlflow.pyfunc
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 from mlflow import MlflowClient
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from mlexp.config import TrainConfig
@@ -22,7 +25,7 @@ from mlexp.models.build import create_model
 from mlexp.models.catalogue import resolve_backbone
 from mlexp.tasks.detection.evaluation import evaluate_detector
 from mlexp.tasks.kinds import TASKS
-from tests.detection_data import digit_scenes, write_coco, write_yolo
+from tests.detection_data import CLASSES, digit_scenes, write_coco, write_yolo
 from tests.helpers import artifact_paths, run_mlexp, runs_of, steps, subprocess_env, write_pretrained_weights
 
 COMPONENTS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
@@ -132,6 +135,25 @@ def test_a_sweep_of_pretrained_and_scratch_detectors_sums_up_by_val_map(scenes, 
                      key=lambda run: run.data.metrics["best/val_map"])
         assert row["run_id"] == chosen.info.run_id and row["best_val_map"] == chosen.data.metrics["best/val_map"]
 
+    # compare: the pretrained/scratch pairs (matched on seed) measured on the detectors' own best val mAP
+    out = tmp_path / "cmp"
+    compared = run_mlexp(["compare", "--experiment", "detect-sweep", "--out", str(out), "--log-run", "false"],
+                         subprocess_env(sqlite_uri), tmp_path)
+    assert compared.returncode == 0, compared.stdout[-3000:] + compared.stderr[-2000:]
+    with open(out / "comparisons.csv") as table:
+        [gain] = [row for row in csv.DictReader(table) if row["kind"] == "init"]
+    by_init = {init: {run.data.params["seed"]: run.data.metrics["best/val_map"] for run in children
+                      if run.data.tags["mlexp.init"] == init} for init in ("pretrained", "scratch")}
+    expected = sum(by_init["pretrained"][seed] - by_init["scratch"][seed] for seed in ("1", "2")) / 2
+    assert int(gain["n"]) == 2 and float(gain["mean_diff"]) == pytest.approx(expected)
+    assert json.loads((out / "compare.json").read_text())["metric"] == "best/val_map"
+    report = (out / "report.md").read_text()
+    assert "best/val_map" in report and "accuracy" not in report and "val/acc" not in report
+    with open(out / "groups.csv") as table:
+        columns = next(csv.reader(table))
+    assert "best_val_map_mean" in columns and not any("acc" in column for column in columns), columns
+    assert (out / "val_map_curves.png").is_file() and (out / "best_map_bar.png").is_file()
+
 
 def test_a_detector_killed_mid_epoch_resumes_with_one_point_per_step(scenes, sqlite_uri, tmp_path):
     """SIGKILL after optimizer step 5 (inside epoch 2 of 3, 3 steps an epoch), then `--resume`:
@@ -153,3 +175,33 @@ def test_a_detector_killed_mid_epoch_resumes_with_one_point_per_step(scenes, sql
         assert steps(client, run.info.run_id, key) == list(range(1, 10)), key
     for key in ("val/map", "train/loss_classifier"):
         assert steps(client, run.info.run_id, key) == [1, 2, 3], key
+
+
+def test_mlflow_models_serve_of_the_best_logged_detector_answers_boxes_labels_and_scores(scenes, sqlite_uri, tmp_path):
+    """The run logs its best and final detectors as MLflow models; `mlflow models serve` of the
+    best answers a POST of 2 images (of another size than training's) with each image's boxes,
+    class names and scores, as the same weights give them in this process."""
+    from tests.e2e.test_models_e2e import served_predictions
+
+    root = write_yolo(tmp_path / "yolo", scenes[:24])
+    env = subprocess_env(sqlite_uri)
+    done = run_mlexp(["train", "--task", "detection", "--backbone", "test_resnet", "--init", "scratch", "--data",
+                      str(root), "--img-size", "64", "--epochs", "1", "--batch-size", "8", "--system-metrics",
+                      "false", "--experiment", "detect-serve"], env, tmp_path)
+    assert done.returncode == 0 and "logged models best and final" in done.stdout, done.stderr[-3000:]
+    client = MlflowClient(sqlite_uri)
+    [run] = runs_of(client, "detect-serve")
+    models = {model.name: model for model in client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")}
+    assert set(models) == {"best", "final"}
+    images = np.stack([np.asarray(Image.fromarray(pixels).resize((80, 80))) for pixels, _ in scenes[40:42]])
+    served = served_predictions(f"models:/{models['best'].model_id}", images, env, tmp_path)
+    assert list(served.columns) == ["boxes", "labels", "scores"] and len(served) == 2
+    local = mlflow.pyfunc.load_model(f"models:/{models['best'].model_id}").predict(images)
+    for answer, expected in zip(served.to_dict("records"), local.to_dict("records")):
+        assert len(answer["boxes"]) == len(answer["labels"]) == len(answer["scores"]) == len(expected["boxes"])
+        assert set(answer["labels"]) <= set(CLASSES)
+        assert all(0 <= x <= 80 for box in answer["boxes"] for x in box) and answer["scores"] == sorted(
+            answer["scores"], reverse=True)
+        assert np.allclose(np.reshape(answer["boxes"], (-1, 4)), np.reshape(expected["boxes"], (-1, 4)), atol=1e-3)
+    assert sum(len(boxes) for boxes in served["boxes"]) > 0  # something to compare: the test can fail
