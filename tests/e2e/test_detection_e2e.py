@@ -205,3 +205,26 @@ def test_mlflow_models_serve_of_the_best_logged_detector_answers_boxes_labels_an
             answer["scores"], reverse=True)
         assert np.allclose(np.reshape(answer["boxes"], (-1, 4)), np.reshape(expected["boxes"], (-1, 4)), atol=1e-3)
     assert sum(len(boxes) for boxes in served["boxes"]) > 0  # something to compare: the test can fail
+
+
+def test_mit_b0_trains_a_classifier_and_a_detector_from_scratch(scenes, sqlite_uri, tmp_path):
+    """MiT (SegFormer's encoder, from segmentation-models-pytorch; timm has none) is a backbone
+    like timm's: one epoch of classification on digits and of detection on the scenes, each
+    FINISHED with its task's metrics, the detector over the encoder's four stages."""
+    env = subprocess_env(sqlite_uri)
+    common = ["--backbone", "mit_b0", "--init", "scratch", "--epochs", "1", "--system-metrics", "false",
+              "--log-models", "false"]
+    classified = run_mlexp(["train", *common, "--data", "digits", "--img-size", "32", "--calibrate", "false",
+                            "--experiment", "mit"], env, tmp_path)
+    assert classified.returncode == 0, classified.stderr[-3000:]
+    root = write_yolo(tmp_path / "yolo", scenes[:24])
+    detected = run_mlexp(["train", *common, "--task", "detection", "--data", str(root), "--img-size", "64",
+                          "--batch-size", "8", "--experiment", "mit"], env, tmp_path)
+    assert detected.returncode == 0, detected.stderr[-3000:]
+    client = MlflowClient(sqlite_uri)
+    runs = {run.data.params["task"]: run for run in runs_of(client, "mit")}
+    assert {run.info.status for run in runs.values()} == {"FINISHED"} and set(runs) == {"classification", "detection"}
+    assert runs["classification"].data.params["backbone"] == "mit_b0" and runs["classification"].data.metrics[
+        "val/acc"] > 0.5  # ten classes: well above chance after one epoch
+    assert "val/map" in runs["detection"].data.metrics
+    assert steps(client, runs["detection"].info.run_id, "batch/loss_box_reg") == [1, 2]  # 19 train images, 8 a batch, the partial one dropped
