@@ -84,6 +84,9 @@ class TrainConfig:
     fold: int = option(0, "Which fold: with --folds K the validation fold (0-based); on data with a split of its "
                        "own (split files, --splits, torchvision:DTD) its fold number (DTD's 1-10).")
     img_size: int = option(32, f"Square input size in pixels (at most {MAX_IMG_SIZE}).")
+    in_chans: int = option(3, "Channels of each input image. Above 3 (RGB plus depth, thermal, ...): the images are "
+                           "NumPy stacks (NAME.npy, height x width x channels) and a pretrained stem is adapted as "
+                           "timm adapts it (its RGB filters repeated over the channels, rescaled).")
     train_crop: str = option("auto", "Training geometry: timm's random-resized crop (validation: resize and "
                              "center-crop by the model's crop_pct), or the whole image resized (tiny images "
                              "such as digits). 'auto': random-resized on image folders, resize on the built-in "
@@ -206,7 +209,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise MlexpError(f"--{cli_name(f.name)} must be one of {', '.join(choices)}, got {value!r}")
-        positive = ("epochs", "batch_size", "lr", "img_size", "grad_accum", "step_size",
+        positive = ("epochs", "batch_size", "lr", "img_size", "in_chans", "grad_accum", "step_size",
                     "linear_probe_epochs", "ema_decay")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -307,7 +310,7 @@ BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "e
 ADDED_LATER = {"test_split": 0.0, "test_dir": None, "train_crop": "resize", "color_jitter": 0.0, "plugins": None,
                "weights_from": None, "weights_strict": True, "weights_key_map": None, "unfreeze_patterns": None,
                "best_metric": "val/acc", "best_mode": "auto", "splits": None, "rotate": 0.0,
-               "task": "classification"}
+               "task": "classification", "in_chans": 3}
 AUTO = -1  # --workers auto
 TRISTATE = ("auto", "true", "false")
 TRISTATE_FIELDS = ("channels_last",)

@@ -19,9 +19,10 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from mlexp.data.splits import SPLIT_SEED
+from mlexp.data.stacks import STACK_SUFFIX, is_stack, load_stack
 from mlexp.errors import MlexpError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", STACK_SUFFIX)
 # What reading a damaged or hostile file raises: PIL's decompression-bomb guard (a 60000 x 60000
 # header in a small file) is its own exception, neither an OSError nor a ValueError.
 UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
@@ -152,6 +153,12 @@ def load_rgb_image(path: str) -> Image.Image:
     return to_rgb8(image)
 
 
+def load_image(path: str):
+    """The datasets' loader: an image file as 8-bit RGB (load_rgb_image), a stack file
+    (mlexp.data.stacks, --in-chans) as its array."""
+    return load_stack(path) if is_stack(path) else load_rgb_image(path)
+
+
 class CheckedImageFolder(datasets.ImageFolder):
     """ImageFolder that skips hidden folders and files, loads every image mode as 8-bit RGB,
     and turns unreadable files into a user error naming the file."""
@@ -159,7 +166,7 @@ class CheckedImageFolder(datasets.ImageFolder):
     def __init__(self, root: str | Path, transform=None):
         root = os.path.expanduser(str(root))
         # A partial, not a lambda: DataLoader workers may need to pickle the dataset.
-        super().__init__(root, transform=transform, loader=load_rgb_image,
+        super().__init__(root, transform=transform, loader=load_image,
                          is_valid_file=partial(_is_image_under, root))
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
@@ -184,6 +191,8 @@ class CheckedImageFolder(datasets.ImageFolder):
             return super().__getitem__(index)
         except UNREADABLE as error:
             raise MlexpError(f"cannot read image {path} ({error}); fix or remove the file") from None
+        except MlexpError as error:  # a stack of the wrong shape or channel count: which file
+            raise MlexpError(str(error) if path in str(error) else f"{path}: {error}") from None
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -230,7 +239,9 @@ class ListedImages(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            image = load_rgb_image(path)
+            image = load_image(path)
+            return (self.transform(image) if self.transform is not None else image), label
         except UNREADABLE as error:
             raise MlexpError(f"cannot read image {path} ({error}); fix or remove the file") from None
-        return (self.transform(image) if self.transform is not None else image), label
+        except MlexpError as error:  # a stack of the wrong shape or channel count: which file
+            raise MlexpError(str(error) if path in str(error) else f"{path}: {error}") from None

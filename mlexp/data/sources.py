@@ -26,12 +26,15 @@ from mlexp.data.images import (
     ArrayImages,
     CheckedImageFolder,
     DataBundle,
+    class_files,
+    class_folders,
     class_image_counts,
     digits_arrays,
     synthetic_arrays,
 )
 from mlexp.data.official import check_official, official_bundle
 from mlexp.data.splits import check_split, split_indices
+from mlexp.data.stacks import is_stack
 from mlexp.data.transforms import build_transforms, check_aa
 from mlexp.errors import MlexpError
 from mlexp.option_values import BUILT_IN
@@ -126,6 +129,20 @@ def build_data(cfg: TrainConfig) -> DataBundle:
     return official_bundle(cfg) or _folder_bundle(cfg)
 
 
+def check_channels(root: Path, classes: list[str], in_chans: int) -> None:
+    """The first image's channels against --in-chans, before any run exists (each image is
+    checked again as it is read)."""
+    first = next((path for name in classes for path in class_files(root, name)[0]), None)
+    if first is None:
+        return
+    shape = np.load(first, mmap_mode="r", allow_pickle=False).shape if is_stack(first) else (3,)
+    channels = shape[-1] if len(shape) != 2 else 1
+    if channels != in_chans:
+        raise MlexpError(f"{first} has {channels} channel(s) but --in-chans is {in_chans}: "
+                         + (f"train with --in-chans {channels}" if is_stack(first) else
+                            f"images with {in_chans} channels are NumPy stacks (NAME.npy, height x width x channels)"))
+
+
 def check_data_source(cfg: TrainConfig) -> None:
     """Cheap up-front check (before any MLflow run starts) that the data exists, has at least
     2 non-empty classes, and can be split as asked (see check_split), and that its
@@ -139,11 +156,15 @@ def check_data_source(cfg: TrainConfig) -> None:
                              "(use --test-split)")
         require_folder(Path(cfg.test_dir).expanduser(), "test")
     if cfg.data in BUILT_IN:
+        if cfg.in_chans != 3:
+            raise MlexpError(f"--in-chans {cfg.in_chans}: the built-in {cfg.data!r} images are RGB; give a folder of "
+                             f"{cfg.in_chans}-channel stacks (NAME.npy)")
         labels = (digits_arrays() if cfg.data == "digits" else synthetic_arrays())[1]
         check_split({str(c): int(n) for c, n in enumerate(np.bincount(labels))}, cfg, f"--data {cfg.data}")
         return
     train_root, val_root = _folder_roots(cfg)
     train_counts = _checked_counts(train_root, "training")
+    check_channels(train_root, class_folders(train_root), cfg.in_chans)
     if val_root is None:
         check_split(train_counts, cfg, str(train_root))
         return

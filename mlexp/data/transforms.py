@@ -30,6 +30,7 @@ from functools import lru_cache
 from torchvision import transforms
 
 from mlexp.config import TrainConfig
+from mlexp.data.stacks import RgbOnly, StackTransform
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import resolve_backbone
 from mlexp.option_values import DEFAULT_JITTER, geometry, jitter_factors
@@ -82,6 +83,13 @@ def build_transforms(cfg: TrainConfig, train: bool) -> transforms.Compose:
     if train:
         check_aa(cfg.aa)
     config = data_config(cfg)
+    if cfg.in_chans != 3:  # stacks of N channels: resize, flip, normalise (mlexp.data.stacks)
+        return StackTransform(cfg.in_chans, cfg.img_size, config["mean"], config["std"],
+                              config["hflip"] if train else 0.0)
+    return transforms.Compose([RgbOnly(), *_rgb_pipeline(cfg, config, train).transforms])
+
+
+def _rgb_pipeline(cfg: TrainConfig, config: dict, train: bool) -> transforms.Compose:
     if config["train_crop"] == "resize":
         return _resize_pipeline(cfg, config, train)
     from timm.data import create_transform

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mlexp.errors import MlexpError
 from mlexp.models.plugins import load_plugins, plugin_reference, register_factory
@@ -70,6 +70,12 @@ class BackboneSpec:
     auto_patch: bool = False  # mlexp's own ViTs: patch size follows img_size (see vit_patch_size)
     timm_weights: TimmSource | None = None  # timm's default pretrained weights, if known without timm
     plugin: str = ""  # a user's own network: the name that resolves it again ("module:factory", models.plugins)
+
+    def with_in_chans(self, in_chans: int) -> BackboneSpec:
+        """The same backbone built for `in_chans` input channels (--in-chans)."""
+        if in_chans == 3:
+            return self
+        return replace(self, timm_kwargs={**self.timm_kwargs, "in_chans": in_chans})
 
     def create_kwargs(self, img_size: int) -> dict:
         """Every kwarg for timm.create_model at this input size (besides num_classes)."""

@@ -147,11 +147,29 @@ def load_weights(model: torch.nn.Module, path: Path, timm_name: str, label: str 
             raise MlexpError(f"weights {label} do not fit {timm_name}: timm could not adapt them "
                              f"({type(exc).__name__}: {exc})") from exc
     check_kinds(model, state, label, timm_name)
+    state = adapt_input_convs(model, state)
     head, rule = find_classifier(model)
     loaded = (load_checked if strict else load_matching)(model, state, tuple(head), label, timm_name)
     taken = set(loaded)
     return LoadReport(label, loaded, [k for k in model.state_dict() if k not in taken],
                       [k for k in state if k not in taken], head, rule)
+
+
+def adapt_input_convs(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """RGB weights for a model built for other input channels (--in-chans): each stem filter
+    whose file has 3 input channels where the model has N is adapted as timm adapts its own
+    pretrained stems (timm's adapt_input_conv: RGB repeated over the N channels, scaled by 3/N;
+    summed for one channel). Every other tensor is left as it is."""
+    from timm.models import adapt_input_conv
+
+    target = model.state_dict()
+    adapted = dict(state)
+    for key, tensor in state.items():
+        wanted = target.get(key)
+        if (wanted is not None and tensor.ndim == 4 and wanted.ndim == 4 and tensor.shape[1] == 3
+                and wanted.shape[1] != 3 and tensor.shape[0] == wanted.shape[0] and tensor.shape[2:] == wanted.shape[2:]):
+            adapted[key] = adapt_input_conv(wanted.shape[1], tensor)
+    return adapted
 
 
 def check_kinds(model: torch.nn.Module, state: dict[str, torch.Tensor], label: str, arch: str) -> None:

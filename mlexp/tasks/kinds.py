@@ -90,7 +90,7 @@ class Detection:
     def build_model(self, spec: BackboneSpec, backbone: nn.Module, cfg: TrainConfig, num_classes: int) -> nn.Module:
         from mlexp.tasks.detection.model import build_detector  # here: torchvision's detection models, ~0.3 s
 
-        return build_detector(spec, backbone, num_classes, cfg.img_size)
+        return build_detector(spec, backbone, num_classes, cfg.img_size, cfg.in_chans)
 
     def loss(self, model, images, targets, loss_fn):
         losses = model(images, targets)

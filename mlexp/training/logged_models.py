@@ -29,9 +29,11 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from mlexp.config import TrainConfig
 from mlexp.data.images import to_rgb8
+from mlexp.data.stacks import is_stack, load_stack
 from mlexp.data.transforms import build_transforms
 from mlexp.errors import MlexpError
 from mlexp.models.build import create_model
@@ -65,7 +67,8 @@ class Classifier:
 
         outputs = []
         for start in range(0, len(images), PREDICT_BATCH):
-            batch = torch.stack([self.transform(to_rgb8(image)) for image in images[start:start + PREDICT_BATCH]])
+            batch = torch.stack([self.transform(to_rgb8(image) if isinstance(image, Image.Image) else image)
+                                 for image in images[start:start + PREDICT_BATCH]])
             outputs.append(self.model(batch).float())
         return torch.cat(outputs) if outputs else torch.zeros(0, len(self.class_names))
 
@@ -88,7 +91,7 @@ def load_classifier(folder: Path) -> Classifier:
     if (folder / CODE_DIR).is_dir() and str(folder / CODE_DIR) not in sys.path:
         sys.path.insert(0, str(folder / CODE_DIR))  # the user's own network travels as source
     class_names = list(described["class_names"])
-    spec = resolve_backbone(cfg.backbone, cfg.init, cfg.plugins)
+    spec = resolve_backbone(cfg.backbone, cfg.init, cfg.plugins).with_in_chans(cfg.in_chans)
     model = create_model(spec, len(class_names), cfg.img_size)
     if cfg.task == "classification":
         attach_head(model, cfg.head, len(class_names))
@@ -127,20 +130,24 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     # np.ndarray: a hint MLflow takes as "validate by the signature" (uint8 tensor in, named
     # float columns out, declared in save_pyfunc), which a type hint could not express.
     def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
-        images = as_images(model_input)
+        images = as_images(model_input, int(self.classifier.config.get("in_chans", 3)))
         if self.classifier.config.get("task", "classification") == "detection":
             return detections(self.classifier, images)
         probabilities = torch.softmax(self.classifier.logits(images), dim=1).numpy().astype(np.float32)
         return pd.DataFrame(probabilities, columns=self.classifier.class_names)
 
 
-def as_images(model_input) -> list:
-    """A batch of uint8 arrays (N, H, W, 3), or (N, H, W) greyscale, as PIL images."""
-    from PIL import Image
-
+def as_images(model_input, in_chans: int = 3) -> list:
+    """A batch of uint8 arrays (N, H, W, 3), or (N, H, W) greyscale, as PIL images; a model
+    of --in-chans N takes (N_images, H, W, N) stacks, each passed on as its array."""
     if isinstance(model_input, pd.DataFrame):
         model_input = model_input.to_numpy()
     array = np.asarray(model_input)
+    if in_chans != 3:
+        if array.ndim != 4 or array.shape[-1] != in_chans:
+            raise ValueError(f"expected a batch of {in_chans}-channel images shaped (N, H, W, {in_chans}), "
+                             f"got shape {array.shape}")
+        return list(array)
     if array.ndim == 3 and array.dtype != object:
         array = array[..., None].repeat(3, axis=-1)
     if array.ndim != 4 or array.shape[-1] != 3:
@@ -157,7 +164,9 @@ def save_pyfunc(target: Path, classifier_dir: Path, class_names: list[str], exam
     # A detector's rows (boxes, labels, scores per image) are lists of each image's own length: no
     # column schema can say that, so its output is described in the model's docstring only.
     outputs = Schema([ColSpec("float", name) for name in class_names]) if not detector else None
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]), outputs=outputs)
+    # uint8 RGB; a model of --in-chans N takes N channels of its stacks' own type
+    signature = ModelSignature(inputs=Schema([TensorSpec(example.dtype, (-1, -1, -1, example.shape[-1]))]),
+                               outputs=outputs)
     quiet = logging.getLogger("mlflow.pyfunc")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # not "Validating input example" twice per run
@@ -185,21 +194,26 @@ def requirements() -> list[str]:
 
 
 def example_images(dataset, count: int = 1) -> np.ndarray:
-    """The first images of a split, untransformed, as the uint8 batch a client would send."""
+    """The first images of a split, untransformed, as the batch a client would send: uint8
+    RGB, or (--in-chans) the stacks as they are."""
 
     raw = getattr(dataset, "dataset", dataset)
     indices = list(getattr(dataset, "indices", range(len(dataset))))[:count]
     images = []
     for index in indices:
         if hasattr(raw, "images"):  # in-memory arrays (digits, synthetic), or a detection set's annotated files
-            from PIL import Image
-
             item = raw.images[index]
-            image = Image.open(item.path) if hasattr(item, "path") else Image.fromarray(item)
-            images.append(np.asarray(to_rgb8(image)))
+            path = getattr(item, "path", None)
+            image = item if path is None else load_stack(path) if is_stack(path) else Image.open(path)
         else:
-            images.append(np.asarray(raw.loader(raw.samples[index][0])))
-    return np.stack(images).astype(np.uint8)
+            image = raw.loader(raw.samples[index][0])
+        images.append(np.asarray(image) if isinstance(image, np.ndarray) and image.ndim == 3 and
+                      image.shape[-1] != 3 else np.asarray(to_rgb8(as_pil(image))))
+    return np.stack(images)
+
+
+def as_pil(image) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.fromarray(image)
 
 
 # --- finding a logged model again ---------------------------------------------------------------

@@ -92,6 +92,7 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
     else:
         spec = spec or resolve_backbone(cfg.backbone, cfg.init, cfg.plugins)
         effective = apply_init_adjustments(cfg, spec)
+    spec = spec.with_in_chans(effective.in_chans)
     if effective.dry_run:
         print(format_init_comparison([cfg]) + "\n\n" + format_training_plan([effective]))
         return TrainResult(None, "DRY_RUN", 0.0, 0, effective)

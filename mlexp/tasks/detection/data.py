@@ -38,15 +38,19 @@ def detection_splits(cfg: TrainConfig) -> tuple[DetectionSplit, DetectionSplit |
 
 def detection_bundle(cfg: TrainConfig) -> DataBundle:
     train, val, test = detection_splits(cfg)
-    images = DetectionImages(train.images, cfg.img_size, root=Path(cfg.data))
+
+    def dataset(split) -> DetectionImages:
+        return DetectionImages(split.images, cfg.img_size, root=Path(cfg.data), in_chans=cfg.in_chans)
+
+    images = dataset(train)
     if val is None:
         train_idx, val_idx, test_idx = split_indices(np.zeros(len(images), dtype=int), cfg,
                                                      test_split=cfg.test_split if test is None else 0.0)
         train_set, val_set = Subset(images, train_idx), Subset(images, val_idx)
         test_set = Subset(images, test_idx) if len(test_idx) else None
     else:
-        train_set, val_set, test_set = images, DetectionImages(val.images, cfg.img_size, root=Path(cfg.data)), None
+        train_set, val_set, test_set = images, dataset(val), None
     if test is not None:
-        test_set = DetectionImages(test.images, cfg.img_size, root=Path(cfg.data))
+        test_set = dataset(test)
     return DataBundle(train_set, val_set, len(train.class_names), train.class_names, Path(cfg.data).name, test_set)
 

@@ -13,12 +13,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mlexp.data.stacks import channels_of, is_stack, load_stack, resized, unit_tensor
+from mlexp.errors import MlexpError
 from mlexp.tasks.detection.annotations import AnnotatedImage
 
 
 class DetectionImages(Dataset):
-    def __init__(self, images: list[AnnotatedImage], img_size: int, root: Path | None = None) -> None:
-        self.images, self.img_size = images, img_size
+    def __init__(self, images: list[AnnotatedImage], img_size: int, root: Path | None = None,
+                 in_chans: int = 3) -> None:
+        self.images, self.img_size, self.in_chans = images, img_size, in_chans
         # as an ImageFolder has them: split digests and the duplicate check read (path, label) and root
         self.root = str(root or (images[0].path.parent if images else "."))
         self.samples = [(str(item.path), annotations_line(item)) for item in images]
@@ -28,10 +31,19 @@ class DetectionImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         item = self.images[index]
-        picture = Image.open(item.path).convert("RGB").resize((self.img_size, self.img_size), Image.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        if self.in_chans != 3 or is_stack(item.path):  # --in-chans: a stack of N channels (mlexp.data.stacks)
+            pixels = self.stack(item.path)
+        else:
+            picture = Image.open(item.path).convert("RGB").resize((self.img_size, self.img_size), Image.BILINEAR)
+            pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
         boxes = torch.tensor(item.boxes, dtype=torch.float32).reshape(-1, 4) * self.img_size
         return pixels, {"boxes": boxes, "labels": torch.tensor(item.labels, dtype=torch.int64) + 1}
+
+    def stack(self, path: Path) -> torch.Tensor:
+        array = channels_of(load_stack(path)) if is_stack(path) else channels_of(Image.open(path))
+        if array.shape[-1] != self.in_chans:
+            raise MlexpError(f"{path}: {array.shape[-1]} channel(s) where --in-chans is {self.in_chans}")
+        return resized(unit_tensor(array), self.img_size).contiguous()
 
 
 

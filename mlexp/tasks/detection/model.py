@@ -12,6 +12,8 @@ from collections import OrderedDict
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -19,6 +21,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from mlexp.data.stacks import repeated
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import BackboneSpec
 
@@ -64,7 +67,8 @@ def feature_extractor(spec: BackboneSpec, classifier: nn.Module, img_size: int) 
     return features
 
 
-def build_detector(spec: BackboneSpec, classifier: nn.Module, num_classes: int, img_size: int) -> FasterRCNN:
+def build_detector(spec: BackboneSpec, classifier: nn.Module, num_classes: int, img_size: int,
+                   in_chans: int = 3) -> FasterRCNN:
     """Faster R-CNN for `num_classes` classes (plus background), sized for `img_size` inputs.
 
     Anchors: one size per pyramid level, 4x its stride (32 px at stride 8), three aspect ratios;
@@ -78,4 +82,7 @@ def build_detector(spec: BackboneSpec, classifier: nn.Module, num_classes: int, 
     return FasterRCNN(backbone, rpn_anchor_generator=anchors, box_roi_pool=pooler, box_head=box_head,
                       box_predictor=FastRCNNPredictor(BOX_HEAD_WIDTH, num_classes + 1),
                       box_batch_size_per_image=BOX_SAMPLES_PER_IMAGE,
-                      min_size=img_size, max_size=img_size)
+                      min_size=img_size, max_size=img_size,
+                      # torchvision's ImageNet mean and std, over --in-chans channels as the stem's filters are
+                      image_mean=repeated(IMAGENET_MEAN, in_chans).flatten().tolist(),
+                      image_std=repeated(IMAGENET_STD, in_chans).flatten().tolist())
