@@ -230,8 +230,8 @@ class TrainConfig:
         detection_metric = self.best_metric.startswith("val/map")
         if detection_metric != (self.task == "detection") and self.best_metric not in ("val/acc", "train/loss"):
             raise MlexpError(f"--best-metric {self.best_metric} is not a metric of --task {self.task}")
-        if self.task == "detection" and (self.mixup > 0 or self.cutmix > 0 or self.strategy != "full"):
-            raise MlexpError("--task detection trains with --strategy full and without --mixup/--cutmix for now")
+        if self.task == "detection" and (self.mixup > 0 or self.cutmix > 0):
+            raise MlexpError("--task detection trains without --mixup/--cutmix (they mix labels, not boxes)")
         if self.folds == 1:
             raise MlexpError("--folds must be 0 (off) or at least 2")
         if self.folds and not 0 <= self.fold < self.folds:

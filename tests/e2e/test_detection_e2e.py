@@ -228,3 +228,29 @@ def test_mit_b0_trains_a_classifier_and_a_detector_from_scratch(scenes, sqlite_u
         "val/acc"] > 0.5  # ten classes: well above chance after one epoch
     assert "val/map" in runs["detection"].data.metrics
     assert steps(client, runs["detection"].info.run_id, "batch/loss_box_reg") == [1, 2]  # 19 train images, 8 a batch, the partial one dropped
+
+
+def test_a_linear_probe_of_a_pretrained_detector_keeps_the_backbone_as_its_weights_file_has_it(scenes, sqlite_uri,
+                                                                                              tmp_path):
+    """`--strategy linear` on a detector: the heads (pyramid, RPN, box head) learn, the backbone's
+    tensors end exactly as the pretrained file gave them."""
+    from safetensors.torch import load_file
+
+    weights = write_pretrained_weights(tmp_path / "weights", "test_resnet", "test_resnet")
+    root = write_yolo(tmp_path / "yolo", scenes[:24])
+    done = run_mlexp(["train", "--task", "detection", "--backbone", "test_resnet", "--init", "pretrained",
+                      "--strategy", "linear", "--data", str(root), "--img-size", "64", "--epochs", "1",
+                      "--batch-size", "8", "--system-metrics", "false", "--log-models", "false",
+                      "--experiment", "detect-linear"],
+                     subprocess_env(sqlite_uri, MLEXP_WEIGHTS_DIR=str(tmp_path / "weights")), tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    client = MlflowClient(sqlite_uri)
+    [run] = runs_of(client, "detect-linear")
+    assert run.info.status == "FINISHED" and run.data.params["strategy"] == "linear"
+    final = load_file(client.download_artifacts(run.info.run_id, "checkpoints/final/model.safetensors", str(tmp_path)))
+    given = load_file(str(weights))
+    body = {key.removeprefix("backbone.body."): value for key, value in final.items() if key.startswith("backbone.body.")}
+    assert body and all(torch.equal(value, given[key]) for key, value in body.items() if value.is_floating_point())
+    heads = sum(value.numel() for key, value in final.items() if key.startswith(("backbone.fpn.", "rpn.", "roi_heads."))
+                and value.is_floating_point() and "running_" not in key)
+    assert run.data.metrics["train/trainable_params"] == heads  # what trained: the heads, all of them

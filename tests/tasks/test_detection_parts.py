@@ -5,6 +5,7 @@ four components summing to the total, and COCO's mAP scores what it should."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -117,3 +118,44 @@ def test_coco_map_is_one_for_the_truth_and_zero_for_boxes_elsewhere(scenes, tmp_
     assert scores == {"map": 1.0, "map_50": 1.0, "map_75": 1.0}
     assert [row["class"] for row in rows] == list(CLASSES) and all(row["ap"] == 1.0 for row in rows)
     assert map_results(elsewhere, list(CLASSES))[0]["map_50"] == 0.0
+
+
+def test_strategies_treat_the_detector_s_heads_as_its_classifier_and_its_stages_as_layers(scenes, tmp_path):
+    """linear: the pyramid, RPN and box head train, the backbone never; gradual: heads, then the
+    top stage, then everything; full: the backbone's stages get decayed learning rates, bottom
+    lowest, the heads the full one. A step of each moves exactly what it should."""
+    from mlexp.config import TrainConfig
+    from mlexp.models.strategies import build_strategy
+
+    split = read_split(write_yolo(tmp_path / "yolo", scenes))
+    images, targets = collate([DetectionImages(split.images, 64)[n] for n in range(4)])
+    spec = resolve_backbone("test_resnet", "scratch", None)
+    heads = ("backbone.fpn.", "rpn.", "roi_heads.")
+    for name in ("linear", "gradual", "full"):
+        torch.manual_seed(0)
+        detector = build_detector(spec, create_model(spec, len(CLASSES), 64), len(CLASSES), 64)
+        cfg = TrainConfig(task="detection", strategy=name, backbone="test_resnet", init="scratch")
+        strategy = build_strategy(detector, spec.family, cfg)
+        groups = strategy.param_groups(0.0)
+        before = {key: value.detach().clone() for key, value in detector.state_dict().items()}
+        optimizer = torch.optim.SGD([{**group, "lr": 0.1 * group["lr_scale"]} for group in groups])
+        strategy.train_mode(detector)
+        sum(detector(images, targets).values()).backward()
+        strategy.drop_frozen_grads()
+        optimizer.step()
+        moved = {key for key, value in detector.state_dict().items()
+                 if value.is_floating_point() and not torch.equal(value, before[key])}
+        body_moved = {key for key in moved if key.startswith("backbone.body.")}
+        assert any(key.startswith(heads) for key in moved), name
+        if name == "full":
+            stages = sorted({group["layer_id"] for group in groups})
+            scales = {group["layer_id"]: group["lr_scale"] for group in groups}
+            assert len(stages) > 3 and scales[stages[-1]] == 1.0  # the heads: the full rate
+            assert all(scales[a] < scales[b] for a, b in zip(stages, stages[1:]))  # bottom lowest
+            assert body_moved
+        else:
+            assert not body_moved, (name, sorted(body_moved)[:3])  # phase 0: the backbone stays
+        if name == "gradual":  # its second phase opens the backbone's top stage, and only it
+            top = [child for child, _ in detector.backbone.body.named_children()][-1]
+            assert strategy.num_phases == 3 and re.match(strategy.patterns[1], f"backbone.body.{top}.0.conv1.weight")
+            assert not re.match(strategy.patterns[1], "backbone.body.conv1.weight")

@@ -8,6 +8,7 @@ every tensor but the classifier's."""
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 import timm
@@ -50,6 +51,20 @@ class PyramidBackbone(nn.Module):
         return self.fpn(OrderedDict((str(index), level) for index, level in enumerate(levels)))
 
 
+class Detector(FasterRCNN):
+    """torchvision's Faster R-CNN, telling mlexp's strategies which part is the backbone: its
+    heads (the feature pyramid, the RPN, the box head) are what a classifier's head is to them
+    (`--strategy linear` trains them alone), and the backbone's own stages, bottom to top, are
+    the groups of layer-wise LR decay and gradual unfreezing (which opens the top stage second)."""
+
+    def get_classifier(self) -> list[nn.Module]:
+        return [self.backbone.fpn, self.rpn, self.roi_heads]
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        stages = [name for name, _ in self.backbone.body.named_children()]
+        return {name: rf"^backbone\.body\.{re.escape(name)}(?:\.|$)" for name in stages}
+
+
 def feature_extractor(spec: BackboneSpec, classifier: nn.Module, img_size: int) -> nn.Module:
     """The backbone's last PYRAMID_LEVELS feature maps, with the classifier's weights (all but its head)."""
     try:
@@ -68,7 +83,7 @@ def feature_extractor(spec: BackboneSpec, classifier: nn.Module, img_size: int) 
 
 
 def build_detector(spec: BackboneSpec, classifier: nn.Module, num_classes: int, img_size: int,
-                   in_chans: int = 3) -> FasterRCNN:
+                   in_chans: int = 3) -> Detector:
     """Faster R-CNN for `num_classes` classes (plus background), sized for `img_size` inputs.
 
     Anchors: one size per pyramid level, 4x its stride (32 px at stride 8), three aspect ratios;
@@ -79,7 +94,7 @@ def build_detector(spec: BackboneSpec, classifier: nn.Module, num_classes: int, 
     anchors = AnchorGenerator(sizes=sizes, aspect_ratios=((0.5, 1.0, 2.0),) * len(sizes))
     pooler = MultiScaleRoIAlign(featmap_names=[str(n) for n in range(len(strides))], output_size=7, sampling_ratio=2)
     box_head = TwoMLPHead(PYRAMID_CHANNELS * 7 * 7, BOX_HEAD_WIDTH)
-    return FasterRCNN(backbone, rpn_anchor_generator=anchors, box_roi_pool=pooler, box_head=box_head,
+    return Detector(backbone, rpn_anchor_generator=anchors, box_roi_pool=pooler, box_head=box_head,
                       box_predictor=FastRCNNPredictor(BOX_HEAD_WIDTH, num_classes + 1),
                       box_batch_size_per_image=BOX_SAMPLES_PER_IMAGE,
                       min_size=img_size, max_size=img_size,
