@@ -17,6 +17,7 @@ from typing import Any
 
 from mlexp import tracking
 from mlexp.analysis.query import FINISHED, RunRecord, fetch_runs, latest_step, mlflow_client, resolve_experiments
+from mlexp.analysis.scores import ACCURACY, SCORES, Score
 from mlexp.sweep.progress import clock
 
 
@@ -128,15 +129,15 @@ def progress(client_or_uri: Any = None, experiments: list[str] | None = None, no
     if not names:
         return "No experiments."
     runs, histories = fetch_runs(client, list(names), "attributes.status = 'RUNNING'",
-                                 ("val/acc", "train/loss", "epoch/time_s"))
+                                 (*CURVES, "train/loss", "epoch/time_s"))
     if not runs:
         return f"No runs in progress in {', '.join(names.values())}."
     now = time.time() if now is None else now
     sweeps = [run for run in runs if run.tags.get("mlexp.sweep") == "true"]
     runs = [run for run in runs if run not in sweeps]
-    rows = []
+    rows, column = [], score_column(runs, "val")
     for run in sorted(runs, key=lambda r: (names.get(r.experiment_id, ""), r.start_time or 0)):
-        done = latest_step(histories, run.run_id, "val/acc", "train/loss")
+        done = latest_step(histories, run.run_id, run_score(run).curve, "train/loss")
         total = total_epochs(run)
         epoch_times = [value for _, value in histories["epoch/time_s"].get(run.run_id, [])]
         mean_epoch = sum(epoch_times) / len(epoch_times) if epoch_times else None
@@ -146,13 +147,38 @@ def progress(client_or_uri: Any = None, experiments: list[str] | None = None, no
         rows.append({"experiment": names.get(run.experiment_id, run.experiment_id), "run": run.run_name,
                      "run id": run.run_id[:8], "state": state, "model": describe(run),
                      "epoch": f"{done}/{total if total else '?'}" if done or total else "-",
-                     "val acc": pct(run.metrics.get("val/acc")), "epoch time": clock(mean_epoch), "ETA": clock(eta),
+                     column: said(run, run.metrics.get(run_score(run).curve)), "epoch time": clock(mean_epoch),
+                     "ETA": clock(eta),
                      "running for": clock(now - run.start_time / 1000) if run.start_time else "-"})
     lost = sum(row["state"] != "running" for row in rows)
     note = (f"\n\n{lost} lost run(s): their process stopped without ending them. `mlexp reap` marks them "
             "FAILED; `mlexp train --resume RUN_ID` continues one.") if lost else ""
     head = "".join(sweep_line(run, names) + "\n" for run in sweeps)
     return head + f"{len(rows)} run(s) in progress" + ("\n\n" + table(rows) if rows else "") + note
+
+
+CURVES = tuple(score.curve for score in SCORES.values())
+
+
+def run_score(run: RunRecord) -> Score:
+    """What the run's task is scored by: accuracy, or a detector's mAP."""
+    return SCORES.get(run.param("task") or "classification", ACCURACY)
+
+
+def best_score(run: RunRecord) -> float:
+    score = run_score(run)
+    return run.metrics.get(score.best, run.metrics[score.curve])
+
+
+def score_column(runs: list[RunRecord], prefix: str) -> str:
+    """"val acc" over classifiers alone (as always); "val score" when a detector is among them."""
+    return f"{prefix} acc" if all(run_score(run) is ACCURACY for run in runs) else f"{prefix} score"
+
+
+def said(run: RunRecord, value: float | None) -> str:
+    """A score as a percentage; a detector's says that it is mAP."""
+    score = run_score(run)
+    return pct(value) if score is ACCURACY or value is None else f"{pct(value)} {score.label}"
 
 
 def sweep_line(run: RunRecord, names: dict[str, str]) -> str:
@@ -171,26 +197,27 @@ def summary(client_or_uri: Any = None, experiments: list[str] | None = None) -> 
     names = resolve_experiments(client, experiments)
     if not names:
         return "No experiments."
-    runs, histories = fetch_runs(client, list(names), None, ("val/acc",),
+    runs, histories = fetch_runs(client, list(names), None, CURVES,
                                  wants_history=lambda run: run.status == FINISHED)
     sections = []
     for experiment_id, name in names.items():
         mine = [run for run in runs if run.experiment_id == experiment_id]
-        finished = [run for run in mine if run.status == FINISHED and "val/acc" in run.metrics]
+        finished = [run for run in mine if run.status == FINISHED and run_score(run).curve in run.metrics]
         others: dict[str, int] = {}
         for run in mine:
             if run.status != FINISHED:
                 others[run.status] = others.get(run.status, 0) + 1
         if not finished and not others and not experiments:
             continue  # all experiments were asked for: leave out those without training runs
-        finished.sort(key=lambda run: -run.metrics.get("best/val_acc", run.metrics["val/acc"]))
+        finished.sort(key=lambda run: -best_score(run))
+        column = score_column(finished, "best val")
         rows = [{"run": run.run_name, "run id": run.run_id[:8],
                  "backbone": run.tags.get("mlexp.backbone", run.param("backbone") or "-"),
                  "init": run.tags.get("mlexp.init", run.param("init") or "-"),
                  "strategy": run.tags.get("mlexp.strategy", run.param("strategy") or "-"),
-                 "best val acc": pct(run.metrics.get("best/val_acc", run.metrics["val/acc"])),
+                 column: said(run, best_score(run)),
                  "best epoch": str(int(run.metrics["best/epoch"])) if "best/epoch" in run.metrics else "-",
-                 "epochs": str(latest_step(histories, run.run_id, "val/acc") or "-"),
+                 "epochs": str(latest_step(histories, run.run_id, run_score(run).curve) or "-"),
                  "time": clock(run.metrics.get("time/total_s"))} for run in finished]
         counts = ", ".join(f"{n} {status.lower()}" for status, n in sorted(others.items()))
         head = f"{name}: {len(rows)} finished training run(s)" + (f"; also {counts}" if counts else "")

@@ -153,6 +153,12 @@ def test_a_sweep_of_pretrained_and_scratch_detectors_sums_up_by_val_map(scenes, 
         columns = next(csv.reader(table))
     assert "best_val_map_mean" in columns and not any("acc" in column for column in columns), columns
     assert (out / "val_map_curves.png").is_file() and (out / "best_map_bar.png").is_file()
+    # monitor's summary ranks them by it, and says it is mAP
+    summary = run_mlexp(["monitor", "--summary", "true", "--experiment", "detect-sweep"], subprocess_env(sqlite_uri),
+                        tmp_path)
+    assert summary.returncode == 0 and "4 finished training run(s)" in summary.stdout, summary.stderr[-2000:]
+    best = max(run.data.metrics["best/val_map"] for run in children)
+    assert "best val score" in summary.stdout and f"{100 * best:.1f}% mAP" in summary.stdout, summary.stdout
 
 
 def test_a_detector_killed_mid_epoch_resumes_with_one_point_per_step(scenes, sqlite_uri, tmp_path):
