@@ -152,6 +152,11 @@ class Registered:
     value: float
 
 
+DESCRIPTIONS = {"classification": "An mlexp image classifier: uint8 RGB images in, class probabilities out.",
+                "detection": "An mlexp object detector: uint8 RGB images in, each image's boxes, class names and "
+                             "scores out."}
+
+
 def register_best(name: str, experiments: list[str], tracking_uri: str | None, metric: str | None = None,
                   alias: str = "champion", model_uri: str | None = None, echo=print) -> Registered:
     """Register `model_uri`, else the best mlexp `best` model of `experiments` by `metric` (higher
@@ -168,7 +173,7 @@ def register_best(name: str, experiments: list[str], tracking_uri: str | None, m
     value = float("nan") if value is None else value
     version = registry.register_version(
         client, name, model, alias, {MODEL_TAG: MODEL_TYPE},
-        description="An mlexp image classifier: uint8 RGB images in, class probabilities out.")
+        description=DESCRIPTIONS.get((model.params or {}).get("task", "classification"), DESCRIPTIONS["classification"]))
     echo(f"mlexp: registered {name} version {version} (logged model {model.model_id}, {model.name} of run "
          f"{model.source_run_id}, {metric} {value:.4f}); models:/{name}@{alias} points at it")
     return Registered(name, version, alias, model.model_id, model.source_run_id, value)

@@ -184,8 +184,8 @@ def test_a_detector_killed_mid_epoch_resumes_with_one_point_per_step(scenes, sql
 
 
 def test_mlflow_models_serve_of_the_best_logged_detector_answers_boxes_labels_and_scores(scenes, sqlite_uri, tmp_path):
-    """The run logs its best and final detectors as MLflow models; `mlflow models serve` of the
-    best answers a POST of 2 images (of another size than training's) with each image's boxes,
+    """The run logs its best and final detectors as MLflow models; `mlexp register` names the
+    best; `mlflow models serve` of it answers a POST of 2 images (of another size than training's) with each image's boxes,
     class names and scores, as the same weights give them in this process."""
     from tests.e2e.test_models_e2e import served_predictions
 
@@ -200,8 +200,12 @@ def test_mlflow_models_serve_of_the_best_logged_detector_answers_boxes_labels_an
     models = {model.name: model for model in client.search_logged_models(
         [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")}
     assert set(models) == {"best", "final"}
+    registered = run_mlexp(["register", "--name", "digit-detector", "--experiment", "detect-serve"], env, tmp_path)
+    assert registered.returncode == 0, registered.stderr[-2000:]
+    assert "object detector" in client.get_registered_model("digit-detector").description
+    assert f"logged model {models['best'].model_id}" in registered.stdout
     images = np.stack([np.asarray(Image.fromarray(pixels).resize((80, 80))) for pixels, _ in scenes[40:42]])
-    served = served_predictions(f"models:/{models['best'].model_id}", images, env, tmp_path)
+    served = served_predictions("models:/digit-detector@champion", images, env, tmp_path)
     assert list(served.columns) == ["boxes", "labels", "scores"] and len(served) == 2
     local = mlflow.pyfunc.load_model(f"models:/{models['best'].model_id}").predict(images)
     for answer, expected in zip(served.to_dict("records"), local.to_dict("records")):
