@@ -28,6 +28,7 @@ ENTRY_POINTS = {
     "train": ("train", "train", {}),
     "pretrain": ("pretrain", "pretrain", PRETRAIN_DEFAULTS),
     "sweep": ("sweep", "sweep", {}),
+    "tune": ("tune", "tune", {}),
     "compare": ("compare", "compare", {}),
     "monitor": ("monitor", "monitor", {}),
     "evaluate": ("evaluate", "evaluate", {}),

@@ -84,9 +84,8 @@ class TrainConfig:
     fold: int = option(0, "Which fold: with --folds K the validation fold (0-based); on data with a split of its "
                        "own (split files, --splits, torchvision:DTD) its fold number (DTD's 1-10).")
     img_size: int = option(32, f"Square input size in pixels (at most {MAX_IMG_SIZE}).")
-    in_chans: int = option(3, "Channels of each input image. Above 3 (RGB plus depth, thermal, ...): the images are "
-                           "NumPy stacks (NAME.npy, height x width x channels) and a pretrained stem is adapted as "
-                           "timm adapts it (its RGB filters repeated over the channels, rescaled).")
+    in_chans: int = option(3, "Channels per image; other than 3: NumPy stacks (NAME.npy, height x width x "
+                           "channels), a pretrained stem adapted as timm adapts it (README: more than three channels).")
     train_crop: str = option("auto", "Training geometry: timm's random-resized crop (validation: resize and "
                              "center-crop by the model's crop_pct), or the whole image resized (tiny images "
                              "such as digits). 'auto': random-resized on image folders, resize on the built-in "
@@ -282,9 +281,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """A recorded config (config.json): a field it lacks takes the value that reproduces
-        what the run trained with (ADDED_LATER); an old boolean of a now three-way field its
-        word."""
+        """A recorded config (config.json): a field it lacks takes the value that reproduces what the
+        run trained with (ADDED_LATER); an old boolean of a now three-way field its word."""
         known = {f.name for f in fields(cls)}
         restored = {**ADDED_LATER, **{k: v for k, v in values.items() if k in known}}
         for name in TRISTATE_FIELDS:
@@ -304,9 +302,8 @@ BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "e
                "system_metrics", "log_models", "download", "resume_from", "log_dir", "best_checkpoint")
 
 
-# Fields added after runs were recorded, with the value that reproduces those runs: left out of
-# the hash while at it, so those runs keep their hash (and stay resumable, and counted once by
-# compare), and given to their recorded configs (they trained on plain resizes, no jitter).
+# Fields added after runs were recorded, with the value that reproduces those runs: left out of the hash
+# while at it (those runs keep their hash: resumable, counted once), and given to their recorded configs.
 ADDED_LATER = {"test_split": 0.0, "test_dir": None, "train_crop": "resize", "color_jitter": 0.0, "plugins": None,
                "weights_from": None, "weights_strict": True, "weights_key_map": None, "unfreeze_patterns": None,
                "best_metric": "val/acc", "best_mode": "auto", "splits": None, "rotate": 0.0,
@@ -317,8 +314,8 @@ TRISTATE_FIELDS = ("channels_last",)
 
 
 def config_hash(cfg: TrainConfig) -> str:
-    """A stable hash of what is trained: two runs with one hash are the same configuration
-    (a sweep trains each once; `mlexp compare` counts each once)."""
+    """A stable hash of what is trained: two runs with one hash are one configuration (a sweep
+    trains each once; `mlexp compare` counts each once)."""
     values = {k: v for k, v in cfg.to_dict().items()
               if k not in BOOKKEEPING and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     if "color_jitter" in values:

@@ -89,6 +89,31 @@ class SweepOptions:
 
 
 @dataclass(frozen=True)
+class TuneOptions:
+    """`mlexp tune`'s own options; every other option is a training option for each trial."""
+
+    backbones: tuple[str, ...] = list_option(("resnet18",), "Comma-separated backbones; a plain name (resnet50) "
+                                             "expands to both inits.")
+    inits: tuple[str, ...] = list_option(("pretrained", "scratch"), "Comma-separated inits: each an arm.")
+    strategies: tuple[str, ...] = list_option(("full",), "Comma-separated strategies: each an arm.")
+    space: str | None = declared(None, "The search space, declared once for every arm: NAME=LOW:HIGH[:log][:int] "
+                                 "or NAME=A,B,... (e.g. 'lr=1e-5:1e-1:log,weight_decay=0:0.1,warmup_epochs=0:5:int,"
+                                 "label_smoothing=0,0.1'); each NAME a training option.", "SPACE")
+    sampler: str = declared("tpe", "How trials are proposed (Optuna's samplers, seeded by --search-seed).",
+                            "[tpe|random|qmc|grid]", ("tpe", "random", "qmc", "grid"))
+    search_seed: int = declared(0, "The samplers' seed: the same seed proposes the same trials.", "N")
+    trials: int = declared(10, "Trials per arm: every arm gets this many, each --epochs long.", "N")
+    pruner: str = declared("median", "Stops hopeless trials after an epoch (Optuna's pruners, on the validation "
+                           "metric --best-metric names).", "[median|asha|hyperband|none]",
+                           ("median", "asha", "hyperband", "none"))
+    final_seeds: tuple[str, ...] = list_option(("1", "2", "3"), "Seeds the best trial of each arm is retrained "
+                                               "with (the same seeds for every arm: paired), then compared.",
+                                               "SEEDS")
+    storage: str | None = declared(None, "Where the studies live: an Optuna database URL (a team's "
+                                   "postgresql://...). (default: a journal file under mlexp-output/tune/)", "URL")
+
+
+@dataclass(frozen=True)
 class CompareOptions:
     experiment: tuple[str, ...] = list_option((DEFAULT_EXPERIMENT,), "Experiment to compare (name or id); repeat "
                                               "it or separate names with commas (a name with commas: a JSON "
@@ -184,5 +209,5 @@ class ReapOptions:
 
 
 # Each command's declaration, by the command's name (the MLproject renders its parameters from these).
-BY_COMMAND = {"sweep": SweepOptions, "compare": CompareOptions, "evaluate": EvaluateOptions,
+BY_COMMAND = {"sweep": SweepOptions, "tune": TuneOptions, "compare": CompareOptions, "evaluate": EvaluateOptions,
               "register": RegisterOptions, "monitor": MonitorOptions, "sync": SyncOptions, "reap": ReapOptions}

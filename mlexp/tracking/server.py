@@ -194,6 +194,12 @@ def create_run(client, experiment_id: str, run_name: str | None, tags: dict[str,
                                                        tags=all_tags)).info.run_id
 
 
+def log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    retry_when_locked(lambda: client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()]))
+
+
 def set_tags(client, run_id: str, tags: dict[str, str]) -> None:
     for key, value in tags.items():
         retry_when_locked(lambda key=key, value=value: client.set_tag(run_id, key, value))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -56,7 +57,8 @@ from mlexp.training.resume import ResumePoint, find_resume_point, read_started_c
 
 
 def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dict | None = None,
-                 track: bool = True, spec: BackboneSpec | None = None) -> TrainResult:
+                 track: bool = True, spec: BackboneSpec | None = None,
+                 judge: Callable[[int, dict], bool] | None = None) -> TrainResult:
     """Train one configuration and log it to MLflow (to nothing with track=False).
 
     `run_id`: log into this existing run (a sweep creates its children first); a run that
@@ -77,14 +79,15 @@ def run_training(cfg: TrainConfig, *, run_id: str | None = None, extra_tags: dic
         return delivered
     resume = find_resume_point(tracking_uri, cfg.resume, offline, from_best) if cfg.resume else None
     try:
-        return _run(cfg, resume, tracking_uri, offline, run_id, extra_tags, track, spec)
+        return _run(cfg, resume, tracking_uri, offline, run_id, extra_tags, track, spec, judge)
     finally:
         if resume is not None:
             resume.cleanup()
 
 
 def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offline: bool, run_id: str | None,
-         extra_tags: dict | None, track: bool, spec: BackboneSpec | None) -> TrainResult:
+         extra_tags: dict | None, track: bool, spec: BackboneSpec | None,
+         judge: Callable[[int, dict], bool] | None = None) -> TrainResult:
     if resume:
         effective = resume.config  # already effective: adjustments are not applied twice
         spec = resolve_backbone(effective.backbone, effective.init, effective.plugins)
@@ -107,7 +110,7 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
     except BaseException:
         release_accelerator(accelerator)
         raise
-    training = Training(tracker, resume is None or resume.branch, tracking_uri)
+    training = Training(tracker, resume is None or resume.branch, tracking_uri, judge=judge)
     system = start_system_metrics(tracker, effective)
     try:
         with sigterm_as_interrupt():
@@ -188,6 +191,8 @@ class Training:
     started: bool
     tracking_uri: str
     live: LiveLogs | NoLogs = field(default_factory=NoLogs)  # the run's local logs, once it trains
+    # After each epoch, with its record: True stops the run there (a tuning study's pruner).
+    judge: Callable[[int, dict], bool] | None = None
 
     def start(self) -> None:
         if not self.started:
@@ -250,7 +255,7 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
     elif accelerator.is_main_process:
         print("mlexp: no test set (no DATA/test, --test-dir or --test-split): the test evaluation is skipped",
               flush=True)
-    train_epochs(parts, cfg, history, start_epoch, train_loader, val_loader, tracker, training.live)
+    train_epochs(parts, cfg, history, start_epoch, train_loader, val_loader, tracker, training.live, training.judge)
     return finish_run(parts, cfg, spec, built, history, val_loader, tracker, test_loader, data, splits)
 
 
@@ -277,7 +282,8 @@ def live_logs(cfg: TrainConfig, tracker, history: History, resume: ResumePoint |
 
 
 def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_epoch: int, train_loader,
-                 val_loader, tracker, live: LiveLogs | NoLogs) -> None:
+                 val_loader, tracker, live: LiveLogs | NoLogs, judge: Callable[[int, dict], bool] | None = None
+                 ) -> None:
     """The epochs: train, evaluate, record, checkpoint; until the last epoch or a stop. A copy
     of the best epoch's weights is kept (the end-of-run report and the `best` model use them)."""
     def on_steps(records) -> None:
@@ -304,7 +310,7 @@ def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_ep
         if parts.accelerator.is_main_process:
             print_epoch(row, is_best, cfg.best_metric)
         strategy.on_epoch_end(epoch, val_loss)
-        stop = strategy.should_stop(epoch) or early_stop(cfg, history, epoch)
+        stop = strategy.should_stop(epoch) or early_stop(cfg, history, epoch) or bool(judge and judge(epoch, row))
         save_epoch_checkpoints(parts, history, epoch, is_best, tracker, cfg)
         if stop:
             break

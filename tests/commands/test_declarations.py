@@ -19,8 +19,8 @@ def test_a_command_s_options_are_its_declaration_s(command):
     declaration = BY_COMMAND[command]
     options = {param.name: param for param in cli.commands[command].params if param.name != "help"}
     declared = {f.name: f for f in dataclasses.fields(declaration)}
-    # the sweep also takes every training option, except those it declares itself (its fold axis)
-    training = {f.name for f in config_fields()} - set(declared) if command == "sweep" else set()
+    # the sweep and tune also take every training option, except those they declare themselves
+    training = {f.name for f in config_fields()} - set(declared) if command in ("sweep", "tune") else set()
     assert set(options) - training == set(declared)
     for name, f in declared.items():
         shown = f"(default: {default_text(f)})"

@@ -1,0 +1,120 @@
+"""`mlexp tune` (and `mlflow run . -e tune`): arms tuned with equal budgets, their best retrained
+over paired seeds, and compared (mlexp.sweep.study)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mlexp.commands.declarations import TuneOptions
+from mlexp.commands.options import CONTEXT, build_config, config_options, declared_options, parse_options
+from mlexp.config import parse_value
+from mlexp.errors import MlexpError
+from mlexp.sweep.plan import INITS
+from mlexp.sweep.space import parse_space
+
+# What a study sets per trial or per arm: not training options of the study.
+TUNE_AXES = ("backbone", "init", "strategy", "seed", "resume", "folds", "fold",
+             "scratch_lr_mult", "scratch_epochs_mult", "scratch_warmup_mult", "scratch_wd_mult")  # off: equal budgets
+
+
+@click.command("tune", context_settings=CONTEXT)
+@declared_options(TuneOptions)
+@config_options(exclude=TUNE_AXES)
+def tune_command(**values: Any) -> None:
+    """Tune every arm with the same budget, retrain each arm's best over paired seeds, compare.
+
+    The arms are backbones x inits x strategies. Each gets --trials trials of --epochs epochs,
+    proposed by --sampler over --space (one search space for all), and Optuna's --pruner stops
+    hopeless ones after an epoch (tag mlexp.trial_state=PRUNED, their curves kept). The scratch
+    multipliers are off: what a scratch arm trains with is what its search found. Then each
+    arm's best trial on validation is retrained with every --final-seeds seed, and `compare`
+    pairs those final runs (mlexp-output/tune/STUDY/compare/report.md, with a tuning section:
+    the budget of each arm, the values it chose, how close its best trials were).
+
+    Every trial and final run is an mlexp run under the study's parent run. Re-running the same
+    command continues the study (its trials are in Optuna's journal, mlexp-output/tune/, or in
+    --storage); a trial whose launcher was killed resumes in its own run, and two launchers of
+    one study never train a trial twice. --dry-run prints the plan and its worst-case cost.
+
+    \b
+    Examples:
+      mlexp tune --backbones resnet18 --space 'lr=1e-4:1e-1:log,weight_decay=0:0.1' --trials 20 --epochs 10
+      mlexp tune --backbones resnet50 --strategies linear,full --space 'lr=1e-5:1e-1:log' --sampler qmc
+      mlexp tune --backbones resnet18 --inits scratch --space 'lr=0.01,0.03,0.1' --sampler grid --trials 3
+    """
+    tune_with(values)
+
+
+def tune_with(values: dict[str, Any]) -> None:
+    from mlexp.sweep.study import Arm, StudyPlan, run_study  # here: torch and Optuna load once the options passed
+    from mlexp.tracking import default_tracking_uri
+
+    own = parse_options(TuneOptions, values)
+    training_values = {name: value for name, value in values.items() if name not in TuneOptions.__dataclass_fields__}
+    if own.space is None:
+        raise MlexpError("--space is required: the values to search, e.g. --space 'lr=1e-4:1e-1:log'")
+    space = parse_space(own.space)
+    if own.trials < 1:
+        raise MlexpError(f"--trials must be at least 1, got {own.trials}")
+    if own.sampler == "grid":
+        for dimension in space:
+            dimension.grid_values()  # a grid lists its values: one line for a range
+    for init in own.inits:
+        if init not in INITS:
+            raise MlexpError(f"--inits takes {', '.join(INITS)}, got {init!r}")
+    base = build_config(training_values)
+    arms = [Arm(backbone, init, strategy) for backbone in own.backbones for init in own.inits
+            for strategy in own.strategies]
+    plan = StudyPlan(base, arms, space, own.sampler, own.search_seed, own.trials, own.pruner,
+                     [parse_value("final-seeds", int, seed) for seed in own.final_seeds], own.storage)
+    check_arms(plan)
+    if base.dry_run:
+        click.echo(describe_plan(plan))
+        return
+    uri = base.tracking_uri or default_tracking_uri()
+    result = run_study(plan, uri)
+    compare_finals(plan, result, uri)
+
+
+def check_arms(plan) -> None:
+    """Each arm's configuration as a trial would train it, checked before anything starts: its
+    backbone, its weights, its data, and every value of the space inside what the option takes."""
+    from mlexp.models.preflight import preflight
+    from mlexp.tasks.kinds import task_of
+
+    for arm in plan.arms:
+        for dimension in plan.space:
+            for value in ((dimension.low, dimension.high) if dimension.kind != "choice" else dimension.choices):
+                plan.trial_config(arm, {dimension.name: value})  # validates (one line for a value out of range)
+        cfg = plan.trial_config(arm, {})
+        preflight(cfg)
+        task_of(cfg).check_data(cfg)
+
+
+def describe_plan(plan) -> str:
+    lines = [f"Study {plan.name}: {len(plan.arms)} arm(s), each {plan.trials} trial(s) of {plan.base.epochs} "
+             f"epoch(s) ({plan.sampler} sampler, seed {plan.seed}; {plan.pruner} pruner on {plan.base.best_metric})",
+             "arms: " + ", ".join(arm.label for arm in plan.arms),
+             "space: " + "; ".join(dimension.describe() for dimension in plan.space),
+             f"final stage: each arm's best trial with seeds {', '.join(map(str, plan.final_seeds))}",
+             f"worst case (no trial pruned): {plan.worst_case_epochs()} epochs in all, "
+             f"{plan.worst_case_epochs() // max(len(plan.arms), 1)} per arm (equal budgets)"]
+    return "\n".join(lines)
+
+
+def compare_finals(plan, result, uri: str) -> None:
+    """`compare` over the final runs, its report.md given the tuning section."""
+    from mlexp.analysis.compare import format_table, run_compare  # here: pandas and matplotlib
+    from mlexp.analysis.tuning import tuning_section
+
+    out = plan.out_dir / plan.name / "compare"
+    compared = run_compare(uri, [plan.base.experiment], f"tags.`mlexp.study` = '{plan.name}' and "
+                           "tags.`mlexp.study_stage` = 'final'", ["backbone", "strategy"], out, log_run=False)
+    report = Path(out) / "report.md"
+    report.write_text(report.read_text() + "\n" + tuning_section(plan, result))
+    click.echo(format_table(compared))
+    click.echo(f"mlexp: study {plan.name} FINISHED: {out}/report.md (its tuning section says what each arm "
+               f"was given and chose); the runs are under parent run {result.parent_run_id}")
