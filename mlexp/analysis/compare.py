@@ -252,7 +252,10 @@ def run_table(records: list[RunRecord], histories: dict, group_by: list[str], ex
             excluded.append({"run_id": run.run_id, "run_name": run.run_name, "status": "DUPLICATE",
                              "experiment": experiment, "reason": duplicate_of[run.run_id]})
         else:
-            reason = f"status {run.status}" if run.status != FINISHED else f"finished without a {score.curve} metric"
+            task = run.param("task") or "classification"
+            reason = (f"status {run.status}" if run.status != FINISHED else
+                      f"a {task} run: compare its task's runs on their own (--filter \"params.task = '{task}'\")"
+                      if task != score.task else f"finished without a {score.curve} metric")
             excluded.append({"run_id": run.run_id, "run_name": run.run_name, "status": run.status,
                              "experiment": experiment, "reason": reason})
     runs = pd.DataFrame(rows)

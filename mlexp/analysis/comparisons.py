@@ -69,8 +69,8 @@ class Metric:
     def biased_note(self) -> str | None:
         if self.key.startswith("best/val"):
             return (f"{self.key} is optimistically biased: the same validation split chose the best epoch. "
-                    f"Runs with a test split (--test-split) are compared on {self.key.replace('best/val_', 'test/')} "
-                    "instead.")
+                    f"Runs with a test split (--test-split) are compared on "
+                    f"{'test/map' if self.key.startswith('best/val_map') else 'test/acc'} instead.")
         return None
 
 

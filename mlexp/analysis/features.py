@@ -168,7 +168,10 @@ def rebuild(client, run_id: str, workdir: Path) -> TrainedModel:
             continue
     if weights is None:
         raise MlexpError(f"run {run_id} has no checkpoints/best or checkpoints/final weights")
-    spec = resolve_backbone(cfg.backbone, cfg.init, cfg.plugins)
+    if cfg.task != "classification":
+        raise MlexpError(f"--features compares classifiers' representations; run {run_id} is a {cfg.task} run "
+                         "(compare it without --features)")
+    spec = resolve_backbone(cfg.backbone, cfg.init, cfg.plugins).with_in_chans(cfg.in_chans)
     set_seed(cfg.seed)  # as training does: the scratch initialisation follows from the seed
     data = build_data(cfg)
     initial, source = None, "unknown"

@@ -53,12 +53,12 @@ SCORES = {score.task: score for score in (ACCURACY, MEAN_AP)}
 
 
 def score_of(tasks: set[str]) -> Score:
-    """The score of the compared runs' task (runs from before tasks existed are classifiers);
-    runs of different tasks have no common measure: one clear line."""
+    """The score of the compared runs' task (runs from before tasks existed are classifiers).
+    Runs of several tasks have no common measure: the classifiers are compared (as before
+    there were tasks), the others left out with the reason (compare.run_table)."""
     tasks = tasks or {"classification"}
     if len(tasks) > 1:
-        raise MlexpError(f"the runs are of different tasks ({', '.join(sorted(tasks))}): compare each task's "
-                         "runs on their own (--filter \"params.task = 'detection'\", or one experiment each)")
+        tasks = {"classification"} if "classification" in tasks else {sorted(tasks)[0]}
     [task] = tasks
     if task not in SCORES:
         raise MlexpError(f"compare knows no score for task {task!r}; compare it on a metric of its runs (--metric)")

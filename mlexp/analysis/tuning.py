@@ -31,12 +31,12 @@ def tuning_section(plan, result) -> str:
     lines = ["## Tuning", "",
              f"Each arm was tuned by its own {plan.sampler} search (seed {plan.seed}) over one space: "
              + "; ".join(dimension.describe() for dimension in plan.space) + f", with the {plan.pruner} pruner on "
-             f"{plan.base.best_metric}, and no scratch multipliers. Budgets: "
+             f"{plan.metric}, and no scratch multipliers. Budgets: "
              + ("**equal**, " if equal else "**unequal**, ")
              + f"{plan.trials} trial(s) of {plan.base.epochs} epoch(s) per arm. The best trial of each arm "
              f"(chosen on validation only) was retrained with seeds {', '.join(map(str, plan.final_seeds))}; "
              "the comparisons above are on those runs.", "",
-             f"| arm | trials | epochs per trial | ran to the end | pruned | best {plan.base.best_metric} | "
+             f"| arm | trials | epochs per trial | ran to the end | pruned | best {plan.metric} | "
              "gap to its 2nd best | chosen values |",
              "|---|---|---|---|---|---|---|---|", *rows, "",
              f"Order of the arms by their best trial: {', '.join(by_best)}; by the mean of their top {TOP_K}: "

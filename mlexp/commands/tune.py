@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -57,6 +58,9 @@ def tune_with(values: dict[str, Any]) -> None:
     if own.space is None:
         raise MlexpError("--space is required: the values to search, e.g. --space 'lr=1e-4:1e-1:log'")
     space = parse_space(own.space)
+    if own.storage and urlsplit(own.storage).password:  # -P values and command lines are written down
+        raise MlexpError("--storage must not carry a password (mlflow run logs its parameters, `ps` shows command "
+                         "lines): give it in PGPASSWORD or ~/.pgpass, e.g. --storage postgresql://mlexp@db/optuna")
     if own.trials < 1:
         raise MlexpError(f"--trials must be at least 1, got {own.trials}")
     if own.sampler == "grid":
@@ -96,7 +100,7 @@ def check_arms(plan) -> None:
 
 def describe_plan(plan) -> str:
     lines = [f"Study {plan.name}: {len(plan.arms)} arm(s), each {plan.trials} trial(s) of {plan.base.epochs} "
-             f"epoch(s) ({plan.sampler} sampler, seed {plan.seed}; {plan.pruner} pruner on {plan.base.best_metric})",
+             f"epoch(s) ({plan.sampler} sampler, seed {plan.seed}; {plan.pruner} pruner on {plan.metric})",
              "arms: " + ", ".join(arm.label for arm in plan.arms),
              "space: " + "; ".join(dimension.describe() for dimension in plan.space),
              f"final stage: each arm's best trial with seeds {', '.join(map(str, plan.final_seeds))}",

@@ -9,9 +9,10 @@ for whole numbers, `:log` to sample on a log scale, `:int:log` both); a list of 
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, fields
 
-from mlexp.config import TrainConfig, cli_name
+from mlexp.config import TrainConfig, base_type, cli_name, parse_value
 from mlexp.errors import MlexpError
 
 # What a study may not tune: what makes an arm an arm, what a run is, and how it is tracked.
@@ -74,16 +75,18 @@ def parse_space(text: str) -> list[Dimension]:
 
 
 def dimension(name: str, values: list[str]) -> Dimension:
-    types = {f.name: f.type for f in fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    annotations = {f.name: base_type(hints[f.name]) for f in fields(TrainConfig)}
+    kinds = {field_name: {float: "float", int: "int"}.get(kind, "other") for field_name, kind in annotations.items()}
     key = name.replace("-", "_")
-    if key not in types or key in NOT_TUNABLE:
-        tunable = sorted(n for n, t in types.items() if n not in NOT_TUNABLE and t in ("float", "int"))
+    if key not in kinds or key in NOT_TUNABLE:
+        tunable = sorted(n for n, kind in kinds.items() if n not in NOT_TUNABLE and kind != "other")
         raise MlexpError(f"--space: {name!r} is not a training option a study can tune; numeric ones are "
                          f"{', '.join(tunable)} (and any option as a list of values)")
-    kind = types[key]
     if len(values) == 1 and ":" in values[0]:
-        return value_range(key, kind, values[0])
-    return Dimension(key, "choice", choices=tuple(typed(key, kind, value) for value in values))
+        return value_range(key, kinds[key], values[0])
+    # each listed value parsed as the option parses it (true/false, numbers, words)
+    return Dimension(key, "choice", choices=tuple(parse_value(key, annotations[key], value) for value in values))
 
 
 def value_range(name: str, kind: str, text: str) -> Dimension:

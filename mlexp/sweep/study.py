@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlexp import tracking
-from mlexp.config import TrainConfig
+from mlexp.config import BOOKKEEPING, TrainConfig
 from mlexp.errors import MlexpError
 from mlexp.option_values import best_is_max, best_key
 from mlexp.sweep.space import Dimension
@@ -70,15 +70,23 @@ class StudyPlan:
     @property
     def name(self) -> str:
         """The study's name: the same command (arms, space, search, budget, data) is the same study."""
-        shared = {k: v for k, v in self.base.to_dict().items() if k not in ("experiment", "run_name", "tracking_uri")}
+        shared = {k: v for k, v in self.base.to_dict().items() if k not in (*BOOKKEEPING, "workers")}
         what = {"arms": [arm.label for arm in self.arms], "space": [d.describe() for d in self.space],
                 "sampler": self.sampler, "seed": self.seed, "trials": self.trials, "pruner": self.pruner,
                 "base": shared}
         return "study-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @property
+    def metric(self) -> str:
+        """The epoch metric trials are judged and chosen by: --best-metric, a detector's val/map
+        where that is left at its default (as its runs choose their best epoch)."""
+        if self.base.task == "detection" and self.base.best_metric == "val/acc":
+            return "val/map"
+        return self.base.best_metric
+
+    @property
     def higher_is_better(self) -> bool:
-        return best_is_max(self.base.best_metric, self.base.best_mode)
+        return best_is_max(self.metric, self.base.best_mode)
 
     def trial_config(self, arm: Arm, params: dict, seed: int | None = None) -> TrainConfig:
         return self.base.replace(backbone=arm.backbone, init=arm.init, strategy=arm.strategy,
@@ -142,6 +150,8 @@ def arm_study(plan: StudyPlan, storage, index: int):
     direction = "maximize" if plan.higher_is_better else "minimize"
     study = optuna.create_study(study_name=name, storage=storage, pruner=pruner_for(plan), load_if_exists=True,
                                 direction=direction)
+    if "metric" not in study.user_attrs:
+        study.set_user_attr("metric", plan.metric)
     study.sampler = sampler_for(plan, index, len(study.get_trials(deepcopy=False)))
     return study
 
@@ -192,7 +202,7 @@ def open_study_parent(plan: StudyPlan, uri: str) -> Place:
             "tune.trials_per_arm": str(plan.trials), "tune.epochs_per_trial": str(plan.base.epochs),
             "tune.sampler": plan.sampler, "tune.seed": str(plan.seed), "tune.pruner": plan.pruner,
             "tune.space": "; ".join(d.describe() for d in plan.space)[:6000],
-            "tune.final_seeds": ",".join(map(str, plan.final_seeds)), "tune.metric": plan.base.best_metric})
+            "tune.final_seeds": ",".join(map(str, plan.final_seeds)), "tune.metric": plan.metric})
     return Place(uri, client, experiment_id, parent, claims.new_owner())
 
 
@@ -212,12 +222,13 @@ def tune_arm(plan: StudyPlan, place: Place, storage, index: int) -> None:
     said_waiting: set[int] = set()
     while True:
         held = [frozen for frozen in counted(study) if frozen.state == TrialState.RUNNING
+                and not settle_ended(place, study, frozen)
                 and not train_trial(plan, place, study, optuna.Trial(study, frozen._trial_id), arm)]
         if len(counted(study)) < plan.trials:
             trial = study.ask(distributions)
             if sum(t.number < trial.number for t in counted(study)) >= plan.trials:  # a racing launcher got there
                 trial.set_user_attr("surplus", True)
-                study.tell(trial, state=TrialState.FAIL)
+                tell(study, trial, state=TrialState.FAIL)
             else:
                 train_trial(plan, place, study, trial, arm)
             continue
@@ -229,6 +240,38 @@ def tune_arm(plan: StudyPlan, place: Place, storage, index: int) -> None:
                       flush=True)
                 said_waiting.add(frozen.number)
         time.sleep(WAIT_S)
+
+
+def tell(study, trial, value: float | None = None, state=None) -> None:
+    """Optuna's tell; its grid sampler then calls study.stop(), which outside study.optimize()
+    raises once the grid is done (optuna issue 5141) after the trial is recorded: harmless here."""
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as error:
+        if "stop" not in str(error):
+            raise
+
+
+def settle_ended(place: Place, study, frozen) -> bool:
+    """A trial Optuna still has RUNNING whose run already ended (its launcher died between the
+    two, or the run failed): told as its run ended. True when it was."""
+    from optuna.trial import TrialState
+
+    run_id = frozen.user_attrs.get("run_id")
+    if not run_id:
+        return False
+    run = place.client.get_run(run_id)
+    if run.info.status == "FINISHED":
+        if run.data.tags.get("mlexp.trial_state") == "PRUNED":
+            tell(study, frozen.number, state=TrialState.PRUNED)
+        else:
+            value = run.data.metrics.get(best_key(study.user_attrs.get("metric", "val/acc")))
+            tell(study, frozen.number, value, state=None if value is not None else TrialState.FAIL)
+        return True
+    if run.info.status == "FAILED":
+        tell(study, frozen.number, state=TrialState.FAIL)
+        return True
+    return False
 
 
 def train_trial(plan: StudyPlan, place: Place, study, trial, arm: Arm) -> bool:
@@ -247,20 +290,20 @@ def train_trial(plan: StudyPlan, place: Place, study, trial, arm: Arm) -> bool:
     print(f"mlexp: {arm.label} trial {trial.number + 1}/{plan.trials}: "
           + ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                       for key, value in trial.params.items()), flush=True)
-    judge = Judge(trial, plan.base.best_metric)
+    judge = Judge(trial, plan.metric)
     cfg = plan.trial_config(arm, trial.params).replace(run_name=name)
     try:  # the claim's key stays the run's config hash: the claims find the run by it
         result = run_training(cfg, run_id=run_id, extra_tags={**tags, "mlexp.config_hash": config_hash}, judge=judge)
-    except MlexpError:
+    except BaseException:  # the run says how it ended; Optuna must not wait on it
         server.set_tags(place.client, run_id, {"mlexp.trial_state": "FAIL"})
-        study.tell(trial, state=TrialState.FAIL)
+        tell(study, trial, state=TrialState.FAIL)
         raise
     state = TrialState.PRUNED if judge.pruned else TrialState.COMPLETE
     server.set_tags(place.client, run_id, {"mlexp.trial_state": state.name})
     if state == TrialState.PRUNED:
-        study.tell(trial, state=state)
+        tell(study, trial, state=state)
     else:
-        study.tell(trial, result.history.best_value)
+        tell(study, trial, result.history.best_value)
     return True
 
 
@@ -352,7 +395,3 @@ def run_study(plan: StudyPlan, uri: str) -> StudyResult:
     server.set_tags(place.client, place.parent_run_id, {"mlexp.study_state": "FINISHED"})
     server.set_status(place.client, place.parent_run_id, "FINISHED", None)
     return result
-
-
-def metric_key(plan: StudyPlan) -> str:
-    return best_key(plan.base.best_metric)

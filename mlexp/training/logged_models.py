@@ -33,7 +33,7 @@ from PIL import Image
 
 from mlexp.config import TrainConfig
 from mlexp.data.images import to_rgb8
-from mlexp.data.stacks import is_stack, load_stack
+from mlexp.data.stacks import channels_of, is_stack, load_stack, resized, unit_tensor
 from mlexp.data.transforms import build_transforms
 from mlexp.errors import MlexpError
 from mlexp.models.build import create_model
@@ -111,10 +111,14 @@ def detections(detector: Classifier, images: list) -> pd.DataFrame:
     rows = []
     for start in range(0, len(images), PREDICT_BATCH):
         batch = images[start:start + PREDICT_BATCH]
-        pixels = [torch.from_numpy(np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0)
-                  .permute(2, 0, 1) for image in batch]
+        # as DetectionImages feeds training: bilinear to the square size, 0..1 (a stack by mlexp.data.stacks)
+        pixels = [resized(unit_tensor(channels_of(image)), size) if isinstance(image, np.ndarray) else
+                  torch.from_numpy(np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR),
+                                              dtype=np.float32) / 255.0).permute(2, 0, 1) for image in batch]
         for image, found in zip(batch, detector.model(pixels)):
-            scale = torch.tensor([image.width / size, image.height / size] * 2)
+            height, width = (image.shape[0], image.shape[1]) if isinstance(image, np.ndarray) else (image.height,
+                                                                                                     image.width)
+            scale = torch.tensor([width / size, height / size] * 2)
             rows.append({"boxes": (found["boxes"] * scale).tolist(),
                          "labels": [detector.class_names[int(label) - 1] for label in found["labels"]],
                          "scores": found["scores"].tolist()})

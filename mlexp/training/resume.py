@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mlexp import faults
 from mlexp.config import TrainConfig
+from mlexp.credentials import redact
 from mlexp.errors import MlexpError
 from mlexp.tracking import server
 from mlexp.tracking.outbox import Outbox
@@ -221,12 +222,12 @@ def read_started_config(tracking_uri: str, run_id: str, offline: bool,
         except MlflowException as error:
             if error.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return None
-            raise MlexpError(f"cannot list run {run_id}'s artifacts at {tracking_uri} now "
+            raise MlexpError(f"cannot list run {run_id}'s artifacts at {redact(tracking_uri)} now "
                              f"({server.first_line(error)}); try again") from None
         if listed:
             values = server.read_json_artifact(client, run_id, "config.json")
             if values is None:
-                raise MlexpError(f"cannot read run {run_id}'s config.json from {tracking_uri} now; try again")
+                raise MlexpError(f"cannot read run {run_id}'s config.json from {redact(tracking_uri)} now; try again")
     return TrainConfig.from_dict(values).replace(resume=None) if values is not None else None
 
 

@@ -88,6 +88,18 @@ def test_a_study_killed_mid_way_finishes_with_no_trial_trained_twice(sqlite_uri,
         assert steps(client, run.info.run_id, "val/acc") == [1, 2, 3], run.data.tags["mlexp.trial_number"]
 
 
+def test_a_grid_search_tries_each_listed_value_once_and_finishes(sqlite_uri, tmp_path):
+    """Optuna's grid sampler stops its study once the grid is done; the study still finishes."""
+    args = ["tune", "--backbones", "test_resnet", "--inits", "scratch", "--space", "lr=0.003,0.03", "--sampler",
+            "grid", "--trials", "2", "--epochs", "1", "--pruner", "none", "--final-seeds", "1", "--data", "digits",
+            "--img-size", "16", "--calibrate", "false", "--system-metrics", "false", "--log-models", "false",
+            "--experiment", "grid"]
+    done = run_mlexp(args, subprocess_env(sqlite_uri), tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    trials = trial_runs(MlflowClient(sqlite_uri), "grid")
+    assert sorted(float(run.data.params["lr"]) for run in trials) == [0.003, 0.03]
+
+
 def test_the_same_seed_proposes_the_same_trials_in_two_empty_stores(tmp_path):
     proposals = []
     for store in ("a", "b"):
@@ -107,6 +119,7 @@ def test_the_same_seed_proposes_the_same_trials_in_two_empty_stores(tmp_path):
     (("--space", "lr=0:0.1:log"), "a log range must stay above 0"),
     (("--trials", "0"), "--trials must be at least 1"),
     (("--space", "lr=0.001:0.1", "--sampler", "grid"), "--sampler grid needs listed values for lr"),
+    (("--storage", "postgresql://mlexp:secret@db/optuna"), "--storage must not carry a password"),
 ])
 def test_bad_tuning_inputs_are_one_line_and_create_nothing(change, said, sqlite_uri, tmp_path):
     args = [*COMMON, "--inits", "scratch", "--experiment", "bad"]
