@@ -243,8 +243,8 @@ def tune_arm(plan: StudyPlan, place: Place, storage, index: int) -> None:
 
 
 def tell(study, trial, value: float | None = None, state=None) -> None:
-    """Optuna's tell; its grid sampler then calls study.stop(), which outside study.optimize()
-    raises once the grid is done (optuna issue 5141) after the trial is recorded: harmless here."""
+    """Optuna's tell. Once the grid is done its grid sampler calls study.stop(), which outside
+    study.optimize() raises after the trial is recorded: harmless here."""
     try:
         study.tell(trial, value, state=state)
     except RuntimeError as error:
@@ -312,9 +312,10 @@ def final_stage(plan: StudyPlan, place: Place, storage, result: StudyResult) -> 
     from optuna.trial import TrialState
 
     for index, arm in enumerate(plan.arms):
-        done = [t for t in counted(arm_study(plan, storage, index)) if t.state == TrialState.COMPLETE]
+        trials = counted(arm_study(plan, storage, index))
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
         result.trials[arm.label] = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params}
-                                    for t in counted(arm_study(plan, storage, index))]
+                                    for t in trials]
         if not done:
             raise MlexpError(f"{arm.label}: no trial ran to the end (all pruned or failed); widen --space or "
                              "use --pruner none")

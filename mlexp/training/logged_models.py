@@ -33,7 +33,7 @@ from PIL import Image
 
 from mlexp.config import TrainConfig
 from mlexp.data.images import to_rgb8
-from mlexp.data.stacks import channels_of, is_stack, load_stack, resized, unit_tensor
+from mlexp.data.stacks import is_stack, load_stack
 from mlexp.data.transforms import build_transforms
 from mlexp.errors import MlexpError
 from mlexp.models.build import create_model
@@ -107,14 +107,13 @@ def detections(detector: Classifier, images: list) -> pd.DataFrame:
     """One row per image: its boxes ([x1, y1, x2, y2] in the image's own pixels), their class
     names and scores. Each image is resized to the run's square size as in training, and
     the boxes are scaled back."""
-    size = int(detector.config["img_size"])
+    from mlexp.tasks.detection.images import detector_input  # here: a classifier's serving never needs it
+
+    size, in_chans = int(detector.config["img_size"]), int(detector.config.get("in_chans", 3))
     rows = []
     for start in range(0, len(images), PREDICT_BATCH):
         batch = images[start:start + PREDICT_BATCH]
-        # as DetectionImages feeds training: bilinear to the square size, 0..1 (a stack by mlexp.data.stacks)
-        pixels = [resized(unit_tensor(channels_of(image)), size) if isinstance(image, np.ndarray) else
-                  torch.from_numpy(np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR),
-                                              dtype=np.float32) / 255.0).permute(2, 0, 1) for image in batch]
+        pixels = [detector_input(image, size, in_chans) for image in batch]  # as training fed it
         for image, found in zip(batch, detector.model(pixels)):
             height, width = (image.shape[0], image.shape[1]) if isinstance(image, np.ndarray) else (image.height,
                                                                                                      image.width)

@@ -31,20 +31,22 @@ class DetectionImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         item = self.images[index]
-        if self.in_chans != 3 or is_stack(item.path):  # --in-chans: a stack of N channels (mlexp.data.stacks)
-            pixels = self.stack(item.path)
-        else:
-            picture = Image.open(item.path).convert("RGB").resize((self.img_size, self.img_size), Image.BILINEAR)
-            pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        image = load_stack(item.path) if is_stack(item.path) else Image.open(item.path)
+        pixels = detector_input(image, self.img_size, self.in_chans, item.path)
         boxes = torch.tensor(item.boxes, dtype=torch.float32).reshape(-1, 4) * self.img_size
         return pixels, {"boxes": boxes, "labels": torch.tensor(item.labels, dtype=torch.int64) + 1}
 
-    def stack(self, path: Path) -> torch.Tensor:
-        array = channels_of(load_stack(path)) if is_stack(path) else channels_of(Image.open(path))
-        if array.shape[-1] != self.in_chans:
-            raise MlexpError(f"{path}: {array.shape[-1]} channel(s) where --in-chans is {self.in_chans}")
-        return resized(unit_tensor(array), self.img_size).contiguous()
 
+def detector_input(image, img_size: int, in_chans: int = 3, path: Path | None = None) -> torch.Tensor:
+    """An image (PIL) or a stack (array, --in-chans) as a detector takes it, in training and
+    when served alike: bilinear to `img_size` square, channels x height x width in 0..1."""
+    if in_chans == 3 and isinstance(image, Image.Image):
+        picture = image.convert("RGB").resize((img_size, img_size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    array = channels_of(image)
+    if array.shape[-1] != in_chans:
+        raise MlexpError(f"{path or 'an image'}: {array.shape[-1]} channel(s) where --in-chans is {in_chans}")
+    return resized(unit_tensor(array), img_size).contiguous()
 
 
 def annotations_line(item: AnnotatedImage) -> str:
