@@ -110,8 +110,10 @@ def describe_plan(plan) -> str:
 
 
 def compare_finals(plan, result, uri: str) -> None:
-    """`compare` over the final runs, its report.md given the tuning section."""
-    from mlexp.analysis.compare import format_table, run_compare  # here: pandas and matplotlib
+    """`compare` over the final runs, its report.md given the tuning section, logged to a
+    compare run (as `mlexp compare` logs its own) named after the study."""
+    from mlexp.analysis.compare import compare_run_place, format_table, run_compare  # here: pandas and matplotlib
+    from mlexp.analysis.report import log_compare_run
     from mlexp.analysis.tuning import tuning_section
 
     out = plan.out_dir / plan.name / "compare"
@@ -119,6 +121,9 @@ def compare_finals(plan, result, uri: str) -> None:
                            "tags.`mlexp.study_stage` = 'final'", ["backbone", "strategy"], out, log_run=False)
     report = Path(out) / "report.md"
     report.write_text(report.read_text() + "\n" + tuning_section(plan, result))
+    experiment, _ = compare_run_place(compared)
+    compare_run = log_compare_run(uri, compared, Path(out), experiment, f"tune {plan.name}")
     click.echo(format_table(compared))
     click.echo(f"mlexp: study {plan.name} FINISHED: {out}/report.md (its tuning section says what each arm "
-               f"was given and chose); the runs are under parent run {result.parent_run_id}")
+               f"was given and chose; logged to run {compare_run} in {experiment}); the runs are under parent "
+               f"run {result.parent_run_id}")

@@ -34,7 +34,7 @@ from mlexp.errors import MlexpError
 from mlexp.option_values import best_is_max, best_key
 from mlexp.sweep.space import Dimension
 from mlexp.tracking import claims, server
-from mlexp.training.run import run_training
+from mlexp.training.run import PRUNED_TAG, run_training
 
 SAMPLERS = ("tpe", "random", "qmc", "grid")
 PRUNERS = ("median", "asha", "hyperband", "none")
@@ -243,18 +243,20 @@ def tune_arm(plan: StudyPlan, place: Place, storage, index: int) -> None:
 
 
 def tell(study, trial, value: float | None = None, state=None) -> None:
-    """Optuna's tell. Once the grid is done its grid sampler calls study.stop(), which outside
-    study.optimize() raises after the trial is recorded: harmless here."""
+    """Optuna's tell (a finished grid's sampler calls study.stop(), which outside optimize() raises: harmless)."""
     try:
         study.tell(trial, value, state=state)
     except RuntimeError as error:
         if "stop" not in str(error):
             raise
+    except ValueError:  # "Cannot tell a COMPLETE trial": two launchers saw its run end; the first word stands
+        number = trial if isinstance(trial, int) else trial.number
+        if not any(t.number == number and t.state.is_finished() for t in study.get_trials(deepcopy=False)):
+            raise
 
 
 def settle_ended(place: Place, study, frozen) -> bool:
-    """A trial Optuna still has RUNNING whose run already ended (its launcher died between the
-    two, or the run failed): told as its run ended. True when it was."""
+    """A trial Optuna has RUNNING whose run ended (its launcher died, or is about to tell): told so. True if it was."""
     from optuna.trial import TrialState
 
     run_id = frozen.user_attrs.get("run_id")
@@ -262,7 +264,7 @@ def settle_ended(place: Place, study, frozen) -> bool:
         return False
     run = place.client.get_run(run_id)
     if run.info.status == "FINISHED":
-        if run.data.tags.get("mlexp.trial_state") == "PRUNED":
+        if PRUNED_TAG in run.data.tags:  # set by the training before the run ended
             tell(study, frozen.number, state=TrialState.PRUNED)
         else:
             value = run.data.metrics.get(best_key(study.user_attrs.get("metric", "val/acc")))

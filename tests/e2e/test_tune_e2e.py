@@ -59,6 +59,10 @@ def test_two_arms_get_equal_budgets_pruning_a_final_stage_and_a_paired_compariso
     assert "## Tuning" in report and "Budgets: **equal**, 6 trial(s) of 3 epoch(s) per arm" in report
     assert "What the search says" in report
     assert re.search(r"\| test_resnet_pretrained-full \| 6 \| 3 \| \d \| \d \|", report)
+    [logged] = runs_of(client, "tuned-compare")  # the report, tuning section included, as a compare run's artifact
+    assert logged.info.run_name.startswith("tune study-") and logged.info.status == "FINISHED"
+    assert "## Tuning" in Path(client.download_artifacts(logged.info.run_id, "compare/report.md",
+                                                         str(tmp_path))).read_text()
 
     again = run_mlexp([*COMMON, "--trials", "6", "--epochs", "3", "--pruner", "median", "--final-seeds", "1,2,3",
                        "--experiment", "tuned"], env, tmp_path, timeout=900)
