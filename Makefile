@@ -41,7 +41,10 @@ check: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal
 
+# Per-batch logging against its peers (W&B's client comes with the bench extra), then whole trainings tracked vs not.
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/per_batch_logging.py
 	$(BIN)/python benchmarks/tracking_overhead.py
 
 mlproject: $(STAMP)

@@ -1,7 +1,8 @@
 """Crash points for fault-injection tests: SIGKILL this process at a chosen moment.
 
 `MLEXP_FAULT="POINT=VALUE"` kills the process the moment POINT is reached with VALUE:
-`step=N` (after optimizer step N), `eval=N` (inside the N-th evaluation of this process),
+`step=N` (after optimizer step N), `logged=N` (step N's metrics logged, not yet
+group-committed to the outbox), `eval=N` (inside the N-th evaluation of this process),
 `checkpoint=EPOCH` (a resume checkpoint written, not yet handed to the outbox),
 `upload=ARTIFACT/FILE` (before that file's upload), `manifest=EPOCH` (before a
 checkpoint's manifest is published), `logged_model=NAME` (the logged model created on the

@@ -1,7 +1,10 @@
 """RunTracker: one run's tracker, every call a durable write to its outbox.
 
-Training calls return as soon as the outbox has committed the write (microseconds); the
-sender (online) or `mlexp sync` (offline, or whatever an ended process left) delivers it.
+Metric points are appended to a buffer that a background thread group-commits to the
+outbox (mlexp.tracking.writer: the training thread never waits on SQLite for them); every
+other call returns once the outbox has committed the write, after the points logged
+before it. The sender (online) or `mlexp sync` (offline, or whatever an ended process
+left) delivers it.
 `finish` records the final status, gives the sender a bounded grace period, and says
 honestly what the server has and what still waits.
 """
@@ -21,6 +24,7 @@ from mlexp.tracking import server
 from mlexp.tracking.outbox import TERMINAL, Outbox, new_local_id, now_ms, outbox_root, outbox_unwritable
 from mlexp.tracking.outbox_info import Pending
 from mlexp.tracking.sender import Sender, lower_this_threads_priority, seconds_from_env
+from mlexp.tracking.writer import PointWriter
 
 
 def grace_s() -> float:
@@ -77,6 +81,7 @@ class RunTracker:
         # Highest step the run already holds per metric (resume): points at or below are not logged again.
         self._resume_steps = dict(resume_steps or {})
         self.sender = Sender(outbox, client, info.run_id, training=True).start() if client is not None else None
+        self.points = PointWriter(outbox)
         self._beats = threading.Event()
         self._beat_thread: threading.Thread | None = None
         if self.sender is not None and heartbeat:
@@ -86,7 +91,8 @@ class RunTracker:
             self._beat_thread = threading.Thread(target=self._heartbeat, name="mlexp-heartbeat", daemon=True)
             self._beat_thread.start()
 
-    # --- the protocol: all of these return once the outbox holds the write ---------------------
+    # --- the protocol: metric points are buffered, everything else returns once the outbox holds
+    # it (with every point logged before it: `flush`) ------------------------------------------------
     def log_params(self, params: dict[str, str]) -> None:
         self.outbox.add_texts("param", params)
 
@@ -98,7 +104,11 @@ class RunTracker:
         points = [(key, float(value), timestamp, step) for key, value in metrics.items()
                   if step > self._resume_steps.get(key, -1)]
         if points:
-            self.outbox.add_metrics(points)
+            self.points.add(points)
+
+    def flush(self) -> None:
+        """Every metric point logged so far is durable in the outbox when this returns."""
+        self.points.flush()
 
     def staging_dir(self, name: str) -> Path:
         """A folder to write an artifact into; logging it then costs no copy."""
@@ -116,6 +126,7 @@ class RunTracker:
 
     def publish_checkpoint(self, manifest_dir: Path, artifact_path: str, epoch: int) -> None:
         """Publish a checkpoint's manifest once its files and the metrics before it are sent."""
+        self.flush()
         self.outbox.add_upload(manifest_dir, artifact_path, op="manifest", after_seq=self.outbox.last_record_seq(),
                                meta={"epoch": epoch})
         self._wake()
@@ -127,6 +138,7 @@ class RunTracker:
 
     def link_metrics(self, model_id: str, metrics: list, datasets: dict) -> None:
         """Link these [key, step] points to an existing logged model, once they are on the server."""
+        self.flush()
         self.outbox.add_operation("link_metrics", {"model_id": model_id, "metrics": metrics, "datasets": datasets},
                                   after_seq=self.outbox.last_record_seq())
         self._wake()
@@ -134,12 +146,14 @@ class RunTracker:
     def log_model(self, model_dir: Path, name: str, step: int, meta: dict) -> None:
         """A saved MLflow model folder as a logged model of this run at `step`, once the metrics
         logged before it are on the server (they are linked to it)."""
+        self.flush()
         self.outbox.add_upload(model_dir, f"logged-models/{name}", op="logged_model",
                                after_seq=self.outbox.last_record_seq(), meta={**meta, "name": name, "step": step})
         self._wake()
 
     def last_step(self, key: str) -> int:
         """The highest step this run already holds for `key` (0 for a new run)."""
+        self.flush()
         return max(self._resume_steps.get(key, 0), self.outbox.max_steps().get(key, 0))
 
     def experiment_id(self) -> str:
@@ -152,7 +166,9 @@ class RunTracker:
         self.outbox.drop_superseded(artifact_prefix, keep_newest)
 
     def remember(self, key: str, value) -> None:
-        """Keep a value with the run's outbox (read back by a resume on this machine)."""
+        """Keep a value with the run's outbox (read back by a resume on this machine), after every
+        point logged before it: a checkpoint remembered for resume never outruns its metrics."""
+        self.flush()
         self.outbox.put(key, value)
 
     def mark_running(self) -> None:
@@ -163,6 +179,7 @@ class RunTracker:
     def finish(self, status: str, error: str | None = None, wait_s: float | None = None) -> Delivery:
         """Record the final status, give the sender up to `wait_s`, report what the server has."""
         try:
+            self.points.close()
             if error:
                 self.set_tags({"mlexp.error": error[:5000]})
             self.outbox.set_status(status)
@@ -222,6 +239,10 @@ class RunTracker:
         return problem
 
     def _close(self, wait_s: float) -> Delivery:
+        try:
+            self.points.close()  # usually done already (finish)
+        except Exception:  # noqa: BLE001 - the outbox's disk refused them: finish already ended the run FAILED, saying so
+            pass
         self._beats.set()
         if self._beat_thread is not None:
             self._beat_thread.join(5.0)  # no beat may land after the last drain check

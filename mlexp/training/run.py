@@ -23,6 +23,7 @@ from mlexp.config import TrainConfig, config_hash
 from mlexp.data.digests import cross_split_duplicates, describe_splits, split_digest
 from mlexp.data.loading import loader_kwargs, loader_samples_per_s
 from mlexp.errors import MlexpError, RunFailed
+from mlexp.faults import crash_point
 from mlexp.models.build import build_backbone
 from mlexp.models.catalogue import BackboneSpec, resolve_backbone
 from mlexp.models.weight_sources import WeightsFile, locate_weights
@@ -122,7 +123,8 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
         report_delivery(training.end("KILLED", "interrupted", wait_s=KILLED_WAIT_S), accelerator)
         raise
     except BaseException as error:
-        delivery = training.end("FAILED", f"{type(error).__name__}: {error}")
+        said = f"{type(error).__name__}: {error}"
+        delivery = training.end("FAILED", f"its outbox cannot be written ({said})" if outbox_unwritable(error) else said)
         if outbox_unwritable(error):  # recorded on the server directly; the cause in one line, not two tracebacks
             raise RunFailed(f"run {tracker.run_id} FAILED: its outbox cannot be written ({error}); free space "
                             f"under {outbox_root()} (or set MLEXP_OUTBOX_DIR), then `mlexp sync` sends what it "
@@ -281,6 +283,9 @@ def live_logs(cfg: TrainConfig, tracker, history: History, resume: ResumePoint |
     return live
 
 
+PRUNED_TAG = "mlexp.pruned_after_epoch"  # a tuning study's pruner stopped the run after this epoch
+
+
 def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_epoch: int, train_loader,
                  val_loader, tracker, live: LiveLogs | NoLogs, judge: Callable[[int, dict], bool] | None = None
                  ) -> None:
@@ -291,6 +296,7 @@ def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_ep
         live.steps(history.steps[-len(records):])
         for record in records:
             tracker.log_metrics(step_metrics(record), step=record.step)
+            crash_point("logged", record.step)  # the points are buffered, not yet committed to the outbox
 
     strategy = parts.strategy
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -310,7 +316,10 @@ def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_ep
         if parts.accelerator.is_main_process:
             print_epoch(row, is_best, cfg.best_metric)
         strategy.on_epoch_end(epoch, val_loss)
-        stop = strategy.should_stop(epoch) or early_stop(cfg, history, epoch) or bool(judge and judge(epoch, row))
+        pruned = bool(judge and judge(epoch, row))
+        if pruned:  # on the run before it ends: whoever sees it FINISHED knows it was cut short
+            tracker.set_tags({PRUNED_TAG: str(epoch)})
+        stop = strategy.should_stop(epoch) or early_stop(cfg, history, epoch) or pruned
         save_epoch_checkpoints(parts, history, epoch, is_best, tracker, cfg)
         if stop:
             break

@@ -21,7 +21,16 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from mlexp.analysis import monitor
-from tests.faults import TINY, RestartableServer, assert_complete, only_run, read_until, train_past_epoch_1
+from mlexp.tracking.outbox import Outbox
+from tests.faults import (
+    DIGITS_TRAIN,
+    TINY,
+    RestartableServer,
+    assert_complete,
+    only_run,
+    read_until,
+    train_past_epoch_1,
+)
 from tests.helpers import artifact_paths, run_mlexp, steps, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -136,6 +145,28 @@ def test_sigkill_at_twenty_two_moments_then_resume_gives_the_uninterrupted_model
     assert any("resuming run" in output for output in outputs)
     assert any("starting it over" in output for output in outputs)
     assert any("finished training before" in output for output in outputs)
+
+
+def test_sigkill_between_a_log_call_and_its_group_commit_then_resume_has_no_gap_and_no_duplicate(
+        server_uri, tmp_path):
+    """Metric points are buffered and group-committed off the training thread: a kill inside
+    the commit window loses the points logged since the last commit, never the ones before a
+    checkpoint, and the resumed run logs the lost steps again, once."""
+    env = subprocess_env(server_uri, MLEXP_COMMIT_S="3600")  # no commit but the ones the checkpoints force
+    steps_per_epoch = DIGITS_TRAIN // 64
+    killed = run_mlexp(["train", *TINY, "--epochs", "2", "--batch-size", "64", "--experiment", "kill-window"],
+                       dict(env, MLEXP_FAULT=f"logged={steps_per_epoch + 5}"), tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    client = MlflowClient(server_uri)
+    run_id = only_run(client, "kill-window").info.run_id
+    box = Outbox.find(run_id)
+    # The kill landed inside the window: epoch 2's points were logged but never committed;
+    # the points before epoch 1's checkpoint were.
+    assert box.max_steps()["batch/loss"] == steps_per_epoch
+    box.close()
+    resumed = run_mlexp(["train", "--resume", run_id], env, tmp_path)
+    assert resumed.returncode == 0 and "resuming run" in resumed.stdout, resumed.stderr[-3000:]
+    assert_complete(client, run_id, epochs=2, batch_size=64)
 
 
 @pytest.mark.parametrize("period_s, uploaded", [("0", ["epoch_0001", "epoch_0002", "epoch_0003"]),

@@ -15,6 +15,7 @@ from mlexp.tracking import open_run, params_to_log
 from mlexp.tracking.outbox import Outbox, all_outboxes
 from mlexp.tracking.server import batch_of
 from mlexp.tracking.sync import sync
+from mlexp.tracking.writer import COMMIT_POINTS
 
 
 def history_steps(client, run_id, key):
@@ -39,6 +40,40 @@ def test_batch_metrics_are_batched_ordered_and_complete(server_uri):
     # 5,000 points were committed to the outbox without waiting on the server
     assert enqueue_s < 5.0
     assert list(all_outboxes()) == []  # delivered: the outbox is gone
+
+
+def test_log_calls_only_buffer_and_whatever_depends_on_them_commits_them_first(sqlite_uri, monkeypatch):
+    """The training thread appends; the writer thread group-commits. A checkpoint remembered
+    for resume (or published, or the run's end) is never durable before the points logged
+    before it."""
+    monkeypatch.setenv("MLEXP_COMMIT_S", "3600")  # no commit but the forced ones
+    tracker = open_run(sqlite_uri, "tracking-test", "buffered")
+    for step in range(1, 101):
+        tracker.log_metrics({"batch/loss": 1.0 / step}, step=step)
+    assert tracker.outbox.max_steps() == {}  # logged, not yet in the outbox
+    tracker.remember("checkpoint", {"epoch": 1})
+    assert tracker.outbox.max_steps() == {"batch/loss": 100}
+    tracker.log_metrics({"batch/loss": 0.001}, step=101)
+    assert tracker.finish("FINISHED").complete
+    assert history_steps(MlflowClient(sqlite_uri), tracker.run_id, "batch/loss") == list(range(1, 102))
+
+
+def test_the_writer_commits_by_itself_each_window_and_when_the_buffer_fills(sqlite_uri, monkeypatch):
+    monkeypatch.setenv("MLEXP_COMMIT_S", "0.05")
+    tracker = open_run(sqlite_uri, "tracking-test", "windowed")
+    tracker.log_metrics({"batch/loss": 1.0}, step=1)
+    deadline = time.monotonic() + 30
+    while tracker.outbox.max_steps() != {"batch/loss": 1}:
+        assert time.monotonic() < deadline, "the writer never committed the window's points"
+        time.sleep(0.02)
+    tracker.points.window_s = 3600  # from the next window on: only a full buffer wakes the writer
+    time.sleep(0.1)
+    for step in range(2, 2 + COMMIT_POINTS):
+        tracker.log_metrics({"batch/loss": 1.0}, step=step)
+    while tracker.outbox.max_steps()["batch/loss"] < 1 + COMMIT_POINTS:
+        assert time.monotonic() < deadline, "a full buffer did not wake the writer"
+        time.sleep(0.02)
+    assert tracker.finish("FINISHED").complete
 
 
 def test_resumed_tracker_drops_points_already_logged(sqlite_uri):
