@@ -18,7 +18,7 @@ its step; the untracked row is the machine's own noise), and whether every point
 the server. Then mlexp alone: 10,000 log calls with the server up and 10,000 with it down
 (restarted afterwards: every point must arrive).
 
-    python benchmarks/per_batch_logging.py [--rounds 5] [--regimes gpu10,gpu2,cpu] [--calls 10000]
+    python benchmarks/per_batch_logging.py [--rounds 5] [--regimes gpu10,gpu2,cpu] [--calls 10000] [--variants mlexp,wandb offline]
 
 Targets: gpu10 >= 0.995, gpu2 >= 0.98, cpu >= 0.99 (median ratios); log call p99 < 50 us
 and no stall over 5 ms, server up and down.
@@ -102,7 +102,8 @@ class AccelerateMlflow(Untracked):
         PartialState()  # the tracker logs from the main process only
         mlflow.set_tracking_uri(uri)
         self.tracker = MLflowTracker(experiment_name=EXPERIMENT, run_name=name)
-        self.run_id = self.tracker.active_run.info.run_id
+        self.tracker.start()  # what Accelerator.init_trackers does
+        self.run_id = mlflow.active_run().info.run_id
 
     def log(self, metrics, step):
         self.tracker.log(metrics, step=step)
@@ -264,6 +265,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--regimes", default="gpu10,gpu2,cpu")
     parser.add_argument("--calls", type=int, default=10_000, help="log calls of the latency run (server up, then down)")
+    parser.add_argument("--variants", default="", help="a comma-separated subset (untracked always runs)")
     args = parser.parse_args()
     import torch
 
@@ -273,6 +275,8 @@ def main() -> None:
         server, uri = start_local_server(Path(tmp) / "server", nice=19)
         try:
             found = variants(Path(tmp))
+            if args.variants:
+                found = {name: found[name] for name in found if name == "untracked" or name in args.variants.split(",")}
             for regime in args.regimes.split(","):
                 run_regime(regime, found, uri, args.rounds)
             if args.calls:

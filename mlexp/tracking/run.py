@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,14 @@ def grace_s() -> float:
 
 def heartbeat_s() -> float:
     return seconds_from_env("MLEXP_HEARTBEAT_S", 30.0)
+
+
+# While a run is tracked: how long a background thread of the tracker (writer, sender lanes,
+# heartbeat) may hold the GIL while the training thread waits for it. CPython's default is
+# 5 ms, half a GPU step (measured: stalls of 5-10 ms at 2 and 10 ms steps, 1-3 ms with this;
+# benchmarks/per_batch_logging.py). Every thread of the process switches this often then;
+# the training thread's own work (torch kernels, the GPU wait) runs without the GIL.
+SWITCH_INTERVAL_S = 0.0005
 
 
 def offline_requested(flag: bool = False) -> bool:
@@ -81,7 +90,9 @@ class RunTracker:
         # Highest step the run already holds per metric (resume): points at or below are not logged again.
         self._resume_steps = dict(resume_steps or {})
         self.sender = Sender(outbox, client, info.run_id, training=True).start() if client is not None else None
-        self.points = PointWriter(outbox)
+        self.points = PointWriter(outbox, self._resume_steps)
+        self._switch_interval = sys.getswitchinterval()  # restored when the run is closed
+        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
         self._beats = threading.Event()
         self._beat_thread: threading.Thread | None = None
         if self.sender is not None and heartbeat:
@@ -100,11 +111,7 @@ class RunTracker:
         self.outbox.add_texts("tag", tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        timestamp = now_ms()
-        points = [(key, float(value), timestamp, step) for key, value in metrics.items()
-                  if step > self._resume_steps.get(key, -1)]
-        if points:
-            self.points.add(points)
+        self.points.add(metrics, step)
 
     def flush(self) -> None:
         """Every metric point logged so far is durable in the outbox when this returns."""
@@ -252,6 +259,7 @@ class RunTracker:
             except KeyboardInterrupt:
                 pass  # a second Ctrl-C: stop waiting; everything stays in the outbox
             self.sender.stop()
+        sys.setswitchinterval(self._switch_interval)
         pending = self.outbox.pending()
         delivery = Delivery(self.run_id, self.outbox.info().status, pending, self.outbox.folder, self.offline,
                             self.tracking_uri)

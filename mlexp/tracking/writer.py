@@ -2,7 +2,7 @@
 
 A log call only appends its points to an in-memory buffer (microseconds: no SQLite, no
 I/O on the training thread). A background thread commits the buffer to the outbox every
-`MLEXP_COMMIT_S` (0.1 s) or as soon as `COMMIT_POINTS` points wait, whichever comes first,
+`MLEXP_COMMIT_S` (0.1 s) or as soon as `COMMIT_CALLS` log calls wait, whichever comes first,
 in one transaction; the sender ships from there.
 
 What a crash can cost, precisely:
@@ -20,11 +20,13 @@ What a crash can cost, precisely:
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 
 from mlexp.tracking.outbox import Outbox
 from mlexp.tracking.sender import lower_this_threads_priority, seconds_from_env
 
-COMMIT_POINTS = 2000  # a bigger backlog is committed at once: bounded memory, bounded transactions
+COMMIT_CALLS = 1000  # a bigger backlog is committed at once: bounded memory, bounded transactions
 
 
 def commit_s() -> float:
@@ -32,13 +34,17 @@ def commit_s() -> float:
 
 
 class PointWriter:
-    """One run's metric buffer and the thread that group-commits it to the outbox."""
+    """One run's metric buffer and the thread that group-commits it to the outbox.
 
-    def __init__(self, outbox: Outbox):
+    `skip_steps`: the highest step a resumed run already holds per metric; points at or below
+    it are not logged again."""
+
+    def __init__(self, outbox: Outbox, skip_steps: dict[str, int] | None = None):
         self.outbox = outbox
         self.window_s = commit_s()
-        self._points: list[tuple[str, float, int, int]] = []
-        self._buffer_lock = threading.Lock()  # held only to append or swap the list
+        self.skip_steps = dict(skip_steps or {})
+        # (metrics, step, time) per log call: appending to a deque is atomic, no lock to take
+        self._calls: deque[tuple[dict, int, float]] = deque()
         self._commit_lock = threading.Lock()  # commits happen one at a time, in the order logged
         self._error: BaseException | None = None
         self._due = threading.Event()
@@ -46,28 +52,27 @@ class PointWriter:
         self._thread = threading.Thread(target=self._commit_every_window, name="mlexp-writer", daemon=True)
         self._thread.start()
 
-    def add(self, points: list[tuple[str, float, int, int]]) -> None:
-        """The training thread's whole cost: an append (and a raise if the last commit failed)."""
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        """The training thread's whole cost: a copy and an append (a raise if the last commit failed)."""
         if self._error is not None:
             raise self._error
-        with self._buffer_lock:
-            self._points.extend(points)
-            full = len(self._points) >= COMMIT_POINTS
-        if full:
+        self._calls.append((dict(metrics), step, time.time()))
+        if len(self._calls) >= COMMIT_CALLS:
             self._due.set()
 
     def flush(self) -> None:
         """Commit every point logged so far; returns once they are durable (raises if they cannot be)."""
         with self._commit_lock:
-            with self._buffer_lock:
-                batch, self._points = self._points, []
-            if not batch:
-                return
+            calls = []
+            while self._calls:
+                calls.append(self._calls.popleft())
+            points = [(key, float(value), int(logged_at * 1000), step) for metrics, step, logged_at in calls
+                      for key, value in metrics.items() if step > self.skip_steps.get(key, -1)]
             try:
-                self.outbox.add_metrics(batch)
+                if points:
+                    self.outbox.add_metrics(points)
             except BaseException:  # a full disk, or Ctrl-C landing here: the points stay, in order
-                with self._buffer_lock:
-                    self._points[:0] = batch
+                self._calls.extendleft(reversed(calls))
                 raise
             self._error = None
 

@@ -15,7 +15,7 @@ from mlexp.tracking import open_run, params_to_log
 from mlexp.tracking.outbox import Outbox, all_outboxes
 from mlexp.tracking.server import batch_of
 from mlexp.tracking.sync import sync
-from mlexp.tracking.writer import COMMIT_POINTS
+from mlexp.tracking.writer import COMMIT_CALLS
 
 
 def history_steps(client, run_id, key):
@@ -68,9 +68,9 @@ def test_the_writer_commits_by_itself_each_window_and_when_the_buffer_fills(sqli
         time.sleep(0.02)
     tracker.points.window_s = 3600  # from the next window on: only a full buffer wakes the writer
     time.sleep(0.1)
-    for step in range(2, 2 + COMMIT_POINTS):
+    for step in range(2, 2 + COMMIT_CALLS):
         tracker.log_metrics({"batch/loss": 1.0}, step=step)
-    while tracker.outbox.max_steps()["batch/loss"] < 1 + COMMIT_POINTS:
+    while tracker.outbox.max_steps()["batch/loss"] < 1 + COMMIT_CALLS:
         assert time.monotonic() < deadline, "a full buffer did not wake the writer"
         time.sleep(0.02)
     assert tracker.finish("FINISHED").complete
