@@ -27,9 +27,11 @@ and no stall over 5 ms, server up and down.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -239,24 +241,46 @@ def run_regime(regime: str, found: dict[str, Untracked], uri: str, rounds: int) 
               f"{arrived[name]}", flush=True)
 
 
+class TrainingThreadGc:
+    """The longest garbage collection that ran on this (the training) thread: a stall that is
+    the process's, whoever allocated last."""
+
+    def __init__(self):
+        self.longest_ms, self._started, self._thread = 0.0, 0.0, threading.get_ident()
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if threading.get_ident() != self._thread:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.longest_ms = max(self.longest_ms, (time.perf_counter() - self._started) * 1000)
+
+
 def latency_up_and_down(root: Path, server, uri: str, calls: int):
-    """mlexp alone, `calls` log calls 1 ms apart, with the server up and then with it stopped."""
+    """mlexp alone, `calls` log calls 1 ms apart, with the server up and then with it stopped;
+    first the same loop untracked (the machine's own stalls)."""
     from mlexp.tracking import open_run
 
     step, step_s = sleep_step(0.001)
     port = int(uri.rsplit(":", 1)[1])
+    _, _, stall = timed_loop(Untracked(), step, step_s, calls)
+    print(f"untracked          : {calls} steps{'':>66}longest stall {stall * 1000:.2f} ms", flush=True)
     for state in ("up", "down"):
         tracker = open_run(uri, EXPERIMENT, f"latency-server-{state}")
         if state == "down":
             stop_local_server(server)
         mlexp = Mlexp()
         mlexp.tracker = tracker
+        collections = TrainingThreadGc()
+        gc.callbacks.append(collections)
         _, logged, stall = timed_loop(mlexp, step, step_s, calls)
+        gc.callbacks.remove(collections)
         if state == "down":
             server, _ = start_local_server(root, port=port, nice=19)
         arrived = (mlexp.end(), every_point_arrived(uri, tracker.run_id, WARM_STEPS + calls))[1]
-        print(f"mlexp, server {state:<4}: {calls} calls  {latency(logged)}  longest stall {stall * 1000:.2f} ms  "
-              f"all points: {arrived}", flush=True)
+        print(f"mlexp, server {state:<4}: {calls} calls  {latency(logged)}  longest stall {stall * 1000:.2f} ms "
+              f"(longest GC on the thread {collections.longest_ms:.2f} ms)  all points: {arrived}", flush=True)
     return server
 
 
@@ -277,7 +301,7 @@ def main() -> None:
             found = variants(Path(tmp))
             if args.variants:
                 found = {name: found[name] for name in found if name == "untracked" or name in args.variants.split(",")}
-            for regime in args.regimes.split(","):
+            for regime in filter(None, args.regimes.split(",")):
                 run_regime(regime, found, uri, args.rounds)
             if args.calls:
                 print()

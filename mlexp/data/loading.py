@@ -33,9 +33,25 @@ def keep_inherited_objects_from_the_workers_collector() -> None:
     of the fork, and wait forever: the training would stall on its first batch. So everything
     alive at a fork is moved out of the collector's reach just before it (gc.freeze): the
     child never collects it, and the parent takes it back right after (gc.unfreeze; both
-    are O(1) list splices). The child's own objects are collected as usual."""
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(before=gc.freeze, after_in_parent=gc.unfreeze)
+    are O(1) list splices). The child's own objects are collected as usual.
+
+    Except where a tracked run had frozen what was alive at its start (mlexp.tracking.run:
+    a full collection would otherwise hold the GIL for 200 ms): unfreezing would undo that,
+    so the parent keeps the objects of the fork frozen too (long-lived: the model, the
+    optimizer, the loaders), until the run's end hands everything back."""
+    if not hasattr(os, "register_at_fork"):
+        return
+    frozen_before = [0]
+
+    def before() -> None:
+        frozen_before[0] = gc.get_freeze_count()
+        gc.freeze()
+
+    def after_in_parent() -> None:
+        if not frozen_before[0]:
+            gc.unfreeze()
+
+    os.register_at_fork(before=before, after_in_parent=after_in_parent)
 
 
 class EpochSeeded(Dataset):

@@ -39,7 +39,7 @@ SEND_INTERVAL_S = 2.0
 BACKOFF_START_S = 0.5
 BACKOFF_CAP_S = 30.0
 DRAINING_RETRY_S = 2.0  # the backoff cap while the run's end waits only for the server
-READ_ROWS = 5000
+READ_ROWS = 1000  # one request's worth (server.MAX_METRICS_PER_REQUEST): rows read and dropped unsent are garbage
 SPACED_OUT = ("checkpoints/last", "checkpoints/best")  # replaced by each newer checkpoint
 
 

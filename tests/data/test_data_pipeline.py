@@ -458,3 +458,24 @@ def test_loader_workers_never_finalize_sqlite_connections_they_inherit(tmp_path)
     assert sorted(labels) == sorted(list(range(8)) * 2)
     gc.collect()
     assert alive() is None  # the parent still collects it
+
+
+@pytest.mark.slow  # real processes: `make test`, not `make check`
+def test_what_a_tracked_run_froze_stays_frozen_across_its_loaders_forks(sqlite_uri):
+    """A tracked run moves what is alive at its start out of the collector's reach (a full
+    collection over torch's and MLflow's objects holds the GIL for ~200 ms); forking the loader
+    workers must not hand it back, and the run's end leaves the interpreter as it found it."""
+    from torch.utils.data import DataLoader
+
+    from mlexp.data.loading import loader_kwargs
+    from mlexp.tracking import open_run
+
+    gc.unfreeze()
+    tracker = open_run(sqlite_uri, "frozen", "frozen")
+    frozen = gc.get_freeze_count()
+    assert frozen > 10_000  # the modules' objects, at least
+    loader = DataLoader(CollectingImages(), **{**loader_kwargs(TrainConfig(batch_size=4), 2), "timeout": 20})
+    assert sorted(label for _, batch in loader for label in batch.tolist()) == list(range(8))
+    assert gc.get_freeze_count() >= frozen
+    assert tracker.finish("FINISHED").complete
+    assert gc.get_freeze_count() == 0
