@@ -18,7 +18,8 @@ its step; the untracked row is the machine's own noise), and whether every point
 the server. Then mlexp alone: 10,000 log calls with the server up and 10,000 with it down
 (restarted afterwards: every point must arrive).
 
-    python benchmarks/per_batch_logging.py [--rounds 5] [--regimes gpu10,gpu2,cpu] [--calls 10000] [--variants mlexp,wandb offline]
+    python benchmarks/per_batch_logging.py [--rounds 5] [--regimes gpu10,gpu2,cpu] [--calls 10000] [--cpu-steps 60]
+        [--variants mlexp,wandb offline]
 
 Targets: gpu10 >= 0.995, gpu2 >= 0.98, cpu >= 0.99 (median ratios); log call p99 < 50 us
 and no stall over 5 ms, server up and down.
@@ -41,7 +42,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 from mlexp.tracking.local_server import start_local_server, stop_local_server  # noqa: E402
 
 EXPERIMENT = "bench-per-batch"
-STEPS = {"gpu10": 300, "gpu2": 1000, "cpu": 30}
+STEPS = {"gpu10": 300, "gpu2": 1000, "cpu": 60}  # steps per variant and round (~3, 2 and 8 s here)
 WARM_STEPS = 3  # logged but not timed: first-call setup (connections, lazy imports)
 
 
@@ -210,9 +211,8 @@ def latency(calls: list[int]) -> str:
     return f"p50 {pick(0.5):8.1f} us  p99 {pick(0.99):8.1f} us  max {ordered[-1] / 1000:8.1f} us"
 
 
-def run_regime(regime: str, found: dict[str, Untracked], uri: str, rounds: int) -> None:
+def run_regime(regime: str, found: dict[str, Untracked], uri: str, rounds: int, steps: int) -> None:
     step, step_s = cpu_step() if regime == "cpu" else sleep_step(int(regime[3:]) / 1000)
-    steps = STEPS[regime]
     print(f"\n== {regime}: {steps} steps of {step_s * 1000:.1f} ms per variant and round, {rounds} rounds", flush=True)
     names = list(found)
     seconds = {name: [] for name in names}
@@ -289,6 +289,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--regimes", default="gpu10,gpu2,cpu")
     parser.add_argument("--calls", type=int, default=10_000, help="log calls of the latency run (server up, then down)")
+    parser.add_argument("--cpu-steps", type=int, default=STEPS["cpu"],
+                        help="resnet18 steps per variant and round (longer rounds average this machine's noise)")
     parser.add_argument("--variants", default="", help="a comma-separated subset (untracked always runs)")
     args = parser.parse_args()
     import torch
@@ -302,7 +304,7 @@ def main() -> None:
             if args.variants:
                 found = {name: found[name] for name in found if name == "untracked" or name in args.variants.split(",")}
             for regime in filter(None, args.regimes.split(",")):
-                run_regime(regime, found, uri, args.rounds)
+                run_regime(regime, found, uri, args.rounds, args.cpu_steps if regime == "cpu" else STEPS[regime])
             if args.calls:
                 print()
                 server = latency_up_and_down(Path(tmp) / "server", server, uri, args.calls)
