@@ -4,6 +4,9 @@ single best configuration."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 TOP_K = 3
 
 
@@ -50,4 +53,34 @@ def tuning_section(plan, result) -> str:
         said = "; ".join(f"{name} {mean:.2f} [{low:.2f}, {high:.2f}]" for name, (mean, low, high) in
                          sorted(found.items(), key=lambda item: -item[1][0]))
         lines.append(f"- {arm.label}: {said or 'too few finished trials (3 needed) or one hyperparameter'}")
+    lines += ["", f"Each arm's slice and parallel-coordinate plots (Optuna's) are in `{PLOTS_PATH}/` on the study's "
+              f"parent run ({result.parent_run_id})."]
     return "\n".join(lines) + "\n"
+
+
+PLOTS = ("slice", "parallel_coordinate")
+PLOTS_PATH = "study_plots"  # on the study's parent run
+
+
+def study_plots(studies: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Optuna's slice and parallel-coordinate plots of each arm's trials that ran to the end:
+    where in the space its good values lie, and which values went together."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for label, study in studies.items():
+        for name in PLOTS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                axes = getattr(optuna_plots, f"plot_{name}")(study)
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            figure.suptitle(f"{label}: {name.replace('_', ' ')}")
+            path = out_dir / f"{label}_{name}.png"
+            figure.savefig(path, dpi=90, bbox_inches="tight")
+            plt.close(figure)
+            written.append(path)
+    return written

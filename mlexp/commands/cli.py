@@ -17,7 +17,7 @@ from mlexp.commands.models import evaluate_command, register_command
 from mlexp.commands.options import CONTEXT, Commands, build_config, config_options, join_list_options, user_errors
 from mlexp.commands.runs import compare_command, monitor_command, reap_command, sync_command
 from mlexp.commands.sweep import sweep_command
-from mlexp.commands.tune import tune_command
+from mlexp.commands.tune import study_worker_command, tune_command
 from mlexp.config import TrainConfig
 from mlexp.credentials import adopt_environment, adopt_uri_credentials
 from mlexp.models.catalogue import catalogue_rows
@@ -86,7 +86,7 @@ def pretrain(**values: Any) -> None:
 
 
 for command in (sweep_command, tune_command, compare_command, evaluate_command, register_command, monitor_command, sync_command,
-                reap_command):
+                reap_command, study_worker_command):
     cli.add_command(command)
 
 

@@ -45,7 +45,24 @@ TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sq
 
 
 @dataclass(frozen=True)
-class SweepOptions:
+class LaunchOptions:
+    """Where trainings run and how many at once: a sweep's children, a study's workers."""
+
+    parallel: int | None = declared(None, "Trainings at once (a sweep's children, a study's workers). (default: "
+                                    "one per GPU (GPUs // --gpus-per-run); 1 on CPU, where N of them share the "
+                                    "cores, cores // N threads each; with Ray: the cluster's room)", "N")
+    gpus_per_run: int | None = declared(None, "GPUs per training; K > 1 trains each sweep child as a K-process DDP "
+                                        "run (torchrun). (default: 1 on a GPU machine, 0 on CPU)", "K")
+    cpus_per_run: int | None = declared(None, "CPU cores (threads) per training. (default: cores // N here; 1 per "
+                                        "Ray task)", "C")
+    executor: str = declared("local", "local: on this machine; ray: Ray tasks over a Ray cluster "
+                             "(pip install 'mlexp[ray]').", "[local|ray]", ("local", "ray"))
+    ray_address: str | None = declared(None, "The Ray cluster to use (`ray start --head` prints it). (default: a "
+                                       "new local Ray instance)", "auto|HOST:PORT")
+
+
+@dataclass(frozen=True)
+class SweepOptions(LaunchOptions):
     """`mlexp sweep`'s own options; every other option is a training option for each child."""
 
     backbones: tuple[str, ...] = list_option(("resnet18",), "Comma-separated backbones; a plain name (resnet50) "
@@ -61,17 +78,6 @@ class SweepOptions:
                                  "folds, one --val-split)", "FOLDS")
     fold: str | None = declared(None, "With --folds K: train only these of its folds (0-based), e.g. 0,2 or 0-2.",
                                 "FOLDS")
-    parallel: int | None = declared(None, "Children training at once. (default: one per GPU (GPUs // "
-                                    "--gpus-per-run); 1 on CPU, where N children share the cores, cores // N "
-                                    "threads each; with Ray: the cluster's room)", "N")
-    gpus_per_run: int | None = declared(None, "GPUs per child; K > 1 trains each child as a K-process DDP run "
-                                        "(torchrun). (default: 1 on a GPU machine, 0 on CPU)", "K")
-    cpus_per_run: int | None = declared(None, "CPU cores (threads) per child. (default: cores // N here; 1 per "
-                                        "Ray task)", "C")
-    executor: str = declared("local", "local: children on this machine; ray: Ray tasks over a Ray cluster "
-                             "(pip install 'mlexp[ray]').", "[local|ray]", ("local", "ray"))
-    ray_address: str | None = declared(None, "The Ray cluster to use (`ray start --head` prints it). (default: a "
-                                       "new local Ray instance)", "auto|HOST:PORT")
     strategy_epochs: tuple[str, ...] = list_option((), "Epochs per strategy, comma-separated NAME=N (e.g. "
                                                    "linear=15,full=30): replaces --epochs for that strategy's runs, "
                                                    "before the scratch multipliers.", "NAME=N")
@@ -89,7 +95,7 @@ class SweepOptions:
 
 
 @dataclass(frozen=True)
-class TuneOptions:
+class TuneOptions(LaunchOptions):
     """`mlexp tune`'s own options; every other option is a training option for each trial."""
 
     backbones: tuple[str, ...] = list_option(("resnet18",), "Comma-separated backbones; a plain name (resnet50) "

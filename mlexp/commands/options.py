@@ -59,8 +59,11 @@ def metavar(f, hints) -> str:
 
 def declared_options(declaration: type) -> Callable[[Callable], Callable]:
     """Add one option per field of a command's declaration (commands.declarations)."""
+    own = declaration.__annotations__  # a declaration's own options first, then those it shares (LaunchOptions)
+    ordered = sorted(fields(declaration), key=lambda f: f.name not in own)
+
     def add(func: Callable) -> Callable:
-        for f in reversed(fields(declaration)):
+        for f in reversed(ordered):
             func = click.option(f"--{cli_name(f.name)}", f.name, **declared_option_kwargs(f))(func)
         return func
     return add

@@ -3,6 +3,7 @@ over paired seeds, and compared (mlexp.sweep.study)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,19 +39,35 @@ def tune_command(**values: Any) -> None:
     Every trial and final run is an mlexp run under the study's parent run. Re-running the same
     command continues the study (its trials are in Optuna's journal, mlexp-output/tune/, or in
     --storage); a trial whose launcher was killed resumes in its own run, and two launchers of
-    one study never train a trial twice. --dry-run prints the plan and its worst-case cost.
+    one study never train a trial twice. --parallel N trains N trials at once (N worker
+    processes here, each with its share of the cores or its own GPU); --executor ray spreads
+    the workers over a Ray cluster (with --storage, on more than one node). --dry-run prints
+    the plan and its worst-case cost.
 
     \b
     Examples:
       mlexp tune --backbones resnet18 --space 'lr=1e-4:1e-1:log,weight_decay=0:0.1' --trials 20 --epochs 10
       mlexp tune --backbones resnet50 --strategies linear,full --space 'lr=1e-5:1e-1:log' --sampler qmc
       mlexp tune --backbones resnet18 --inits scratch --space 'lr=0.01,0.03,0.1' --sampler grid --trials 3
+      mlexp tune --backbones resnet18 --space 'lr=1e-4:1e-1:log' --trials 16 --parallel 4
     """
     tune_with(values)
 
 
-def tune_with(values: dict[str, Any]) -> None:
-    from mlexp.sweep.study import Arm, StudyPlan, run_study  # here: torch and Optuna load once the options passed
+@click.command("study-worker", hidden=True, context_settings=CONTEXT)
+def study_worker_command() -> None:
+    """One worker of `mlexp tune --parallel N` or `--executor ray`: started by the study's
+    launcher, which writes the study's plan to its stdin."""
+    from mlexp.sweep.study_workers import work  # here: torch and Optuna
+
+    work(sys.stdin.read())
+
+
+def tune_with(values: dict[str, Any], project_run_id: str | None = None) -> None:
+    """The study the options describe; `project_run_id`: the run `mlflow run` created for it."""
+    from mlexp.sweep.study import open_study_parent, run_study  # here: torch and Optuna
+    from mlexp.sweep.study_plan import Arm, StudyPlan
+    from mlexp.sweep.study_workers import make_workers, run_workers
     from mlexp.tracking import default_tracking_uri
 
     own = parse_options(TuneOptions, values)
@@ -63,6 +80,7 @@ def tune_with(values: dict[str, Any]) -> None:
                          "lines): give it in PGPASSWORD or ~/.pgpass, e.g. --storage postgresql://mlexp@db/optuna")
     if own.trials < 1:
         raise MlexpError(f"--trials must be at least 1, got {own.trials}")
+    check_launch(own)
     if own.sampler == "grid":
         for dimension in space:
             dimension.grid_values()  # a grid lists its values: one line for a range
@@ -79,8 +97,23 @@ def tune_with(values: dict[str, Any]) -> None:
         click.echo(describe_plan(plan))
         return
     uri = base.tracking_uri or default_tracking_uri()
-    result = run_study(plan, uri)
+    if own.executor == "ray" or (own.parallel or 1) > 1:
+        workers = make_workers(own.executor, own.parallel, own.gpus_per_run, own.cpus_per_run, own.ray_address, plan)
+        run_workers(plan, open_study_parent(plan, uri, project_run_id), workers)  # the parent first: they join it
+    result = run_study(plan, uri, project_run_id)  # after workers: nothing left to train, the study's result
     compare_finals(plan, result, uri)
+
+
+def check_launch(own: TuneOptions) -> None:
+    """--parallel, --cpus-per-run, --executor: one line now for a bad value."""
+    from mlexp.sweep.local_executor import check_counts
+    from mlexp.sweep.ray_executor import import_ray
+
+    if own.ray_address and own.executor != "ray":
+        raise MlexpError("--ray-address needs --executor ray")
+    check_counts(own.parallel, own.gpus_per_run, own.cpus_per_run)
+    if own.executor == "ray":
+        import_ray()  # not installed: one line now
 
 
 def check_arms(plan) -> None:
@@ -114,7 +147,12 @@ def compare_finals(plan, result, uri: str) -> None:
     compare run (as `mlexp compare` logs its own) named after the study."""
     from mlexp.analysis.compare import compare_run_place, format_table, run_compare  # here: pandas and matplotlib
     from mlexp.analysis.report import log_compare_run
-    from mlexp.analysis.tuning import tuning_section
+    from mlexp.analysis.tuning import PLOTS_PATH, study_plots, tuning_section
+    from mlexp.tracking import client_for, server
+
+    plots = plan.out_dir / plan.name / PLOTS_PATH
+    study_plots(result.studies, plots)
+    server.upload_folder(client_for(uri), result.parent_run_id, plots, PLOTS_PATH)
 
     out = plan.out_dir / plan.name / "compare"
     compared = run_compare(uri, [plan.base.experiment], f"tags.`mlexp.study` = '{plan.name}' and "

@@ -58,7 +58,9 @@ def check_address(address: str) -> None:
 
 class RayExecutor:
     def __init__(self, address: str | None, parallel: int | None, gpus_per_run: int | None,
-                 cpus_per_run: int | None):
+                 cpus_per_run: int | None, task=None, on_failure=None):
+        """`task(job, threads)`: what a Ray task runs (a sweep's: `train_task`); `on_failure(job,
+        error, seconds)`: its outcome once Ray gave up on it (a sweep's: `failed_task`)."""
         check_counts(parallel, gpus_per_run, cpus_per_run)
         ray = import_ray()
         if address:
@@ -82,7 +84,8 @@ class RayExecutor:
         slots = (resources.get("GPU", 0) // self.gpus_per_run if self.gpus_per_run
                  else resources.get("CPU", 1) // self.cpus_per_run)
         self.parallel = parallel or max(1, int(slots))
-        self.task = ray.remote(train_task).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
+        self.on_failure = on_failure or failed_task
+        self.task = ray.remote(task or train_task).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
                                                    max_retries=TASK_RETRIES, retry_exceptions=[ChildKilled])
         self.running: dict[int, tuple] = {}  # index -> (object ref, job, submitted at)
         self.nodes = len([node for node in ray.nodes() if node.get("Alive")])
@@ -112,7 +115,7 @@ class RayExecutor:
             except self.ray.exceptions.TaskCancelledError:
                 outcomes.append(ChildOutcome(index, "KILLED", seconds=time.monotonic() - submitted))
             except Exception as error:  # noqa: BLE001 - retries spent: the configuration failed
-                outcomes.append(failed_task(job, error, time.monotonic() - submitted))
+                outcomes.append(self.on_failure(job, error, time.monotonic() - submitted))
         return outcomes
 
     def stop(self) -> list[ChildOutcome]:

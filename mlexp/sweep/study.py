@@ -21,79 +21,20 @@ Then the *final stage*: each arm's best trial on validation is retrained with ev
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mlexp import tracking
-from mlexp.config import BOOKKEEPING, TrainConfig
 from mlexp.errors import MlexpError
-from mlexp.option_values import best_is_max, best_key
-from mlexp.sweep.space import Dimension
+from mlexp.option_values import best_key
+from mlexp.sweep.importance import importances
+from mlexp.sweep.optuna_parts import Judge, arm_study, optuna_storage
+from mlexp.sweep.study_plan import Arm, StudyPlan
 from mlexp.tracking import claims, server
 from mlexp.training.run import PRUNED_TAG, run_training
 
-SAMPLERS = ("tpe", "random", "qmc", "grid")
-PRUNERS = ("median", "asha", "hyperband", "none")
 STUDY_TAG = "mlexp.study"
 WAIT_S = 5.0  # how often a launcher looks again at trials another launcher trains
-EQUAL_BUDGET = {"scratch_lr_mult": 1.0, "scratch_epochs_mult": 1.0, "scratch_warmup_mult": 1.0, "scratch_wd_mult": 1.0}
-
-
-@dataclass(frozen=True)
-class Arm:
-    backbone: str
-    init: str
-    strategy: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.backbone}_{self.init}-{self.strategy}"
-
-
-@dataclass
-class StudyPlan:
-    base: TrainConfig                       # the training options every trial shares
-    arms: list[Arm]
-    space: list[Dimension]
-    sampler: str = "tpe"
-    seed: int = 0
-    trials: int = 10                        # per arm
-    pruner: str = "median"
-    final_seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    storage: str | None = None              # an Optuna RDB URL; None: a journal file under mlexp-output/tune/
-    out_dir: Path = Path("mlexp-output/tune")
-
-    @property
-    def name(self) -> str:
-        """The study's name: the same command (arms, space, search, budget, data) is the same study."""
-        shared = {k: v for k, v in self.base.to_dict().items() if k not in (*BOOKKEEPING, "workers")}
-        what = {"arms": [arm.label for arm in self.arms], "space": [d.describe() for d in self.space],
-                "sampler": self.sampler, "seed": self.seed, "trials": self.trials, "pruner": self.pruner,
-                "base": shared}
-        return "study-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-    @property
-    def metric(self) -> str:
-        """The epoch metric trials are judged and chosen by: --best-metric, a detector's val/map
-        where that is left at its default (as its runs choose their best epoch)."""
-        if self.base.task == "detection" and self.base.best_metric == "val/acc":
-            return "val/map"
-        return self.base.best_metric
-
-    @property
-    def higher_is_better(self) -> bool:
-        return best_is_max(self.metric, self.base.best_mode)
-
-    def trial_config(self, arm: Arm, params: dict, seed: int | None = None) -> TrainConfig:
-        return self.base.replace(backbone=arm.backbone, init=arm.init, strategy=arm.strategy,
-                                 **EQUAL_BUDGET, **params, **({"seed": seed} if seed is not None else {}))
-
-    def worst_case_epochs(self) -> int:
-        return len(self.arms) * (self.trials + len(self.final_seeds)) * self.base.epochs
 
 
 @dataclass
@@ -103,75 +44,7 @@ class StudyResult:
     best: dict[str, dict] = field(default_factory=dict)           # arm -> the chosen trial
     finals: dict[str, list[str]] = field(default_factory=dict)    # arm -> its final runs
     importance: dict[str, dict] = field(default_factory=dict)     # arm -> param -> (mean, low, high)
-
-
-# --- Optuna -------------------------------------------------------------------------------------
-def optuna_storage(plan: StudyPlan):
-    from optuna.storages import JournalStorage, RDBStorage
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-    if plan.storage:
-        return RDBStorage(plan.storage)
-    plan.out_dir.mkdir(parents=True, exist_ok=True)
-    # An absolute path (Optuna's lock resolves a relative one from its own folder), and a lock
-    # that a killed launcher cannot hold for long: one untouched for 10 s is taken over.
-    journal = str((plan.out_dir / f"{plan.name}.journal").resolve())
-    return JournalStorage(JournalFileBackend(journal, lock_obj=JournalFileOpenLock(journal, grace_period=10)))
-
-
-def sampler_for(plan: StudyPlan, arm_index: int, trials_so_far: int = 0):
-    import optuna
-
-    # Each arm its own stream, the same for the same command. A sampler's generator does not
-    # survive its process: one that continues a study is seeded on from the trials it already
-    # has, or it would propose the study's first trials again.
-    seed = plan.seed + 1000 * arm_index + trials_so_far
-    if plan.sampler == "grid":
-        return optuna.samplers.GridSampler({d.name: d.grid_values() for d in plan.space}, seed=seed)
-    return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-            "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-            "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, scramble=True)}[plan.sampler]()
-
-
-def pruner_for(plan: StudyPlan):
-    import optuna
-
-    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-            "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(),
-            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=plan.base.epochs),
-            "none": lambda: optuna.pruners.NopPruner()}[plan.pruner]()
-
-
-def arm_study(plan: StudyPlan, storage, index: int):
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # mlexp says what happens, once
-    name = f"{plan.name}/{plan.arms[index].label}"
-    direction = "maximize" if plan.higher_is_better else "minimize"
-    study = optuna.create_study(study_name=name, storage=storage, pruner=pruner_for(plan), load_if_exists=True,
-                                direction=direction)
-    if "metric" not in study.user_attrs:
-        study.set_user_attr("metric", plan.metric)
-    study.sampler = sampler_for(plan, index, len(study.get_trials(deepcopy=False)))
-    return study
-
-
-class Judge:
-    """Reports each epoch's value of the best metric to the trial; stops it when Optuna prunes."""
-
-    def __init__(self, trial, metric: str) -> None:
-        self.trial, self.metric, self.pruned = trial, metric, False
-
-    def __call__(self, epoch: int, row: dict) -> bool:
-        value = row.get(self.metric)
-        if value is None or not math.isfinite(value):
-            return False
-        self.trial.report(float(value), epoch)
-        self.pruned = self.trial.should_prune()
-        if self.pruned:
-            print(f"mlexp: trial {self.trial.number} pruned after epoch {epoch} ({self.metric} {value:.4f})",
-                  flush=True)
-        return self.pruned
+    studies: dict[str, object] = field(default_factory=dict)      # arm -> its Optuna study
 
 
 # --- the study ----------------------------------------------------------------------------------
@@ -186,17 +59,24 @@ class Place:
     owner: str
 
 
-def open_study_parent(plan: StudyPlan, uri: str) -> Place:
-    """The study's parent run, found or created once whatever the number of launchers."""
+def open_study_parent(plan: StudyPlan, uri: str, project_run_id: str | None = None) -> Place:
+    """The study's parent run, found or created once whatever the number of launchers; under
+    `mlflow run`, the run it created, when the study has no parent yet (else that run is tagged
+    with the parent it continues)."""
     client = tracking.client_for(uri)
     experiment_id = server.experiment_id_for(client, plan.base.experiment)
     tags = {STUDY_TAG: plan.name, "mlexp.kind": "study", claims.GRID_TAG: plan.name,
             "mlexp.study_arms": ", ".join(arm.label for arm in plan.arms)[:5000]}
 
     def candidate() -> str:
+        if project_run_id:
+            server.set_tags(client, project_run_id, tags)
+            return project_run_id
         return server.create_run(client, experiment_id, plan.base.run_name or f"tune-{plan.name[6:]}", tags)
 
-    parent, created = claims.sweep_parent(client, experiment_id, plan.name, candidate)
+    parent, created = claims.sweep_parent(client, experiment_id, plan.name, candidate, keep=project_run_id)
+    if project_run_id and parent != project_run_id:
+        server.set_tags(client, project_run_id, {"mlexp.study_parent": parent, STUDY_TAG: plan.name})
     if created:
         server.log_params(client, parent, {
             "tune.trials_per_arm": str(plan.trials), "tune.epochs_per_trial": str(plan.base.epochs),
@@ -217,7 +97,7 @@ def tune_arm(plan: StudyPlan, place: Place, storage, index: int) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    study, arm = arm_study(plan, storage, index), plan.arms[index]
+    study, arm = arm_study(plan, storage, index, place), plan.arms[index]
     distributions = {d.name: d.distribution() for d in plan.space}
     said_waiting: set[int] = set()
     while True:
@@ -314,7 +194,9 @@ def final_stage(plan: StudyPlan, place: Place, storage, result: StudyResult) -> 
     from optuna.trial import TrialState
 
     for index, arm in enumerate(plan.arms):
-        trials = counted(arm_study(plan, storage, index))
+        study = arm_study(plan, storage, index, place)
+        result.studies[arm.label] = study
+        trials = counted(study)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         result.trials[arm.label] = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params}
                                     for t in trials]
@@ -323,7 +205,8 @@ def final_stage(plan: StudyPlan, place: Place, storage, result: StudyResult) -> 
                              "use --pruner none")
         best = (max if plan.higher_is_better else min)(done, key=lambda t: t.value)
         result.best[arm.label] = {"number": best.number, "value": best.value, "params": best.params}
-        result.importance[arm.label] = importances(done, plan)
+        result.importance[arm.label] = importances(done, [d.name for d in plan.space], plan.seed,
+                                                   plan.higher_is_better)
         for seed in plan.final_seeds:
             config_hash = f"final-{arm.label}-s{seed}"
             if not claim_or_wait(place, config_hash, f"{arm.label}'s final run with seed {seed}"):
@@ -337,37 +220,6 @@ def final_stage(plan: StudyPlan, place: Place, storage, result: StudyResult) -> 
             run_training(plan.trial_config(arm, best.params, seed=seed).replace(run_name=name), run_id=run_id,
                          extra_tags={**tags, "mlexp.config_hash": config_hash})
             result.finals.setdefault(arm.label, []).append(run_id)
-
-
-IMPORTANCE_RESAMPLES = 20
-
-
-def importances(done: list, plan: StudyPlan) -> dict[str, tuple[float, float, float]]:
-    """Each hyperparameter's importance to the arm's best metric (Optuna's fANOVA), with a 90%
-    interval from resampling the arm's finished trials: few trials say little, and this says how
-    little. Empty below three finished trials or with one hyperparameter."""
-    import numpy as np
-    import optuna
-
-    if len(done) < 3 or len(plan.space) < 2:
-        return {}
-    rng = np.random.default_rng(plan.seed)
-    direction = "maximize" if plan.higher_is_better else "minimize"
-    draws: dict[str, list[float]] = {d.name: [] for d in plan.space}
-    for _ in range(IMPORTANCE_RESAMPLES):
-        sample = [done[i] for i in rng.integers(0, len(done), len(done))]
-        study = optuna.create_study(direction=direction)
-        study.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=t.value)
-                          for t in sample])
-        try:
-            found = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=plan.seed))
-        except (RuntimeError, ValueError):  # a resample whose trials all share a value: nothing to split
-            continue
-        for name in draws:
-            draws[name].append(float(found.get(name, 0.0)))
-    return {name: (float(np.mean(v)), float(np.quantile(v, 0.05)), float(np.quantile(v, 0.95)))
-            for name, v in draws.items() if v}
 
 
 def claim_or_wait(place: Place, config_hash: str, what: str) -> bool:
@@ -385,8 +237,8 @@ def claim_or_wait(place: Place, config_hash: str, what: str) -> bool:
     return True
 
 
-def run_study(plan: StudyPlan, uri: str) -> StudyResult:
-    place = open_study_parent(plan, uri)
+def run_study(plan: StudyPlan, uri: str, project_run_id: str | None = None) -> StudyResult:
+    place = open_study_parent(plan, uri, project_run_id)
     storage = optuna_storage(plan)
     print(f"mlexp: study {plan.name} (parent run {place.parent_run_id}): {len(plan.arms)} arm(s) x {plan.trials} "
           f"trial(s) x {plan.base.epochs} epoch(s), {plan.sampler} sampler (seed {plan.seed}), {plan.pruner} pruner",

@@ -29,9 +29,9 @@ LAUNCHERS = ("mlexp", "python -m mlexp", "mlflow run")
 # compare's and monitor's output only, where the three launchers are cheap.
 TRAINING_LAUNCHERS = ("mlexp", "mlflow run")
 # entry point -> the CLI command it is
-COMMANDS = {"main": "train", "train": "train", "pretrain": "pretrain", "sweep": "sweep", "compare": "compare",
-            "monitor": "monitor"}
-TRAINING = ("main", "train", "pretrain", "sweep")
+COMMANDS = {"main": "train", "train": "train", "pretrain": "pretrain", "sweep": "sweep", "tune": "tune",
+            "compare": "compare", "monitor": "monitor"}
+TRAINING = ("main", "train", "pretrain", "sweep", "tune")
 TINY = {"backbone": "test_resnet", "data": "digits", "img_size": "16", "epochs": "1", "batch_size": "64"}
 
 TRAINING_CASES = {
@@ -47,6 +47,10 @@ TRAINING_CASES = {
     "sweep": ("sweep", {"backbones": "test_resnet", "inits": "scratch", "seeds": "3,4", "data": "digits",
                         "img_size": "16", "epochs": "1", "batch_size": "64", "recipe": "finetune",
                         "lr": "0.001", "ema": "false", "parallel": "2"}),
+    # a study's two trials (a seeded grid: the same order under every launcher), then its final run
+    "tune": ("tune", {"backbones": "test_resnet", "inits": "scratch", "space": "lr=0.003,0.03", "sampler": "grid",
+                      "trials": "2", "pruner": "none", "final_seeds": "1", "data": "digits", "img_size": "16",
+                      "epochs": "1", "batch_size": "64", "log_models": "false"}),
 }
 
 
@@ -117,6 +121,14 @@ def test_every_training_entry_point_gives_the_cli_config(tmp_path):
     assert outcomes["booleans"]["mlflow run"][0]["ema"] is False
     assert outcomes["pretrain-no-export"]["mlflow run"][0]["export_weights"] is False
     assert outcomes["pretrain-defaults"]["mlflow run"][0]["export_weights"] is True
+    tuned = sorted(config["lr"] for config in outcomes["tune"]["mlflow run"])
+    assert len(tuned) == 3 and set(tuned) == {0.003, 0.03}  # two trials, and the final run with the best one's lr
+    # `mlflow run -e tune`'s own run is the study's parent, not an empty run beside it
+    project_uri = launcher_env(tmp_path, "mlflow run")[0]["MLFLOW_TRACKING_URI"]
+    [study] = [run for run in runs_of(MlflowClient(project_uri), "tune") if run.data.tags.get("mlexp.kind") == "study"]
+    assert study.data.tags["mlflow.project.entryPoint"] == "tune" and study.info.status == "FINISHED"
+    assert {run.data.tags["mlflow.parentRunId"] for run in runs_of(MlflowClient(project_uri), "tune")
+            if "mlexp.study_stage" in run.data.tags} == {study.info.run_id}
     # only the pretrain run that kept its default exported weights, under every launcher
     assert exported["mlexp"] == ["test_resnet.safetensors"]
     assert all(names == exported["mlexp"] for names in exported.values()), exported

@@ -1,6 +1,6 @@
 """`mlexp sweep --executor ray` on a real local Ray instance (2 CPUs, 127.0.0.1), as a user
 would start one with `ray start --head`; a worker SIGKILLed mid-training; then a sweep of a
-network of the user's own on the same cluster."""
+network of the user's own, and a tuning study's workers, on the same cluster."""
 
 from __future__ import annotations
 
@@ -114,3 +114,24 @@ def test_ray_trains_the_grid_and_a_killed_worker_resumes_the_same_run(server_uri
     exported = file_sha256(project / "weights" / "twistnet_tiny.safetensors")
     assert all(run.data.params["weights_sha256"] == exported for run in own_children
                if run.data.tags["mlexp.init"] == "pretrained")
+
+    # On the same cluster, a tuning study whose two workers are Ray tasks: each trial once, every
+    # trial and final run nested under the study's parent on the tracking server.
+    study = subprocess.run([sys.executable, "-m", "mlexp", "tune", "--backbones", "test_resnet", "--inits", "scratch",
+                            "--space", "lr=0.003,0.03", "--sampler", "grid", "--trials", "2", "--epochs", "1",
+                            "--pruner", "none", "--final-seeds", "1", "--data", "digits", "--img-size", "16",
+                            "--calibrate", "false", "--log-models", "false",
+                            "--system-metrics", "false", "--experiment", "ray-tune", "--executor", "ray",
+                            "--ray-address", ray_address, "--parallel", "2"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
+    assert "as Ray tasks on 1 node(s), up to 2 at a time, 1 CPU(s) each" in study.stdout
+    runs = client.search_runs([client.get_experiment_by_name("ray-tune").experiment_id])
+    [study_parent] = [run for run in runs if run.data.tags.get("mlexp.kind") == "study"]
+    trials = [run for run in runs if run.data.tags.get("mlexp.study_stage") == "trial"]
+    assert sorted(run.data.tags["mlexp.trial_number"] for run in trials) == ["0", "1"]
+    assert sorted(float(run.data.params["lr"]) for run in trials) == [0.003, 0.03]
+    nested = [run for run in runs if run.data.tags.get("mlexp.study_stage") in ("trial", "final")]
+    assert len(nested) == 3 and {run.data.tags["mlflow.parentRunId"] for run in nested} == {study_parent.info.run_id}
+    assert {run.info.status for run in nested} == {"FINISHED"} and study_parent.info.status == "FINISHED"
+    assert len(list((tmp_path / "mlexp-output" / "tune").glob("study-*/workers/worker-*.log"))) == 2

@@ -63,6 +63,10 @@ def test_two_arms_get_equal_budgets_pruning_a_final_stage_and_a_paired_compariso
     assert logged.info.run_name.startswith("tune study-") and logged.info.status == "FINISHED"
     assert "## Tuning" in Path(client.download_artifacts(logged.info.run_id, "compare/report.md",
                                                          str(tmp_path))).read_text()
+    plots = {artifact.path for artifact in client.list_artifacts(parent.info.run_id, "study_plots")}
+    assert plots == {f"study_plots/test_resnet_{init}-full_{kind}.png" for init in ("pretrained", "scratch")
+                     for kind in ("slice", "parallel_coordinate")}
+    assert all(artifact.file_size > 5000 for artifact in client.list_artifacts(parent.info.run_id, "study_plots"))
 
     again = run_mlexp([*COMMON, "--trials", "6", "--epochs", "3", "--pruner", "median", "--final-seeds", "1,2,3",
                        "--experiment", "tuned"], env, tmp_path, timeout=900)
@@ -124,6 +128,9 @@ def test_the_same_seed_proposes_the_same_trials_in_two_empty_stores(tmp_path):
     (("--trials", "0"), "--trials must be at least 1"),
     (("--space", "lr=0.001:0.1", "--sampler", "grid"), "--sampler grid needs listed values for lr"),
     (("--storage", "postgresql://mlexp:secret@db/optuna"), "--storage must not carry a password"),
+    (("--parallel", "0"), "--parallel must be at least 1"),
+    (("--ray-address", "127.0.0.1:1"), "--ray-address needs --executor ray"),
+    (("--parallel", "2", "--gpus-per-run", "2"), "a trial trains in its worker's own process"),
 ])
 def test_bad_tuning_inputs_are_one_line_and_create_nothing(change, said, sqlite_uri, tmp_path):
     args = [*COMMON, "--inits", "scratch", "--experiment", "bad"]
@@ -137,13 +144,18 @@ def test_bad_tuning_inputs_are_one_line_and_create_nothing(change, said, sqlite_
 
 
 def test_two_launchers_of_one_study_train_each_trial_once(server_uri, tmp_path):
-    """Against a live server (two processes creating one SQLite store at once race on its schema)."""
-    env = subprocess_env(server_uri, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # two trainings on two cores
+    """Against a live server (two processes creating one SQLite store at once race on its schema).
+    The second launcher trains with two worker processes (--parallel 2): three trainings at once."""
+    env = subprocess_env(server_uri, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # three trainings on two cores
     args = [*COMMON, "--inits", "scratch", "--trials", "4", "--epochs", "2", "--pruner", "none", "--final-seeds",
             "1,2", "--experiment", "raced"]
-    launchers = [mlexp_process(args, env, tmp_path) for _ in range(2)]
+    launchers = [mlexp_process(args, env, tmp_path), mlexp_process([*args, "--parallel", "2"], env, tmp_path)]
     outputs = [launcher.communicate(timeout=900)[0] for launcher in launchers]
     assert [launcher.returncode for launcher in launchers] == [0, 0], [output[-2000:] for output in outputs]
+    assert "2 worker process(es) on this machine, 1 CPU thread(s) each" in outputs[1], outputs[1][-2000:]
+    assert re.search(r"study study-\w+: 4/4 trial\(s\) ended \(0 pruned\)", outputs[1]), outputs[1][-2000:]
+    workers = sorted(path.name for path in (tmp_path / "mlexp-output" / "tune").glob("study-*/workers/*.log"))
+    assert workers == ["worker-0.log", "worker-1.log"]
     client = MlflowClient(server_uri)
     numbers = Counter(run.data.tags["mlexp.trial_number"] for run in trial_runs(client, "raced"))
     assert numbers == {"0": 1, "1": 1, "2": 1, "3": 1}
