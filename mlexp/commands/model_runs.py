@@ -72,7 +72,7 @@ def evaluate_model(model_uri: str, data: str, tracking_uri: str | None, experime
         raise MlexpError(f"--model {model_uri} is a {classifier.config['task']} model: `mlexp evaluate` scores "
                          "classifiers on an image folder; a detector's test mAP comes from its run's test split "
                          "(DATA/test), and `mlflow models serve` answers its boxes")
-    folder = CheckedImageFolder(str(root), transform=classifier.transform)
+    folder = CheckedImageFolder(str(root), classifier.transform, classifier.config.get("in_chans", 3))
     check_same_classes(folder.classes, classifier.class_names, root)
     echo(f"mlexp: evaluating {model_uri} (logged model {model.model_id}, {model.name} of run "
          f"{model.source_run_id}) on {len(folder)} images of {root}")

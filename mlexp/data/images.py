@@ -153,20 +153,20 @@ def load_rgb_image(path: str) -> Image.Image:
     return to_rgb8(image)
 
 
-def load_image(path: str):
+def load_image(path: str, in_chans: int = 3):
     """The datasets' loader: an image file as 8-bit RGB (load_rgb_image), a stack file
     (mlexp.data.stacks, --in-chans) as its array."""
-    return load_stack(path) if is_stack(path) else load_rgb_image(path)
+    return load_stack(path) if is_stack(path, in_chans) else load_rgb_image(path)
 
 
 class CheckedImageFolder(datasets.ImageFolder):
     """ImageFolder that skips hidden folders and files, loads every image mode as 8-bit RGB,
     and turns unreadable files into a user error naming the file."""
 
-    def __init__(self, root: str | Path, transform=None):
+    def __init__(self, root: str | Path, transform=None, in_chans: int = 3):
         root = os.path.expanduser(str(root))
         # A partial, not a lambda: DataLoader workers may need to pickle the dataset.
-        super().__init__(root, transform=transform, loader=load_image,
+        super().__init__(root, transform=transform, loader=partial(load_image, in_chans=in_chans),
                          is_valid_file=partial(_is_image_under, root))
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
@@ -227,8 +227,9 @@ class ListedImages(Dataset):
     """Images named by a list (split files, a split manifest): (path relative to `root`, class
     name) pairs, labelled by their class's place in `classes`, in the list's order."""
 
-    def __init__(self, root: str | Path, rows: list[tuple[str, str]], classes: list[str], transform=None):
-        self.root, self.classes, self.transform = str(root), classes, transform
+    def __init__(self, root: str | Path, rows: list[tuple[str, str]], classes: list[str], transform=None,
+                 in_chans: int = 3):
+        self.root, self.classes, self.transform, self.in_chans = str(root), classes, transform, in_chans
         number = {name: index for index, name in enumerate(classes)}
         self.samples = [(os.path.join(self.root, relative), number[name]) for relative, name in rows]
         self.targets = [label for _, label in self.samples]
@@ -239,7 +240,7 @@ class ListedImages(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            image = load_image(path)
+            image = load_image(path, self.in_chans)
             return (self.transform(image) if self.transform is not None else image), label
         except UNREADABLE as error:
             raise MlexpError(f"cannot read image {path} ({error}); fix or remove the file") from None

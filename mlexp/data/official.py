@@ -61,7 +61,8 @@ def official_bundle(cfg: TrainConfig) -> DataBundle | None:
     if partition is None:
         return None
     classes = partition.classes
-    sets = {context: ListedImages(partition.images_root, rows, classes, build_transforms(cfg, train=context == "train"))
+    sets = {context: ListedImages(partition.images_root, rows, classes, build_transforms(cfg, train=context == "train"),
+                                   cfg.in_chans)
             for context, rows in partition.members.items()}
     return DataBundle(sets["train"], sets["val"], len(classes), classes, Path(cfg.data).expanduser().name,
                       sets.get("test"))

@@ -34,7 +34,7 @@ from mlexp.data.images import (
 )
 from mlexp.data.official import check_official, official_bundle
 from mlexp.data.splits import check_split, split_indices
-from mlexp.data.stacks import is_stack
+from mlexp.data.stacks import is_stack, stack_channels
 from mlexp.data.transforms import build_transforms, check_aa
 from mlexp.errors import MlexpError
 from mlexp.option_values import BUILT_IN
@@ -49,10 +49,10 @@ def require_folder(path: Path, what: str) -> None:
                      "'digits' or 'synthetic'")
 
 
-def _image_folder(path: Path, what: str) -> CheckedImageFolder:
+def _image_folder(path: Path, what: str, in_chans: int) -> CheckedImageFolder:
     require_folder(path, what)
     try:
-        folder = CheckedImageFolder(str(path))
+        folder = CheckedImageFolder(str(path), in_chans=in_chans)
     except FileNotFoundError as error:
         raise MlexpError(f"{what} folder {path} holds no images ({error}); expected one sub-folder "
                          f"per class with {', '.join(IMAGE_EXTENSIONS[:4])} ... files") from None
@@ -84,10 +84,10 @@ def _test_root(cfg: TrainConfig) -> Path | None:
 
 def _folder_bundle(cfg: TrainConfig) -> DataBundle:
     train_root, val_root = _folder_roots(cfg)
-    train_folder = _image_folder(train_root, "training")
+    train_folder = _image_folder(train_root, "training", cfg.in_chans)
     train_folder.transform = build_transforms(cfg, train=True)
     if val_root is not None:
-        val_folder = _image_folder(val_root, "validation")
+        val_folder = _image_folder(val_root, "validation", cfg.in_chans)
         if val_folder.classes != train_folder.classes:
             raise MlexpError(f"validation classes {val_folder.classes} differ from training classes "
                              f"{train_folder.classes}")
@@ -98,7 +98,7 @@ def _folder_bundle(cfg: TrainConfig) -> DataBundle:
     if val_root is None or held_out:
         labels = np.array(train_folder.targets)
         train_idx, val_idx, test_idx = split_indices(labels, cfg, held_out)
-        plain = CheckedImageFolder(str(train_root), transform=build_transforms(cfg, train=False))
+        plain = CheckedImageFolder(str(train_root), build_transforms(cfg, train=False), cfg.in_chans)
         if val_root is None:
             val_set = Subset(plain, val_idx)
         else:  # a val folder, and the test split taken from the training folder
@@ -106,7 +106,7 @@ def _folder_bundle(cfg: TrainConfig) -> DataBundle:
         train_set = Subset(train_folder, train_idx)
         test_set = Subset(plain, test_idx) if held_out else None
     if test_root is not None:
-        test_folder = _image_folder(test_root, "test")
+        test_folder = _image_folder(test_root, "test", cfg.in_chans)
         if test_folder.classes != train_folder.classes:
             raise MlexpError(f"test classes {test_folder.classes} differ from training classes {train_folder.classes}")
         test_folder.transform = build_transforms(cfg, train=False)
@@ -135,12 +135,12 @@ def check_channels(root: Path, classes: list[str], in_chans: int) -> None:
     first = next((path for name in classes for path in class_files(root, name)[0]), None)
     if first is None:
         return
-    shape = np.load(first, mmap_mode="r", allow_pickle=False).shape if is_stack(first) else (3,)
-    channels = shape[-1] if len(shape) != 2 else 1
+    channels = stack_channels(first) if is_stack(first, in_chans) else 3
     if channels != in_chans:
         raise MlexpError(f"{first} has {channels} channel(s) but --in-chans is {in_chans}: "
-                         + (f"train with --in-chans {channels}" if is_stack(first) else
-                            f"images with {in_chans} channels are NumPy stacks (NAME.npy, height x width x channels)"))
+                         + (f"train with --in-chans {channels}" if is_stack(first, in_chans) else
+                            f"images with {in_chans} channels are stacks (NAME.npy, height x width x channels, "
+                            "or a TIFF of bands)"))
 
 
 def check_data_source(cfg: TrainConfig) -> None:

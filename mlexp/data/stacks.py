@@ -1,5 +1,7 @@
 """Images with other than three channels (`--in-chans N`): RGB plus depth, thermal, or any
-other band, stacked in one NumPy file per image (NAME.npy, height x width x channels).
+other band, stacked in one file per image: a NumPy array (NAME.npy, height x width x channels)
+or a TIFF (NAME.tif: interleaved or planar bands, 8 to 64 bits, read by tifffile). A run with
+three channels reads a TIFF as a picture, as before; a .npy of three channels it takes too.
 
 A stack becomes a float tensor as an image file becomes 8-bit RGB (mlexp.data.images.to_rgb8):
 uint8 values by 255, any other type by the stack's own min..max range to 0..1. Then it is resized
@@ -19,21 +21,51 @@ from PIL import Image
 from mlexp.errors import MlexpError
 
 STACK_SUFFIX = ".npy"
+TIFF_SUFFIXES = (".tif", ".tiff")
 
 
-def is_stack(path: str | Path) -> bool:
-    return str(path).lower().endswith(STACK_SUFFIX)
+def is_stack(path: str | Path, in_chans: int = 3) -> bool:
+    """Read as an array of bands, not as a picture: a .npy always; a TIFF in a run of other than
+    three channels."""
+    name = str(path).lower()
+    return name.endswith(STACK_SUFFIX) or (in_chans != 3 and name.endswith(TIFF_SUFFIXES))
 
 
 def load_stack(path: str | Path) -> np.ndarray:
-    """A stack file as a height x width x channels array (never unpickles: plain arrays only)."""
-    array = np.load(path, allow_pickle=False)
+    """A stack file as a height x width x channels array (a .npy never unpickles: plain arrays only)."""
+    array = load_tiff(path) if str(path).lower().endswith(TIFF_SUFFIXES) else np.load(path, allow_pickle=False)
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise MlexpError(f"{path}: a stack is a numeric height x width x channels array, got {array.dtype} "
                          f"{array.shape}")
     return array
+
+
+def load_tiff(path: str | Path) -> np.ndarray:
+    """A TIFF's first image as height x width x bands, whichever way it stores its bands
+    (interleaved: YXS; planar or as pages: SYX, CYX, QYX)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            series = tiff.series[0]
+            array, axes = series.asarray(), series.axes
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError) as error:
+        reason = "no image in it" if isinstance(error, IndexError) else error
+        raise MlexpError(f"{path}: not a readable TIFF ({reason})") from None
+    bands = [index for index, axis in enumerate(axes) if axis not in "YX"]
+    if "Y" not in axes or "X" not in axes or len(bands) > 1:
+        raise MlexpError(f"{path}: a TIFF stack is one image of bands (height x width x bands), got axes {axes} "
+                         f"{array.shape}")
+    return array.transpose([axes.index("Y"), axes.index("X"), *bands])
+
+
+def stack_channels(path: str | Path) -> int:
+    """A stack file's number of bands, from its header where it has one (.npy)."""
+    shape = (np.load(path, mmap_mode="r", allow_pickle=False).shape if str(path).lower().endswith(STACK_SUFFIX)
+             else load_stack(path).shape)
+    return shape[-1] if len(shape) == 3 else 1
 
 
 def unit_tensor(array: np.ndarray) -> torch.Tensor:

@@ -207,7 +207,7 @@ def example_images(dataset, count: int = 1) -> np.ndarray:
         if hasattr(raw, "images"):  # in-memory arrays (digits, synthetic), or a detection set's annotated files
             item = raw.images[index]
             path = getattr(item, "path", None)
-            image = item if path is None else load_stack(path) if is_stack(path) else Image.open(path)
+            image = item if path is None else load_stack(path) if is_stack(path, raw.in_chans) else Image.open(path)
         else:
             image = raw.loader(raw.samples[index][0])
         images.append(np.asarray(image) if isinstance(image, np.ndarray) and image.ndim == 3 and

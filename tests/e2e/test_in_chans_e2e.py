@@ -1,5 +1,6 @@
 """`--in-chans N`: images with more than RGB (here 5 channels: the RGB pixels plus two more
-bands built from them, as a depth or thermal band would come), stacked in NumPy files; a
+bands built from them, as a depth or thermal band would come), stacked in NumPy files and in
+TIFFs (bands interleaved, and planar) side by side; a
 classifier and a detector train on them, a pretrained stem is adapted as timm adapts it, and
 a folder whose images do not have N channels stops before any run exists."""
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import timm
 import torch
 from mlflow import MlflowClient
@@ -29,6 +31,17 @@ def five_bands(rgb: np.ndarray) -> np.ndarray:
     return np.dstack([rgb, 255 - grey, ramp]).astype(np.uint8)
 
 
+def save_stack(path: Path, bands: np.ndarray, n: int) -> None:
+    """One in three as a .npy, one as a TIFF of interleaved bands, one as a planar TIFF (bands first)."""
+    if n % 3 == 0:
+        np.save(path.with_suffix(".npy"), bands)
+    elif n % 3 == 1:
+        tifffile.imwrite(path.with_suffix(".tif"), bands, photometric="minisblack", planarconfig="contig")
+    else:
+        tifffile.imwrite(path.with_suffix(".tiff"), bands.transpose(2, 0, 1), photometric="minisblack",
+                         planarconfig="separate")
+
+
 def write_digit_stacks(root: Path, per_class: int = 150) -> Path:
     digits = load_digits()
     for label in range(10):
@@ -36,7 +49,7 @@ def write_digit_stacks(root: Path, per_class: int = 150) -> Path:
         folder.mkdir(parents=True)
         for n, index in enumerate(np.flatnonzero(digits.target == label)[:per_class]):
             grey = (digits.images[index] * 16).clip(0, 255).astype(np.uint8)
-            np.save(folder / f"{n:03d}.npy", five_bands(np.dstack([grey] * 3)))
+            save_stack(folder / f"{n:03d}", five_bands(np.dstack([grey] * 3)), n)
     return root
 
 
@@ -73,7 +86,7 @@ def test_a_classifier_and_a_detector_train_on_five_channel_stacks(sqlite_uri, tm
     (tmp_path / "boxes" / "images").mkdir(parents=True)
     (tmp_path / "boxes" / "labels").mkdir()
     for n, (pixels, boxes) in enumerate(scenes):
-        np.save(tmp_path / "boxes" / "images" / f"scene{n:03d}.npy", five_bands(pixels))
+        save_stack(tmp_path / "boxes" / "images" / f"scene{n:03d}", five_bands(pixels), n)
         (tmp_path / "boxes" / "labels" / f"scene{n:03d}.txt").write_text("".join(
             f"{label} {(x + w / 2) / 64:.6f} {(y + h / 2) / 64:.6f} {w / 64:.6f} {h / 64:.6f}\n"
             for label, (x, y, w, h) in boxes))

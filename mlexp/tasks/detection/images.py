@@ -31,7 +31,7 @@ class DetectionImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         item = self.images[index]
-        image = load_stack(item.path) if is_stack(item.path) else Image.open(item.path)
+        image = load_stack(item.path) if is_stack(item.path, self.in_chans) else Image.open(item.path)
         pixels = detector_input(image, self.img_size, self.in_chans, item.path)
         boxes = torch.tensor(item.boxes, dtype=torch.float32).reshape(-1, 4) * self.img_size
         return pixels, {"boxes": boxes, "labels": torch.tensor(item.labels, dtype=torch.int64) + 1}
