@@ -20,7 +20,7 @@ from typing import Any, get_type_hints
 
 from mlexp.credentials import redact
 from mlexp.errors import MlexpError
-from mlexp.option_values import canonical_jitter, hashed_jitter, jitter_as_trained
+from mlexp.option_values import BEST_METRICS, EITHER_TASK, canonical_jitter, hashed_jitter, jitter_as_trained
 
 # Larger inputs are almost always a typo (2240 for 224) and would exhaust memory long after
 # the run started; ImageNet-style backbones are trained at 224-512 px.
@@ -58,9 +58,9 @@ class TrainConfig:
     weights_key_map: str | None = option(None, "Rename a prefix of the weights file's tensor names before loading, "
                                          "OLD=NEW (e.g. 'encoder.=' for a checkpoint saved inside an encoder); "
                                          "repeatable.", repeatable=True)
-    task: str = option("classification", "What the model learns: classification (one label per image) or detection "
-                       "(boxes: Faster R-CNN over the backbone, data in COCO JSON or YOLO folders; README, "
-                       "\"Detection\").", ("classification", "detection"))
+    task: str = option("classification", "What the model learns: classification (a label per image), detection "
+                       "(boxes: Faster R-CNN, COCO JSON or YOLO folders), or your own task: MODULE:CLASS or a "
+                       "name a package declares (README: \"Detection\", \"Your own task\").")
     data: str = option("digits", "An ImageFolder path; a folder with split files (labels/train1.txt, val1.txt, "
                        "test1.txt, ...: one partition per fold); torchvision:NAME:ROOT for a torchvision dataset "
                        "in a local folder (torchvision:DTD:/data/dtd, torchvision:CIFAR10:/data); 'digits' "
@@ -150,10 +150,8 @@ class TrainConfig:
     ema_decay: float = option(0.999, "EMA decay per optimizer step.")
     early_stop_patience: int = option(0, "Stop when the best metric (--best-metric) has not improved for this "
                                       "many epochs (0 = off).")
-    best_metric: str = option("val/acc", "The epoch metric that chooses the best checkpoint, early stopping and "
-                              "the best/* metrics (a detection run's default: val/map).",
-                              ("val/acc", "val/loss", "val/macro_f1", "train/loss", "train/acc", "val/map", "val/map_50",
-                               "val/map_75"))
+    best_metric: str = option("val/acc", f"The epoch metric that picks the best checkpoint, early stopping, best/*: "
+                              f"{', '.join(BEST_METRICS)}; your own task's val/NAME (its primary one by default).")
     best_mode: str = option("auto", "Whether the best metric is best high or low. 'auto': min for losses and "
                             "errors, else max.", ("auto", "max", "min"))
     best_checkpoint: str = option("weights", "What checkpoints/best/ keeps: the weights, or 'full': also the "
@@ -226,11 +224,13 @@ class TrainConfig:
         if not 0.0 <= self.test_split < 1.0 or (not self.folds and self.val_split + self.test_split >= 1.0):
             raise MlexpError(f"--test-split must be in [0, 1) and leave data to train on with --val-split "
                              f"{self.val_split}, got {self.test_split}")
-        detection_metric = self.best_metric.startswith("val/map")
-        if detection_metric != (self.task == "detection") and self.best_metric not in ("val/acc", "train/loss"):
-            raise MlexpError(f"--best-metric {self.best_metric} is not a metric of --task {self.task}")
-        if self.task == "detection" and (self.mixup > 0 or self.cutmix > 0):
-            raise MlexpError("--task detection trains without --mixup/--cutmix (they mix labels, not boxes)")
+        builtin, metric = self.task in ("classification", "detection"), self.best_metric
+        if (builtin and metric not in BEST_METRICS) or not metric.startswith(("val/", "train/")):
+            raise MlexpError(f"--best-metric must be one of {', '.join(BEST_METRICS)}, got {metric!r}")
+        if builtin and metric.startswith("val/map") != (self.task == "detection") and metric not in EITHER_TASK:
+            raise MlexpError(f"--best-metric {metric} is not a metric of --task {self.task}")
+        if self.task != "classification" and (self.mixup > 0 or self.cutmix > 0):
+            raise MlexpError(f"--task {self.task} trains without --mixup/--cutmix (they mix class labels)")
         if self.folds == 1:
             raise MlexpError("--folds must be 0 (off) or at least 2")
         if self.folds and not 0 <= self.fold < self.folds:

@@ -13,6 +13,9 @@ BUILT_IN = ("digits", "synthetic")
 # --color-jitter's default for each geometry: timm's for photos; none for the tiny built-in images
 # (whole-image resizes never applied a jitter before, and a run's default keeps its meaning).
 DEFAULT_JITTER = {"random-resized": 0.4, "resize": 0.0}
+# What --best-metric takes for classification and detection (a user's own task: any val/NAME it logs).
+BEST_METRICS = ("val/acc", "val/loss", "val/macro_f1", "train/loss", "train/acc", "val/map", "val/map_50", "val/map_75")
+EITHER_TASK = ("val/acc", "train/loss")  # a detector takes these too: val/acc, the default, means its val/map
 
 
 def geometry(train_crop: str, data: str) -> str:

@@ -31,7 +31,7 @@ from mlexp.analysis.comparisons import choose_metric, comparisons
 from mlexp.analysis.groups import RUN_METRICS, banded_curves, difference_curves, group_table, metric_values
 from mlexp.analysis.mlflow_internals import Reader
 from mlexp.analysis.plots import warm_up
-from mlexp.analysis.query import FINISHED, RunRecord, fetch_runs, mlflow_client, resolve_experiments
+from mlexp.analysis.query import FINISHED, Histories, RunRecord, fetch_runs, mlflow_client, resolve_experiments
 from mlexp.analysis.report import log_compare_run, write_outputs
 from mlexp.analysis.result import CompareResult
 from mlexp.analysis.scores import ACCURACY, SCORES, Score, score_of
@@ -88,7 +88,7 @@ def compare(client_or_uri: Any, experiments: list[str], filter_string: str | Non
     records, histories = fetch_runs(client, list(names), filter_string, CURVE_KEYS,
                                     wants_history=lambda run: run.status == FINISHED, reader=reader)
     fetched = time.perf_counter()
-    runs, excluded, ignored, score = run_table(records, histories, group_by, names)
+    runs, excluded, ignored, score = scored_table(records, histories, group_by, names, reader)
     compared = set(runs["run_id"])  # once: a set built per record would cost O(runs^2) over thousands
     used = [run for run in records if run.run_id in compared]
     available = {key for run in used for key in run.metrics}
@@ -222,6 +222,18 @@ def duplicates(runs: list[RunRecord]) -> dict[str, str]:
     return repeats
 
 
+def scored_table(records: list[RunRecord], histories: Histories, group_by: list[str], names: dict[str, str],
+                 reader: Reader) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, int], Score]:
+    """run_table; for a task of the user's own, whose curve compare could not know to fetch
+    with the others, that curve fetched once its name is known and the table made with it."""
+    table = run_table(records, histories, group_by, names)
+    score = table[-1]
+    if score.curve in histories:
+        return table
+    histories[score.curve] = reader.histories([run.run_id for run in records if run.status == FINISHED], score.curve)
+    return run_table(records, histories, group_by, names)
+
+
 def run_table(records: list[RunRecord], histories: dict, group_by: list[str], experiments: dict[str, str]
               ) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, int], Score]:
     """Per-run quantities for every finished training run, the training runs left out (and why),
@@ -236,7 +248,9 @@ def run_table(records: list[RunRecord], histories: dict, group_by: list[str], ex
             ignored[kind] = ignored.get(kind, 0) + 1
         else:
             training.append(run)
-    score = score_of({run.param("task") or "classification" for run in training if run.status == FINISHED})
+    finished = [run for run in training if run.status == FINISHED]
+    score = score_of({run.param("task") or "classification" for run in finished},
+                     {run.param("task"): run.param("best_metric") for run in finished if run.param("task")})
     curves = histories.get(score.curve, {})
     usable = [run for run in training
               if run.status == FINISHED and (run.run_id in curves or score.curve in run.metrics)]

@@ -52,14 +52,20 @@ MEAN_AP = Score("detection", "map", "mAP", None)
 SCORES = {score.task: score for score in (ACCURACY, MEAN_AP)}
 
 
-def score_of(tasks: set[str]) -> Score:
+def score_of(tasks: set[str], chosen: dict[str, str] | None = None) -> Score:
     """The score of the compared runs' task (runs from before tasks existed are classifiers).
     Runs of several tasks have no common measure: the classifiers are compared (as before
-    there were tasks), the others left out with the reason (compare.run_table)."""
+    there were tasks), the others left out with the reason (compare.run_table). A task of the
+    user's own is measured by the validation metric its runs chose their best epoch by
+    (`chosen`: task -> their --best-metric, the task's primary metric unless they said otherwise)."""
     tasks = tasks or {"classification"}
     if len(tasks) > 1:
         tasks = {"classification"} if "classification" in tasks else {sorted(tasks)[0]}
     [task] = tasks
-    if task not in SCORES:
-        raise MlexpError(f"compare knows no score for task {task!r}; compare it on a metric of its runs (--metric)")
-    return SCORES[task]
+    if task in SCORES:
+        return SCORES[task]
+    metric = (chosen or {}).get(task) or ""
+    if not metric.startswith("val/"):
+        raise MlexpError(f"compare knows no score for task {task!r} (its runs chose their best epoch by "
+                         f"{metric or 'nothing'}); compare it on a metric of its runs (--metric)")
+    return Score(task, metric[4:], metric[4:], None)

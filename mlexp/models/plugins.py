@@ -53,7 +53,7 @@ def load_plugins(plugins: str | None) -> None:
         from timm.models import list_models, model_entrypoint
 
         before = {model: model_entrypoint(model) for model in list_models()}
-        _import_user_module(name, f"--plugins {name}")
+        import_user_module(name, f"--plugins {name}")
         _imported.add(name)
         replaced = sorted(model for model, fn in before.items() if model_entrypoint(model) is not fn)
         if replaced:
@@ -88,7 +88,7 @@ def register_factory(module_name: str, factory_name: str, backbone_name: str) ->
     """Import the module, check the factory, and register it with timm as `backbone_name`
     (idempotent). One clear MlexpError for each way it cannot work."""
     reference = f"{module_name}:{factory_name}"
-    module = _import_user_module(module_name, f"--backbone {reference}")
+    module = import_user_module(module_name, f"--backbone {reference}")
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise MlexpError(f"--backbone {reference}: module {module_name} ({module.__file__}) has no function "
@@ -123,7 +123,7 @@ def register_factory(module_name: str, factory_name: str, backbone_name: str) ->
     return backbone_name
 
 
-def _import_user_module(name: str, option: str) -> ModuleType:
+def import_user_module(name: str, option: str) -> ModuleType:
     """Import a user's module, from the current folder first: the `mlexp` script's own folder is
     what Python puts on sys.path, not the folder the user is working in."""
     here = os.getcwd()

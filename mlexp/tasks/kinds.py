@@ -1,18 +1,29 @@
 """The tasks a run can train, one object each: what data it reads, what model it makes of the
-backbone, and its loss as a total plus named components. The training loop, records and
-console ask the run's task instead of assuming classification.
+backbone, its loss as a total plus named components, and how it is scored. The training loop,
+records and console ask the run's task instead of assuming classification.
 
+    task.check_data(cfg)                          -> None, or MlexpError: before any run exists
     task.build_data(cfg)                          -> DataBundle (train, val, test sets, classes)
     task.build_model(spec, backbone, cfg, n)      -> the module that trains (a classifier, a detector)
     task.loss(model, images, targets, loss_fn)    -> (total, {component: value}, logits or None)
-    task.components                               -> the component names (batch/loss_<name>, train/<name>)
+    task.evaluate(model, loader, accelerator, classes) -> ({metric: value}, per-class rows): val/<metric>
+    task.components                               -> the component names (batch/<name>, train/<name>)
+    task.metrics                                  -> what evaluate returns (val/<name> each epoch, test/<name>)
     task.primary_metric                           -> what chooses the best epoch unless --best-metric says
+
+A user's own task plugs in as a user's own backbone does (mlexp.models.plugins): `--task
+MODULE:CLASS` (importable from the current folder, or installed), or a name a package declares
+once in the `mlexp.tasks` entry-point group (`healer = "mypackage.tasks:Healer"`). Its runs log
+their components, metrics, checkpoints and resume like any other; logged models (serving) and
+temperature calibration are classification's and detection's.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from typing import Protocol
 
 import torch
@@ -23,12 +34,16 @@ from mlexp.data.images import DataBundle
 from mlexp.data.sources import build_data, check_data_source
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import BackboneSpec
+from mlexp.models.plugins import import_user_module
 from mlexp.models.strategies import attach_head
+
+TASK_GROUP = "mlexp.tasks"  # the entry-point group a package names its tasks in
 
 
 class Task(Protocol):
     name: str
     components: tuple[str, ...]
+    metrics: tuple[str, ...]
     primary_metric: str
     collate: Callable | None  # how a batch's samples become the batch (None: torch's default)
 
@@ -42,9 +57,15 @@ class Task(Protocol):
     def loss(self, model: nn.Module, images: torch.Tensor, targets, loss_fn: nn.Module
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]: ...
 
+    def evaluate(self, model: nn.Module, loader, accelerator, class_names: list[str]
+                 ) -> tuple[dict[str, float], list[dict]]: ...
+
 
 class Classification:
-    name, components, primary_metric, collate = "classification", (), "val/acc", None
+    """Its evaluation is the richer one of mlexp.training (loss, accuracy, F1, confusion, calibration)."""
+
+    name, components, metrics, primary_metric, collate = "classification", (), ("loss", "acc", "macro_f1"), \
+        "val/acc", None
 
     def check_data(self, cfg: TrainConfig) -> None:
         check_data_source(cfg)
@@ -64,7 +85,7 @@ class Classification:
 class Detection:
     """Faster R-CNN over the backbone (mlexp.tasks.detection.model); torchvision's four losses."""
 
-    name, primary_metric = "detection", "val/map"
+    name, primary_metric, metrics = "detection", "val/map", ("map", "map_50", "map_75")
     components = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
     @property
@@ -97,9 +118,45 @@ class Detection:
         parts = {name: losses[name] for name in self.components}
         return sum(parts.values()), parts, None
 
+    def evaluate(self, model, loader, accelerator, class_names):
+        """COCO's mAPs (torchmetrics), and each class's AP."""
+        from mlexp.tasks.detection.evaluation import evaluate_detector  # here: as above
+
+        return evaluate_detector(model, loader, accelerator, class_names)
+
 
 TASKS: dict[str, Task] = {"classification": Classification(), "detection": Detection()}
+REQUIRED = ("name", "components", "metrics", "primary_metric", "collate", "check_data", "build_data", "build_model",
+            "loss", "evaluate")
 
 
 def task_of(cfg: TrainConfig) -> Task:
-    return TASKS[cfg.task]
+    return task_named(cfg.task)
+
+
+@functools.cache
+def task_named(name: str) -> Task:
+    """A built-in task, a task a package declares (entry points), or MODULE:CLASS of the user's own."""
+    if name in TASKS:
+        return TASKS[name]
+    declared = {point.name: point.value for point in entry_points(group=TASK_GROUP)}
+    reference = declared.get(name, name)
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise MlexpError(f"--task {name!r} is not a task: {', '.join([*TASKS, *sorted(declared)])}, or "
+                         "MODULE:CLASS of your own (README, \"Your own task\")")
+    found = getattr(import_user_module(module_name, f"--task {name}"), attribute, None)
+    if found is None:
+        raise MlexpError(f"--task {name}: module {module_name!r} has no {attribute!r}")
+    try:
+        task = found() if isinstance(found, type) else found
+    except TypeError as error:  # a class whose constructor wants arguments
+        raise MlexpError(f"--task {name}: {attribute}() cannot be made without arguments ({error})") from None
+    missing = [part for part in REQUIRED if not hasattr(task, part)]
+    if missing:
+        raise MlexpError(f"--task {name}: {attribute} lacks {', '.join(missing)} (a task has: {', '.join(REQUIRED)}; "
+                         "README, \"Your own task\")")
+    if not task.primary_metric.startswith("val/") or task.primary_metric[4:] not in task.metrics:
+        raise MlexpError(f"--task {name}: its primary_metric {task.primary_metric!r} must be val/ and one of its "
+                         f"metrics ({', '.join(task.metrics)})")
+    return task

@@ -61,6 +61,13 @@ def print_epoch(row: dict, is_best: bool, best_metric: str = "val/acc") -> None:
               f"mAP50 {row['val/map_50']:.3f}  {row['epoch/time_s']:.1f}s" + (f"  (best{chosen})" if is_best else ""),
               flush=True)
         return
+    if "val/acc" not in row:  # a task of the user's own: its loss's parts, its validation metrics
+        parts = "  ".join(f"{key.removeprefix('train/')} {value:.4f}" for key, value in row.items() if key.startswith(
+            "train/") and key not in ("train/loss", "train/loss_total", "train/phase", "train/trainable_params"))
+        scores = "  ".join(f"{key} {value:.4f}" for key, value in row.items() if key.startswith("val/"))
+        print(f"epoch {row['epoch']:>3}  train loss {row['train/loss']:.4f} ({parts})  {scores}  "
+              f"{row['epoch/time_s']:.1f}s" + (f"  (best{chosen})" if is_best else ""), flush=True)
+        return
     print(f"epoch {row['epoch']:>3}  train loss {row['train/loss']:.4f} acc {row['train/acc']:.3f}  "
           f"val loss {row['val/loss']:.4f} acc {row['val/acc']:.3f}  {row['epoch/time_s']:.1f}s"
           + (f"  (best{chosen})" if is_best else ""), flush=True)
@@ -76,12 +83,12 @@ def print_outcome(result, delivery, tracking_uri: str) -> None:
         return
     if delivery.complete:
         where = f"open it: {redact(tracking.ui_hint(tracking_uri, run_experiment_id(tracking_uri, delivery.run_id)))}"
+        task = result.effective.task
+        evaluation = {"classification": "(per-class table, confusion matrix)", "detection": "(per-class AP)"}
         print(f"\nmlexp: run {delivery.run_id} FINISHED: {best_phrase(result)}\n  logged: {LOGGED}"
-              + (", logged models best and final" if result.effective.log_models
-                 else "")
-              + f", evaluation/{'{test,val}' if result.tested else 'val'}/ "
-              + ("(per-class AP)" if result.effective.task == "detection" else "(per-class table, confusion matrix)")
-              + f"\n  {where}", flush=True)
+              + (", logged models best and final" if result.effective.log_models and task in evaluation else "")
+              + (f", evaluation/{'{test,val}' if result.tested else 'val'}/ {evaluation[task]}" if task in evaluation
+                 else "") + f"\n  {where}", flush=True)
         return
     if delivery.offline:
         print(f"\nmlexp: offline run {delivery.run_id} FINISHED: {best_phrase(result)}; {delivery.describe()}",
@@ -95,7 +102,7 @@ def best_phrase(result) -> str:
     """'best val acc 0.9120 at epoch 7', or by another --best-metric: 'best val/loss 0.2810 at epoch 5
     (val acc 0.9010)'."""
     metric = result.effective.best_metric
-    if result.effective.task == "detection" and result.history is not None:
+    if result.effective.task != "classification" and result.history is not None:
         return f"best {metric} {result.history.best_value:.4f} at epoch {result.best_epoch}"
     if metric == "val/acc" or result.history is None or result.history.best_value is None:
         return f"best val acc {result.best_val_acc:.4f} at epoch {result.best_epoch}"

@@ -26,12 +26,15 @@ def apply_init_adjustments(cfg: TrainConfig, spec: BackboneSpec) -> TrainConfig:
     """The effective config: backbone resolved (alias -> catalogue name), init explicit, and for
     scratch runs lr, epochs, warmup and weight decay scaled by the scratch multipliers.
 
-    A detection run's best epoch is its best val/map unless --best-metric says otherwise.
+    Another task's run (a detector's, a user's own) chooses its best epoch by its task's primary
+    metric (a detector's val/map) unless --best-metric says otherwise.
     Apply it once, to the config the user asked for; the result is what gets logged (a resumed
     run reuses its logged effective config, it does not adjust again)."""
     effective = cfg.replace(backbone=spec.plugin or spec.name, init=spec.init)
-    if cfg.task == "detection" and cfg.best_metric == "val/acc":  # the option's default: the task's own metric
-        effective = effective.replace(best_metric="val/map")
+    if cfg.task != "classification" and cfg.best_metric == "val/acc":  # the option's default: the task's own metric
+        from mlexp.tasks.kinds import task_of  # here: `mlexp --help` reads the recipes, and tasks load torch
+
+        effective = effective.replace(best_metric=task_of(cfg).primary_metric)
     if spec.init != "scratch":
         return effective
     return effective.replace(

@@ -25,8 +25,8 @@ EPOCH_COLUMNS = ["epoch", *EPOCH_METRICS, "samples", "is_best", "checkpoint_path
 # Logged to MLflow at step = global optimizer step.
 STEP_METRICS = ("batch/loss", "batch/lr", "batch/samples_per_s")
 BATCH_COLUMNS = ["epoch", "batch", "step", *STEP_METRICS, "timestamp"]
-# A detection run's epochs: its loss components' means (train/loss_<name>) and COCO's mAP on validation.
-DETECTION_METRICS = ("val/map", "val/map_50", "val/map_75")
+# Another task's epochs (a detector's, a user's own): its loss components' means (train/<name>) and its
+# validation metrics (val/<name>: a detector's COCO mAPs), as its task names them.
 
 
 def epoch_record(epoch: int, stats: EpochStats, val: EvalResult, lr: float, phase: int, trainable: int) -> dict:
@@ -50,9 +50,9 @@ def macro_f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
-def detection_epoch_record(epoch: int, stats: EpochStats, val: dict[str, float], lr: float, phase: int,
-                           trainable: int) -> dict:
-    """A detection epoch: the loss, each component's mean, and the validation mAPs."""
+def task_epoch_record(epoch: int, stats: EpochStats, val: dict[str, float], lr: float, phase: int,
+                      trainable: int) -> dict:
+    """Another task's epoch: the loss, each component's mean, and its validation metrics."""
     return {"epoch": epoch, "train/loss": stats.loss, "train/loss_total": stats.loss_total,
             **{f"train/{name}": value for name, value in stats.components.items()},
             **{f"val/{name}": value for name, value in val.items()}, "epoch/time_s": stats.time_s, "epoch/lr": lr,
@@ -60,19 +60,20 @@ def detection_epoch_record(epoch: int, stats: EpochStats, val: dict[str, float],
             "checkpoint_path": "checkpoints/last"}
 
 
-def epoch_metric_names(components: list[str]) -> tuple[str, ...]:
-    """The metrics an epoch logs: classification's, or a detection run's (`components` set)."""
-    if not components:
+def epoch_metric_names(components: list[str], val_metrics: list[str]) -> tuple[str, ...]:
+    """The metrics an epoch logs: classification's (no `val_metrics`), or another task's."""
+    if not val_metrics:
         return EPOCH_METRICS
-    return ("train/loss", "train/loss_total", *(f"train/{name}" for name in components), *DETECTION_METRICS,
+    return ("train/loss", "train/loss_total", *(f"train/{name}" for name in components), *val_metrics,
             "epoch/time_s", "epoch/lr", "train/phase", "train/trainable_params")
 
 
 def epoch_metrics(record: dict) -> dict[str, float]:
-    """The epoch's metrics (an epoch recorded by an older mlexp lacks the newer ones)."""
-    names = EPOCH_METRICS if "val/map" not in record else epoch_metric_names(
-        [key.removeprefix("train/") for key in record if key.startswith("train/loss_") and key != "train/loss_total"])
-    return {name: record[name] for name in names if name in record}
+    """The epoch's metrics: classification's (an epoch recorded by an older mlexp lacks the newer
+    ones), or every metric another task's record holds (its names have a /)."""
+    if "val/acc" in record:
+        return {name: record[name] for name in EPOCH_METRICS if name in record}
+    return {name: value for name, value in record.items() if "/" in name and isinstance(value, (int, float))}
 
 
 def step_metrics(record: StepRecord) -> dict[str, float]:
@@ -94,13 +95,15 @@ class History:
     best_epoch: int = 0
     best_value: float | None = None  # the best metric's value (--best-metric) at the best epoch
     components: list[str] = field(default_factory=list)  # the loss's named parts (detection), in every row
+    val_metrics: list[str] = field(default_factory=list)  # another task's val/<name> metrics (none: classification)
 
     def add_steps(self, records: list[StepRecord]) -> None:
         self.steps.extend([r.epoch, r.batch, r.step, r.loss, r.lr, r.samples_per_s, iso(r.timestamp),
                            *(r.components[name] for name in self.components)] for r in records)
 
     def epoch_columns(self) -> list[str]:
-        return ["epoch", *epoch_metric_names(self.components), *EPOCH_COLUMNS[len(EPOCH_METRICS) + 1:]]
+        return ["epoch", *epoch_metric_names(self.components, self.val_metrics),
+                *EPOCH_COLUMNS[len(EPOCH_METRICS) + 1:]]
 
     def batch_columns(self) -> list[str]:
         return [*BATCH_COLUMNS, *(f"batch/{name}" for name in self.components)]
@@ -155,7 +158,8 @@ def training_info(spec, cfg, built, history: History, calibration: dict, params:
             "status": "FINISHED", "config": cfg.to_dict(), "params": params,
             "weights": {"source": built.weights_source, "path": built.weights_path, "sha256": built.weights_sha256},
             "best_epoch": history.best_epoch, "best_val_acc": history.best_val_acc,
-            "epochs": {name: history.column(name) for name in epoch_metric_names(history.components)},
+            "epochs": {name: history.column(name)
+                       for name in epoch_metric_names(history.components, history.val_metrics)},
             "total_time_s": sum(history.column("epoch/time_s")), "calibration": calibration,
             "artifacts": {"config": "config.json", "last": "checkpoints/last/",
                           "best": "checkpoints/best/model.safetensors", "final": "checkpoints/final/model.safetensors",

@@ -20,7 +20,6 @@ from mlexp.models.catalogue import BackboneSpec
 from mlexp.models.heads import find_classifier
 from mlexp.models.weight_sources import default_export_path
 from mlexp.option_values import best_key
-from mlexp.tasks.detection.evaluation import evaluate_detector
 from mlexp.tasks.kinds import task_of
 from mlexp.training import checkpoints, hardware
 from mlexp.training.calibration import calibrate
@@ -128,25 +127,28 @@ def evaluate_splits(parts: TrainParts, history: History, test_loader, val_loader
     return list(logged)
 
 
-def evaluate_detection_splits(parts: TrainParts, history: History, test_loader, val_loader, tracker,
-                              last_epoch: int, class_names: list[str]) -> list[str]:
-    """A detection run's end-of-run report: COCO's mAPs of the best-on-validation weights on the
-    test set (test/map, test/map_50, test/map_75, test/epoch) and each class's AP on every split
-    (evaluation/{val,test}/per_class_ap.csv)."""
+def evaluate_task_splits(parts: TrainParts, history: History, test_loader, val_loader, tracker,
+                         last_epoch: int, class_names: list[str]) -> list[str]:
+    """Another task's end-of-run report (a detector's, a user's own): its metrics of the
+    best-on-validation weights on the test set (a detector's test/map, test/map_50, test/map_75;
+    test/epoch) and its per-class rows on every split, where it has them (a detector's AP:
+    evaluation/{val,test}/per_class_ap.csv)."""
     model = best_weights_model(final_weights_model(parts), parts.best_weights)
     epoch = history.best_epoch if parts.best_weights is not None else last_epoch
-    results = {"val": evaluate_detector(model, val_loader, parts.accelerator, class_names)}
+    results = {"val": parts.task.evaluate(model, val_loader, parts.accelerator, class_names)}
     if test_loader is not None:
-        results["test"] = evaluate_detector(model, test_loader, parts.accelerator, class_names)
+        results["test"] = parts.task.evaluate(model, test_loader, parts.accelerator, class_names)
     if not parts.accelerator.is_main_process:
         return []
     logged = {f"test/{key}": value for key, value in results["test"][0].items()} if "test" in results else {}
     if logged:
         logged["test/epoch"] = epoch
         tracker.log_metrics(logged, step=last_epoch)
-        print(f"mlexp: test set, weights of epoch {epoch}: mAP {logged['test/map']:.4f}, mAP50 "
-              f"{logged['test/map_50']:.4f}, mAP75 {logged['test/map_75']:.4f}")
+        print(f"mlexp: test set, weights of epoch {epoch}: "
+              + ", ".join(f"{key} {value:.4f}" for key, value in results["test"][0].items()))
     for split, (_, rows) in results.items():
+        if not rows:
+            continue
         folder = tracker.staging_dir(f"evaluation-{split}")
         with open(folder / "per_class_ap.csv", "w", newline="") as out:
             writer = csv.DictWriter(out, fieldnames=["class", "ap"])
@@ -156,16 +158,19 @@ def evaluate_detection_splits(parts: TrainParts, history: History, test_loader, 
     return list(logged)
 
 
+SERVED_TASKS = ("classification", "detection")  # the tasks whose models are logged (pyfunc) and served
+
+
 def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, history: History, val_loader,
                tracker, test_loader, data, splits: list[dict]) -> TrainResult:
     accelerator = parts.accelerator
     final_model = eval_model(parts)
     last_epoch = history.epochs[-1]["epoch"] if history.epochs else 0
-    detection = cfg.task == "detection"
-    evaluate_all = evaluate_detection_splits if detection else evaluate_splits
+    classification = cfg.task == "classification"
+    evaluate_all = evaluate_splits if classification else evaluate_task_splits
     reported = evaluate_all(parts, history, test_loader, val_loader, tracker, last_epoch, data.class_names)
     calibration = {}
-    if cfg.calibrate and not detection:  # temperature scaling calibrates class probabilities
+    if cfg.calibrate and classification:  # temperature scaling calibrates class probabilities
         final_eval: EvalResult = evaluate(final_model, val_loader, accelerator, parts.channels_last)
         calibration = calibrate(final_eval.logits, final_eval.labels)
     if accelerator.is_main_process:
@@ -176,7 +181,7 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
                 "mlexp.run_id": tracker.run_id or "", "mlexp.backbone": spec.name})
             print(f"mlexp: exported weights to {exported}")
         total_time = sum(history.column("epoch/time_s"))
-        tracker.log_metrics({**({} if detection else {"best/val_acc": history.best_val_acc}),
+        tracker.log_metrics({**({"best/val_acc": history.best_val_acc} if classification else {}),
                              "best/epoch": history.best_epoch,
                              best_key(cfg.best_metric): history.best_value,
                              "time/total_s": total_time, **hardware.peak_memory_mb(),
@@ -191,8 +196,11 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
         tracker.log_artifacts(final.parent, "checkpoints/final")
         tracker.log_artifacts(summary, "summary")
         tracker.log_artifacts(metrics, "metrics")
-        if cfg.log_models:
+        if cfg.log_models and cfg.task in SERVED_TASKS:
             log_models(tracker, parts, cfg, spec, history, data, splits, reported, last_epoch)
+        elif cfg.log_models:
+            print(f"mlexp: a {cfg.task} run logs its weights (checkpoints/final, checkpoints/best), not a logged "
+                  "model: logged models are classifiers' and detectors'", flush=True)
     return TrainResult(tracker.run_id, "FINISHED", history.best_val_acc, history.best_epoch, cfg,
                        final_weights_model(parts), history, tested=test_loader is not None)
 
@@ -216,7 +224,8 @@ def log_models(tracker, parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec,
     for name, weights, step, extra in (("best", best_weights, best_step, best_metrics),
                                        ("final", final_weights, last_epoch, [])):
         folder = staged_model(tracker, name, config, data.class_names, weights, example)
-        metrics = [[key, step] for key in epoch_metric_names(history.components)] + [[key, last_epoch] for key in extra]
+        metrics = ([[key, step] for key in epoch_metric_names(history.components, history.val_metrics)]
+                   + [[key, last_epoch] for key in extra])
         tracker.log_model(folder, name, step, {"metrics": metrics, "datasets": datasets, "tags": tags,
                                                "params": cfg.to_params(), "model_type": MODEL_TYPE})
 

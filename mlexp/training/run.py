@@ -28,7 +28,6 @@ from mlexp.models.build import build_backbone
 from mlexp.models.catalogue import BackboneSpec, resolve_backbone
 from mlexp.models.weight_sources import WeightsFile, locate_weights
 from mlexp.option_values import best_is_max
-from mlexp.tasks.detection.evaluation import evaluate_detector
 from mlexp.tasks.kinds import task_of
 from mlexp.tracking.outbox import Outbox, outbox_root, outbox_unwritable
 from mlexp.tracking.sync import sync_outbox
@@ -44,7 +43,7 @@ from mlexp.training.parts import (
     release_accelerator,
 )
 from mlexp.training.recipes import apply_init_adjustments, format_init_comparison, format_training_plan
-from mlexp.training.records import History, detection_epoch_record, epoch_metrics, epoch_record, step_metrics
+from mlexp.training.records import History, epoch_metrics, epoch_record, step_metrics, task_epoch_record
 from mlexp.training.reports import (
     TrainResult,
     default_run_name,
@@ -223,6 +222,7 @@ def _train(cfg: TrainConfig, spec: BackboneSpec, weights: WeightsFile | str | No
     parts, train_loader, val_loader = build_parts(cfg, spec, model, data, accelerator, task)
     history, start_epoch = restore(resume, parts) if resume else (History(), 1)
     history.components = list(task.components)
+    history.val_metrics = [] if task.name == "classification" else [f"val/{name}" for name in task.metrics]
     if resume and resume.branch:  # it starts from the best epoch's weights: they stay the best until beaten
         parts.best_weights = {name: tensor.detach().to("cpu", copy=True)
                               for name, tensor in final_weights_model(parts).state_dict().items()}
@@ -329,10 +329,10 @@ def evaluate_epoch(parts: TrainParts, val_loader, epoch: int, stats, lr: float) 
     """The epoch's record, with its validation scores (the task's), and its validation loss
     (what gradual unfreezing watches; NaN where the task's model has none in eval mode)."""
     strategy, model = parts.strategy, eval_model(parts)
-    if parts.task.name == "detection":
-        scores, _ = evaluate_detector(model, val_loader, parts.accelerator, [])
-        return detection_epoch_record(epoch, stats, scores, lr, strategy.phase, strategy.trainable_params()), \
-            float("nan")
+    if parts.task.name != "classification":  # a detector's mAPs, a user task's own metrics
+        scores, _ = parts.task.evaluate(model, val_loader, parts.accelerator, [])
+        return task_epoch_record(epoch, stats, scores, lr, strategy.phase, strategy.trainable_params()), \
+            float(scores.get("loss", float("nan")))
     val = evaluate(model, val_loader, parts.accelerator, parts.channels_last)
     return epoch_record(epoch, stats, val, lr, strategy.phase, strategy.trainable_params()), val.loss
 

@@ -1,0 +1,98 @@
+"""A task of the user's own (tests/own_task/mytasks.py: regression of a digit's ink, with a loss
+of two parts), plugged in as the README's "Your own task" says: `--task MODULE:CLASS` from the
+folder the user works in, and by name once a package declares it (the `mlexp.tasks` entry
+points of an installed distribution). It trains with its parts on every batch, its own metrics
+every epoch and on the test split, survives a SIGKILL and resumes with one point per step,
+sweeps, and compare measures it by its own primary metric."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.helpers import artifact_paths, run_mlexp, runs_of, steps, subprocess_env
+
+pytestmark = pytest.mark.slow
+TASK = "mytasks:InkRegression"
+COMMON = ["--backbone", "test_resnet", "--init", "scratch", "--img-size", "16", "--batch-size", "128",
+          "--scratch-epochs-mult", "1", "--system-metrics", "false"]
+
+
+def project(tmp_path: Path) -> Path:
+    """The user's folder, with their module; and an installed distribution declaring it as `ink`."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "own_task" / "mytasks.py", folder / "mytasks.py")
+    declared = tmp_path / "site" / "mytasks_pkg-0.1.dist-info"
+    declared.mkdir(parents=True)
+    (declared / "METADATA").write_text("Metadata-Version: 2.1\nName: mytasks-pkg\nVersion: 0.1\n")
+    (declared / "entry_points.txt").write_text(f"[mlexp.tasks]\nink = {TASK}\n")
+    return folder
+
+
+def test_a_users_own_task_trains_resumes_sweeps_and_compares_on_its_own_metric(sqlite_uri, tmp_path):
+    folder = project(tmp_path)
+    env = subprocess_env(sqlite_uri, PYTHONPATH=str(tmp_path / "site"))
+    args = ["train", "--task", TASK, *COMMON, "--epochs", "3", "--experiment", "ink"]
+    # 9 steps an epoch (1257 images, the last part dropped): step 15 is inside epoch 2
+    killed = run_mlexp(args, {**env, "MLEXP_FAULT": "step=15"}, folder)
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    client = MlflowClient(sqlite_uri)
+    [run] = runs_of(client, "ink")
+    resumed = run_mlexp(["train", "--resume", run.info.run_id], env, folder)
+    assert resumed.returncode == 0 and "resuming run" in resumed.stdout, resumed.stderr[-3000:]
+    assert "not a logged model" in resumed.stdout
+
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["task"] == TASK and run.data.params["best_metric"] == "val/r2"
+    for key in ("batch/loss", "batch/loss_mse", "batch/loss_l1"):  # one point per optimizer step, none twice
+        assert steps(client, run.info.run_id, key) == list(range(1, 28)), key
+    history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+               for key in ("batch/loss", "batch/loss_mse", "batch/loss_l1")}
+    assert all(math.isclose(history["batch/loss"][step], history["batch/loss_mse"][step]
+                            + history["batch/loss_l1"][step], rel_tol=1e-4) for step in range(1, 28))
+    for key in ("val/r2", "val/mae", "train/loss_mse", "train/loss_l1"):
+        assert steps(client, run.info.run_id, key) == [1, 2, 3], key
+    r2 = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val/r2"), key=lambda m: m.step)]
+    assert run.data.metrics["best/val_r2"] == max(r2) and run.data.metrics["best/epoch"] == 1 + r2.index(max(r2))
+    assert {"test/r2", "test/mae", "test/epoch"} <= set(run.data.metrics)
+    files = artifact_paths(client, run.info.run_id)
+    assert {"checkpoints/final/model.safetensors", "metrics/epoch_metrics.csv", "config.json"} <= files
+    with open(client.download_artifacts(run.info.run_id, "metrics/epoch_metrics.csv", str(tmp_path))) as table:
+        columns = next(csv.reader(table))
+    assert {"val/r2", "val/mae", "train/loss_mse"} <= set(columns) and "val/acc" not in columns
+
+    # by the name the installed distribution declares, swept over two seeds, then compared on val/r2
+    swept = run_mlexp(["sweep", "--task", "ink", "--backbones", "test_resnet", "--inits", "scratch", "--seeds", "1,2",
+                       *COMMON[4:], "--epochs", "1", "--experiment", "ink-sweep"], env, folder, timeout=600)
+    assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+    compared = run_mlexp(["compare", "--experiment", "ink-sweep", "--out", str(tmp_path / "cmp"), "--log-run",
+                          "false"], env, folder)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    with open(tmp_path / "cmp" / "groups.csv") as table:
+        [group] = list(csv.DictReader(table))
+    assert group["runs"] == "2" and "best_val_r2_mean" in group and "best_val_acc_mean" not in group
+    assert "Compared metric: **test/r2**" in (tmp_path / "cmp" / "report.md").read_text()
+    assert (tmp_path / "cmp" / "val_r2_curves.png").stat().st_size > 5000  # its own curve, fetched by its name
+
+
+@pytest.mark.parametrize("task, said", [
+    ("mytasks:NoSuchTask", "--task mytasks:NoSuchTask: module 'mytasks' has no 'NoSuchTask'"),
+    ("nosuchmodule:Task", "--task nosuchmodule:Task: cannot import module 'nosuchmodule'"),
+    ("segmentation", "--task 'segmentation' is not a task: classification, detection, or MODULE:CLASS"),
+    ("mytasks:InkDigits", "--task mytasks:InkDigits: InkDigits() cannot be made without arguments"),
+    ("mytasks:load_digits", "--task mytasks:load_digits: load_digits lacks name, components, metrics"),
+])
+def test_a_task_that_is_not_one_is_one_line_before_any_run(task, said, sqlite_uri, tmp_path):
+    folder = project(tmp_path)
+    env = subprocess_env(sqlite_uri)  # no task declared by an installed distribution here
+    done = run_mlexp(["train", "--task", task, *COMMON, "--epochs", "1", "--experiment", "refused"], env, folder)
+    assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not runs_of(MlflowClient(sqlite_uri), "refused")
