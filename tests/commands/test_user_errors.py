@@ -155,6 +155,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
 
 def test_compare_errors_are_one_line(sqlite_uri, capsys):
     MlflowClient(sqlite_uri).create_experiment("exists")
+    capsys.readouterr()  # MLflow's own notice of the store it created here, before any mlexp command ran
     code, err = run_cli(["compare", "--experiment", "does-not-exist"], capsys)
     assert_one_line_error(code, err, "does-not-exist")
     code, err = run_cli(["compare", "--experiment", "exists", "--filter", "params.lr >>> 3"], capsys)
