@@ -94,7 +94,7 @@ def tune_with(values: dict[str, Any], project_run_id: str | None = None) -> None
                      [parse_value("final-seeds", int, seed) for seed in own.final_seeds], own.storage)
     check_arms(plan)
     if base.dry_run:
-        click.echo(describe_plan(plan))
+        click.echo(describe_plan(plan) + "\n" + describe_width(own))
         return
     uri = base.tracking_uri or default_tracking_uri()
     if own.executor == "ray" or (own.parallel or 1) > 1:
@@ -129,6 +129,15 @@ def check_arms(plan) -> None:
         cfg = plan.trial_config(arm, {})
         preflight(cfg)
         task_of(cfg).check_data(cfg)
+
+
+def describe_width(own: TuneOptions) -> str:
+    """How many trials train at once, and where."""
+    if own.executor == "ray":
+        return f"trials at once: {own.parallel or 'as many as the Ray cluster has room for'}, as Ray tasks"
+    if (own.parallel or 1) > 1:
+        return f"trials at once: {own.parallel}, as worker processes on this machine"
+    return "trials at once: 1, in this process (--parallel N for N)"
 
 
 def describe_plan(plan) -> str:
