@@ -49,8 +49,9 @@ class LaunchOptions:
     """Where trainings run and how many at once: a sweep's children, a study's workers."""
 
     parallel: int | None = declared(None, "Trainings at once (a sweep's children, a study's workers). (default: "
-                                    "one per GPU (GPUs // --gpus-per-run); 1 on CPU, where N of them share the "
-                                    "cores, cores // N threads each; with Ray: the cluster's room)", "N")
+                                    "a sweep: one per GPU (GPUs // --gpus-per-run), 1 on CPU, where N of them share "
+                                    "the cores, cores // N threads each; a study: 1, in its own process; with Ray: "
+                                    "the cluster's room)", "N")
     gpus_per_run: int | None = declared(None, "GPUs per training; K > 1 trains each sweep child as a K-process DDP "
                                         "run (torchrun). (default: 1 on a GPU machine, 0 on CPU)", "K")
     cpus_per_run: int | None = declared(None, "CPU cores (threads) per training. (default: cores // N here; 1 per "

@@ -111,6 +111,9 @@ def check_launch(own: TuneOptions) -> None:
 
     if own.ray_address and own.executor != "ray":
         raise MlexpError("--ray-address needs --executor ray")
+    if (own.cpus_per_run or own.gpus_per_run) and own.executor != "ray" and (own.parallel or 1) == 1:
+        raise MlexpError("--cpus-per-run and --gpus-per-run size the workers of --parallel N (or --executor ray); "
+                         "a study without them trains in this process")
     check_counts(own.parallel, own.gpus_per_run, own.cpus_per_run)
     if own.executor == "ray":
         import_ray()  # not installed: one line now
@@ -160,8 +163,11 @@ def compare_finals(plan, result, uri: str) -> None:
     from mlexp.tracking import client_for, server
 
     plots = plan.out_dir / plan.name / PLOTS_PATH
-    study_plots(result.studies, plots)
-    server.upload_folder(client_for(uri), result.parent_run_id, plots, PLOTS_PATH)
+    try:  # the plots are a view of the search: without them the report still stands
+        study_plots(result.studies, plots)
+        server.upload_folder(client_for(uri), result.parent_run_id, plots, PLOTS_PATH)
+    except Exception as error:  # noqa: BLE001 - said, and the report is written
+        click.echo(f"mlexp: warning: the study's plots were not logged ({type(error).__name__}: {error})", err=True)
 
     out = plan.out_dir / plan.name / "compare"
     compared = run_compare(uri, [plan.base.experiment], f"tags.`mlexp.study` = '{plan.name}' and "

@@ -21,7 +21,7 @@ from pathlib import Path
 from mlexp import tracking
 from mlexp.config import DEFAULT_EXPERIMENT, TrainConfig
 from mlexp.errors import MlexpError
-from mlexp.sweep.local_executor import ChildJob, ChildOutcome, best_score
+from mlexp.sweep.local_executor import ChildJob, ChildOutcome, best_score, forwarded_env
 from mlexp.sweep.overrides import Overrides
 from mlexp.sweep.plan import (
     PlanRow,
@@ -316,14 +316,6 @@ def offline_child(launch: Launch, row: PlanRow) -> str:
             "mlflow.runName": row.run_name}
     return create_offline_run(parent.info().experiment or DEFAULT_EXPERIMENT, row.run_name, launch.parent_run_id,
                               tags).info().local_id
-
-
-def forwarded_env() -> dict[str, str]:
-    """What a child needs from the launcher's environment wherever it runs (a Ray worker
-    starts with the cluster's): mlexp's, MLflow's and Hugging Face's settings."""
-    import os
-
-    return {k: v for k, v in os.environ.items() if k.startswith(("MLEXP_", "MLFLOW_", "HF_", "TIMM_", "TORCH_HOME"))}
 
 
 def finish_child(outcome: ChildOutcome, row: PlanRow, job: ChildJob, result: SweepResult, progress: SweepProgress,

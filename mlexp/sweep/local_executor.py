@@ -66,6 +66,13 @@ class ChildOutcome:
     message: str = ""
 
 
+def forwarded_env(*prefixes: str) -> dict[str, str]:
+    """What a child needs from the launcher's environment wherever it runs (a Ray worker
+    starts with the cluster's): mlexp's, MLflow's and Hugging Face's settings, and `prefixes`."""
+    wanted = ("MLEXP_", "MLFLOW_", "HF_", "TIMM_", "TORCH_HOME", *prefixes)
+    return {k: v for k, v in os.environ.items() if k.startswith(wanted)}
+
+
 def best_score(metrics: dict[str, float]) -> tuple[str, float] | None:
     """A finished run's best validation score and its name: val acc, or a detector's val mAP."""
     for key, name in (("best/val_acc", "val acc"), ("best/val_map", "val mAP")):

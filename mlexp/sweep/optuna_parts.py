@@ -53,10 +53,7 @@ def arm_study(plan: StudyPlan, storage, index: int, place):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # mlexp says what happens, once
-    label = plan.arms[index].label
-    name = f"{plan.name}/{place.parent_run_id}/{label}"
-    if continues_here(storage, f"{plan.name}/{label}", place):
-        name = f"{plan.name}/{label}"
+    name = arm_study_name(plan, storage, index, place)
     direction = "maximize" if plan.higher_is_better else "minimize"
     study = optuna.create_study(study_name=name, storage=storage, pruner=pruner_for(plan), load_if_exists=True,
                                 direction=direction)
@@ -64,6 +61,12 @@ def arm_study(plan: StudyPlan, storage, index: int, place):
         study.set_user_attr("metric", plan.metric)
     study.sampler = sampler_for(plan, index, len(study.get_trials(deepcopy=False)))
     return study
+
+
+def arm_study_name(plan: StudyPlan, storage, index: int, place) -> str:
+    label = plan.arms[index].label
+    legacy = f"{plan.name}/{label}"
+    return legacy if continues_here(storage, legacy, place) else f"{plan.name}/{place.parent_run_id}/{label}"
 
 
 def continues_here(storage, name: str, place) -> bool:

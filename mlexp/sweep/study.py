@@ -176,7 +176,9 @@ def train_trial(plan: StudyPlan, place: Place, study, trial, arm: Arm) -> bool:
     cfg = plan.trial_config(arm, trial.params).replace(run_name=name)
     try:  # the claim's key stays the run's config hash: the claims find the run by it
         result = run_training(cfg, run_id=run_id, extra_tags={**tags, "mlexp.config_hash": config_hash}, judge=judge)
-    except BaseException:  # the run says how it ended; Optuna must not wait on it
+    except KeyboardInterrupt:  # stopped (Ctrl-C, SIGTERM): the run ended KILLED after its last checkpoint; the
+        raise                  # trial stays RUNNING, and the next launcher resumes it in its run
+    except BaseException:  # failed: the run says how; Optuna must not wait on it
         server.set_tags(place.client, run_id, {"mlexp.trial_state": "FAIL"})
         tell(study, trial, state=TrialState.FAIL)
         raise

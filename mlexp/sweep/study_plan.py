@@ -53,14 +53,18 @@ class StudyPlan:
 
     @property
     def metric(self) -> str:
-        """The epoch metric trials are judged and chosen by: --best-metric, a detector's val/map
-        where that is left at its default (as its runs choose their best epoch)."""
+        """The epoch metric trials are judged and chosen by: --best-metric, or where that is left
+        at its default, the task's primary metric (a detector's val/map), as its runs choose."""
         if self.base.task != "classification" and self.base.best_metric == "val/acc":
             return task_of(self.base).primary_metric
         return self.base.best_metric
 
     @property
     def higher_is_better(self) -> bool:
+        """--best-mode, else the task's own say (a user's task may give it), else the metric's name."""
+        task = task_of(self.base)
+        if self.base.best_mode == "auto" and self.metric == task.primary_metric and hasattr(task, "higher_is_better"):
+            return bool(task.higher_is_better)
         return best_is_max(self.metric, self.base.best_mode)
 
     def trial_config(self, arm: Arm, params: dict, seed: int | None = None) -> TrainConfig:

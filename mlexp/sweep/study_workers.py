@@ -31,10 +31,11 @@ from mlexp.sweep.local_executor import (
     THREAD_VARIABLES,
     ChildOutcome,
     die_with_parent,
+    forwarded_env,
     make_local_executor,
     stop_process,
 )
-from mlexp.sweep.optuna_parts import arm_study, optuna_storage
+from mlexp.sweep.optuna_parts import arm_study_name, optuna_storage
 from mlexp.sweep.ray_executor import ChildKilled, RayExecutor
 from mlexp.sweep.space import Dimension
 from mlexp.sweep.study import Place, counted, run_study
@@ -71,6 +72,9 @@ class StudyWorker:
     plan_json: str
     tracking_uri: str
     log_path: str
+    # the launcher's settings, wherever the worker runs; PG*: a --storage on PostgreSQL (its password
+    # in PGPASSWORD or PGPASSFILE, never in the URL)
+    env: dict[str, str] = field(default_factory=lambda: forwarded_env("PG"))
     gpus: list[str] = field(default_factory=list)
     cwd: str = field(default_factory=os.getcwd)  # the launcher's: relative paths (--data) mean the same
 
@@ -80,7 +84,7 @@ class StudyWorker:
 
 
 def start_worker(worker: StudyWorker, threads: int, on_parent_death: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": worker.tracking_uri,
+    env = {**os.environ, **worker.env, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": worker.tracking_uri,
            **{name: str(threads) for name in THREAD_VARIABLES}}  # N workers never oversubscribe the cores
     if worker.gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(worker.gpus)
@@ -208,10 +212,20 @@ def run_workers(plan: StudyPlan, place: Place, workers) -> None:
 
 
 def say_progress(plan: StudyPlan, storage, place: Place, said: str | None) -> str | None:
-    """One line when the number of ended trials changed."""
+    """One line when the number of ended trials changed (the studies read, never written: a
+    storage that does not answer now only skips a line)."""
+    import optuna
     from optuna.trial import TrialState
 
-    trials = [trial for index in range(len(plan.arms)) for trial in counted(arm_study(plan, storage, index, place))]
+    trials = []
+    for index in range(len(plan.arms)):
+        try:
+            study = optuna.load_study(study_name=arm_study_name(plan, storage, index, place), storage=storage)
+            trials += counted(study)
+        except KeyError:  # not created yet: no trial
+            continue
+        except Exception:  # noqa: BLE001 - progress is a courtesy; the workers carry on
+            return said
     ended = [trial for trial in trials if trial.state.is_finished()]
     line = (f"mlexp: study {plan.name}: {len(ended)}/{plan.trials * len(plan.arms)} trial(s) ended "
             f"({sum(t.state == TrialState.PRUNED for t in ended)} pruned), {len(trials) - len(ended)} training")

@@ -10,6 +10,7 @@ records and console ask the run's task instead of assuming classification.
     task.components                               -> the component names (batch/<name>, train/<name>)
     task.metrics                                  -> what evaluate returns (val/<name> each epoch, test/<name>)
     task.primary_metric                           -> what chooses the best epoch unless --best-metric says
+    task.higher_is_better (optional)              -> its direction (else: lower for losses and errors)
 
 A user's own task plugs in as a user's own backbone does (mlexp.models.plugins): `--task
 MODULE:CLASS` (importable from the current folder, or installed), or a name a package declares

@@ -34,7 +34,10 @@ def apply_init_adjustments(cfg: TrainConfig, spec: BackboneSpec) -> TrainConfig:
     if cfg.task != "classification" and cfg.best_metric == "val/acc":  # the option's default: the task's own metric
         from mlexp.tasks.kinds import task_of  # here: `mlexp --help` reads the recipes, and tasks load torch
 
-        effective = effective.replace(best_metric=task_of(cfg).primary_metric)
+        task = task_of(cfg)
+        effective = effective.replace(best_metric=task.primary_metric)
+        if cfg.best_mode == "auto" and hasattr(task, "higher_is_better"):  # its say, over the metric name's
+            effective = effective.replace(best_mode="max" if task.higher_is_better else "min")
     if spec.init != "scratch":
         return effective
     return effective.replace(

@@ -55,7 +55,8 @@ def task_epoch_record(epoch: int, stats: EpochStats, val: dict[str, float], lr: 
     """Another task's epoch: the loss, each component's mean, and its validation metrics."""
     return {"epoch": epoch, "train/loss": stats.loss, "train/loss_total": stats.loss_total,
             **{f"train/{name}": value for name, value in stats.components.items()},
-            **{f"val/{name}": value for name, value in val.items()}, "epoch/time_s": stats.time_s, "epoch/lr": lr,
+            **{f"val/{name}": float(value) for name, value in val.items()},  # a task's tensors and NumPy values too
+            "epoch/time_s": stats.time_s, "epoch/lr": lr,
             "train/phase": phase, "train/trainable_params": trainable, "samples": stats.samples,
             "checkpoint_path": "checkpoints/last"}
 
@@ -94,7 +95,7 @@ class History:
     best_val_acc: float = -1.0  # val/acc at the best epoch
     best_epoch: int = 0
     best_value: float | None = None  # the best metric's value (--best-metric) at the best epoch
-    components: list[str] = field(default_factory=list)  # the loss's named parts (detection), in every row
+    components: list[str] = field(default_factory=list)  # the loss's named parts (a detector's), in every row
     val_metrics: list[str] = field(default_factory=list)  # another task's val/<name> metrics (none: classification)
 
     def add_steps(self, records: list[StepRecord]) -> None:
@@ -123,7 +124,11 @@ class History:
         return [row.get(name) for row in self.epochs]
 
     def to_state(self) -> dict[str, Any]:
-        return asdict(self)
+        """What a checkpoint keeps (val_metrics is the task's, set again at every start: a checkpoint
+        without it stays readable by the mlexp before it)."""
+        state = asdict(self)
+        del state["val_metrics"]
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "History":

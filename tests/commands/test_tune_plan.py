@@ -3,6 +3,8 @@ many trials train at once, before anything is created."""
 
 from __future__ import annotations
 
+import pytest
+
 from mlexp.commands.cli import main
 
 
@@ -19,3 +21,13 @@ def test_a_dry_run_says_the_plan_and_its_worst_case_and_creates_nothing(tmp_path
     assert "worst case (no trial pruned): 24 epochs in all, 12 per arm (equal budgets)" in said
     assert "trials at once: 2, as worker processes on this machine" in said
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlexp-output").exists()
+
+
+def test_worker_sizes_without_workers_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(["tune", "--backbones", "test_resnet", "--space", "lr=1e-4:1e-1:log", "--cpus-per-run", "1",
+              "--data", "digits", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 2 and err.startswith("mlexp: error: --cpus-per-run and --gpus-per-run size the "
+                                                   "workers of --parallel N") and "\n" not in err

@@ -51,6 +51,7 @@ def test_a_users_own_task_trains_resumes_sweeps_and_compares_on_its_own_metric(s
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["task"] == TASK and run.data.params["best_metric"] == "val/r2"
+    assert run.data.params["best_mode"] == "max"  # the task's own say
     for key in ("batch/loss", "batch/loss_mse", "batch/loss_l1"):  # one point per optimizer step, none twice
         assert steps(client, run.info.run_id, key) == list(range(1, 28)), key
     history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}

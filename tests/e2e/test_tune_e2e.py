@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import re
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -74,7 +75,10 @@ def test_two_arms_get_equal_budgets_pruning_a_final_stage_and_a_paired_compariso
     assert len(trial_runs(client, "tuned")) == 12
 
 
-def test_a_study_killed_mid_way_finishes_with_no_trial_trained_twice(sqlite_uri, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT])
+def test_a_study_stopped_mid_way_finishes_with_no_trial_trained_twice(stop, sqlite_uri, tmp_path):
+    """SIGKILL (nothing cleans up), or Ctrl-C (the trial's run ends KILLED): either way the
+    trial stays the study's, and the same command resumes it in its run."""
     env = subprocess_env(sqlite_uri, MLEXP_HEARTBEAT_S="1")  # a killed trainer is seen gone within seconds
     args = [*COMMON, "--inits", "scratch", "--trials", "4", "--epochs", "3", "--pruner", "none", "--final-seeds",
             "1", "--experiment", "killed"]
@@ -82,8 +86,8 @@ def test_a_study_killed_mid_way_finishes_with_no_trial_trained_twice(sqlite_uri,
     seen: list[str] = []
     read_until(launcher, "mlexp: test_resnet_scratch-full trial 3/4", seen)
     read_until(launcher, "epoch   1", seen)  # inside the third trial, its first checkpoint written
-    launcher.kill()
-    launcher.wait()
+    launcher.send_signal(stop)
+    assert launcher.wait(timeout=120) == (-9 if stop == signal.SIGKILL else 130)
     done = run_mlexp(args, env, tmp_path, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # the killed trial continues in its own run (from its checkpoint, or over if it had none yet)

@@ -34,6 +34,7 @@ class InkRegression:
     components = ("loss_mse", "loss_l1")  # logged as batch/loss_mse, train/loss_mse, ...
     metrics = ("loss", "mae", "r2")       # evaluate's keys: logged as val/mae each epoch, test/mae at the end
     primary_metric = "val/r2"             # chooses the best epoch (and what compare measures)
+    higher_is_better = True               # its direction (by its name alone, mlexp would guess the same)
     collate = None                        # torch's default batching
 
     def check_data(self, cfg) -> None:
