@@ -31,6 +31,7 @@ from mlexp.sweep.importance import importances
 from mlexp.sweep.optuna_parts import Judge, arm_study, optuna_storage
 from mlexp.sweep.study_plan import Arm, StudyPlan
 from mlexp.tracking import claims, server
+from mlexp.training.interrupts import raise_if_stopped, stops_as_interrupt
 from mlexp.training.run import PRUNED_TAG, run_training
 
 STUDY_TAG = "mlexp.study"
@@ -161,6 +162,7 @@ def train_trial(plan: StudyPlan, place: Place, study, trial, arm: Arm) -> bool:
     holds it); its end told to Optuna. A trial whose run started before is resumed in it."""
     from optuna.trial import TrialState
 
+    raise_if_stopped()  # a stop swallowed since the last trial: no new one starts
     config_hash = f"trial-{arm.label}-{trial.number}"
     if claims.claim(place.client, place.experiment_id, place.parent_run_id, config_hash, place.owner) is None:
         return False
@@ -228,6 +230,7 @@ def claim_or_wait(place: Place, config_hash: str, what: str) -> bool:
     """True once this launcher holds the claim; False when the run ended elsewhere (FINISHED or
     FAILED); in between, another launcher trains it: wait for it."""
     said = False
+    raise_if_stopped()  # a stop swallowed since the last run: no new one starts
     while claims.claim(place.client, place.experiment_id, place.parent_run_id, config_hash, place.owner) is None:
         status = claims.read_state(place.client, place.experiment_id, place.parent_run_id).status(config_hash)
         if status in ("FINISHED", "FAILED"):
@@ -240,6 +243,13 @@ def claim_or_wait(place: Place, config_hash: str, what: str) -> bool:
 
 
 def run_study(plan: StudyPlan, uri: str, project_run_id: str | None = None) -> StudyResult:
+    """The arms' trials, then their final runs. Ctrl-C or SIGTERM anywhere stops it with
+    KeyboardInterrupt (mlexp.training.interrupts): the trial in training ends its run KILLED."""
+    with stops_as_interrupt():
+        return _run_study(plan, uri, project_run_id)
+
+
+def _run_study(plan: StudyPlan, uri: str, project_run_id: str | None) -> StudyResult:
     place = open_study_parent(plan, uri, project_run_id)
     storage = optuna_storage(plan)
     print(f"mlexp: study {plan.name} (parent run {place.parent_run_id}): {len(plan.arms)} arm(s) x {plan.trials} "

@@ -7,11 +7,8 @@ or SIGTERM), never RUNNING.
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from accelerate import Accelerator
@@ -32,6 +29,7 @@ from mlexp.tasks.kinds import task_of
 from mlexp.tracking.outbox import Outbox, outbox_root, outbox_unwritable
 from mlexp.tracking.sync import sync_outbox
 from mlexp.training.console import print_epoch, print_outcome, print_start, print_weights_report, report_delivery
+from mlexp.training.interrupts import raise_if_stopped, stops_as_interrupt
 from mlexp.training.live_logs import FILES, LiveLogs, NoLogs, open_live_logs
 from mlexp.training.loop import TrainParts, evaluate, train_one_epoch
 from mlexp.training.parts import (
@@ -113,7 +111,7 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
     training = Training(tracker, resume is None or resume.branch, tracking_uri, judge=judge)
     system = start_system_metrics(tracker, effective)
     try:
-        with sigterm_as_interrupt():
+        with stops_as_interrupt():
             try:
                 result = _train(effective, spec, weights, accelerator, training, resume)
             finally:  # before the run ends: no sample may follow its final status
@@ -297,6 +295,7 @@ def train_epochs(parts: TrainParts, cfg: TrainConfig, history: History, start_ep
         for record in records:
             tracker.log_metrics(step_metrics(record), step=record.step)
             crash_point("logged", record.step)  # the points are buffered, not yet committed to the outbox
+        raise_if_stopped()  # every few steps: a Ctrl-C that a finalizer swallowed (mlexp.training.interrupts)
 
     strategy = parts.strategy
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -338,20 +337,3 @@ def evaluate_epoch(parts: TrainParts, val_loader, epoch: int, stats, lr: float) 
 
 
 KILLED_WAIT_S = 5.0  # Ctrl-C: a short wait for the sender, then the rest stays in the outbox
-
-
-@contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (what torchrun and schedulers send) ends the run KILLED, like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
