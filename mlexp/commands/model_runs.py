@@ -157,6 +157,11 @@ DESCRIPTIONS = {"classification": "An mlexp image classifier: uint8 RGB images i
                              "scores out."}
 
 
+def description(task: str) -> str:
+    return DESCRIPTIONS.get(task, f"An mlexp model of the task {task}: its task's example_input in, its predict's rows "
+                                  "out.")
+
+
 def register_best(name: str, experiments: list[str], tracking_uri: str | None, metric: str | None = None,
                   alias: str = "champion", model_uri: str | None = None, echo=print) -> Registered:
     """Register `model_uri`, else the best mlexp `best` model of `experiments` by `metric` (higher
@@ -173,7 +178,7 @@ def register_best(name: str, experiments: list[str], tracking_uri: str | None, m
     value = float("nan") if value is None else value
     version = registry.register_version(
         client, name, model, alias, {MODEL_TAG: MODEL_TYPE},
-        description=DESCRIPTIONS.get((model.params or {}).get("task", "classification"), DESCRIPTIONS["classification"]))
+        description=description((model.params or {}).get("task", "classification")))
     echo(f"mlexp: registered {name} version {version} (logged model {model.model_id}, {model.name} of run "
          f"{model.source_run_id}, {metric} {value:.4f}); models:/{name}@{alias} points at it")
     return Registered(name, version, alias, model.model_id, model.source_run_id, value)

@@ -137,18 +137,19 @@ def import_user_module(name: str, option: str) -> ModuleType:
                          f"importable from the current folder ({here}) or installed") from exc
 
 
-def user_modules(backbone: str, plugins: str | None) -> list[str]:
-    """The modules of a user's own that a run's network needs: MODULE of MODULE:FACTORY, and the plugins."""
+def user_modules(backbone: str, plugins: str | None, extra: tuple[str, ...] = ()) -> list[str]:
+    """The modules of a user's own that a run's network needs: MODULE of MODULE:FACTORY, the
+    plugins, and `extra` (the module of a task of the user's own)."""
     reference = plugin_reference(backbone) if ":" in backbone else None
-    return list(dict.fromkeys([*([reference[0]] if reference else []), *plugin_modules(plugins)]))
+    return list(dict.fromkeys([*([reference[0]] if reference else []), *plugin_modules(plugins), *extra]))
 
 
-def copy_plugin_sources(backbone: str, plugins: str | None, folder: Path) -> list[Path]:
+def copy_plugin_sources(backbone: str, plugins: str | None, folder: Path, extra: tuple[str, ...] = ()) -> list[Path]:
     """Copy the source of the user's modules into `folder` (which a loader then puts on sys.path)."""
     import shutil
 
     copied = []
-    for source in plugin_sources(user_modules(backbone, plugins)):
+    for source in plugin_sources(user_modules(backbone, plugins, extra)):
         target = folder / source.name
         folder.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
@@ -159,11 +160,11 @@ def copy_plugin_sources(backbone: str, plugins: str | None, folder: Path) -> lis
     return copied
 
 
-def plugin_requirements(backbone: str, plugins: str | None) -> list[str]:
+def plugin_requirements(backbone: str, plugins: str | None, extra: tuple[str, ...] = ()) -> list[str]:
     """The installed packages (`name==version`) that provide the user's modules: what a served
     model must have installed, where their source does not travel with it. Asks every installed
     distribution which modules it provides (~2 s), so only when such a module is in use."""
-    installed = [name for name in user_modules(backbone, plugins) if not _travels_as_source(name)]
+    installed = [name for name in user_modules(backbone, plugins, extra) if not _travels_as_source(name)]
     if not installed:
         return []
     from importlib.metadata import packages_distributions, version

@@ -11,12 +11,16 @@ records and console ask the run's task instead of assuming classification.
     task.metrics                                  -> what evaluate returns (val/<name> each epoch, test/<name>)
     task.primary_metric                           -> what chooses the best epoch unless --best-metric says
     task.higher_is_better (optional)              -> its direction (else: lower for losses and errors)
+    task.example_input(data) (optional, serving)  -> a batch as a client sends it (NumPy), from the run's data
+    task.predict(model, inputs, cfg) (optional)   -> one dict per input: what its served model answers
 
 A user's own task plugs in as a user's own backbone does (mlexp.models.plugins): `--task
 MODULE:CLASS` (importable from the current folder, or installed), or a name a package declares
 once in the `mlexp.tasks` entry-point group (`healer = "mypackage.tasks:Healer"`). Its runs log
-their components, metrics, checkpoints and resume like any other; logged models (serving) and
-temperature calibration are classification's and detection's.
+their components, metrics, checkpoints and resume like any other. With `example_input` and
+`predict` its runs also log `best` and `final` as MLflow models that `mlflow models serve`
+answers with (its module's source travels inside them); temperature calibration is
+classification's.
 """
 
 from __future__ import annotations
@@ -129,6 +133,21 @@ class Detection:
 TASKS: dict[str, Task] = {"classification": Classification(), "detection": Detection()}
 REQUIRED = ("name", "components", "metrics", "primary_metric", "collate", "check_data", "build_data", "build_model",
             "loss", "evaluate")
+
+
+def is_served(task: Task) -> bool:
+    """Whether the task's runs log MLflow models: the built-in tasks, and a user's task that
+    says what a client sends (example_input) and what its model answers (predict)."""
+    return task.name in TASKS or (hasattr(task, "example_input") and hasattr(task, "predict"))
+
+
+def task_reference(name: str) -> str | None:
+    """MODULE:CLASS of a user's task (None for a built-in one): what a logged model rebuilds it
+    from, where no package declares its name."""
+    if name in TASKS:
+        return None
+    declared = {point.name: point.value for point in entry_points(group=TASK_GROUP)}
+    return declared.get(name, name)
 
 
 def task_of(cfg: TrainConfig) -> Task:

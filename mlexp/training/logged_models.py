@@ -11,6 +11,10 @@ best epoch's step) and `final` (at the last epoch's step). Each is a pyfunc mode
   class names; a detector's (a run of `--task detection`): one row per image with `boxes`
   ([x1, y1, x2, y2] in that image's pixels), `labels` (class names) and `scores`, best first.
 
+A task of the user's own that is served (mlexp.tasks.kinds.is_served) takes what its
+`example_input` shows (its input example and signature) and answers its `predict`'s rows; its
+module's source travels in the model (code/), or its package is a requirement.
+
 The weights and the run's effective configuration travel inside it (artifacts/classifier/), so
 `mlexp evaluate`, `--weights models:/NAME@ALIAS` and serving all rebuild the same network.
 """
@@ -40,7 +44,7 @@ from mlexp.models.build import create_model
 from mlexp.models.catalogue import resolve_backbone
 from mlexp.models.plugins import copy_plugin_sources, plugin_requirements
 from mlexp.models.strategies import attach_head
-from mlexp.tasks.kinds import task_of
+from mlexp.tasks.kinds import TASKS, task_named, task_reference
 from mlexp.tracking.server import first_line
 from mlexp.training.checkpoints import WEIGHTS_FILE, load_weights, save_weights
 
@@ -78,8 +82,10 @@ def write_classifier(folder: Path, config: dict, class_names: list[str], weights
 
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(weights, folder / WEIGHTS_FILE)
-    copy_plugin_sources(config.get("backbone", ""), config.get("plugins"), folder / CODE_DIR)
-    (folder / CLASSIFIER_FILE).write_text(json.dumps({"config": config, "class_names": class_names}, indent=2))
+    reference = task_reference(config.get("task", "classification"))
+    copy_plugin_sources(config.get("backbone", ""), config.get("plugins"), folder / CODE_DIR, own_modules(reference))
+    described = {"config": config, "class_names": class_names, **({"task_reference": reference} if reference else {})}
+    (folder / CLASSIFIER_FILE).write_text(json.dumps(described, indent=2))
     return folder
 
 
@@ -95,8 +101,8 @@ def load_classifier(folder: Path) -> Classifier:
     model = create_model(spec, len(class_names), cfg.img_size)
     if cfg.task == "classification":
         attach_head(model, cfg.head, len(class_names))
-    else:
-        model = task_of(cfg).build_model(spec, model, cfg, len(class_names))
+    else:  # a user's task by the MODULE:CLASS it was trained with: no package need declare its name here
+        model = task_named(described.get("task_reference", cfg.task)).build_model(spec, model, cfg, len(class_names))
     model.load_state_dict(load_weights(folder / WEIGHTS_FILE))
     transform = build_transforms(cfg, train=False) if cfg.task == "classification" else None
     return Classifier(model.eval(), transform, class_names, described["config"])
@@ -133,11 +139,27 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     # np.ndarray: a hint MLflow takes as "validate by the signature" (uint8 tensor in, named
     # float columns out, declared in save_pyfunc), which a type hint could not express.
     def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
+        task = self.classifier.config.get("task", "classification")
+        if task not in TASKS:
+            return own_task_answers(self.classifier, model_input)
         images = as_images(model_input, int(self.classifier.config.get("in_chans", 3)))
         if self.classifier.config.get("task", "classification") == "detection":
             return detections(self.classifier, images)
         probabilities = torch.softmax(self.classifier.logits(images), dim=1).numpy().astype(np.float32)
         return pd.DataFrame(probabilities, columns=self.classifier.class_names)
+
+
+@torch.no_grad()
+def own_task_answers(model: Classifier, model_input) -> pd.DataFrame:
+    """A user's task's answers: its predict's rows, one per input."""
+    cfg = TrainConfig.from_dict(model.config)
+    inputs = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
+    task = task_named(task_reference(cfg.task) if cfg.task not in TASKS else cfg.task)
+    return pd.DataFrame(list(task.predict(model.model, inputs, cfg)))
+
+
+def own_modules(reference: str | None) -> tuple[str, ...]:
+    return (reference.partition(":")[0],) if reference else ()
 
 
 def as_images(model_input, in_chans: int = 3) -> list:
@@ -159,17 +181,19 @@ def as_images(model_input, in_chans: int = 3) -> list:
 
 
 def save_pyfunc(target: Path, classifier_dir: Path, class_names: list[str], example: np.ndarray,
-                extra_requirements: list[str] | None = None, detector: bool = False) -> Path:
+                extra_requirements: list[str] | None = None, task: str = "classification") -> Path:
     """An MLflow pyfunc model folder around a classifier folder (no server involved)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     # A detector's rows (boxes, labels, scores per image) are lists of each image's own length: no
-    # column schema can say that, so its output is described in the model's docstring only.
-    outputs = Schema([ColSpec("float", name) for name in class_names]) if not detector else None
-    # uint8 RGB; a model of --in-chans N takes N channels of its stacks' own type
-    signature = ModelSignature(inputs=Schema([TensorSpec(example.dtype, (-1, -1, -1, example.shape[-1]))]),
-                               outputs=outputs)
+    # column schema can say that, so its output is described in the model's docstring only; a
+    # user's task's rows are its predict's own.
+    outputs = Schema([ColSpec("float", name) for name in class_names]) if task == "classification" else None
+    # uint8 RGB; a model of --in-chans N takes N channels of its stacks' own type; a user's task,
+    # inputs of its example's type and number of dimensions
+    shape = (-1, -1, -1, example.shape[-1]) if task in TASKS else (-1,) * example.ndim
+    signature = ModelSignature(inputs=Schema([TensorSpec(example.dtype, shape)]), outputs=outputs)
     quiet = logging.getLogger("mlflow.pyfunc")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # not "Validating input example" twice per run
@@ -284,8 +308,9 @@ def staged_model(tracker, name: str, config: dict, class_names: list[str], weigh
         classifier = write_classifier(scratch / CLASSIFIER_ARTIFACT, config, class_names, weights)
         target = tracker.staging_dir(f"model-{name}")
         target.rmdir()  # save_model creates it
+        task = config.get("task", "classification")
         return save_pyfunc(target, classifier, class_names, example,
-                           plugin_requirements(config.get("backbone", ""), config.get("plugins")),
-                           detector=config.get("task") == "detection")
+                           plugin_requirements(config.get("backbone", ""), config.get("plugins"),
+                                               own_modules(task_reference(task))), task=task)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -20,7 +21,7 @@ from mlexp.models.catalogue import BackboneSpec
 from mlexp.models.heads import find_classifier
 from mlexp.models.weight_sources import default_export_path
 from mlexp.option_values import best_key
-from mlexp.tasks.kinds import task_of
+from mlexp.tasks.kinds import is_served, task_of
 from mlexp.training import checkpoints, hardware
 from mlexp.training.calibration import calibrate
 from mlexp.training.evaluation import best_weights_model, split_metrics, write_report
@@ -158,9 +159,6 @@ def evaluate_task_splits(parts: TrainParts, history: History, test_loader, val_l
     return list(logged)
 
 
-SERVED_TASKS = ("classification", "detection")  # the tasks whose models are logged (pyfunc) and served
-
-
 def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, history: History, val_loader,
                tracker, test_loader, data, splits: list[dict]) -> TrainResult:
     accelerator = parts.accelerator
@@ -196,11 +194,11 @@ def finish_run(parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec, built, h
         tracker.log_artifacts(final.parent, "checkpoints/final")
         tracker.log_artifacts(summary, "summary")
         tracker.log_artifacts(metrics, "metrics")
-        if cfg.log_models and cfg.task in SERVED_TASKS:
+        if cfg.log_models and is_served(task_of(cfg)):
             log_models(tracker, parts, cfg, spec, history, data, splits, reported, last_epoch)
         elif cfg.log_models:
             print(f"mlexp: a {cfg.task} run logs its weights (checkpoints/final, checkpoints/best), not a logged "
-                  "model: logged models are classifiers' and detectors'", flush=True)
+                  "model: its task has no example_input and predict (README, \"Your own task\")", flush=True)
     return TrainResult(tracker.run_id, "FINISHED", history.best_val_acc, history.best_epoch, cfg,
                        final_weights_model(parts), history, tested=test_loader is not None)
 
@@ -213,7 +211,9 @@ def log_models(tracker, parts: TrainParts, cfg: TrainConfig, spec: BackboneSpec,
     # here: it loads mlflow.pyfunc (about 2 s), which a run with --log-models false never needs
     from mlexp.training.logged_models import MODEL_TAG, MODEL_TYPE, example_images, staged_model
 
-    config, example = cfg.to_dict(), example_images(data.val_set)
+    task = task_of(cfg)
+    config = cfg.to_dict()
+    example = np.asarray(task.example_input(data)) if hasattr(task, "example_input") else example_images(data.val_set)
     datasets = {split["context"]: split for split in splits}
     tags = {MODEL_TAG: MODEL_TYPE, "mlexp.backbone": spec.arch, "mlexp.init": spec.init,
             "mlexp.strategy": cfg.strategy}

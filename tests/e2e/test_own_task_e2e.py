@@ -3,18 +3,25 @@ of two parts), plugged in as the README's "Your own task" says: `--task MODULE:C
 folder the user works in, and by name once a package declares it (the `mlexp.tasks` entry
 points of an installed distribution). It trains with its parts on every batch, its own metrics
 every epoch and on the test split, survives a SIGKILL and resumes with one point per step,
-sweeps, and compare measures it by its own primary metric."""
+sweeps, and compare measures it by its own primary metric. With its serving part (example_input,
+predict) its runs log MLflow models: registered, and served from a folder that holds neither
+the module nor the package's declaration, they answer as the same weights do in this process."""
 
 from __future__ import annotations
 
 import csv
 import math
 import shutil
+import sys
 from pathlib import Path
 
+import mlflow.pyfunc
+import numpy as np
 import pytest
 from mlflow import MlflowClient
+from sklearn.datasets import load_digits
 
+from mlexp.tasks.kinds import task_named
 from tests.helpers import artifact_paths, run_mlexp, runs_of, steps, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -46,7 +53,7 @@ def test_a_users_own_task_trains_resumes_sweeps_and_compares_on_its_own_metric(s
     [run] = runs_of(client, "ink")
     resumed = run_mlexp(["train", "--resume", run.info.run_id], env, folder)
     assert resumed.returncode == 0 and "resuming run" in resumed.stdout, resumed.stderr[-3000:]
-    assert "not a logged model" in resumed.stdout
+    assert "logged models best and final" in resumed.stdout
 
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
@@ -68,6 +75,7 @@ def test_a_users_own_task_trains_resumes_sweeps_and_compares_on_its_own_metric(s
     with open(client.download_artifacts(run.info.run_id, "metrics/epoch_metrics.csv", str(tmp_path))) as table:
         columns = next(csv.reader(table))
     assert {"val/r2", "val/mae", "train/loss_mse"} <= set(columns) and "val/acc" not in columns
+    served_like_the_run(client, run.info.run_id, env, tmp_path)
 
     # by the name the installed distribution declares, swept over two seeds, then compared on val/r2
     swept = run_mlexp(["sweep", "--task", "ink", "--backbones", "test_resnet", "--inits", "scratch", "--seeds", "1,2",
@@ -81,6 +89,31 @@ def test_a_users_own_task_trains_resumes_sweeps_and_compares_on_its_own_metric(s
     assert group["runs"] == "2" and "best_val_r2_mean" in group and "best_val_acc_mean" not in group
     assert "Compared metric: **test/r2**" in (tmp_path / "cmp" / "report.md").read_text()
     assert (tmp_path / "cmp" / "val_r2_curves.png").stat().st_size > 5000  # its own curve, fetched by its name
+
+
+def served_like_the_run(client: MlflowClient, run_id: str, env: dict, tmp_path: Path) -> None:
+    """`mlexp register` names the run's best model; `mlflow models serve` of it, started where
+    neither mytasks.py nor the `ink` declaration is (the module's source travels in the model),
+    answers a POST of 2 digits with the ink the same weights give in this process."""
+    from tests.e2e.test_models_e2e import served_predictions
+
+    registered = run_mlexp(["register", "--name", "ink-model", "--experiment", "ink"], env, tmp_path)
+    assert registered.returncode == 0, registered.stderr[-2000:]
+    assert "task mytasks:InkRegression" in client.get_registered_model("ink-model").description
+    [best] = [model for model in client.search_logged_models([client.get_run(run_id).info.experiment_id],
+                                                             filter_string=f"source_run_id = '{run_id}'")
+              if model.name == "best"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    digits = load_digits().images[-2:]  # 8 x 8, as the task's example_input shows
+    served = served_predictions("models:/ink-model@champion", digits, {**env, "PYTHONPATH": ""}, elsewhere)
+    try:
+        local = mlflow.pyfunc.load_model(f"models:/{best.model_id}").predict(digits)
+    finally:  # the model imported mytasks (from its code/) into this test process
+        sys.modules.pop("mytasks", None)
+        task_named.cache_clear()
+    assert list(served.columns) == ["ink"] and len(served) == 2
+    assert np.allclose(served["ink"], local["ink"], atol=1e-5)
 
 
 def test_a_task_that_is_not_one_is_one_line_before_any_run(sqlite_uri, tmp_path):

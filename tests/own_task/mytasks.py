@@ -1,7 +1,8 @@
 """A task of a user's own, written as the README's "Your own task" shows: regression of how much
 ink a handwritten digit holds (the mean of its pixels), with a loss of two parts. mlexp trains
 it over any backbone, logs its loss parts every batch and its metrics every epoch, checkpoints
-and resumes it, sweeps and compares it."""
+and resumes it, sweeps and compares it, and (with example_input and predict) logs it as an
+MLflow model that `mlflow models serve` answers with."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ from mlexp.data.images import DataBundle
 from mlexp.errors import MlexpError
 
 
+def as_input(digits: np.ndarray, img_size: int) -> torch.Tensor:
+    """8 x 8 digits (values 0..16) -> the network's input: (N, 3, img_size, img_size)."""
+    pixels = torch.as_tensor(np.asarray(digits), dtype=torch.float32)[:, None] / 16.0
+    images = F.interpolate(pixels, size=(img_size, img_size), mode="bilinear").repeat(1, 3, 1, 1)
+    return (images - 0.5) / 0.5
+
+
 class InkDigits(Dataset):
     def __init__(self, images: np.ndarray, img_size: int):
         self.images = images
@@ -24,9 +32,8 @@ class InkDigits(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int):
-        pixels = torch.from_numpy(self.images[index]).float()[None, None] / 16.0  # 8 x 8, values 0..16
-        image = F.interpolate(pixels, size=(self.img_size, self.img_size), mode="bilinear")[0].repeat(3, 1, 1)
-        return (image - 0.5) / 0.5, pixels.mean() * 4  # the target: ink, about 0..1
+        ink = torch.as_tensor(self.images[index], dtype=torch.float32).mean() / 16.0 * 4  # the target, about 0..1
+        return as_input(self.images[index][None], self.img_size)[0], ink
 
 
 class InkRegression:
@@ -67,3 +74,12 @@ class InkRegression:
         residual = float(((p - t) ** 2).sum())
         return {"loss": residual / len(t), "mae": float((p - t).abs().mean()),
                 "r2": 1.0 - residual / max(float(((t - t.mean()) ** 2).sum()), 1e-12)}, []
+
+    # Serving (optional): what a client sends, and what the served model answers for it.
+    def example_input(self, data) -> np.ndarray:
+        return np.stack([data.val_set.images[0], data.val_set.images[1]])  # two 8 x 8 digits, as loaded
+
+    @torch.no_grad()
+    def predict(self, model, inputs: np.ndarray, cfg) -> list[dict]:
+        predicted = model.eval()(as_input(inputs, cfg.img_size)).squeeze(1)
+        return [{"ink": float(value)} for value in predicted]

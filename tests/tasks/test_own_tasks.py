@@ -40,3 +40,18 @@ def test_what_is_not_a_task_is_one_line_naming_what_is_wrong(users_folder, refer
     with pytest.raises(MlexpError) as error:
         task_named(reference)
     assert said in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_task_is_served_when_it_says_what_a_client_sends_and_what_its_model_answers(users_folder):
+    from mlexp.tasks.kinds import is_served, task_reference
+
+    assert is_served(TASKS["classification"]) and is_served(TASKS["detection"])
+    assert is_served(task_named("mytasks:InkRegression"))  # example_input and predict
+    (users_folder / "unserved.py").write_text(
+        "import mytasks\n\n"
+        "class Unserved:  # a task without example_input and predict\n"
+        "    name, components, metrics, primary_metric, collate = 'ink', (), ('r2',), 'val/r2', None\n"
+        "    check_data = build_data = build_model = loss = evaluate = mytasks.InkRegression.evaluate\n")
+    assert not is_served(task_named("unserved:Unserved"))  # its runs keep their weights, not a logged model
+    assert task_reference("mytasks:InkRegression") == "mytasks:InkRegression" and task_reference("detection") is None
+    sys.modules.pop("unserved", None)
