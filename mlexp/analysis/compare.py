@@ -31,7 +31,15 @@ from mlexp.analysis.comparisons import choose_metric, comparisons
 from mlexp.analysis.groups import RUN_METRICS, banded_curves, difference_curves, group_table, metric_values
 from mlexp.analysis.mlflow_internals import Reader
 from mlexp.analysis.plots import warm_up
-from mlexp.analysis.query import FINISHED, Histories, RunRecord, fetch_runs, mlflow_client, resolve_experiments
+from mlexp.analysis.query import (
+    FINISHED,
+    Histories,
+    RunRecord,
+    fetch_runs,
+    mlflow_client,
+    read_histories,
+    resolve_experiments,
+)
 from mlexp.analysis.report import log_compare_run, write_outputs
 from mlexp.analysis.result import CompareResult
 from mlexp.analysis.scores import ACCURACY, SCORES, Score, score_of
@@ -230,7 +238,8 @@ def scored_table(records: list[RunRecord], histories: Histories, group_by: list[
     score = table[-1]
     if score.curve in histories:
         return table
-    histories[score.curve] = reader.histories([run.run_id for run in records if run.status == FINISHED], score.curve)
+    histories[score.curve] = read_histories(reader, [run.run_id for run in records if run.status == FINISHED],
+                                            score.curve)
     return run_table(records, histories, group_by, names)
 
 

@@ -22,7 +22,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from mlexp.analysis.mlflow_internals import INTERVAL_MAX_PER_RUN, Reader, fields_from_entity, parse_filter
-from mlexp.analysis.query import fetch_runs
+from mlexp.analysis.query import fetch_runs, read_histories
 from tests.run_factory import experiment_id, log_run
 
 LONG_RUN_POINTS = INTERVAL_MAX_PER_RUN + 100  # more than the interval endpoint returns unsampled
@@ -101,6 +101,17 @@ def test_ui_bulk_history_endpoint_returns_the_public_histories(live):
         reader = Reader(client)
         same_histories(reader.histories(run_ids, key), client, run_ids, key)
         assert_taken(reader, "history-bulk", times=1)
+
+
+def test_one_more_key_is_read_in_the_server_s_batches_sorted_by_step(live):
+    """compare reads a user's task's curve once it knows its name (read_histories): in batches
+    of at most the server's run limit, never one request the server would refuse."""
+    client, _, run_ids = live
+    reader = Reader(client)
+    reader.batch_size = 2  # as 100 is for thousands of runs
+    found = read_histories(reader, run_ids, "val/acc")
+    assert found == public_histories(client, run_ids, "val/acc")  # every run's, each sorted by step
+    assert_taken(reader, "history-bulk", times=3)  # 6 runs, 2 a request
 
 
 def test_bulk_history_replies_cut_at_the_point_limit_are_asked_again_in_halves(live):
