@@ -186,6 +186,8 @@ def run_workers(plan: StudyPlan, place: Place, workers) -> None:
     logs = plan.out_dir.resolve() / plan.name / "workers"
     storage = optuna_storage(plan)
     print(f"mlexp: study {plan.name}: {workers.describe()}; their logs in {logs}/", flush=True)
+    # each arm's study name, once: an older launch's name is found before any worker starts
+    names = [arm_study_name(plan, storage, index, place) for index in range(len(plan.arms))]
     outcomes: list[ChildOutcome] = []
     said = None
     try:
@@ -194,7 +196,7 @@ def run_workers(plan: StudyPlan, place: Place, workers) -> None:
             workers.start(StudyWorker(index, payload, place.uri, str(logs / f"worker-{index}.log")))
         while workers.running:
             outcomes += workers.poll()
-            said = say_progress(plan, storage, place, said)
+            said = say_progress(plan, storage, names, said)
             time.sleep(POLL_S)
         outcomes += workers.poll()
     except BaseException:
@@ -202,7 +204,7 @@ def run_workers(plan: StudyPlan, place: Place, workers) -> None:
         raise
     finally:
         workers.close()
-    say_progress(plan, storage, place, said)
+    say_progress(plan, storage, names, said)
     failed = [outcome for outcome in outcomes if outcome.status != "FINISHED"]
     if failed:
         first = failed[0]
@@ -211,16 +213,16 @@ def run_workers(plan: StudyPlan, place: Place, workers) -> None:
                         f"{logs}/worker-{first.index}.log, then run the same command again: the study goes on")
 
 
-def say_progress(plan: StudyPlan, storage, place: Place, said: str | None) -> str | None:
+def say_progress(plan: StudyPlan, storage, names: list[str], said: str | None) -> str | None:
     """One line when the number of ended trials changed (the studies read, never written: a
     storage that does not answer now only skips a line)."""
     import optuna
     from optuna.trial import TrialState
 
     trials = []
-    for index in range(len(plan.arms)):
+    for name in names:
         try:
-            study = optuna.load_study(study_name=arm_study_name(plan, storage, index, place), storage=storage)
+            study = optuna.load_study(study_name=name, storage=storage)
             trials += counted(study)
         except KeyError:  # not created yet: no trial
             continue
