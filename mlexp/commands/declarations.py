@@ -163,7 +163,8 @@ class EvaluateOptions:
                                  "for the last epoch's), models:/NAME@ALIAS, models:/NAME/VERSION or "
                                  "models:/MODEL_ID.", "URI")
     data: str | None = declared(None, "An image folder with one sub-folder per class, the same classes the model "
-                                "was trained on.", "FOLDER")
+                                "was trained on; for a detector, a COCO (annotations.json) or YOLO (images/ and "
+                                "labels/) folder of its classes.", "FOLDER")
     experiment: str = declared(f"{DEFAULT_EXPERIMENT}-evaluate", "Experiment for the evaluation run (ignored "
                                "under `mlflow run`).", "NAME")
     run_name: str | None = declared(None, "Name of the evaluation run. (default: evaluate-MODEL-FOLDER)")

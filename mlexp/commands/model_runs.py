@@ -4,7 +4,9 @@ registered name that people and `mlflow models serve` use.
 evaluate: a logged model (runs:/, models:/NAME@ALIAS, models:/NAME/VERSION, models:/MODEL_ID)
 on any image folder, with the transforms it was trained with; an evaluation run gets the
 same test/* metrics and evaluation/test/ report as a training run's test set, plus every
-image's prediction, and is linked to the model (model input, metrics linked to it).
+image's prediction, and is linked to the model (model input, metrics linked to it). A
+detector is scored on a COCO or YOLO folder of its classes as its run's test split is
+(test/map, test/map_50, test/map_75, evaluation/test/per_class_ap.csv).
 
 register: the best `best` logged model of the chosen experiments, by a validation metric
 (never by a test metric: choosing by the test set would make it a second validation set),
@@ -14,9 +16,11 @@ under a name with an alias pointing at it. Registering again moves the alias.
 
 from __future__ import annotations
 
+import csv
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,7 @@ from mlexp.data.digests import describe
 from mlexp.data.images import CheckedImageFolder
 from mlexp.errors import MlexpError
 from mlexp.option_values import best_is_max, best_key
+from mlexp.tasks.detection.annotations import is_detection_folder
 from mlexp.tracking import registry
 from mlexp.training.evaluation import split_metrics, write_report
 from mlexp.training.logged_models import (
@@ -62,25 +67,20 @@ def evaluate_model(model_uri: str, data: str, tracking_uri: str | None, experime
     root = Path(data).expanduser()
     if not root.is_dir():
         raise MlexpError(f"--data {data}: {'not a folder' if root.exists() else 'no such folder'} (expected an "
-                         "image folder with one sub-folder per class)")
+                         "image folder with one sub-folder per class, or a detector's COCO or YOLO folder)")
     workdir = Path(tempfile.mkdtemp(prefix="mlexp-evaluate-"))
     try:
         classifier = load_classifier(download_classifier(client, model, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    if classifier.config.get("task", "classification") != "classification":
-        raise MlexpError(f"--model {model_uri} is a {classifier.config['task']} model: `mlexp evaluate` scores "
-                         "classifiers on an image folder; a detector's test mAP comes from its run's test split "
-                         "(DATA/test), and `mlflow models serve` answers its boxes")
-    folder = CheckedImageFolder(str(root), classifier.transform, classifier.config.get("in_chans", 3))
-    check_same_classes(folder.classes, classifier.class_names, root)
-    echo(f"mlexp: evaluating {model_uri} (logged model {model.model_id}, {model.name} of run "
-         f"{model.source_run_id}) on {len(folder)} images of {root}")
-    result = run_model(classifier, folder)
-    metrics = {f"test/{key}": value for key, value in split_metrics(result).items()}
-    predicted = result.logits.argmax(dim=1).tolist()
-    paths = [path for path, _ in folder.samples]
-    split = describe(folder, "test", root.name, str(root), len(folder.classes)).to_dict()
+    task = classifier.config.get("task", "classification")
+    if task not in ("classification", "detection"):
+        raise MlexpError(f"--model {model_uri} is a model of the task {task}: `mlexp evaluate` scores classifiers "
+                         "and detectors on a folder; its runs' test/* metrics come from the task's test split")
+    score = score_detector if task == "detection" else score_classifier
+    scored = score(classifier, root, lambda count: echo(
+        f"mlexp: evaluating {model_uri} (logged model {model.model_id}, {model.name} of run {model.source_run_id}) "
+        f"on {count} images of {root}"))
     tracker = tracking.open_run(uri, experiment, run_name or f"evaluate-{model.name}-{root.name}", run_id=run_id,
                                 tags={"mlexp.evaluated_model": model.model_id, "mlexp.evaluated_uri": model_uri,
                                       "mlexp.dataset": root.name, **{k: v for k, v in model.tags.items()
@@ -88,21 +88,77 @@ def evaluate_model(model_uri: str, data: str, tracking_uri: str | None, experime
     try:
         tracker.log_params({"model": model_uri, "model_id": model.model_id, "data": str(root),
                             "source_run_id": model.source_run_id or ""})
-        tracker.log_inputs([split], [model.model_id])
-        tracker.log_metrics(metrics, step=0)
+        tracker.log_inputs([scored.split], [model.model_id])
+        tracker.log_metrics(scored.metrics, step=0)
         report = tracker.staging_dir("evaluation-test")
-        write_report(result, classifier.class_names, report)
-        write_predictions(report / "predictions.csv", paths, result, classifier.class_names, root)
+        scored.write(report)
         tracker.log_artifacts(report, "evaluation/test")
-        tracker.link_metrics(model.model_id, [[key, 0] for key in metrics], {"test": split})
+        tracker.link_metrics(model.model_id, [[key, 0] for key in scored.metrics], {"test": scored.split})
     except BaseException as error:
         tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", f"{type(error).__name__}: {error}")
         raise
     delivery = tracker.finish("FINISHED")
-    echo(f"mlexp: test acc {100 * metrics['test/acc']:.2f}%, balanced acc {100 * metrics['test/balanced_acc']:.2f}%, "
-         f"macro F1 {metrics['test/macro_f1']:.4f}, loss {metrics['test/loss']:.4f}")
+    echo(f"mlexp: {scored.said}")
     echo(f"mlexp: evaluation run {tracker.run_id}: {delivery.describe()}")
-    return Evaluated(tracker.run_id, model.model_id, metrics, predicted, paths, delivery.complete)
+    return Evaluated(tracker.run_id, model.model_id, scored.metrics, scored.predicted, scored.paths, delivery.complete)
+
+
+@dataclass
+class Scored:
+    """A model's numbers on a folder, before any run exists: what the evaluation run logs."""
+
+    metrics: dict[str, float]  # test/*
+    split: dict  # the folder as the run's test input (mlexp.data.digests)
+    write: Callable[[Path], None]  # the evaluation/test/ report into a folder
+    said: str  # the one line the user reads
+    predicted: list[int] = field(default_factory=list)  # a classifier's, per image
+    paths: list[str] = field(default_factory=list)
+
+
+def score_classifier(classifier: Classifier, root: Path, starting: Callable[[int], None]) -> Scored:
+    """Accuracy and the rest of a training run's test/* on an image folder of the model's classes."""
+    folder = CheckedImageFolder(str(root), classifier.transform, classifier.config.get("in_chans", 3))
+    check_same_classes(folder.classes, classifier.class_names, root)
+    starting(len(folder))
+    result = run_model(classifier, folder)
+    metrics = {f"test/{key}": value for key, value in split_metrics(result).items()}
+    paths = [path for path, _ in folder.samples]
+
+    def write(report: Path) -> None:
+        write_report(result, classifier.class_names, report)
+        write_predictions(report / "predictions.csv", paths, result, classifier.class_names, root)
+
+    said = (f"test acc {100 * metrics['test/acc']:.2f}%, balanced acc {100 * metrics['test/balanced_acc']:.2f}%, "
+            f"macro F1 {metrics['test/macro_f1']:.4f}, loss {metrics['test/loss']:.4f}")
+    return Scored(metrics, describe(folder, "test", root.name, str(root), len(folder.classes)).to_dict(), write, said,
+                  result.logits.argmax(dim=1).tolist(), paths)
+
+
+def score_detector(detector: Classifier, root: Path, starting: Callable[[int], None]) -> Scored:
+    """COCO's mAPs and each class's AP on a detection folder (COCO or YOLO) of the model's classes,
+    its images resized as the run's were."""
+    from mlexp.tasks.detection.evaluation import detection_folder, evaluate_detector_on  # here: torchmetrics
+
+    if not is_detection_folder(root):
+        raise MlexpError(f"--data {root}: a detector is evaluated on a folder with annotations.json (COCO) or "
+                         "images/ and labels/ (YOLO)")
+    images, class_names = detection_folder(root, int(detector.config["img_size"]),
+                                           int(detector.config.get("in_chans", 3)))
+    check_same_classes(class_names, detector.class_names, root)
+    starting(len(images))
+    found, per_class = evaluate_detector_on(detector.model, images, detector.class_names)
+    metrics = {f"test/{key}": value for key, value in found.items()}
+
+    def write(report: Path) -> None:
+        with open(report / "per_class_ap.csv", "w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=["class", "ap"])
+            writer.writeheader()
+            writer.writerows(per_class)
+
+    said = (f"test mAP {metrics['test/map']:.4f}, mAP@50 {metrics['test/map_50']:.4f}, "
+            f"mAP@75 {metrics['test/map_75']:.4f}")
+    return Scored(metrics, describe(images, "test", root.name, str(root), len(class_names)).to_dict(), write, said,
+                  paths=[path for path, _ in images.samples])
 
 
 def check_same_classes(found: list[str], trained: list[str], root: Path) -> None:

@@ -19,7 +19,9 @@ def evaluate_command(**values: Any) -> None:
 
     Logs an evaluation run linked to the model: test/acc, test/loss, test/top5, test/balanced_acc,
     test/macro_f1, and under evaluation/test/ the per-class table, the confusion matrix (CSV and
-    PNG) and every image's prediction (predictions.csv).
+    PNG) and every image's prediction (predictions.csv). A detector (a run of --task detection)
+    is scored on a COCO or YOLO folder: test/map, test/map_50, test/map_75 and each class's AP
+    (evaluation/test/per_class_ap.csv).
 
     \b
     Examples:

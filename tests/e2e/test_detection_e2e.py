@@ -79,10 +79,38 @@ def test_a_detector_logs_every_step_s_loss_components_and_learns(layout, backbon
         header = next(csv.reader(rows))
     assert header[-4:] == [f"batch/{name}" for name in COMPONENTS]
     after = max(point.value for point in client.get_metric_history(run.info.run_id, "val/map_50"))
-    before = untrained_map_50(TrainConfig.from_dict({**TrainConfig().to_dict(), **{
-        "task": "detection", "data": str(root), "img_size": SIZE, "backbone": backbone, "init": "scratch"}}))
+    cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), **{
+        "task": "detection", "data": str(root), "img_size": SIZE, "backbone": backbone, "init": "scratch"}})
+    before = untrained_map_50(cfg)
     print(f"{layout} {backbone}: val/map_50 {before:.4f} before training, {after:.4f} after {EPOCHS} epochs")
     assert after > before
+    evaluated_as_its_run_validated(client, run.info.run_id, val_images_folder(cfg, scenes, layout, tmp_path / "val"),
+                                   tmp_path)
+
+
+def val_images_folder(cfg: TrainConfig, scenes, layout: str, folder: Path) -> Path:
+    """The validation images the run drew (the same split), written as a folder of their own."""
+    data = TASKS["detection"].build_data(cfg)
+    names = [data.val_set.dataset.images[index].path.stem for index in data.val_set.indices]
+    return (write_yolo if layout == "yolo" else write_coco)(folder, [scenes[int(name[5:])] for name in names])
+
+
+def evaluated_as_its_run_validated(client: MlflowClient, run_id: str, folder: Path, cwd: Path) -> None:
+    """`mlexp evaluate` of the run's best detector on its validation images, in a folder of their
+    own: the mAPs its run measured on them at its best epoch, logged as an evaluation run."""
+    done = run_mlexp(["evaluate", "--model", f"runs:/{run_id}", "--data", str(folder), "--experiment",
+                      "detect-evaluate"], subprocess_env(client.tracking_uri), cwd)
+    assert done.returncode == 0 and "test mAP" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+    run = client.get_run(run_id)
+    best_epoch = int(run.data.metrics["best/epoch"])
+    [evaluation] = runs_of(client, "detect-evaluate")
+    assert evaluation.info.status == "FINISHED" and evaluation.data.params["source_run_id"] == run_id
+    for key in ("map", "map_50", "map_75"):
+        [measured] = [m.value for m in client.get_metric_history(run_id, f"val/{key}") if m.step == best_epoch]
+        assert evaluation.data.metrics[f"test/{key}"] == pytest.approx(measured, abs=1e-4), key
+    assert evaluation.data.metrics["test/map_50"] > 0  # a detector that finds digits: the comparison can fail
+    with open(client.download_artifacts(evaluation.info.run_id, "evaluation/test/per_class_ap.csv", str(cwd))) as table:
+        assert [row["class"] for row in csv.DictReader(table)] == list(CLASSES)
 
 
 @pytest.mark.parametrize("damage, named", [

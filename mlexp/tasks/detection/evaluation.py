@@ -24,3 +24,23 @@ def evaluate_detector(model: torch.nn.Module, loader, accelerator: Accelerator,
             predictions, truths = gather_object(predictions), gather_object(truths)
         metric.update(predictions, truths)
     return map_results(metric, class_names)
+
+
+def detection_folder(root, img_size: int, in_chans: int):
+    """(a COCO or YOLO folder's images as a detector takes them, the class names its annotations use)."""
+    from mlexp.tasks.detection.annotations import read_split
+    from mlexp.tasks.detection.images import DetectionImages
+
+    split = read_split(root)
+    return DetectionImages(split.images, img_size, root=root, in_chans=in_chans), split.class_names
+
+
+def evaluate_detector_on(model: torch.nn.Module, images, class_names: list[str], batch_size: int = 8
+                         ) -> tuple[dict[str, float], list[dict]]:
+    """A detector (on the CPU, as a logged model loads) over a folder's images: its mAPs and each class's AP."""
+    from torch.utils.data import DataLoader
+
+    from mlexp.tasks.detection.images import collate
+
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    return evaluate_detector(model, loader, Accelerator(cpu=True), class_names)
