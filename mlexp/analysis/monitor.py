@@ -17,7 +17,9 @@ from typing import Any
 
 from mlexp import tracking
 from mlexp.analysis.query import FINISHED, RunRecord, fetch_runs, latest_step, mlflow_client, resolve_experiments
-from mlexp.analysis.scores import ACCURACY, SCORES, Score
+from mlexp.analysis.scores import ACCURACY, SCORES, Score, score_of
+from mlexp.errors import MlexpError
+from mlexp.option_values import best_is_max
 from mlexp.sweep.progress import clock
 
 
@@ -161,13 +163,27 @@ CURVES = tuple(score.curve for score in SCORES.values())
 
 
 def run_score(run: RunRecord) -> Score:
-    """What the run's task is scored by: accuracy, or a detector's mAP."""
-    return SCORES.get(run.param("task") or "classification", ACCURACY)
+    """What the run's task is scored by: accuracy, a detector's mAP, or (a task of the user's
+    own) the validation metric the run chose its best epoch by."""
+    task = run.param("task") or "classification"
+    if task in SCORES:
+        return SCORES[task]
+    try:
+        return score_of({task}, {task: run.param("best_metric") or ""})
+    except MlexpError:  # a run that chose by no validation metric: nothing to rank it by
+        return ACCURACY
 
 
 def best_score(run: RunRecord) -> float:
     score = run_score(run)
     return run.metrics.get(score.best, run.metrics[score.curve])
+
+
+def ranking(run: RunRecord) -> float:
+    """Best first: a higher score, or a lower one where the run chose its best epoch by a minimum."""
+    score = run_score(run)
+    higher = score in SCORES.values() or best_is_max(score.curve, run.param("best_mode") or "auto")
+    return -best_score(run) if higher else best_score(run)
 
 
 def score_column(runs: list[RunRecord], prefix: str) -> str:
@@ -209,7 +225,7 @@ def summary(client_or_uri: Any = None, experiments: list[str] | None = None) -> 
                 others[run.status] = others.get(run.status, 0) + 1
         if not finished and not others and not experiments:
             continue  # all experiments were asked for: leave out those without training runs
-        finished.sort(key=lambda run: -best_score(run))
+        finished.sort(key=ranking)
         column = score_column(finished, "best val")
         rows = [{"run": run.run_name, "run id": run.run_id[:8],
                  "backbone": run.tags.get("mlexp.backbone", run.param("backbone") or "-"),

@@ -13,7 +13,6 @@ with its error and the sweep goes on; `--retry-failed` trains the ones that fail
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,19 +20,11 @@ from pathlib import Path
 from mlexp import tracking
 from mlexp.config import DEFAULT_EXPERIMENT, TrainConfig
 from mlexp.errors import MlexpError
-from mlexp.sweep.local_executor import ChildJob, ChildOutcome, best_score, forwarded_env
+from mlexp.sweep.local_executor import ChildJob, ChildOutcome, forwarded_env
 from mlexp.sweep.overrides import Overrides
-from mlexp.sweep.plan import (
-    PlanRow,
-    display_name,
-    dry_run_comparison,
-    expand_grid,
-    format_plan,
-    grid_hash,
-    grid_params,
-    sweep_name,
-)
+from mlexp.sweep.plan import PlanRow, dry_run_comparison, expand_grid, format_plan, grid_hash, grid_params, sweep_name
 from mlexp.sweep.progress import SweepProgress
+from mlexp.sweep.summary import SweepResult, best_per_backbone, report
 from mlexp.tasks.kinds import task_of
 from mlexp.tracking import claims, server
 from mlexp.tracking.outbox import Outbox
@@ -41,17 +32,6 @@ from mlexp.tracking.run import create_offline_run
 
 POLL_S = 0.25  # how often the launcher looks at its children (a poll is cheap: no server request)
 STATE_EVERY_S = 3.0  # how often it reads the grid's claims and runs from the server
-
-
-@dataclass
-class SweepResult:
-    parent_run_id: str | None
-    finished: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # FINISHED before this sweep started
-    elsewhere: list[str] = field(default_factory=list)  # trained meanwhile by another launcher
-    killed: list[str] = field(default_factory=list)
-    best: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -344,49 +324,3 @@ def finish_child(outcome: ChildOutcome, row: PlanRow, job: ChildJob, result: Swe
         parent.log_metrics({"sweep/finished": progress.finished + len(result.skipped), "sweep/failed": progress.failed,
                             "sweep/running": max(progress.started - progress.ended, 0),
                             "sweep/remaining": len(pending)}, step=progress.ended)
-
-
-def best_per_backbone(client, run_ids: list[str]) -> list[dict]:
-    """The final summary: the best run of each backbone by best/val_acc (a detector's by
-    best/val_map, in `best_val_map`), named as `mlexp compare` and `mlexp backbones` name them
-    (resnet18_pretrained, resnet18_scratch)."""
-    best: dict[str, dict] = {}
-    for run_id in run_ids:
-        run = client.get_run(run_id)
-        name, score = best_score(run.data.metrics) or ("", None)
-        column = "best_val_map" if name == "val mAP" else "best_val_acc"
-        backbone = display_name(run.data.params.get("effective.backbone", run.data.params.get("backbone", "?")),
-                                run.data.tags.get("mlexp.init", ""))
-        if score is not None and (backbone not in best or score > best[backbone][column]):
-            best[backbone] = {"backbone": backbone, "run_id": run_id, "run_name": run.info.run_name,
-                              "strategy": run.data.tags.get("mlexp.strategy"), column: score,
-                              "best_epoch": run.data.metrics.get("best/epoch"),
-                              "time_s": run.data.metrics.get("time/total_s")}
-    return sorted(best.values(), key=lambda row: -row.get("best_val_acc", row.get("best_val_map", 0.0)))
-
-
-def summary_text(result: SweepResult) -> str:
-    counts = {"finished": len(result.finished), "finished by another launcher": len(result.elsewhere),
-              "failed": len(result.failed), "killed": len(result.killed), "skipped": len(result.skipped)}
-    lines = [f"\nSweep {result.parent_run_id}: " + ", ".join(f"{n} {what}" for what, n in counts.items() if n)]
-    if result.best:
-        label, column = ("val mAP", "best_val_map") if "best_val_map" in result.best[0] else ("val acc", "best_val_acc")
-        lines += ["", "Best run per backbone:", f"  {'backbone':<24} {'best ' + label:>12} {'epoch':>5}  {'strategy':<8} run"]
-        lines += [f"  {row['backbone']:<24} {row[column]:>12.4f} {row['best_epoch'] or 0:>5.0f}  "
-                  f"{row['strategy'] or '':<8} {row['run_id']}" for row in result.best]
-    if result.failed:
-        lines += ["", "FAILED (their errors are in each run's mlexp.error tag):", *(f"  {run}" for run in result.failed)]
-    return "\n".join(lines)
-
-
-def report(parent: tracking.RunTracker | None, result: SweepResult) -> None:
-    text = summary_text(result)
-    print(text, flush=True)
-    if parent is None:
-        return
-    folder = parent.staging_dir("sweep-summary")
-    (folder / "sweep_summary.txt").write_text(text.strip() + "\n")
-    (folder / "sweep_summary.json").write_text(json.dumps(
-        {"finished": result.finished, "failed": result.failed, "skipped": result.skipped,
-         "elsewhere": result.elsewhere, "killed": result.killed, "best": result.best}, indent=2))
-    parent.log_artifacts(folder, "summary")

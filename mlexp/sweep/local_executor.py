@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlexp.errors import MlexpError
+from mlexp.option_values import best_key
 from mlexp.tracking import claims, end_run, server
 from mlexp.tracking.outbox import TERMINAL, Outbox
 from mlexp.tracking.sync import sync_outbox
@@ -73,11 +74,15 @@ def forwarded_env(*prefixes: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(wanted)}
 
 
-def best_score(metrics: dict[str, float]) -> tuple[str, float] | None:
-    """A finished run's best validation score and its name: val acc, or a detector's val mAP."""
+def best_score(metrics: dict[str, float], params: dict[str, str] | None = None) -> tuple[str, float] | None:
+    """A finished run's best validation score and its name: val acc, a detector's val mAP, or
+    (a task of the user's own) the metric the run chose its best epoch by ("val r2")."""
     for key, name in (("best/val_acc", "val acc"), ("best/val_map", "val mAP")):
         if key in metrics:
             return name, metrics[key]
+    chosen = (params or {}).get("best_metric") or ""
+    if chosen.startswith("val/") and best_key(chosen) in metrics:
+        return chosen.replace("/", " "), metrics[best_key(chosen)]
     return None
 
 
@@ -169,7 +174,7 @@ def run_result(job: ChildJob, run_id: str) -> tuple[str | None, tuple[str, float
     if local in TERMINAL and run.info.status == "RUNNING":
         run = deliver_leftovers(box, run_id, job.tracking_uri) or run
     status = local if local in TERMINAL and run.info.status == "RUNNING" else run.info.status
-    return status, best_score(run.data.metrics), still_waiting(run_id)
+    return status, best_score(run.data.metrics, run.data.params), still_waiting(run_id)
 
 
 def still_waiting(run_id: str) -> bool:
@@ -240,7 +245,7 @@ def finished_by_own_attempt(job: ChildJob) -> ChildOutcome | None:
     attempt, run = state.claims.get(job.config_hash), state.children.get(job.config_hash)
     if run is None or attempt is None or attempt.owner != job.owner or run.info.status != "FINISHED":
         return None
-    return ChildOutcome(job.index, "FINISHED", run.info.run_id, 0, 0.0, best_score(run.data.metrics))
+    return ChildOutcome(job.index, "FINISHED", run.info.run_id, 0, 0.0, best_score(run.data.metrics, run.data.params))
 
 
 def stop_process(process: subprocess.Popen, wait_s: float = STOP_WAIT_S) -> None:

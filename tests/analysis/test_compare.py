@@ -29,7 +29,7 @@ from mlexp.analysis.tables import (
     render_summary,
 )
 from mlexp.errors import MlexpError
-from mlexp.sweep.launcher import best_per_backbone
+from mlexp.sweep.summary import best_per_backbone
 from tests.run_factory import experiment_id, log_run
 
 FILES = ["groups.csv", "groups.md", "compare.json", "pairs.csv", "comparisons.csv", "runs.csv", "report.md",

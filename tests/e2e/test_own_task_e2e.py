@@ -10,6 +10,7 @@ the module nor the package's declaration, they answer as the same weights do in 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 import sys
@@ -81,6 +82,7 @@ def test_a_users_own_task_trains_resumes_sweeps_and_compares_on_its_own_metric(s
     swept = run_mlexp(["sweep", "--task", "ink", "--backbones", "test_resnet", "--inits", "scratch", "--seeds", "1,2",
                        *COMMON[4:], "--epochs", "1", "--experiment", "ink-sweep"], env, folder, timeout=600)
     assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+    summed_up_by_its_own_metric(client, swept.stdout, env, folder, tmp_path)
     compared = run_mlexp(["compare", "--experiment", "ink-sweep", "--out", str(tmp_path / "cmp"), "--log-run",
                           "false"], env, folder)
     assert compared.returncode == 0, compared.stderr[-3000:]
@@ -89,6 +91,25 @@ def test_a_users_own_task_trains_resumes_sweeps_and_compares_on_its_own_metric(s
     assert group["runs"] == "2" and "best_val_r2_mean" in group and "best_val_acc_mean" not in group
     assert "Compared metric: **test/r2**" in (tmp_path / "cmp" / "report.md").read_text()
     assert (tmp_path / "cmp" / "val_r2_curves.png").stat().st_size > 5000  # its own curve, fetched by its name
+
+
+def summed_up_by_its_own_metric(client: MlflowClient, said: str, env: dict, folder: Path, tmp_path: Path) -> None:
+    """The sweep's summary and `mlexp monitor` rank the task's runs by the metric they chose
+    their best epoch by (val/r2), as they rank classifiers by accuracy."""
+    children = [run for run in runs_of(client, "ink-sweep") if "mlflow.parentRunId" in run.data.tags]
+    [parent] = [run for run in runs_of(client, "ink-sweep") if "mlflow.parentRunId" not in run.data.tags]
+    best = max(children, key=lambda run: run.data.metrics["best/val_r2"])
+    assert "best val r2" in said and all(f"best val r2 {run.data.metrics['best/val_r2']:.4f}" in said
+                                         for run in children)
+    summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary/sweep_summary.json",
+                                                        str(tmp_path))).read_text())
+    [row] = summary["best"]  # one backbone
+    assert row["run_id"] == best.info.run_id and row["best_val_r2"] == best.data.metrics["best/val_r2"]
+    monitored = run_mlexp(["monitor", "--summary", "true", "--experiment", "ink-sweep"], env, folder)
+    assert monitored.returncode == 0, monitored.stderr[-2000:]
+    assert "2 finished training run(s)" in monitored.stdout and "best val score" in monitored.stdout
+    assert monitored.stdout.index(best.info.run_name) < monitored.stdout.index(
+        next(run.info.run_name for run in children if run is not best))  # best first
 
 
 def served_like_the_run(client: MlflowClient, run_id: str, env: dict, tmp_path: Path) -> None:
