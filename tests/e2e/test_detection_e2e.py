@@ -26,7 +26,15 @@ from mlexp.models.catalogue import resolve_backbone
 from mlexp.tasks.detection.evaluation import evaluate_detector
 from mlexp.tasks.kinds import TASKS
 from tests.detection_data import CLASSES, digit_scenes, write_coco, write_yolo
-from tests.helpers import artifact_paths, run_mlexp, runs_of, steps, subprocess_env, write_pretrained_weights
+from tests.helpers import (
+    artifact_paths,
+    run_mlexp,
+    runs_of,
+    steps,
+    subprocess_env,
+    torchrun_train,
+    write_pretrained_weights,
+)
 
 COMPONENTS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 SIZE, BATCH, EPOCHS = 96, 8, 3
@@ -292,3 +300,24 @@ def test_a_linear_probe_of_a_pretrained_detector_keeps_the_backbone_as_its_weigh
     heads = sum(value.numel() for key, value in final.items() if key.startswith(("backbone.fpn.", "rpn.", "roi_heads."))
                 and value.is_floating_point() and "running_" not in key)
     assert run.data.metrics["train/trainable_params"] == heads  # what trained: the heads, all of them
+
+
+def test_a_detector_under_torchrun_is_one_ddp_run_scored_on_each_validation_image_once(scenes, sqlite_uri, tmp_path):
+    """Two processes (gloo): one run, ranks in sync, half the steps; and its val mAPs are those
+    of its best weights on the validation images, each counted once (7 images on 2 ranks: the
+    loader repeats one to even them out, and the score must not count it twice)."""
+    root = write_yolo(tmp_path / "yolo", scenes[:32])
+    env = subprocess_env(sqlite_uri)
+    args = ["--task", "detection", "--backbone", "test_resnet", "--init", "scratch", "--data", str(root),
+            "--img-size", "64", "--epochs", "2", "--batch-size", "4", "--scratch-epochs-mult", "1", "--system-metrics",
+            "false", "--log-models", "true", "--experiment", "detect-ddp"]
+    rank0, rank1 = torchrun_train(args, env, tmp_path)
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    client = MlflowClient(sqlite_uri)
+    [run] = runs_of(client, "detect-ddp")
+    assert run.info.status == "FINISHED" and run.data.params["distributed_type"] == "MULTI_CPU"
+    for key in ("batch/loss", *(f"batch/{name}" for name in COMPONENTS)):  # 25 images, 2 x 4 a step: 3 steps an epoch
+        assert steps(client, run.info.run_id, key) == list(range(1, 7)), key
+    cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), "task": "detection", "data": str(root), "img_size": 64})
+    evaluated_as_its_run_validated(client, run.info.run_id, val_images_folder(cfg, scenes, "yolo", tmp_path / "val"),
+                                   tmp_path)

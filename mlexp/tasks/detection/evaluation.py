@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 
 from mlexp.tasks.detection.metrics import as_metric_inputs, map_results, new_map_metric
 
@@ -20,8 +19,10 @@ def evaluate_detector(model: torch.nn.Module, loader, accelerator: Accelerator,
         with accelerator.autocast():
             detections = model(images)
         predictions, truths = as_metric_inputs(detections, targets)
-        if accelerator.num_processes > 1:  # boxes per image differ: gathered as objects, not tensors
-            predictions, truths = gather_object(predictions), gather_object(truths)
+        if accelerator.num_processes > 1:  # boxes per image differ: gathered as objects, not tensors, and the
+            # images the sampler repeated to even out the ranks' last batches dropped: each image counts once
+            predictions = accelerator.gather_for_metrics(predictions, use_gather_object=True)
+            truths = accelerator.gather_for_metrics(truths, use_gather_object=True)
         metric.update(predictions, truths)
     return map_results(metric, class_names)
 
