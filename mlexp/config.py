@@ -86,6 +86,8 @@ class TrainConfig:
     img_size: int = option(32, f"Square input size in pixels (at most {MAX_IMG_SIZE}).")
     in_chans: int = option(3, "Channels per image; other than 3: NumPy stacks (NAME.npy, height x width x "
                            "channels), a pretrained stem adapted as timm adapts it (README: more than three channels).")
+    bands: str | None = option(None, "Detection: folders beside images/ (depth,thermal) holding each image's extra "
+                               "bands in a file of its name, stacked after its channels (--in-chans counts all).")
     train_crop: str = option("auto", "Training geometry: timm's random-resized crop (validation: resize and "
                              "center-crop by the model's crop_pct), or the whole image resized (tiny images "
                              "such as digits). 'auto': random-resized on image folders, resize on the built-in "
@@ -211,9 +213,8 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise MlexpError(f"--{cli_name(name)} must be positive, got {getattr(self, name)}")
-        non_negative = ("weight_decay", "warmup_epochs", "clip_grad", "label_smoothing", "mixup", "cutmix",
-                        "reprob", "checkpoint_every", "early_stop_patience", "folds", "gradual_patience",
-                        "momentum", "gamma")
+        non_negative = ("weight_decay", "warmup_epochs", "clip_grad", "label_smoothing", "mixup", "cutmix", "reprob",
+                        "checkpoint_every", "early_stop_patience", "folds", "gradual_patience", "momentum", "gamma")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise MlexpError(f"--{cli_name(name)} must not be negative, got {getattr(self, name)}")
@@ -231,6 +232,8 @@ class TrainConfig:
             raise MlexpError(f"--best-metric {metric} is not a metric of --task {self.task}")
         if self.task != "classification" and (self.mixup > 0 or self.cutmix > 0):
             raise MlexpError(f"--task {self.task} trains without --mixup/--cutmix (they mix class labels)")
+        if self.bands and self.task != "detection":
+            raise MlexpError("--bands reads band folders beside a detection folder's images/ (--task detection)")
         if self.folds == 1:
             raise MlexpError("--folds must be 0 (off) or at least 2")
         if self.folds and not 0 <= self.fold < self.folds:
@@ -246,10 +249,7 @@ class TrainConfig:
         for name in ("reprob", "label_smoothing"):
             if getattr(self, name) >= 1.0:
                 raise MlexpError(f"--{cli_name(name)} must be below 1, got {getattr(self, name)}")
-        self._validate_own_model_options()
-
-    def _validate_own_model_options(self) -> None:
-        phase_regexes(self.unfreeze_patterns)
+        phase_regexes(self.unfreeze_patterns)  # a user's own patterns and key maps: their errors named
         key_map_pairs(self.weights_key_map)
 
     # --- conversion ------------------------------------------------------------------------
@@ -307,7 +307,7 @@ BOOKKEEPING = ("experiment", "run_name", "tracking_uri", "resume", "dry_run", "e
 ADDED_LATER = {"test_split": 0.0, "test_dir": None, "train_crop": "resize", "color_jitter": 0.0, "plugins": None,
                "weights_from": None, "weights_strict": True, "weights_key_map": None, "unfreeze_patterns": None,
                "best_metric": "val/acc", "best_mode": "auto", "splits": None, "rotate": 0.0,
-               "task": "classification", "in_chans": 3}
+               "task": "classification", "in_chans": 3, "bands": None}
 AUTO = -1  # --workers auto
 TRISTATE = ("auto", "true", "false")
 TRISTATE_FIELDS = ("channels_last",)

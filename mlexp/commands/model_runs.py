@@ -142,8 +142,9 @@ def score_detector(detector: Classifier, root: Path, starting: Callable[[int], N
     if not is_detection_folder(root):
         raise MlexpError(f"--data {root}: a detector is evaluated on a folder with annotations.json (COCO) or "
                          "images/ and labels/ (YOLO)")
+    bands = tuple(name for name in (detector.config.get("bands") or "").split(",") if name)
     images, class_names = detection_folder(root, int(detector.config["img_size"]),
-                                           int(detector.config.get("in_chans", 3)))
+                                           int(detector.config.get("in_chans", 3)), bands)
     check_same_classes(class_names, detector.class_names, root)
     starting(len(images))
     found, per_class = evaluate_detector_on(detector.model, images, detector.class_names)

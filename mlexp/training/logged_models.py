@@ -231,12 +231,19 @@ def example_images(dataset, count: int = 1) -> np.ndarray:
         if hasattr(raw, "images"):  # in-memory arrays (digits, synthetic), or a detection set's annotated files
             item = raw.images[index]
             path = getattr(item, "path", None)
-            image = item if path is None else load_stack(path) if is_stack(path, raw.in_chans) else Image.open(path)
+            image = item if path is None else read_annotated(item, raw.in_chans) if hasattr(item, "bands") else \
+                load_stack(path) if is_stack(path, raw.in_chans) else Image.open(path)
         else:
             image = raw.loader(raw.samples[index][0])
         images.append(np.asarray(image) if isinstance(image, np.ndarray) and image.ndim == 3 and
                       image.shape[-1] != 3 else np.asarray(to_rgb8(as_pil(image))))
     return np.stack(images)
+
+
+def read_annotated(item, in_chans: int):
+    from mlexp.tasks.detection.images import read_pixels  # here: only a detector's example needs it
+
+    return read_pixels(item, in_chans)
 
 
 def as_pil(image) -> Image.Image:

@@ -2,21 +2,26 @@
 bands built from them, as a depth or thermal band would come), stacked in NumPy files and in
 TIFFs (bands interleaved, and planar) side by side; a
 classifier and a detector train on them, a pretrained stem is adapted as timm adapts it, and
-a folder whose images do not have N channels stops before any run exists."""
+a folder whose images do not have N channels stops before any run exists. A detector also reads
+its extra bands from folders beside its images (`--bands depth,thermal`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow.pyfunc
 import numpy as np
 import pytest
 import tifffile
 import timm
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 from sklearn.datasets import load_digits
 
 from mlexp.models.weight_files import load_weights
+from mlexp.tasks.detection.annotations import read_split
+from mlexp.tasks.detection.images import read_pixels
 from tests.detection_data import digit_scenes
 from tests.helpers import run_mlexp, runs_of, steps, subprocess_env, write_pretrained_weights
 
@@ -119,3 +124,52 @@ def test_images_without_the_asked_channels_stop_before_any_run(sqlite_uri, tmp_p
         assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, (extra, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not runs_of(MlflowClient(sqlite_uri), "refused")
+
+
+def write_banded_scenes(root: Path, scenes) -> Path:
+    """A YOLO folder whose images are RGB PNGs, with a depth band beside them as greyscale PNGs
+    and a thermal band as one-channel .npy files: five_bands' channels, in three folders."""
+    for folder in ("images", "labels", "depth", "thermal"):
+        (root / folder).mkdir(parents=True)
+    for n, (pixels, boxes) in enumerate(scenes):
+        bands = five_bands(pixels)
+        Image.fromarray(bands[..., :3]).save(root / "images" / f"scene{n:03d}.png")
+        Image.fromarray(bands[..., 3]).save(root / "depth" / f"scene{n:03d}.png")
+        np.save(root / "thermal" / f"scene{n:03d}.npy", bands[..., 4:])
+        (root / "labels" / f"scene{n:03d}.txt").write_text("".join(
+            f"{label} {(x + w / 2) / 64:.6f} {(y + h / 2) / 64:.6f} {w / 64:.6f} {h / 64:.6f}\n"
+            for label, (x, y, w, h) in boxes))
+    return root
+
+
+def test_a_detector_reads_its_extra_bands_from_folders_beside_its_images(sqlite_uri, tmp_path):
+    scenes = digit_scenes(24, size=64)
+    root = write_banded_scenes(tmp_path / "banded", scenes)
+    split = read_split(root, ("depth", "thermal"))
+    for item in split.images:  # read as the one stack they were cut from
+        assert np.array_equal(read_pixels(item, CHANNELS), five_bands(scenes[int(item.path.stem[5:])][0]))
+    env = subprocess_env(sqlite_uri)
+    args = ["train", "--task", "detection", "--backbone", "test_resnet", "--init", "scratch", "--in-chans", "5",
+            "--bands", "depth,thermal", "--data", str(root), "--img-size", "64", "--epochs", "1", "--batch-size", "8",
+            "--system-metrics", "false", "--experiment", "banded"]
+    detected = run_mlexp(args, env, tmp_path)
+    assert detected.returncode == 0, detected.stdout[-2000:] + detected.stderr[-3000:]
+    client = MlflowClient(sqlite_uri)
+    [run] = runs_of(client, "banded")
+    assert run.info.status == "FINISHED" and run.data.params["bands"] == "depth,thermal"
+    [best] = [model for model in client.search_logged_models([run.info.experiment_id]) if model.name == "best"]
+    served = mlflow.pyfunc.load_model(f"models:/{best.model_id}")
+    assert served.metadata.get_input_schema().inputs[0].shape[-1] == CHANNELS  # a client sends the five bands
+    evaluated = run_mlexp(["evaluate", "--model", f"runs:/{run.info.run_id}", "--data", str(root), "--experiment",
+                           "banded-evaluate"], env, tmp_path)  # the model knows its band folders
+    assert evaluated.returncode == 0 and "test mAP" in evaluated.stdout, evaluated.stderr[-3000:]
+
+    (root / "thermal" / "scene005.npy").unlink()
+    refusals = {tuple(args): f"{root / 'images' / 'scene005.png'}: no thermal file of the same name",
+                ("train", "--backbone", "test_resnet", "--bands", "depth", "--data", str(root), "--experiment",
+                 "banded-refused"): "--bands reads band folders beside a detection folder's images/"}
+    for refused, said in refusals.items():
+        done = run_mlexp([*refused[:-1], "banded-refused"], env, tmp_path)
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not runs_of(client, "banded-refused")

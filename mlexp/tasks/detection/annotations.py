@@ -28,6 +28,7 @@ class AnnotatedImage:
     path: Path
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # (x0, y0, x1, y1), fractions
     labels: list[int] = field(default_factory=list)  # class ids, 0-based
+    bands: list[Path] = field(default_factory=list)  # --bands: its file in each band folder, in order
 
 
 @dataclass
@@ -42,13 +43,35 @@ def is_detection_folder(root: Path) -> bool:
                for base in (root, root / "train"))
 
 
-def read_split(root: Path) -> DetectionSplit:
-    """One split's annotated images (COCO when its JSON file is there, YOLO otherwise)."""
+def read_split(root: Path, bands: tuple[str, ...] = ()) -> DetectionSplit:
+    """One split's annotated images (COCO when its JSON file is there, YOLO otherwise), each
+    with its file in every band folder (`root/BAND/`, --bands)."""
     if (root / COCO_FILE).is_file():
-        return read_coco(root / COCO_FILE)
-    if (root / "images").is_dir() and (root / "labels").is_dir():
-        return read_yolo(root)
-    raise MlexpError(f"detection data folder {root} has neither {COCO_FILE} nor images/ and labels/ folders")
+        split = read_coco(root / COCO_FILE)
+    elif (root / "images").is_dir() and (root / "labels").is_dir():
+        split = read_yolo(root)
+    else:
+        raise MlexpError(f"detection data folder {root} has neither {COCO_FILE} nor images/ and labels/ folders")
+    for band in bands:
+        attach_band(split, root, band)
+    return split
+
+
+def attach_band(split: DetectionSplit, root: Path, band: str) -> None:
+    """Give each image its file of the same name (any image, .npy or TIFF suffix) in root/BAND/,
+    at the path it has under images/ (or under root); one missing is an error naming it."""
+    folder = root / band
+    if not folder.is_dir():
+        raise MlexpError(f"--bands {band}: no folder {folder} (a band folder sits beside images/)")
+    found = {(path.parent, path.stem): path for path in folder.rglob("*")
+             if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")}
+    for item in split.images:
+        base = root / "images" if root / "images" in item.path.parents else root
+        where = folder / item.path.parent.relative_to(base)
+        if (where, item.path.stem) not in found:
+            raise MlexpError(f"{item.path}: no {band} file of the same name ({where / item.path.stem}.*): with "
+                             f"--bands each image needs one in every band folder")
+        item.bands.append(found[(where, item.path.stem)])
 
 
 def read_yolo(root: Path, class_names: list[str] | None = None) -> DetectionSplit:

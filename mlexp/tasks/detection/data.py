@@ -12,9 +12,10 @@ from torch.utils.data import Subset
 from mlexp.config import TrainConfig
 from mlexp.data.images import DataBundle
 from mlexp.data.splits import split_indices
+from mlexp.data.stacks import channels_of
 from mlexp.errors import MlexpError
 from mlexp.tasks.detection.annotations import DetectionSplit, is_detection_folder, read_split
-from mlexp.tasks.detection.images import DetectionImages
+from mlexp.tasks.detection.images import DetectionImages, read_pixels
 
 
 def detection_splits(cfg: TrainConfig) -> tuple[DetectionSplit, DetectionSplit | None, DetectionSplit | None]:
@@ -23,17 +24,34 @@ def detection_splits(cfg: TrainConfig) -> tuple[DetectionSplit, DetectionSplit |
     if not root.is_dir() or not is_detection_folder(root):
         raise MlexpError(f"--task detection reads a folder with annotations.json (COCO) or images/ and labels/ "
                          f"(YOLO), or train/ and val/ folders of them; {root} is not one")
+    bands = band_names(cfg)
     if (root / "train").is_dir():
-        train = read_split(root / "train")
-        val = read_split(root / "val") if (root / "val").is_dir() else None
-        test = read_split(root / "test") if (root / "test").is_dir() else None
+        train = read_split(root / "train", bands)
+        val = read_split(root / "val", bands) if (root / "val").is_dir() else None
+        test = read_split(root / "test", bands) if (root / "test").is_dir() else None
     else:
-        train, val, test = read_split(root), None, None
+        train, val, test = read_split(root, bands), None, None
     for other in (val, test):
         if other is not None and other.class_names != train.class_names:
             raise MlexpError(f"the splits of {root} name different classes: {train.class_names} and "
                              f"{other.class_names}")
+    check_channels(train, cfg.in_chans)
     return train, val, test
+
+
+def band_names(cfg: TrainConfig) -> tuple[str, ...]:
+    return tuple(name.strip() for name in (cfg.bands or "").split(",") if name.strip())
+
+
+def check_channels(split: DetectionSplit, in_chans: int) -> None:
+    """The first image (with its bands) has --in-chans channels: else one line before any run."""
+    if not split.images:
+        return
+    first = split.images[0]
+    found = channels_of(read_pixels(first, in_chans)).shape[-1]
+    if found != in_chans:
+        bands = f" with its bands ({', '.join(str(path) for path in first.bands)})" if first.bands else ""
+        raise MlexpError(f"{first.path}{bands} has {found} channel(s) but --in-chans is {in_chans}")
 
 
 def detection_bundle(cfg: TrainConfig) -> DataBundle:

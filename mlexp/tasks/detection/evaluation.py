@@ -27,12 +27,13 @@ def evaluate_detector(model: torch.nn.Module, loader, accelerator: Accelerator,
     return map_results(metric, class_names)
 
 
-def detection_folder(root, img_size: int, in_chans: int):
-    """(a COCO or YOLO folder's images as a detector takes them, the class names its annotations use)."""
+def detection_folder(root, img_size: int, in_chans: int, bands: tuple[str, ...] = ()):
+    """(a COCO or YOLO folder's images, with their band folders, as a detector takes them; the
+    class names its annotations use)."""
     from mlexp.tasks.detection.annotations import read_split
     from mlexp.tasks.detection.images import DetectionImages
 
-    split = read_split(root)
+    split = read_split(root, bands)
     return DetectionImages(split.images, img_size, root=root, in_chans=in_chans), split.class_names
 
 

@@ -31,10 +31,25 @@ class DetectionImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         item = self.images[index]
-        image = load_stack(item.path) if is_stack(item.path, self.in_chans) else Image.open(item.path)
-        pixels = detector_input(image, self.img_size, self.in_chans, item.path)
+        pixels = detector_input(read_pixels(item, self.in_chans), self.img_size, self.in_chans, item.path)
         boxes = torch.tensor(item.boxes, dtype=torch.float32).reshape(-1, 4) * self.img_size
         return pixels, {"boxes": boxes, "labels": torch.tensor(item.labels, dtype=torch.int64) + 1}
+
+
+def read_pixels(item: AnnotatedImage, in_chans: int):
+    """An annotated image as read: a picture, a stack, or (--bands) one array of its channels
+    followed by its band files' (the type that holds them all, as one stack file of them would be)."""
+    image = load_stack(item.path) if is_stack(item.path, in_chans) else Image.open(item.path)
+    if not item.bands:
+        return image
+    parts = [channels_of(image.convert("RGB") if isinstance(image, Image.Image) else image)]
+    for band in item.bands:
+        part = channels_of(load_stack(band) if is_stack(band, in_chans) else Image.open(band))
+        if part.shape[:2] != parts[0].shape[:2]:
+            raise MlexpError(f"{band}: {part.shape[1]}x{part.shape[0]} pixels, but its image {item.path} has "
+                             f"{parts[0].shape[1]}x{parts[0].shape[0]}")
+        parts.append(part)
+    return np.concatenate(parts, axis=-1)
 
 
 def detector_input(image, img_size: int, in_chans: int = 3, path: Path | None = None) -> torch.Tensor:
