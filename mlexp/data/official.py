@@ -24,7 +24,7 @@ def official_folds(cfg: TrainConfig) -> list[int]:
     """The fold numbers of the data's own split ([] when it has none: then folds are a
     stratified k-fold of one pool, and validation a --val-split or a folder)."""
     if cfg.splits:
-        return partitions.manifest_numbers(Path(cfg.splits).expanduser())
+        return partitions.manifest_numbers(Path(cfg.splits).expanduser(), need_class=cfg.task == "classification")
     if torchvision_sets.is_torchvision(cfg.data):
         return list(torchvision_sets.partitions(cfg.data))
     if cfg.data in BUILT_IN:

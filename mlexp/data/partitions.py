@@ -99,35 +99,37 @@ def read_split_files(data: Path, number: int) -> Partition:
 
 
 # --- a split manifest (--splits FILE) --------------------------------------------------------
-def manifest_rows(path: Path) -> list[dict]:
-    """The manifest as [{"path", "class", "folds": {N: split}}]."""
+def manifest_rows(path: Path, need_class: bool = True) -> list[dict]:
+    """The manifest as [{"path", "class", "folds": {N: split}}]. need_class False: a detector's
+    manifest, whose images' classes are in their annotations (a class column may be left out)."""
     if not path.is_file():
         raise MlexpError(f"--splits {path}: no such file (expected a CSV or JSON split manifest)")
     try:
         if path.suffix.lower() == ".json":
             rows = json.loads(path.read_text())
-            return [{"path": row["path"], "class": row["class"],
+            return [{"path": row["path"], "class": row["class"] if need_class else row.get("class", ""),
                      "folds": {int(fold): (split or "") for fold, split in row["folds"].items()}} for row in rows]
         with open(path, newline="") as handle:
             reader = csv.DictReader(handle)
             columns = {name: int(m.group(1)) for name in reader.fieldnames or [] if (m := FOLD_COLUMN.match(name))}
-            if not {"path", "class"} <= set(reader.fieldnames or []) or not columns:
-                raise MlexpError(f"--splits {path}: expected the columns path, class and one per fold (1, 2, ... "
-                                 f"or fold1, fold2, ...), found {', '.join(reader.fieldnames or []) or 'none'}")
-            return [{"path": row["path"], "class": row["class"],
+            needed = {"path", "class"} if need_class else {"path"}
+            if not needed <= set(reader.fieldnames or []) or not columns:
+                raise MlexpError(f"--splits {path}: expected the columns {', '.join(sorted(needed))} and one per fold "
+                                 f"(1, 2, ... or fold1, fold2, ...), found {', '.join(reader.fieldnames or []) or 'none'}")
+            return [{"path": row["path"], "class": row.get("class") or "",
                      "folds": {fold: (row[name] or "").strip() for name, fold in columns.items()}} for row in reader]
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise MlexpError(f"--splits {path}: not a split manifest ({type(error).__name__}: {error}); expected "
                          "[{\"path\", \"class\", \"folds\": {\"1\": \"train\", ...}}] or a CSV") from None
 
 
-def manifest_numbers(path: Path) -> list[int]:
-    return sorted({fold for row in manifest_rows(path) for fold in row["folds"]})
+def manifest_numbers(path: Path, need_class: bool = True) -> list[int]:
+    return sorted({fold for row in manifest_rows(path, need_class) for fold in row["folds"]})
 
 
-def read_manifest(path: Path, data: Path, number: int) -> Partition:
+def read_manifest(path: Path, data: Path, number: int, need_class: bool = True) -> Partition:
     members: dict[str, list[tuple[str, str]]] = {context: [] for context in CONTEXTS}
-    for row in manifest_rows(path):
+    for row in manifest_rows(path, need_class):
         split = row["folds"].get(number, "")
         if split not in ("", *CONTEXTS):
             raise MlexpError(f"--splits {path}: {row['path']} is {split!r} in fold {number}; a split is train, val, "

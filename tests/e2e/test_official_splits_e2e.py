@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import json
+
 from mlflow import MlflowClient
 
 from mlexp.commands.cli import main
@@ -40,3 +42,25 @@ def test_a_sweep_over_official_partitions_trains_each_on_its_files_lines(sqlite_
     assert [run.data.params["fold"] for run in only] == ["2"]
     assert only[0].data.tags["mlexp.split_digest"] == next(run.data.tags["mlexp.split_digest"] for run in runs
                                                            if run.data.params["fold"] == "2")
+
+
+def test_a_detector_sweep_over_a_manifest_s_folds_trains_each_on_its_listed_images(sqlite_uri, tmp_path):
+    """`--task detection --splits FILE --folds 1,2`: one run per fold, each on the images its fold
+    lists (a YOLO folder; the manifest has no class column: a detector's classes are its boxes')."""
+    from tests.detection_data import digit_scenes, write_yolo
+    from tests.tasks.test_detection_splits import SPLITS, manifest
+
+    root = write_yolo(tmp_path / "boxes", digit_scenes(12, size=48))
+    listed = manifest(tmp_path / "splits.csv", [f"images/scene{index:03d}.png" for index in range(12)])
+    client = MlflowClient(sqlite_uri)
+    sweep(["--task", "detection", "--data", str(root), "--splits", str(listed), "--folds", "1,2", "--seeds", "1",
+           "--img-size", "48", "--batch-size", "4", "--experiment", "boxes-folds"])
+    runs = {run.data.params["fold"]: run for run in runs_of(client, "boxes-folds") if "mlflow.parentRunId" in run.data.tags}
+    assert sorted(runs) == ["1", "2"] and {run.info.status for run in runs.values()} == {"FINISHED"}
+    assert runs["1"].data.tags["mlexp.split_digest"] != runs["2"].data.tags["mlexp.split_digest"]
+    for fold, run in runs.items():
+        sizes = {d.dataset.name.rsplit("-", 1)[1]: d for d in run.inputs.dataset_inputs}
+        expected = {context: SPLITS[int(fold)].count(context) for context in ("train", "val", "test")}
+        assert {context: json.loads(d.dataset.profile)["num_images"] for context, d in sizes.items()} == {
+            context: count for context, count in expected.items() if count}, fold
+        assert "test/map" in run.data.metrics if expected["test"] else "test/map" not in run.data.metrics

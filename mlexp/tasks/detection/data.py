@@ -1,6 +1,7 @@
 """A detection run's splits, as a classification run has them: DATA/train, DATA/val and
-DATA/test folders (each COCO or YOLO), or one folder split by --val-split / --test-split /
---folds with the same fixed split seed (images are not stratified: an image holds several classes)."""
+DATA/test folders (each COCO or YOLO), one folder split by --val-split / --test-split /
+--folds with the same fixed split seed (images are not stratified: an image holds several
+classes), or a split manifest's fold (--splits FILE --fold N: the images it lists)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def detection_splits(cfg: TrainConfig) -> tuple[DetectionSplit, DetectionSplit |
         raise MlexpError(f"--task detection reads a folder with annotations.json (COCO) or images/ and labels/ "
                          f"(YOLO), or train/ and val/ folders of them; {root} is not one")
     bands = band_names(cfg)
+    if cfg.splits:
+        return listed_splits(cfg, root, bands)
     if (root / "train").is_dir():
         train = read_split(root / "train", bands)
         val = read_split(root / "val", bands) if (root / "val").is_dir() else None
@@ -37,6 +40,31 @@ def detection_splits(cfg: TrainConfig) -> tuple[DetectionSplit, DetectionSplit |
                              f"{other.class_names}")
     check_channels(train, cfg.in_chans)
     return train, val, test
+
+
+def listed_splits(cfg: TrainConfig, root: Path, bands: tuple[str, ...]
+                  ) -> tuple[DetectionSplit, DetectionSplit, DetectionSplit | None]:
+    """A split manifest's fold (--splits FILE --fold N) over one annotated folder: exactly the
+    images it lists (paths relative to --data) in each of train, val and test."""
+    from mlexp.data.official import check_official_split, official_folds  # here: only a manifest needs them
+    from mlexp.data.partitions import read_manifest
+
+    if (root / "train").is_dir():
+        raise MlexpError(f"--splits lists the images of one annotated folder, and {root} has a train/ folder (a "
+                         "split of its own): drop --splits, or pass the folder the manifest's paths are under")
+    check_official_split(cfg, official_folds(cfg))
+    partition = read_manifest(Path(cfg.splits).expanduser(), root, cfg.fold, need_class=False)
+    every = read_split(root, bands)
+    annotated = {item.path.resolve().relative_to(root.resolve()).as_posix(): item for item in every.images}
+    chosen = {}
+    for context, rows in partition.members.items():
+        unknown = [path for path, _ in rows if path not in annotated]
+        if unknown:
+            raise MlexpError(f"{partition.source}: {unknown[0]} is listed in {context} of fold {cfg.fold} but is "
+                             f"not an annotated image of {root}")
+        chosen[context] = DetectionSplit([annotated[path] for path, _ in rows], every.class_names)
+    check_channels(chosen["train"], cfg.in_chans)
+    return chosen["train"], chosen["val"], chosen.get("test")
 
 
 def band_names(cfg: TrainConfig) -> tuple[str, ...]:
