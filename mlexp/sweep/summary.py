@@ -12,6 +12,7 @@ from mlexp import tracking
 from mlexp.option_values import best_is_max
 from mlexp.sweep.local_executor import best_score
 from mlexp.sweep.plan import display_name
+from mlexp.sweep.progress import clock
 
 
 @dataclass
@@ -30,8 +31,10 @@ def best_per_backbone(client, run_ids: list[str]) -> list[dict]:
     """The final summary: the best run of each backbone by best/val_acc (a detector's by
     best/val_map, in `best_val_map`; a task of the user's own by the metric its runs chose their
     best epoch by, e.g. `best_val_r2`, lowest first where they chose a minimum), named as
-    `mlexp compare` and `mlexp backbones` name them (resnet18_pretrained, resnet18_scratch)."""
+    `mlexp compare` and `mlexp backbones` name them (resnet18_pretrained, resnet18_scratch), with
+how many of its runs finished and the training time they took together (time/total_s)."""
     best: dict[str, dict] = {}
+    runs, seconds = {}, {}  # per backbone: its runs, and the training time they took together
     for run_id in run_ids:
         run = client.get_run(run_id)
         name, score = best_score(run.data.metrics, run.data.params) or ("", None)
@@ -40,12 +43,16 @@ def best_per_backbone(client, run_ids: list[str]) -> list[dict]:
                                                                 run.data.params.get("best_mode", "auto"))
         backbone = display_name(run.data.params.get("effective.backbone", run.data.params.get("backbone", "?")),
                                 run.data.tags.get("mlexp.init", ""))
+        runs[backbone] = runs.get(backbone, 0) + 1
+        seconds[backbone] = seconds.get(backbone, 0.0) + run.data.metrics.get("time/total_s", 0.0)
         if score is not None and (backbone not in best or (score > best[backbone][column]) == higher):
             best[backbone] = {"backbone": backbone, "run_id": run_id, "run_name": run.info.run_name,
                               "strategy": run.data.tags.get("mlexp.strategy"), column: score,
                               "best_epoch": run.data.metrics.get("best/epoch"),
                               "time_s": run.data.metrics.get("time/total_s"), "score": name,
                               "higher_is_better": higher}
+    for backbone, row in best.items():
+        row.update(runs=runs[backbone], total_time_s=seconds[backbone])
     return sorted(best.values(), key=lambda row: -row[scored(row)] if row["higher_is_better"] else row[scored(row)])
 
 
@@ -60,9 +67,12 @@ def summary_text(result: SweepResult) -> str:
     lines = [f"\nSweep {result.parent_run_id}: " + ", ".join(f"{n} {what}" for what, n in counts.items() if n)]
     if result.best:
         label, column = result.best[0]["score"], scored(result.best[0])
-        lines += ["", "Best run per backbone:", f"  {'backbone':<24} {'best ' + label:>12} {'epoch':>5}  {'strategy':<8} run"]
+        lines += ["", "Best run per backbone:", f"  {'backbone':<24} {'best ' + label:>12} {'epoch':>5}  {'strategy':<8} "
+                  f"{'runs':>4} {'train time':>10}  run"]
         lines += [f"  {row['backbone']:<24} {row[column]:>12.4f} {row['best_epoch'] or 0:>5.0f}  "
-                  f"{row['strategy'] or '':<8} {row['run_id']}" for row in result.best]
+                  f"{row['strategy'] or '':<8} {row['runs']:>4} {clock(row['total_time_s']):>10}  {row['run_id']}"
+                  for row in result.best]
+        lines += [f"  training time, all backbones: {clock(sum(row['total_time_s'] for row in result.best))}"]
     if result.failed:
         lines += ["", "FAILED (their errors are in each run's mlexp.error tag):", *(f"  {run}" for run in result.failed)]
     return "\n".join(lines)
@@ -77,5 +87,6 @@ def report(parent: tracking.RunTracker | None, result: SweepResult) -> None:
     (folder / "sweep_summary.txt").write_text(text.strip() + "\n")
     (folder / "sweep_summary.json").write_text(json.dumps(
         {"finished": result.finished, "failed": result.failed, "skipped": result.skipped,
-         "elsewhere": result.elsewhere, "killed": result.killed, "best": result.best}, indent=2))
+         "elsewhere": result.elsewhere, "killed": result.killed, "best": result.best,
+         "total_time_s": sum(row["total_time_s"] for row in result.best)}, indent=2))
     parent.log_artifacts(folder, "summary")

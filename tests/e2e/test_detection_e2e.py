@@ -170,6 +170,9 @@ def test_a_sweep_of_pretrained_and_scratch_detectors_sums_up_by_val_map(scenes, 
         chosen = max((run for run in children if run.data.tags["mlexp.init"] in row["backbone"]),
                      key=lambda run: run.data.metrics["best/val_map"])
         assert row["run_id"] == chosen.info.run_id and row["best_val_map"] == chosen.data.metrics["best/val_map"]
+        assert row["runs"] == 2 and row["total_time_s"] == pytest.approx(sum(
+            run.data.metrics["time/total_s"] for run in children if run.data.tags["mlexp.init"] in row["backbone"]))
+    assert summary["total_time_s"] == pytest.approx(sum(run.data.metrics["time/total_s"] for run in children))
 
     # compare: the pretrained/scratch pairs (matched on seed) measured on the detectors' own best val mAP
     out = tmp_path / "cmp"
