@@ -192,8 +192,10 @@ def score_column(runs: list[RunRecord], prefix: str) -> str:
 
 
 def said(run: RunRecord, value: float | None) -> str:
-    """A score as a percentage; a detector's says that it is mAP."""
+    """A score as a percentage; a detector's says that it is mAP; a user's task's metric, as it is."""
     score = run_score(run)
+    if score not in SCORES.values():
+        return "-" if value is None else f"{value:.4f} {score.label}"
     return pct(value) if score is ACCURACY or value is None else f"{pct(value)} {score.label}"
 
 

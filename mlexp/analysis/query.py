@@ -156,10 +156,15 @@ def fetch_runs(client, experiment_ids: list[str], filter_string: str | None = No
 def read_histories(reader: Reader, run_ids: list[str], key: str) -> dict[str, list[tuple[int, float]]]:
     """One more key's histories, for runs already fetched: in the reader's batches (a server
     takes at most 100 runs a request), sorted by step as fetch_runs sorts them."""
+    from mlflow.exceptions import MlflowException
+
     found: dict[str, list[tuple[int, float]]] = {}
-    with gc_paused():
-        for start in range(0, len(run_ids), reader.batch_size):
-            found.update(reader.histories(run_ids[start:start + reader.batch_size], key))
+    try:
+        with gc_paused():
+            for start in range(0, len(run_ids), reader.batch_size):
+                found.update(reader.histories(run_ids[start:start + reader.batch_size], key))
+    except MlflowException as error:
+        raise MlexpError(f"cannot read the {key} histories at {reader.client.tracking_uri}: {one_line(error)}") from None
     for points in found.values():
         points.sort()
     return found

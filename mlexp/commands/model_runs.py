@@ -137,14 +137,15 @@ def score_classifier(classifier: Classifier, root: Path, starting: Callable[[int
 def score_detector(detector: Classifier, root: Path, starting: Callable[[int], None]) -> Scored:
     """COCO's mAPs and each class's AP on a detection folder (COCO or YOLO) of the model's classes,
     its images resized as the run's were."""
+    from mlexp.tasks.detection.data import band_names
     from mlexp.tasks.detection.evaluation import detection_folder, evaluate_detector_on  # here: torchmetrics
 
     if not is_detection_folder(root):
         raise MlexpError(f"--data {root}: a detector is evaluated on a folder with annotations.json (COCO) or "
                          "images/ and labels/ (YOLO)")
-    bands = tuple(name for name in (detector.config.get("bands") or "").split(",") if name)
-    images, class_names = detection_folder(root, int(detector.config["img_size"]),
-                                           int(detector.config.get("in_chans", 3)), bands)
+    config = detector.config
+    images, class_names = detection_folder(root, int(config["img_size"]), int(config.get("in_chans", 3)),
+                                           band_names(config.get("bands")))
     check_same_classes(class_names, detector.class_names, root)
     starting(len(images))
     found, per_class = evaluate_detector_on(detector.model, images, detector.class_names)

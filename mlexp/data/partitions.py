@@ -114,8 +114,9 @@ def manifest_rows(path: Path, need_class: bool = True) -> list[dict]:
             columns = {name: int(m.group(1)) for name in reader.fieldnames or [] if (m := FOLD_COLUMN.match(name))}
             needed = {"path", "class"} if need_class else {"path"}
             if not needed <= set(reader.fieldnames or []) or not columns:
+                found = ", ".join(reader.fieldnames or []) or "none"
                 raise MlexpError(f"--splits {path}: expected the columns {', '.join(sorted(needed))} and one per fold "
-                                 f"(1, 2, ... or fold1, fold2, ...), found {', '.join(reader.fieldnames or []) or 'none'}")
+                                 f"(1, 2, ... or fold1, fold2, ...), found {found}")
             return [{"path": row["path"], "class": row.get("class") or "",
                      "folds": {fold: (row[name] or "").strip() for name, fold in columns.items()}} for row in reader]
     except (ValueError, KeyError, TypeError, AttributeError) as error:

@@ -26,13 +26,12 @@ class SweepResult:
     best: list[dict] = field(default_factory=list)
 
 
-
 def best_per_backbone(client, run_ids: list[str]) -> list[dict]:
     """The final summary: the best run of each backbone by best/val_acc (a detector's by
     best/val_map, in `best_val_map`; a task of the user's own by the metric its runs chose their
     best epoch by, e.g. `best_val_r2`, lowest first where they chose a minimum), named as
     `mlexp compare` and `mlexp backbones` name them (resnet18_pretrained, resnet18_scratch), with
-how many of its runs finished and the training time they took together (time/total_s)."""
+    how many of its runs finished and the training time they took together (time/total_s)."""
     best: dict[str, dict] = {}
     runs, seconds = {}, {}  # per backbone: its runs, and the training time they took together
     for run_id in run_ids:
@@ -45,7 +44,8 @@ how many of its runs finished and the training time they took together (time/tot
                                 run.data.tags.get("mlexp.init", ""))
         runs[backbone] = runs.get(backbone, 0) + 1
         seconds[backbone] = seconds.get(backbone, 0.0) + run.data.metrics.get("time/total_s", 0.0)
-        if score is not None and (backbone not in best or (score > best[backbone][column]) == higher):
+        held = best[backbone][column] if backbone in best else None
+        if score is not None and (held is None or (score > held if higher else score < held)):
             best[backbone] = {"backbone": backbone, "run_id": run_id, "run_name": run.info.run_name,
                               "strategy": run.data.tags.get("mlexp.strategy"), column: score,
                               "best_epoch": run.data.metrics.get("best/epoch"),
@@ -67,8 +67,9 @@ def summary_text(result: SweepResult) -> str:
     lines = [f"\nSweep {result.parent_run_id}: " + ", ".join(f"{n} {what}" for what, n in counts.items() if n)]
     if result.best:
         label, column = result.best[0]["score"], scored(result.best[0])
-        lines += ["", "Best run per backbone:", f"  {'backbone':<24} {'best ' + label:>12} {'epoch':>5}  {'strategy':<8} "
-                  f"{'runs':>4} {'train time':>10}  run"]
+        header = (f"  {'backbone':<24} {'best ' + label:>12} {'epoch':>5}  {'strategy':<8} "
+                  f"{'runs':>4} {'train time':>10}")
+        lines += ["", "Best run per backbone:", f"{header}  run"]
         lines += [f"  {row['backbone']:<24} {row[column]:>12.4f} {row['best_epoch'] or 0:>5.0f}  "
                   f"{row['strategy'] or '':<8} {row['runs']:>4} {clock(row['total_time_s']):>10}  {row['run_id']}"
                   for row in result.best]

@@ -87,8 +87,8 @@ def print_outcome(result, delivery, tracking_uri: str) -> None:
         task = result.effective.task
         evaluation = {"classification": "(per-class table, confusion matrix)", "detection": "(per-class AP)"}
         print(f"\nmlexp: run {delivery.run_id} FINISHED: {best_phrase(result)}\n  logged: {LOGGED}"
-              + (", logged models best and final" if result.effective.log_models and is_served(task_of(result.effective))
-                 else "")
+              + (", logged models best and final"
+                 if result.effective.log_models and is_served(task_of(result.effective)) else "")
               + (f", evaluation/{'{test,val}' if result.tested else 'val'}/ {evaluation[task]}" if task in evaluation
                  else "") + f"\n  {where}", flush=True)
         return

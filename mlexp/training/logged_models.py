@@ -64,6 +64,7 @@ class Classifier:
     transform: object
     class_names: list[str]
     config: dict
+    task_reference: str | None = None  # a user's task: MODULE:CLASS as trained (its name may be declared nowhere here)
 
     @torch.no_grad()
     def logits(self, images) -> torch.Tensor:
@@ -105,7 +106,7 @@ def load_classifier(folder: Path) -> Classifier:
         model = task_named(described.get("task_reference", cfg.task)).build_model(spec, model, cfg, len(class_names))
     model.load_state_dict(load_weights(folder / WEIGHTS_FILE))
     transform = build_transforms(cfg, train=False) if cfg.task == "classification" else None
-    return Classifier(model.eval(), transform, class_names, described["config"])
+    return Classifier(model.eval(), transform, class_names, described["config"], described.get("task_reference"))
 
 
 @torch.no_grad()
@@ -154,7 +155,7 @@ def own_task_answers(model: Classifier, model_input) -> pd.DataFrame:
     """A user's task's answers: its predict's rows, one per input."""
     cfg = TrainConfig.from_dict(model.config)
     inputs = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
-    task = task_named(task_reference(cfg.task) if cfg.task not in TASKS else cfg.task)
+    task = task_named(model.task_reference or cfg.task)
     return pd.DataFrame(list(task.predict(model.model, inputs, cfg)))
 
 

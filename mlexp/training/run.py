@@ -114,6 +114,7 @@ def _run(cfg: TrainConfig, resume: ResumePoint | None, tracking_uri: str, offlin
         with stops_as_interrupt():
             try:
                 result = _train(effective, spec, weights, accelerator, training, resume)
+                raise_if_stopped()  # a stop swallowed after the last step: the run did not end as asked
             finally:  # before the run ends: no sample may follow its final status
                 stop_system_metrics(system)
     except KeyboardInterrupt:

@@ -55,7 +55,8 @@ def test_a_detector_sweep_over_a_manifest_s_folds_trains_each_on_its_listed_imag
     client = MlflowClient(sqlite_uri)
     sweep(["--task", "detection", "--data", str(root), "--splits", str(listed), "--folds", "1,2", "--seeds", "1",
            "--img-size", "48", "--batch-size", "4", "--experiment", "boxes-folds"])
-    runs = {run.data.params["fold"]: run for run in runs_of(client, "boxes-folds") if "mlflow.parentRunId" in run.data.tags}
+    runs = {run.data.params["fold"]: run for run in runs_of(client, "boxes-folds")
+            if "mlflow.parentRunId" in run.data.tags}
     assert sorted(runs) == ["1", "2"] and {run.info.status for run in runs.values()} == {"FINISHED"}
     assert runs["1"].data.tags["mlexp.split_digest"] != runs["2"].data.tags["mlexp.split_digest"]
     for fold, run in runs.items():

@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,8 +109,25 @@ def summed_up_by_its_own_metric(client: MlflowClient, said: str, env: dict, fold
     monitored = run_mlexp(["monitor", "--summary", "true", "--experiment", "ink-sweep"], env, folder)
     assert monitored.returncode == 0, monitored.stderr[-2000:]
     assert "2 finished training run(s)" in monitored.stdout and "best val score" in monitored.stdout
+    assert f"{best.data.metrics['best/val_r2']:.4f} r2" in monitored.stdout  # its value as it is, not a percentage
+    loads_where_its_name_is_declared_nowhere(client, best.info.run_id, env, tmp_path)
     assert monitored.stdout.index(best.info.run_name) < monitored.stdout.index(
         next(run.info.run_name for run in children if run is not best))  # best first
+
+
+def loads_where_its_name_is_declared_nowhere(client: MlflowClient, run_id: str, env: dict, tmp_path: Path) -> None:
+    """A model of a run trained as `--task ink` loads and predicts in a fresh process that has
+    neither the module nor the `ink` declaration: it rebuilds its task from MODULE:CLASS."""
+    [model] = [m for m in client.search_logged_models([client.get_run(run_id).info.experiment_id],
+                                                      filter_string=f"source_run_id = '{run_id}'") if m.name == "best"]
+    elsewhere = tmp_path / "nowhere-declared"
+    elsewhere.mkdir()
+    script = ("import sys, mlflow.pyfunc; from sklearn.datasets import load_digits; "
+              "print(mlflow.pyfunc.load_model(sys.argv[1]).predict(load_digits().images[:2])['ink'].tolist())")
+    done = subprocess.run([sys.executable, "-c", script, f"models:/{model.model_id}"], env={**env, "PYTHONPATH": ""},
+                          cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(json.loads(done.stdout.strip().splitlines()[-1])) == 2
 
 
 def served_like_the_run(client: MlflowClient, run_id: str, env: dict, tmp_path: Path) -> None:

@@ -63,3 +63,20 @@ def test_what_does_not_fit_the_manifest_is_one_line(change, said, scenes, tmp_pa
     cfg = TrainConfig(task="detection", data=str(root), splits=str(listed), img_size=48, **{"fold": 1, **change})
     with pytest.raises(MlexpError, match=said.replace("(", r"\(").replace(")", r"\)")):
         detection_splits(cfg)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_pictures_of_any_mode_train_a_three_channel_detector(mode, scenes, tmp_path):
+    """Greyscale, RGBA or palette PNGs are made RGB as they are read: the channel check before
+    the run lets them through, and a detector gets three channels from each."""
+    from PIL import Image
+
+    from mlexp.tasks.detection.images import DetectionImages
+
+    root = write_yolo(tmp_path / "yolo", scenes)
+    for path in (root / "images").iterdir():
+        Image.open(path).convert(mode).save(path)
+    cfg = TrainConfig(task="detection", data=str(root), img_size=48)
+    train, _, _ = detection_splits(cfg)
+    pixels, _ = DetectionImages(train.images, 48)[0]
+    assert pixels.shape == (3, 48, 48)

@@ -30,16 +30,19 @@ def test_a_stop_swallowed_by_a_finalizer_is_raised_at_the_next_check(signum, mon
     monkeypatch.setattr(interrupts, "_stopped_by", None)
     swallowed = []
     monkeypatch.setattr(sys, "unraisablehook", swallowed.append)  # where Python puts "Exception ignored in ..."
-    with stops_as_interrupt():
-        raise_if_stopped()  # nothing asked yet
-        SignalledWhileFinalized(signum)  # dropped at once: its finalizer swallows the interrupt
-        assert [type(what.exc_value) for what in swallowed] == [KeyboardInterrupt]
-        with pytest.raises(KeyboardInterrupt):
-            raise_if_stopped()
+    with stops_as_interrupt():  # a study
+        with stops_as_interrupt():  # its trial's run
+            raise_if_stopped()  # nothing asked yet
+            SignalledWhileFinalized(signum)  # dropped at once: its finalizer swallows the interrupt
+            assert [type(what.exc_value) for what in swallowed] == [KeyboardInterrupt]
+            with pytest.raises(KeyboardInterrupt):
+                raise_if_stopped()  # at the run's next hand-over of steps
+        with pytest.raises(KeyboardInterrupt), stops_as_interrupt():  # the study's next run does not start
+            pass
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handlers are back
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with pytest.raises(KeyboardInterrupt), stops_as_interrupt():  # the next run of this process stops at once
-        pass
+    with stops_as_interrupt():  # once the outermost has ended, a later run of this process starts afresh
+        raise_if_stopped()
 
 
 def test_a_sigint_the_process_was_told_to_ignore_stays_ignored(monkeypatch):

@@ -67,6 +67,8 @@ def attach_band(split: DetectionSplit, root: Path, band: str) -> None:
              if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")}
     for item in split.images:
         base = root / "images" if root / "images" in item.path.parents else root
+        if not item.path.is_relative_to(base):
+            raise MlexpError(f"{item.path}: outside {root}, so it has no place in {folder} (--bands {band})")
         where = folder / item.path.parent.relative_to(base)
         if (where, item.path.stem) not in found:
             raise MlexpError(f"{item.path}: no {band} file of the same name ({where / item.path.stem}.*): with "

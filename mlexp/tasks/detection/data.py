@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import Subset
 
 from mlexp.config import TrainConfig
@@ -55,7 +56,9 @@ def listed_splits(cfg: TrainConfig, root: Path, bands: tuple[str, ...]
     check_official_split(cfg, official_folds(cfg))
     partition = read_manifest(Path(cfg.splits).expanduser(), root, cfg.fold, need_class=False)
     every = read_split(root, bands)
-    annotated = {item.path.resolve().relative_to(root.resolve()).as_posix(): item for item in every.images}
+    inside = root.resolve()
+    annotated = {item.path.resolve().relative_to(inside).as_posix(): item for item in every.images
+                 if item.path.resolve().is_relative_to(inside)}  # a COCO file_name elsewhere cannot be listed
     chosen = {}
     for context, rows in partition.members.items():
         unknown = [path for path, _ in rows if path not in annotated]
@@ -67,16 +70,20 @@ def listed_splits(cfg: TrainConfig, root: Path, bands: tuple[str, ...]
     return chosen["train"], chosen["val"], chosen.get("test")
 
 
-def band_names(cfg: TrainConfig) -> tuple[str, ...]:
-    return tuple(name.strip() for name in (cfg.bands or "").split(",") if name.strip())
+def band_names(cfg_or_text: TrainConfig | str | None) -> tuple[str, ...]:
+    """--bands as folder names ("depth, thermal" -> ("depth", "thermal")), of a config or as typed."""
+    text = cfg_or_text.bands if isinstance(cfg_or_text, TrainConfig) else cfg_or_text
+    return tuple(name.strip() for name in (text or "").split(",") if name.strip())
 
 
 def check_channels(split: DetectionSplit, in_chans: int) -> None:
-    """The first image (with its bands) has --in-chans channels: else one line before any run."""
+    """The first image (with its bands) has --in-chans channels: else one line before any run.
+    A picture in a 3-channel run has them whatever its mode (greyscale, RGBA: made RGB as read)."""
     if not split.images:
         return
     first = split.images[0]
-    found = channels_of(read_pixels(first, in_chans)).shape[-1]
+    pixels = read_pixels(first, in_chans)
+    found = 3 if in_chans == 3 and isinstance(pixels, Image.Image) else channels_of(pixels).shape[-1]
     if found != in_chans:
         bands = f" with its bands ({', '.join(str(path) for path in first.bands)})" if first.bands else ""
         raise MlexpError(f"{first.path}{bands} has {found} channel(s) but --in-chans is {in_chans}")

@@ -3,6 +3,8 @@ image of it, each process's detections gathered first."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from accelerate import Accelerator
 
@@ -10,17 +12,19 @@ from mlexp.tasks.detection.metrics import as_metric_inputs, map_results, new_map
 
 
 @torch.no_grad()
-def evaluate_detector(model: torch.nn.Module, loader, accelerator: Accelerator,
+def evaluate_detector(model: torch.nn.Module, loader, accelerator: Accelerator | None,
                       class_names: list[str]) -> tuple[dict[str, float], list[dict]]:
-    """({"map", "map_50", "map_75"}, one row per class with its AP)."""
+    """({"map", "map_50", "map_75"}, one row per class with its AP). accelerator None: one process,
+    no mixed precision (a logged model, as it loads)."""
     model.eval()
     metric = new_map_metric()
     for images, targets in loader:
-        with accelerator.autocast():
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
             detections = model(images)
         predictions, truths = as_metric_inputs(detections, targets)
-        if accelerator.num_processes > 1:  # boxes per image differ: gathered as objects, not tensors, and the
-            # images the sampler repeated to even out the ranks' last batches dropped: each image counts once
+        # boxes per image differ: gathered as objects, not tensors, and the images the sampler
+        # repeated to even out the ranks' last batches dropped: each image counts once
+        if accelerator is not None and accelerator.num_processes > 1:
             predictions = accelerator.gather_for_metrics(predictions, use_gather_object=True)
             truths = accelerator.gather_for_metrics(truths, use_gather_object=True)
         metric.update(predictions, truths)
@@ -45,4 +49,4 @@ def evaluate_detector_on(model: torch.nn.Module, images, class_names: list[str],
     from mlexp.tasks.detection.images import collate
 
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    return evaluate_detector(model, loader, Accelerator(cpu=True), class_names)
+    return evaluate_detector(model, loader, None, class_names)
