@@ -47,6 +47,14 @@ READ_AT_IMPORT = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "PYTORCH", "CUDA
                   "MLFLOW_CONFIGURE_LOGGING")
 
 
+def as_from_a_terminal() -> None:
+    """A command gets Ctrl-C as a user's shell delivers it: SIGINT neither blocked nor ignored,
+    whatever earlier in-process code (another test's) left in this pytest process. (Python keeps
+    an inherited SIG_IGN; a launcher started so would train on through a test's Ctrl-C.)"""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def imported_the_same(env: dict[str, str], starter_env: dict[str, str]) -> bool:
     names = {name for name in (*env, *starter_env) if name.startswith(READ_AT_IMPORT)}
     return all(env.get(name) == starter_env.get(name) for name in names)
@@ -123,7 +131,7 @@ class WarmStarter:
         """As `subprocess.run([python, -m, mlexp, *args], capture_output=True, text=True)`."""
         if not self.ready_for(env):
             return subprocess.run([sys.executable, "-m", "mlexp", *args], env=env, cwd=cwd, capture_output=True,
-                                  text=True, timeout=timeout)
+                                  text=True, timeout=timeout, preexec_fn=as_from_a_terminal)
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             process = self.fork(args, env, cwd, out.fileno(), err.fileno())
             try:
@@ -141,7 +149,7 @@ class WarmStarter:
         """As `subprocess.Popen([python, -m, mlexp, *args], stdout=PIPE, stderr=STDOUT, text=True)`."""
         if not self.ready_for(env):
             return subprocess.Popen([sys.executable, "-m", "mlexp", *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
+                                    stderr=subprocess.STDOUT, text=True, preexec_fn=as_from_a_terminal)
         reading, writing = os.pipe()
         try:
             process = self.fork(args, env, cwd, writing, writing)
@@ -171,8 +179,11 @@ class WarmStarter:
         folder = tempfile.mkdtemp(prefix="mlexp-warm-")
         self.env, self.socket_path = dict(env), os.path.join(folder, "starter.sock")
         # stdin: a pipe only this test process holds, so the starter ends with it
+        # Ctrl-C as from a terminal: the starter's Python then installs its KeyboardInterrupt
+        # handler, and every child forked from it has it, as `python -m mlexp` from a shell has
         self.process = subprocess.Popen([sys.executable, __file__, self.socket_path], env=env, cwd=folder,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        preexec_fn=as_from_a_terminal)
         atexit.register(self.stop, folder)
         said = self.process.stdout.readline().strip()
         if said != "ready":  # every command then starts cold: slower, never wrong

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from mlexp.tracking import claims
 from tests.faults import DIGITS_TRAIN
 from tests.helpers import run_mlexp, runs_of, steps, subprocess_env
+from tests.warm_start import as_from_a_terminal
 
 BATCH = 64
 GRID = ["sweep", "--backbones", "test_resnet", "--inits", "scratch", "--data", "digits", "--img-size", "16",
@@ -160,13 +161,6 @@ def test_ctrl_c_ends_children_killed_and_the_same_command_resumes_them_in_their_
     assert_each_trained_once(client, children_after, epochs=10)
     for log in logs_of(tmp_path, parent.info.run_id):  # each child's log: its first part, then its resume
         assert "mlexp: resuming run" in log.read_text(), log.read_text()[-4000:]
-
-
-def as_from_a_terminal() -> None:
-    """The launcher gets Ctrl-C as a user's shell delivers it: SIGINT neither blocked nor
-    ignored, whatever earlier in-process code left in this pytest process."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_bad_launch_options_are_one_line_exit_2_and_create_no_run(sqlite_uri, capsys, monkeypatch):

@@ -25,8 +25,17 @@ class SignalledWhileFinalized:
         time.sleep(0.05)  # the handler runs here, between two bytecodes of this finalizer
 
 
+@pytest.fixture
+def as_from_a_shell():
+    """SIGINT as a command started from a shell has it (earlier code in this test process may
+    have left it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_swallowed_by_a_finalizer_is_raised_at_the_next_check(signum, monkeypatch):
+def test_a_stop_swallowed_by_a_finalizer_is_raised_at_the_next_check(signum, monkeypatch, as_from_a_shell):
     monkeypatch.setattr(interrupts, "_stopped_by", None)
     swallowed = []
     monkeypatch.setattr(sys, "unraisablehook", swallowed.append)  # where Python puts "Exception ignored in ..."
