@@ -44,8 +44,10 @@ def best_per_backbone(client, run_ids: list[str]) -> list[dict]:
                                 run.data.tags.get("mlexp.init", ""))
         runs[backbone] = runs.get(backbone, 0) + 1
         seconds[backbone] = seconds.get(backbone, 0.0) + run.data.metrics.get("time/total_s", 0.0)
-        held = best[backbone][column] if backbone in best else None
-        if score is not None and (held is None or (score > held if higher else score < held)):
+        if score is None:  # a run without a best score (an older or failed one): counted, never the best
+            continue
+        held = best[backbone].get(column) if backbone in best else None
+        if held is None or (score > held if higher else score < held):
             best[backbone] = {"backbone": backbone, "run_id": run_id, "run_name": run.info.run_name,
                               "strategy": run.data.tags.get("mlexp.strategy"), column: score,
                               "best_epoch": run.data.metrics.get("best/epoch"),
