@@ -144,10 +144,12 @@ def is_served(task: Task) -> bool:
 def task_reference(name: str) -> str | None:
     """MODULE:CLASS of a user's task (None for a built-in one): what a logged model rebuilds it
     from, where no package declares its name."""
-    if name in TASKS:
-        return None
-    declared = {point.name: point.value for point in entry_points(group=TASK_GROUP)}
-    return declared.get(name, name)
+    return None if name in TASKS else declared_tasks().get(name, name)
+
+
+def declared_tasks() -> dict[str, str]:
+    """name -> MODULE:CLASS of the tasks installed packages declare (the `mlexp.tasks` entry points)."""
+    return {point.name: point.value for point in entry_points(group=TASK_GROUP)}
 
 
 def task_of(cfg: TrainConfig) -> Task:
@@ -159,7 +161,7 @@ def task_named(name: str) -> Task:
     """A built-in task, a task a package declares (entry points), or MODULE:CLASS of the user's own."""
     if name in TASKS:
         return TASKS[name]
-    declared = {point.name: point.value for point in entry_points(group=TASK_GROUP)}
+    declared = declared_tasks()
     reference = declared.get(name, name)
     module_name, _, attribute = reference.partition(":")
     if not module_name or not attribute:
