@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/compare_2000_runs.py            # fresh server in a temp folder
     .venv/bin/python benchmarks/compare_2000_runs.py --keep /tmp/cmp-bench   # keep (and reuse) the store
+    .venv/bin/python benchmarks/compare_2000_runs.py --backend postgresql://USER@HOST:PORT/DB  # the server on PostgreSQL
 
 Creates the runs through the server with `log_batch` (one call per run: ~50 params, 8 tags,
 10 epochs x 9 metrics and the end-of-run summary), which is not the measured part, then times
-`compare()` end to end: search, metric histories, statistics, tables and plots. The acceptance
-criterion is under 10 s. It also prints which MLflow doors answered (mlexp.analysis.mlflow_internals):
-a fallback to the public API there means an MLflow upgrade closed a fast path.
+`compare()` end to end: search, metric histories, statistics, tables and plots. The target
+is 2,000 runs in under 3 s and 10,000 in under 10 s, first call included (not reached: the
+server's own search takes about 3 s per 1,000 runs; README "Comparing runs"). It also prints
+which MLflow doors answered (mlexp.analysis.mlflow_internals): a fallback to the public API
+there means an MLflow upgrade closed a fast path.
 """
 
 from __future__ import annotations
@@ -94,10 +97,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--keep", type=Path, help="store folder to keep and reuse between invocations")
     parser.add_argument("--repeat", type=int, default=2, help="time compare this many times")
+    parser.add_argument("--backend", help="the server's backend store URI (an empty PostgreSQL database is filled "
+                        "once, then reused); default: SQLite in the store folder")
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="mlexp-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    proc, uri = start_local_server(root)
+    proc, uri = start_local_server(root, backend=args.backend)
     try:
         populate(uri, args.runs)
         client = MlflowClient(uri)
@@ -115,7 +120,8 @@ def main() -> None:
                   + (f"; FELL BACK: {result.reads['fallbacks']}" if result.reads["fallbacks"] else ""))
         print(format_table(result))
         print(f"RESULT: compare over {len(result.runs)} runs: first call {figures[0]:.2f} s, "
-              f"best {min(figures):.2f} s (acceptance: under 10 s)")
+              f"best {min(figures):.2f} s (the target: 2,000 runs in under 3 s, 10,000 in under 10 s, "
+              "first call included)")
     finally:
         proc.terminate()
         proc.wait(timeout=20)
