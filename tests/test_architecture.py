@@ -92,3 +92,45 @@ def test_modules_and_functions_stay_readable():
                 if length > MAX_FUNCTION_LINES:
                     too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}(): {length} lines")
     assert too_long == []
+
+
+def unexplained_imports(source: str) -> list[str]:
+    """Imports inside functions that do not say why they are there: a comment on the import or
+    on the line above its run of imports, or the module's `# Imported where used:` note naming
+    the module in backticks (`mlflow`: every import from mlflow; `mlexp.tasks.detection`: that
+    package's modules)."""
+    lines = source.splitlines()
+    note_names: set[str] = set()
+    for index, line in enumerate(lines):
+        if line.startswith("# Imported where used"):
+            while index < len(lines) and lines[index].startswith("#"):
+                note_names.update(name for name in lines[index].split("`")[1::2] if " " not in name)
+                index += 1
+    unexplained = []
+    for function in ast.walk(ast.parse(source)):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+            first = node.lineno - 1  # the run of import lines this one belongs to, and the line above it
+            while first > 0 and lines[first - 1].strip().startswith(("import ", "from ")):
+                first -= 1
+            said = any("#" in line for line in lines[max(first - 1, 0):node.end_lineno])
+            named = any(module == name or module.startswith(name + ".") for name in note_names)
+            if not (said or named):
+                unexplained.append(f"line {node.lineno}: {lines[node.lineno - 1].strip()}")
+    return sorted(set(unexplained))
+
+
+def test_the_import_finder_finds_unexplained_imports():
+    source = ("# Imported where used: `optuna` (0.2 s).\n\ndef f():\n    import optuna\n    import torch\n"
+              "    import numpy  # here: why\n\ndef g():\n    # why these two\n    import json\n    import csv\n")
+    assert unexplained_imports(source) == ["line 5: import torch"]
+
+
+def test_every_import_inside_a_function_says_why():
+    unexplained = {str(path.relative_to(ROOT)): unexplained_imports(path.read_text())
+                   for path in sorted(PACKAGE.rglob("*.py"))}
+    assert {path: found for path, found in unexplained.items() if found} == {}

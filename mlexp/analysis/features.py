@@ -23,6 +23,8 @@ pretrained weights file the run logged, and for a scratch run the initialisation
 reproduces (mlexp builds the model right after `set_seed(seed)`, as training does).
 """
 
+# Imported where used: `accelerate` (about 1.4 s), which only rebuilding a scratch model's
+# initial weights from its seed needs.
 from __future__ import annotations
 
 import json

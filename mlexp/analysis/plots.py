@@ -2,6 +2,8 @@
 bars. matplotlib's object API with the Agg canvas (no pyplot state, no display needed); each
 group has its own colour in every plot."""
 
+# Imported where used: `matplotlib`, which compare starts importing on a thread while the
+# server answers (compare.warm_up), so its 0.4 s overlap the wait.
 from __future__ import annotations
 
 import math

@@ -12,6 +12,8 @@ Python's cyclic garbage collector is paused while the results are built: it does
 useful work on these acyclic records and otherwise takes most of the time.
 """
 
+# Imported where used: `mlflow` (about 1.4 s), because `mlexp --help`, the option checks and
+# their one-line errors import this module and come before it.
 from __future__ import annotations
 
 import gc

@@ -25,6 +25,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -216,8 +217,6 @@ def holm(p_values) -> np.ndarray:
 
 def wilson_interval(successes: float, n: int, level: float = LEVEL) -> tuple[float, float]:
     """Wilson score interval of a proportion (sensible at 0/n and n/n, unlike the normal one)."""
-    from statistics import NormalDist
-
     if n == 0:
         return math.nan, math.nan
     z = NormalDist().inv_cdf((1 + level) / 2)

@@ -2,8 +2,11 @@
 it chose, how close its best trials were, and whether the arms' order holds beyond each arm's
 single best configuration."""
 
+# Imported where used: `matplotlib` and `optuna` (their plots): only the plots at a study's end
+# need them, not the report's tuning section.
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +68,6 @@ PLOTS_PATH = "study_plots"  # on the study's parent run
 def study_plots(studies: dict[str, Any], out_dir: Path) -> list[Path]:
     """Optuna's slice and parallel-coordinate plots of each arm's trials that ran to the end:
     where in the space its good values lie, and which values went together."""
-    import warnings
-
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 

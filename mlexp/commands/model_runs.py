@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from mlflow.entities import LoggedModelStatus
+from torch.utils.data import DataLoader
 
 from mlexp import tracking
 from mlexp.data.digests import describe
@@ -32,6 +35,7 @@ from mlexp.data.images import CheckedImageFolder
 from mlexp.errors import MlexpError
 from mlexp.option_values import best_is_max, best_key
 from mlexp.tasks.detection.annotations import is_detection_folder
+from mlexp.tasks.detection.data import band_names
 from mlexp.tracking import registry
 from mlexp.training.evaluation import split_metrics, write_report
 from mlexp.training.logged_models import (
@@ -137,7 +141,6 @@ def score_classifier(classifier: Classifier, root: Path, starting: Callable[[int
 def score_detector(detector: Classifier, root: Path, starting: Callable[[int], None]) -> Scored:
     """COCO's mAPs and each class's AP on a detection folder (COCO or YOLO) of the model's classes,
     its images resized as the run's were."""
-    from mlexp.tasks.detection.data import band_names
     from mlexp.tasks.detection.evaluation import detection_folder, evaluate_detector_on  # here: torchmetrics
 
     if not is_detection_folder(root):
@@ -175,8 +178,6 @@ def check_same_classes(found: list[str], trained: list[str], root: Path) -> None
 
 @torch.no_grad()
 def run_model(classifier: Classifier, folder):
-    from torch.utils.data import DataLoader
-
     logits, labels = [], []
     for images, targets in DataLoader(folder, batch_size=EVAL_BATCH, shuffle=False):
         logits.append(classifier.model(images).float())
@@ -187,8 +188,6 @@ def run_model(classifier: Classifier, folder):
 
 
 def write_predictions(path: Path, paths: list[str], result, class_names: list[str], root: Path) -> None:
-    import pandas as pd
-
     probabilities = torch.softmax(result.logits, dim=1).numpy()
     table = pd.DataFrame({"image": [str(Path(p).relative_to(root)) for p in paths],
                           "label": [class_names[i] for i in result.labels.tolist()],
@@ -247,8 +246,6 @@ def best_model(client, experiments: list[str], metric: str | None):
     each model's own --best-metric and --best-mode (its `best` weights are its best epoch by
     them); models that chose by different metrics cannot be ranked on one scale, and registering
     moves an alias people serve from, so that is a user error naming --metric, not a guess."""
-    from mlflow.entities import LoggedModelStatus
-
     ids = []
     for experiment in experiments:
         found = client.get_experiment_by_name(experiment)

@@ -1,6 +1,8 @@
 """`mlexp tune` (and `mlflow run . -e tune`): arms tuned with equal budgets, their best retrained
 over paired seeds, and compared (mlexp.sweep.study)."""
 
+# Imported where used: `mlexp.tasks` (it loads torch, about 2 s), which `mlexp tune --help`
+# does not need.
 from __future__ import annotations
 
 import sys
@@ -14,7 +16,10 @@ from mlexp.commands.declarations import TuneOptions
 from mlexp.commands.options import CONTEXT, build_config, config_options, declared_options, parse_options
 from mlexp.config import parse_value
 from mlexp.errors import MlexpError
+from mlexp.models.preflight import preflight
+from mlexp.sweep.local_executor import check_counts
 from mlexp.sweep.plan import INITS
+from mlexp.sweep.ray_executor import import_ray
 from mlexp.sweep.space import parse_space
 
 # What a study sets per trial or per arm: not training options of the study.
@@ -106,9 +111,6 @@ def tune_with(values: dict[str, Any], project_run_id: str | None = None) -> None
 
 def check_launch(own: TuneOptions) -> None:
     """--parallel, --cpus-per-run, --executor: one line now for a bad value."""
-    from mlexp.sweep.local_executor import check_counts
-    from mlexp.sweep.ray_executor import import_ray
-
     if own.ray_address and own.executor != "ray":
         raise MlexpError("--ray-address needs --executor ray")
     if (own.cpus_per_run or own.gpus_per_run) and own.executor != "ray" and (own.parallel or 1) == 1:
@@ -122,7 +124,6 @@ def check_launch(own: TuneOptions) -> None:
 def check_arms(plan) -> None:
     """Each arm's configuration as a trial would train it, checked before anything starts: its
     backbone, its weights, its data, and every value of the space inside what the option takes."""
-    from mlexp.models.preflight import preflight
     from mlexp.tasks.kinds import task_of
 
     for arm in plan.arms:

@@ -6,6 +6,7 @@ its real range; hidden entries (names starting with a dot: `.ipynb_checkpoints`,
 or listed by split files.
 """
 
+# Imported where used: `sklearn` (its datasets), which only `--data digits` needs.
 from __future__ import annotations
 
 import os

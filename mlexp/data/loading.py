@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import gc
 import os
+import random
+import time
 from functools import cache
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from mlexp.config import TrainConfig
 
@@ -75,10 +77,6 @@ class EpochSeeded(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        import random
-
-        from torch.utils.data import get_worker_info
-
         seed = (self.seed * 1_000_003 + int(self.epoch[0]) * 7_919 + index * 104_729) % 2**32
         in_worker = get_worker_info() is not None
         if not in_worker:
@@ -104,10 +102,6 @@ def loader_samples_per_s(dataset: Dataset, cfg: TrainConfig, workers: int, max_b
     over up to `max_batches` batches or `max_seconds`, from the first batch on (worker
     start-up left out) when there are two or more. Next to perf/samples_per_s it says
     whether the loader or the model is the bottleneck. Random states are left as they were."""
-    import time
-
-    from torch.utils.data import DataLoader
-
     loader = DataLoader(dataset, shuffle=False, collate_fn=collate,
                         **{**loader_kwargs(cfg, workers), "persistent_workers": False})
     with torch.random.fork_rng(devices=[]):

@@ -2,6 +2,7 @@
 so runs that differ only in `--seed` are evaluated on the same validation images (what makes
 seed-paired comparisons meaningful); every class must be large enough for the split asked."""
 
+# Imported where used: `sklearn` (about 1 s), which only a run that splits a folder needs.
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@ with the backbone's mean and std, repeated over the channels as timm repeats a p
 RGB filters over them (channel n takes RGB channel n mod 3's).
 """
 
+# Imported where used: `tifffile`, which only TIFF stacks need.
 from __future__ import annotations
 
 from pathlib import Path

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import datasets
 
-from mlexp.data.images import to_rgb8
+from mlexp.data.images import load_rgb_image, to_rgb8
 from mlexp.errors import MlexpError
 
 PREFIX = "torchvision:"
@@ -106,8 +107,6 @@ class TorchvisionImages(Dataset):
 
 def open_split(data: str, context: str, fold: int, download: bool) -> tuple[Dataset, list[str]] | None:
     """The torchvision dataset of one split (None if the dataset has no such split) and its class names."""
-    from torchvision import datasets
-
     name, reader, root = parse(data)
     if context not in reader.splits:
         return None
@@ -116,7 +115,6 @@ def open_split(data: str, context: str, fold: int, download: bool) -> tuple[Data
     if reader.partitions:
         kwargs["partition"] = fold
     if "loader" in inspect.signature(constructor).parameters:
-        from mlexp.data.images import load_rgb_image
         kwargs["loader"] = load_rgb_image
     try:
         base = constructor(str(root), **kwargs)

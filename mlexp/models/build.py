@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import timm
+
 from mlexp.errors import MlexpError
 from mlexp.models.catalogue import BackboneSpec
 from mlexp.models.weight_files import LoadReport, load_weights
@@ -30,8 +32,6 @@ class BuiltModel:
 
 def create_model(spec: BackboneSpec, num_classes: int, img_size: int) -> torch.nn.Module:
     """The randomly initialised network (timm never downloads here: finding weights is mlexp.models.weight_sources' job)."""
-    import timm
-
     kwargs = spec.create_kwargs(img_size)
     try:
         return timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)

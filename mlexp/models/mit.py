@@ -10,6 +10,9 @@ takes the encoder's four stages (strides 4 to 32) as its feature pyramid, with t
 parameter names, so a classifier's weights load into it.
 """
 
+# Imported where used: `segmentation_models_pytorch` (the mit extra: without it, one line says
+# how to install it) and `timm`, because naming a `mit_*` backbone loads this module (its entry
+# point) before any model is built.
 from __future__ import annotations
 
 import torch

@@ -17,15 +17,18 @@ runs and logged models import it again (a logged model carries the module's sour
 `plugin_sources`).
 """
 
+# Imported where used: `timm` (about 3 s with torch), because `mlexp --help` and the option
+# checks read a user's modules here before it loads.
 from __future__ import annotations
 
 import functools
 import importlib
 import inspect
 import os
+import shutil
 import sys
 import warnings
-from importlib.metadata import entry_points
+from importlib.metadata import entry_points, packages_distributions, version
 from pathlib import Path
 from types import ModuleType
 
@@ -146,8 +149,6 @@ def user_modules(backbone: str, plugins: str | None, extra: tuple[str, ...] = ()
 
 def copy_plugin_sources(backbone: str, plugins: str | None, folder: Path, extra: tuple[str, ...] = ()) -> list[Path]:
     """Copy the source of the user's modules into `folder` (which a loader then puts on sys.path)."""
-    import shutil
-
     copied = []
     for source in plugin_sources(user_modules(backbone, plugins, extra)):
         target = folder / source.name
@@ -167,8 +168,6 @@ def plugin_requirements(backbone: str, plugins: str | None, extra: tuple[str, ..
     installed = [name for name in user_modules(backbone, plugins, extra) if not _travels_as_source(name)]
     if not installed:
         return []
-    from importlib.metadata import packages_distributions, version
-
     providers = packages_distributions()
     return [f"{dist}=={version(dist)}" for name in installed for dist in providers.get(name.split(".")[0], [])]
 

@@ -28,6 +28,7 @@ import fnmatch
 import re
 import warnings
 
+from timm.models import group_parameters
 from torch import nn
 
 from mlexp.config import TrainConfig, phase_regexes
@@ -156,7 +157,6 @@ def _last_group(model: nn.Module, is_head) -> str | None:
     """The parameters of the model's top group below the classifier, by timm's group_matcher."""
     if not hasattr(model, "group_matcher"):
         return None
-    from timm.models import group_parameters
     try:
         raw = group_parameters(model, model.group_matcher(coarse=True), reverse=True)
     except (NotImplementedError, TypeError, AttributeError):
@@ -181,7 +181,6 @@ def layer_ids(model: nn.Module, is_head, unfreeze_patterns: str | None = None) -
         parts = [re.compile(part).match for part in phase_regexes(unfreeze_patterns)]
         raw = {n: len(parts) - next((i for i, matches in enumerate(parts) if matches(n)), len(parts)) for n in names}
     elif hasattr(model, "group_matcher"):
-        from timm.models import group_parameters
         try:
             raw = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
         except (NotImplementedError, TypeError, AttributeError):

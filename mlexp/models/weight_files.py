@@ -10,6 +10,8 @@ Which file to load is `mlexp.models.weight_sources`. Importing this module impor
 nor timm (mlexp.models.catalogue imports it, and must stay light): each function imports them itself.
 """
 
+# Imported where used: `torch`, `safetensors`, `timm` and `mlexp.models.heads` (torch),
+# because the option checks read a weights file's name here and fail in under 2 s.
 from __future__ import annotations
 
 import importlib

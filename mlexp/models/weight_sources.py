@@ -17,6 +17,8 @@ this module imports neither at module level, and the catalogue knows each arch's
 without timm. Loading the located file is `mlexp.models.weight_files`.
 """
 
+# Imported where used: `mlflow`, `huggingface_hub` and `torch`, because `mlexp --help` and
+# the option checks import this module; each source's library loads only when weights come from it.
 from __future__ import annotations
 
 import os
@@ -25,6 +27,8 @@ import shutil
 import sys
 import tempfile
 import threading
+import urllib.error
+import urllib.request
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,9 +346,6 @@ def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Does `url` answer HTTP (any status) within `timeout`? A bare TCP connect is not enough:
     sandboxes and intercepting proxies accept connections and then hang or fail TLS. The probe
     runs in a thread, so a slow DNS lookup (which ignores socket timeouts) is bounded too."""
-    import urllib.error
-    import urllib.request
-
     result: list[bool] = []
 
     def probe() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import optuna
+
 IMPORTANCE_RESAMPLES = 20
 
 
@@ -10,9 +13,6 @@ def importances(done: list, names: list[str], seed: int,
     """Each hyperparameter's importance to the arm's best metric (Optuna's fANOVA), with a 90%
     interval from resampling the arm's finished trials: few trials say little, and this says how
     little. Empty below three finished trials or with one hyperparameter."""
-    import numpy as np
-    import optuna
-
     if len(done) < 3 or len(names) < 2:
         return {}
     rng = np.random.default_rng(seed)

@@ -11,6 +11,8 @@ launcher that loses the claim leaves that configuration to whoever holds it. The
 `run_job` serves the local executor (below) and Ray tasks (`ray_executor`).
 """
 
+# Imported where used: `torch` (about 2 s), only to count GPUs when a sweep starts: `mlexp --help`
+# imports this module.
 from __future__ import annotations
 
 import ctypes

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 
+import optuna
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
 from mlexp.sweep.study_plan import StudyPlan
 
 
 def optuna_storage(plan: StudyPlan):
-    from optuna.storages import JournalStorage, RDBStorage
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
     if plan.storage:
         return RDBStorage(plan.storage)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
@@ -22,8 +23,6 @@ def optuna_storage(plan: StudyPlan):
 
 
 def sampler_for(plan: StudyPlan, arm_index: int, trials_so_far: int = 0):
-    import optuna
-
     # Each arm its own stream, the same for the same command. A sampler's generator does not
     # survive its process: one that continues a study is seeded on from the trials it already
     # has, or it would propose the study's first trials again; and each of --parallel's workers
@@ -37,8 +36,6 @@ def sampler_for(plan: StudyPlan, arm_index: int, trials_so_far: int = 0):
 
 
 def pruner_for(plan: StudyPlan):
-    import optuna
-
     return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
             "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(),
             "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=plan.base.epochs),
@@ -50,8 +47,6 @@ def arm_study(plan: StudyPlan, storage, index: int, place):
     against another tracking store (another parent) searches afresh, never continuing a search
     whose runs are elsewhere. A study begun before the parent was in the name is continued
     where its trials' runs are in this store."""
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # mlexp says what happens, once
     name = arm_study_name(plan, storage, index, place)
     direction = "maximize" if plan.higher_is_better else "minimize"
@@ -71,8 +66,6 @@ def arm_study_name(plan: StudyPlan, storage, index: int, place) -> str:
 
 def continues_here(storage, name: str, place) -> bool:
     """Whether the Optuna study `name` exists and its trials' runs are in this tracking store."""
-    import optuna
-
     try:
         trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     except KeyError:

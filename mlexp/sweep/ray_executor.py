@@ -11,6 +11,7 @@ training resumes the same MLflow run from its last checkpoint, never a second ru
 Ray is optional: `pip install 'mlexp[ray]'`.
 """
 
+# Imported where used: `ray` (the ray extra), only with `--executor ray`.
 from __future__ import annotations
 
 import signal

@@ -7,6 +7,8 @@ for whole numbers, `:log` to sample on a log scale, `:int:log` both); a list of 
 (`0,0.1` or `adamw,sgd`) is a choice among them. The ranges become Optuna's distributions.
 """
 
+# Imported where used: `optuna`, because `mlexp tune --help` and its option checks import
+# this module.
 from __future__ import annotations
 
 import typing

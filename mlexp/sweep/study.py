@@ -24,6 +24,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import optuna
+from optuna.trial import TrialState
+
 from mlexp import tracking
 from mlexp.errors import MlexpError
 from mlexp.option_values import best_key
@@ -95,9 +98,6 @@ def counted(study) -> list:
 def tune_arm(plan: StudyPlan, place: Place, storage, index: int) -> None:
     """Train the arm's trials until it has its budget: resume a killed launcher's, ask for new
     ones, and wait for those another launcher is training."""
-    import optuna
-    from optuna.trial import TrialState
-
     study, arm = arm_study(plan, storage, index, place), plan.arms[index]
     distributions = {d.name: d.distribution() for d in plan.space}
     said_waiting: set[int] = set()
@@ -138,8 +138,6 @@ def tell(study, trial, value: float | None = None, state=None) -> None:
 
 def settle_ended(place: Place, study, frozen) -> bool:
     """A trial Optuna has RUNNING whose run ended (its launcher died, or is about to tell): told so. True if it was."""
-    from optuna.trial import TrialState
-
     run_id = frozen.user_attrs.get("run_id")
     if not run_id:
         return False
@@ -160,8 +158,6 @@ def settle_ended(place: Place, study, frozen) -> bool:
 def train_trial(plan: StudyPlan, place: Place, study, trial, arm: Arm) -> bool:
     """One trial as an mlexp run under the parent, claimed first (False: another launcher
     holds it); its end told to Optuna. A trial whose run started before is resumed in it."""
-    from optuna.trial import TrialState
-
     raise_if_stopped()  # a stop swallowed since the last trial: no new one starts
     config_hash = f"trial-{arm.label}-{trial.number}"
     if claims.claim(place.client, place.experiment_id, place.parent_run_id, config_hash, place.owner) is None:
@@ -195,8 +191,6 @@ def train_trial(plan: StudyPlan, place: Place, study, trial, arm: Arm) -> bool:
 
 def final_stage(plan: StudyPlan, place: Place, storage, result: StudyResult) -> None:
     """Each arm's best trial (validation only) retrained with every final seed, once."""
-    from optuna.trial import TrialState
-
     for index, arm in enumerate(plan.arms):
         study = arm_study(plan, storage, index, place)
         result.studies[arm.label] = study

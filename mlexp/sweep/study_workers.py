@@ -25,6 +25,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import optuna
+from optuna.trial import TrialState
+
 from mlexp.config import TrainConfig
 from mlexp.errors import MlexpError, RunFailed
 from mlexp.sweep.local_executor import (
@@ -216,9 +219,6 @@ def run_workers(plan: StudyPlan, place: Place, workers) -> None:
 def say_progress(plan: StudyPlan, storage, names: list[str], said: str | None) -> str | None:
     """One line when the number of ended trials changed (the studies read, never written: a
     storage that does not answer now only skips a line)."""
-    import optuna
-    from optuna.trial import TrialState
-
     trials = []
     for name in names:
         try:

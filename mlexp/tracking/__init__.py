@@ -18,6 +18,7 @@ nothing (non-main processes, dry runs), so training code has no `if logging:` br
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,9 +126,6 @@ def ui_hint(tracking_uri: str, experiment_id: str | None = None) -> str:
     """How to look at runs: one command that works as printed (for a local store), and the
     address to open. The address names the experiment and MLflow 3's model-training view
     (`workflowType=machine_learning`): without it the UI opens on its GenAI overview."""
-    import sys
-    from pathlib import Path
-
     page = f"/#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else ""
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}{page} in a browser"

@@ -19,6 +19,7 @@ Rows:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -387,8 +388,6 @@ def all_outboxes() -> Iterator[Outbox]:
 def outbox_unwritable(error: BaseException) -> bool:
     """Whether `error` says the outbox's disk cannot take a write: full, over quota or read-only
     (SQLite's "database or disk is full", an OSError, safetensors' IoError)."""
-    import errno
-
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
         return True
     text = str(error)

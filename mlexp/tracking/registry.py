@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mlflow.exceptions import MlflowException
+
 from mlexp.errors import MlexpError
 
 
@@ -10,8 +12,6 @@ def register_version(client, name: str, model, alias: str, owner_tags: dict[str,
 
     A registered model that does not carry `owner_tags` belongs to someone else: refused, so
     an alias of another tool's model never moves."""
-    from mlflow.exceptions import MlflowException
-
     try:
         registered = client.get_registered_model(name)
     except MlflowException:

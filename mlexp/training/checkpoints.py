@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mlexp.errors import MlexpError
@@ -34,8 +35,6 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict
 
 def weights_metadata(path: Path) -> dict[str, str]:
     """The header metadata of a safetensors file ({} for other formats or none)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})

@@ -7,19 +7,20 @@ from the same weights (its per-epoch val/acc and val/loss stay as they were logg
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from mlexp.training.loop import EvalResult
 
 
 def split_metrics(result: EvalResult) -> dict[str, float]:
     """acc, loss, top5 (with more than 5 classes), balanced accuracy and macro F1."""
-    from sklearn.metrics import balanced_accuracy_score, f1_score
-
     labels, predicted = result.labels.numpy(), result.logits.argmax(dim=1).numpy()
     metrics = {"acc": result.acc, "loss": result.loss,
                "balanced_acc": float(balanced_accuracy_score(labels, predicted)),
@@ -32,8 +33,6 @@ def split_metrics(result: EvalResult) -> dict[str, float]:
 
 def per_class(result: EvalResult, class_names: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
     """Precision, recall, F1 and support per class, and the confusion matrix (rows: true class)."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
     labels, predicted = result.labels.numpy(), result.logits.argmax(dim=1).numpy()
     classes = list(range(len(class_names)))
     precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=classes,
@@ -55,8 +54,6 @@ def write_report(result: EvalResult, class_names: list[str], folder: Path) -> li
 
 
 def confusion_figure(confusion: np.ndarray, class_names: list[str]):
-    from matplotlib.figure import Figure
-
     size = max(4.0, 0.45 * len(class_names) + 2)
     fig = Figure(figsize=(size + 1, size), dpi=100)
     ax = fig.add_subplot()
@@ -77,8 +74,6 @@ def confusion_figure(confusion: np.ndarray, class_names: list[str]):
 
 
 def best_weights_model(module: torch.nn.Module, weights: dict | None) -> torch.nn.Module:
-    import copy
-
     model = copy.deepcopy(module)
     if weights is not None:
         model.load_state_dict(weights)

@@ -27,12 +27,18 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
 from pathlib import Path
 
+import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema, TensorSpec
 from PIL import Image
 
 from mlexp.config import TrainConfig
@@ -184,9 +190,6 @@ def as_images(model_input, in_chans: int = 3) -> list:
 def save_pyfunc(target: Path, classifier_dir: Path, class_names: list[str], example: np.ndarray,
                 extra_requirements: list[str] | None = None, task: str = "classification") -> Path:
     """An MLflow pyfunc model folder around a classifier folder (no server involved)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
-
     # A detector's rows (boxes, labels, scores per image) are lists of each image's own length: no
     # column schema can say that, so its output is described in the model's docstring only; a
     # user's task's rows are its predict's own.
@@ -210,12 +213,10 @@ def save_pyfunc(target: Path, classifier_dir: Path, class_names: list[str], exam
 def requirements() -> list[str]:
     """What serving needs (named here: MLflow's inference of them would load the model in a
     subprocess at every save). mlexp itself must be installed where the model is served."""
-    from importlib.metadata import PackageNotFoundError, version
-
     pins = []
     for package in ("mlflow", "torch", "torchvision", "timm", "safetensors", "pillow", "pandas"):
         try:
-            pins.append(f"{package}=={version(package)}")
+            pins.append(f"{package}=={installed_version(package)}")
         except PackageNotFoundError:
             pins.append(package)
     return pins
@@ -256,8 +257,6 @@ def resolve(client, uri: str):
     """The mlexp logged model a URI names: runs:/RUN_ID[/best|final], models:/NAME@ALIAS,
     models:/NAME/VERSION or models:/MODEL_ID. One clear MlexpError when there is none, or when
     it is not a model mlexp logged."""
-    from mlflow.exceptions import MlflowException
-
     try:
         model = _logged_model(client, uri)
     except MlflowException as error:
@@ -302,8 +301,6 @@ def _logged_model(client, uri: str):
 
 def download_classifier(client, model, folder: Path) -> Path:
     """The classifier folder (weights and configuration) of a logged model, downloaded."""
-    import mlflow.artifacts
-
     return Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"{model.artifact_location.rstrip('/')}/artifacts/{CLASSIFIER_ARTIFACT}",
         dst_path=str(folder), tracking_uri=client.tracking_uri))

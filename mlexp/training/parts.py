@@ -7,6 +7,9 @@ import math
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from mlexp.config import TrainConfig
@@ -44,8 +47,6 @@ def build_parts(cfg: TrainConfig, spec: BackboneSpec, model: torch.nn.Module, da
                        mixup=make_mixup(cfg, data.num_classes), clip_grad=cfg.clip_grad,
                        channels_last=channels_last, workers=workers)
     if cfg.ema:
-        from timm.utils import ModelEmaV3
-
         # Warmup (decay ramps up from 0) so that short runs do not evaluate mostly-initial weights.
         parts.ema = ModelEmaV3(module, decay=cfg.ema_decay, use_warmup=True)
     return parts, train_loader, val_loader
@@ -87,8 +88,6 @@ def make_loaders(data, cfg: TrainConfig, num_processes: int, workers: int,
 
 def make_loss(cfg: TrainConfig) -> torch.nn.Module:
     if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.loss import SoftTargetCrossEntropy
-
         return SoftTargetCrossEntropy()  # mixup produces (smoothed) soft targets
     return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
@@ -96,8 +95,6 @@ def make_loss(cfg: TrainConfig) -> torch.nn.Module:
 def make_mixup(cfg: TrainConfig, num_classes: int):
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
         return None
-    from timm.data import Mixup
-
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                  num_classes=num_classes)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
+from typing import get_type_hints
 
 from mlexp.config import TrainConfig, parse_value
 from mlexp.errors import MlexpError
@@ -179,9 +181,6 @@ LR_PER_256: dict[str, float] = {"pretrain": 0.1}
 
 def _field_value(name: str, values: dict[str, object]) -> object:
     """A field's typed value from user/preset values, else its declared default."""
-    from dataclasses import fields
-    from typing import get_type_hints
-
     raw = values.get(name)
     if raw is None or raw == "":
         return {f.name: f.default for f in fields(TrainConfig)}[name]

@@ -13,6 +13,11 @@ import logging
 import os
 import threading
 
+import psutil
+from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
 INTERVAL_S = 10.0  # MLflow's own default sampling interval
 
 
@@ -21,12 +26,8 @@ def interval_s() -> float:
 
 
 def make_monitors() -> list:
-    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
-
     monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
-    try:
+    try:  # imported here: it needs nvidia-ml-py, which only the gpu extra installs
         from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
 
         logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
@@ -44,8 +45,6 @@ class SystemMetrics:
         self.tracker = tracker
         self.step = start_step
         self.monitors = make_monitors()
-        import psutil
-
         psutil.cpu_percent()  # its first reading has nothing to compare with: start the clock now
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlexp-system-metrics", daemon=True)

@@ -7,7 +7,10 @@ import contextlib
 
 import torch
 from accelerate import Accelerator
+from torch.utils.data import DataLoader
 
+from mlexp.tasks.detection.annotations import read_split
+from mlexp.tasks.detection.images import DetectionImages, collate
 from mlexp.tasks.detection.metrics import as_metric_inputs, map_results, new_map_metric
 
 
@@ -34,9 +37,6 @@ def evaluate_detector(model: torch.nn.Module, loader, accelerator: Accelerator |
 def detection_folder(root, img_size: int, in_chans: int, bands: tuple[str, ...] = ()):
     """(a COCO or YOLO folder's images, with their band folders, as a detector takes them; the
     class names its annotations use)."""
-    from mlexp.tasks.detection.annotations import read_split
-    from mlexp.tasks.detection.images import DetectionImages
-
     split = read_split(root, bands)
     return DetectionImages(split.images, img_size, root=root, in_chans=in_chans), split.class_names
 
@@ -44,9 +44,5 @@ def detection_folder(root, img_size: int, in_chans: int, bands: tuple[str, ...] 
 def evaluate_detector_on(model: torch.nn.Module, images, class_names: list[str], batch_size: int = 8
                          ) -> tuple[dict[str, float], list[dict]]:
     """A detector (on the CPU, as a logged model loads) over a folder's images: its mAPs and each class's AP."""
-    from torch.utils.data import DataLoader
-
-    from mlexp.tasks.detection.images import collate
-
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, collate_fn=collate)
     return evaluate_detector(model, loader, None, class_names)
