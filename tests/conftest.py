@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -72,12 +75,40 @@ def own_outbox(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
     return folder
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite store as MLflow creates it (its schema, its Default experiment), made once
+    per test process: creating the schema takes about a second, copying the file a millisecond."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # here: only tests with a store need it
+
+    folder = tmp_path_factory.mktemp("empty-store")
+    SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "mlruns")).engine.dispose()
+    return folder / "mlflow.db"
+
+
 @pytest.fixture
-def sqlite_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh SQLite-backed MLflow store, set as the tracking URI for this test."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def sqlite_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> str:
+    """A fresh SQLite-backed MLflow store, set as the tracking URI for this test: a copy of the
+    empty store, its Default experiment's folder where MLflow puts it for a store made here."""
+    store = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_store, store)
+    with contextlib.closing(sqlite3.connect(store)) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   (str(tmp_path / "mlruns" / "0"),))
+    return tracking_into(store, monkeypatch)
+
+
+@pytest.fixture
+def unmade_sqlite_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The tracking URI of a SQLite store not made yet (for tests that check nothing makes it)."""
+    return tracking_into(tmp_path / "mlflow.db", monkeypatch)
+
+
+def tracking_into(store: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`store` as this test's tracking URI, the test running in its folder."""
+    uri = f"sqlite:///{store}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(store.parent)
     return uri
 
 

@@ -88,7 +88,7 @@ def test_backbones_command_lists_the_catalogue(capsys):
         assert f"\n{alias} " in out, alias
 
 
-def test_dry_run_shows_comparison_and_plan_and_creates_nothing(sqlite_uri, capsys, tmp_path):
+def test_dry_run_shows_comparison_and_plan_and_creates_nothing(unmade_sqlite_uri, capsys, tmp_path):
     invoke(["train", "--backbone", "resnet50_scratch", "--epochs", "50", "--lr", "0.0001", "--warmup-epochs", "5",
             "--dry-run"])
     out = capsys.readouterr().out

@@ -134,7 +134,8 @@ def test_one_request_never_holds_two_values_of_a_param():
     assert [row[0] for row in batch_of(rows[4:])] == [5, 6]
 
 
-def test_offline_run_is_recorded_locally_then_synced_once(sqlite_uri, tmp_path):
+def test_offline_run_is_recorded_locally_then_synced_once(unmade_sqlite_uri, tmp_path):
+    sqlite_uri = unmade_sqlite_uri
     tracker = open_run("", "offline-test", "offline-run", offline=True, tags={"mlexp.kind": "t"})
     tracker.log_params({"lr": "0.1"})
     for step in range(1, 6):
