@@ -36,6 +36,7 @@ from mlexp.errors import MlexpError
 from mlexp.option_values import best_is_max, best_key
 from mlexp.tasks.detection.annotations import is_detection_folder
 from mlexp.tasks.detection.data import band_names
+from mlexp.tasks.detection.evaluation import detection_folder, evaluate_detector_on
 from mlexp.tracking import registry
 from mlexp.training.evaluation import split_metrics, write_report
 from mlexp.training.logged_models import (
@@ -141,8 +142,6 @@ def score_classifier(classifier: Classifier, root: Path, starting: Callable[[int
 def score_detector(detector: Classifier, root: Path, starting: Callable[[int], None]) -> Scored:
     """COCO's mAPs and each class's AP on a detection folder (COCO or YOLO) of the model's classes,
     its images resized as the run's were."""
-    from mlexp.tasks.detection.evaluation import detection_folder, evaluate_detector_on  # here: torchmetrics
-
     if not is_detection_folder(root):
         raise MlexpError(f"--data {root}: a detector is evaluated on a folder with annotations.json (COCO) or "
                          "images/ and labels/ (YOLO)")

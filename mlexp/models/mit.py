@@ -11,11 +11,11 @@ parameter names, so a classifier's weights load into it.
 """
 
 # Imported where used: `segmentation_models_pytorch` (the mit extra: without it, one line says
-# how to install it) and `timm`, because naming a `mit_*` backbone loads this module (its entry
-# point) before any model is built.
+# how to install it).
 from __future__ import annotations
 
 import torch
+from timm.models._features import FeatureInfo
 from torch import nn
 
 from mlexp.errors import MlexpError
@@ -65,8 +65,6 @@ class MiTFeatures(nn.Module):
     """The stages `out_indices` picks, as timm's `features_only` models give them."""
 
     def __init__(self, name: str, in_chans: int = 3, out_indices: tuple[int, ...] | None = None):
-        from timm.models._features import FeatureInfo
-
         super().__init__()
         self.encoder = _encoder(name, in_chans)
         channels = self.encoder.out_channels[2:]

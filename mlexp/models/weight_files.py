@@ -7,11 +7,11 @@ at its fresh initialisation, when its shape differs (another class count). With
 tensor whose name and shape match loads and the rest stay new, said out loud in a LoadReport.
 
 Which file to load is `mlexp.models.weight_sources`. Importing this module imports neither torch
-nor timm (mlexp.models.catalogue imports it, and must stay light): each function imports them itself.
+nor timm: each function imports them itself (tests/commands/test_fast_failures.py holds it to that).
 """
 
-# Imported where used: `torch`, `safetensors`, `timm` and `mlexp.models.heads` (torch),
-# because the option checks read a weights file's name here and fail in under 2 s.
+# Imported where used: `torch`, `safetensors`, `timm` and `mlexp.models.heads` (torch), so that
+# this module stays importable beside the light option-check modules (catalogue, weight_sources).
 from __future__ import annotations
 
 import importlib

@@ -16,6 +16,7 @@ import threading
 import psutil
 from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
 from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
 from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
 
 INTERVAL_S = 10.0  # MLflow's own default sampling interval
@@ -27,9 +28,7 @@ def interval_s() -> float:
 
 def make_monitors() -> list:
     monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
-    try:  # imported here: it needs nvidia-ml-py, which only the gpu extra installs
-        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-
+    try:
         logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
         monitors.append(GPUMonitor())
     except (ImportError, RuntimeError):  # no nvidia-ml-py, or no NVIDIA GPU: CPU metrics only

@@ -34,13 +34,13 @@ def test_unknown_backbone_in_the_grid_stops_before_anything_starts(sqlite_uri, t
     assert not runs_of(MlflowClient(sqlite_uri), "mlexp")
 
 
-def test_dry_run_prints_the_plan_and_creates_nothing(sqlite_uri, capsys):
+def test_dry_run_prints_the_plan_and_creates_nothing(unmade_sqlite_uri, capsys):
     sweep(["--backbones", "resnet18,vit_small", "--seeds", "1,2", "--folds", "3", "--dry-run"])
     out = capsys.readouterr().out
     assert "Training plan: 18 configuration(s)" in out  # resnet18 x 2 inits + vit_small (scratch only), x2 x3
     assert "resnet18_scratch full seed 2 fold 2" in out and "lr=0.0015" in out
     assert "Configuration comparison (pretrained vs scratch)" in out and "RESNET18:" in out and "VIT_SMALL:" in out
-    assert not Path("mlflow.db").exists() or not runs_of(MlflowClient(sqlite_uri), "mlexp")
+    assert not Path("mlflow.db").exists() or not runs_of(MlflowClient(unmade_sqlite_uri), "mlexp")
 
 
 @pytest.mark.slow
