@@ -1,6 +1,6 @@
 """The package's shape, checked: imports run one way with no circles (import-linter's contracts
-in pyproject.toml), every MLflow write goes through `mlexp/tracking/`, and no module or function
-outgrows a reader's screen."""
+in pyproject.toml), every MLflow write goes through `mlexp/tracking/`, no module or function
+outgrows a reader's screen, and every import inside a function says why it is there."""
 
 from __future__ import annotations
 
