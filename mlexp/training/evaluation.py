@@ -5,6 +5,8 @@ confusion matrix (CSV, and a PNG with the class names).
 from the same weights (its per-epoch val/acc and val/loss stay as they were logged).
 """
 
+# Imported where used: `sklearn` and `matplotlib` (about 1 s), because a training run imports this module and its first
+# step should not wait for them (only the evaluation at its end does).
 from __future__ import annotations
 
 import copy
@@ -13,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from mlexp.training.loop import EvalResult
 
 
 def split_metrics(result: EvalResult) -> dict[str, float]:
     """acc, loss, top5 (with more than 5 classes), balanced accuracy and macro F1."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
     labels, predicted = result.labels.numpy(), result.logits.argmax(dim=1).numpy()
     metrics = {"acc": result.acc, "loss": result.loss,
                "balanced_acc": float(balanced_accuracy_score(labels, predicted)),
@@ -33,6 +35,8 @@ def split_metrics(result: EvalResult) -> dict[str, float]:
 
 def per_class(result: EvalResult, class_names: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
     """Precision, recall, F1 and support per class, and the confusion matrix (rows: true class)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     labels, predicted = result.labels.numpy(), result.logits.argmax(dim=1).numpy()
     classes = list(range(len(class_names)))
     precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=classes,
@@ -54,6 +58,8 @@ def write_report(result: EvalResult, class_names: list[str], folder: Path) -> li
 
 
 def confusion_figure(confusion: np.ndarray, class_names: list[str]):
+    from matplotlib.figure import Figure
+
     size = max(4.0, 0.45 * len(class_names) + 2)
     fig = Figure(figsize=(size + 1, size), dpi=100)
     ax = fig.add_subplot()

@@ -19,6 +19,8 @@ The weights and the run's effective configuration travel inside it (artifacts/cl
 `mlexp evaluate`, `--weights models:/NAME@ALIAS` and serving all rebuild the same network.
 """
 
+# Imported where used: `mlflow` (its models API loads pydantic and fastapi, about 1 s), because
+# a training run imports this module and its first step should not wait for them.
 from __future__ import annotations
 
 import json
@@ -31,14 +33,10 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
-import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema, TensorSpec
 from PIL import Image
 
 from mlexp.config import TrainConfig
@@ -190,6 +188,9 @@ def as_images(model_input, in_chans: int = 3) -> list:
 def save_pyfunc(target: Path, classifier_dir: Path, class_names: list[str], example: np.ndarray,
                 extra_requirements: list[str] | None = None, task: str = "classification") -> Path:
     """An MLflow pyfunc model folder around a classifier folder (no server involved)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
     # A detector's rows (boxes, labels, scores per image) are lists of each image's own length: no
     # column schema can say that, so its output is described in the model's docstring only; a
     # user's task's rows are its predict's own.
@@ -257,6 +258,8 @@ def resolve(client, uri: str):
     """The mlexp logged model a URI names: runs:/RUN_ID[/best|final], models:/NAME@ALIAS,
     models:/NAME/VERSION or models:/MODEL_ID. One clear MlexpError when there is none, or when
     it is not a model mlexp logged."""
+    from mlflow.exceptions import MlflowException
+
     try:
         model = _logged_model(client, uri)
     except MlflowException as error:
@@ -301,6 +304,8 @@ def _logged_model(client, uri: str):
 
 def download_classifier(client, model, folder: Path) -> Path:
     """The classifier folder (weights and configuration) of a logged model, downloaded."""
+    import mlflow.artifacts
+
     return Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"{model.artifact_location.rstrip('/')}/artifacts/{CLASSIFIER_ARTIFACT}",
         dst_path=str(folder), tracking_uri=client.tracking_uri))

@@ -7,6 +7,8 @@ Unlike MLflow's monitor, which writes straight to the server and drops what an o
 these go through the run's tracker (its outbox) like every other metric.
 """
 
+# Imported where used: `mlflow` (its monitors), because a training run imports this module and its first
+# step should not wait for them (only --system-metrics does).
 from __future__ import annotations
 
 import logging
@@ -14,10 +16,6 @@ import os
 import threading
 
 import psutil
-from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
 
 INTERVAL_S = 10.0  # MLflow's own default sampling interval
 
@@ -27,8 +25,14 @@ def interval_s() -> float:
 
 
 def make_monitors() -> list:
+    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
     monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
     try:
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
         logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
         monitors.append(GPUMonitor())
     except (ImportError, RuntimeError):  # no nvidia-ml-py, or no NVIDIA GPU: CPU metrics only
